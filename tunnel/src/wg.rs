@@ -1,0 +1,806 @@
+//! WireGuard sessions for many peers, without I/O.
+//!
+//! [`WgCore`] owns the device's static key and the peer set. The driver hands
+//! it plaintext packets read from the TUN device ([`WgCore::encapsulate`]) and
+//! datagrams read from UDP ([`WgCore::decapsulate`]), and it answers with what
+//! to send where. It never touches a socket, so tests wire two cores together
+//! in memory. (boringtun's `Tunn` keeps its own monotonic clock for handshake
+//! and rekey timers; the driver calls [`WgCore::tick`] every 250 ms.)
+//!
+//! Cryptokey routing: an outbound packet goes to the peer whose allowed
+//! prefixes hold its destination (longest match); an inbound packet is
+//! accepted only if its source lies in the allowed prefixes of the peer whose
+//! key authenticated it.
+
+use crate::counters::{DeviceCounters, DropReason, PeerCounters, PeerStats};
+use crate::key::{PrivateKey, PublicKey};
+use crate::prefix::{IpPrefix, PrefixTable};
+use boringtun::noise::errors::WireGuardError;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::SystemTime;
+
+/// Bytes a WireGuard data message adds to a packet (header, counter, tag),
+/// not counting padding to 16 bytes.
+pub const WG_OVERHEAD: usize = 32;
+/// Size of a handshake initiation, the largest message that is not data.
+pub const WG_HANDSHAKE_INIT_LEN: usize = 148;
+
+/// What one peer is configured with.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub name: Option<String>,
+    pub public_key: PublicKey,
+    pub preshared_key: Option<[u8; 32]>,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_prefixes: Vec<IpPrefix>,
+    /// Seconds between keepalives when idle; `None` or 0 turns them off.
+    pub persistent_keepalive: Option<u16>,
+}
+
+impl std::fmt::Debug for PeerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerConfig")
+            .field("name", &self.name)
+            .field("public_key", &self.public_key)
+            .field("preshared_key", &self.preshared_key.map(|_| "<redacted>"))
+            .field("endpoint", &self.endpoint)
+            .field("allowed_prefixes", &self.allowed_prefixes)
+            .field("persistent_keepalive", &self.persistent_keepalive)
+            .finish()
+    }
+}
+
+/// Errors from changing the peer set.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerSetError {
+    #[error("peer {0} is configured twice")]
+    DuplicatePeer(PublicKey),
+    #[error("peer {0} has this gateway's own public key")]
+    OwnKey(PublicKey),
+    #[error("prefix {prefix} is claimed by two peers ({first} and {second})")]
+    PrefixConflict {
+        prefix: IpPrefix,
+        first: PublicKey,
+        second: PublicKey,
+    },
+    #[error("too many peers have been created in this process")]
+    IndexSpaceExhausted,
+}
+
+/// The part of a peer's state that changes with every packet or handshake.
+struct Session {
+    tunn: Tunn,
+    endpoint: Option<SocketAddr>,
+}
+
+/// One configured peer and its live session.
+pub struct Peer {
+    /// boringtun's local index base: session indices are `index << 8 | n`.
+    index: u32,
+    public_key: PublicKey,
+    /// What the session was built with; a change needs a new session.
+    preshared_key: Option<[u8; 32]>,
+    persistent_keepalive: Option<u16>,
+    /// What may change without touching the session.
+    meta: Mutex<PeerMeta>,
+    session: Mutex<Session>,
+    pub counters: PeerCounters,
+}
+
+#[derive(Debug, Clone)]
+struct PeerMeta {
+    name: Option<String>,
+    allowed_prefixes: Vec<IpPrefix>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer")
+            .field("index", &self.index)
+            .field("public_key", &self.public_key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means another thread panicked mid-update; the value is
+    // still a valid one, so keep going rather than take the gateway down.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Peer {
+    pub fn public_key(&self) -> PublicKey {
+        self.public_key
+    }
+    /// The peer's configuration, with the endpoint it was last heard from.
+    pub fn config(&self) -> PeerConfig {
+        let meta = lock(&self.meta).clone();
+        PeerConfig {
+            name: meta.name,
+            public_key: self.public_key,
+            preshared_key: self.preshared_key,
+            endpoint: self.endpoint(),
+            allowed_prefixes: meta.allowed_prefixes,
+            persistent_keepalive: self.persistent_keepalive,
+        }
+    }
+    fn session(&self) -> MutexGuard<'_, Session> {
+        lock(&self.session)
+    }
+    /// The endpoint the peer was last heard from (or was configured with).
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.session().endpoint
+    }
+    /// Time of the last completed handshake, if a session is up.
+    pub fn last_handshake(&self) -> Option<SystemTime> {
+        let since = self.session().tunn.time_since_last_handshake()?;
+        SystemTime::now().checked_sub(since)
+    }
+    pub fn stats(&self) -> PeerStats {
+        self.counters.snapshot()
+    }
+}
+
+/// An immutable snapshot of the peers and their routes. The data path takes
+/// one snapshot per batch; a configuration change swaps in a new one.
+#[derive(Debug, Default)]
+pub struct PeerSet {
+    peers: Vec<Arc<Peer>>,
+    by_key: HashMap<PublicKey, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    routes: PrefixTable<Arc<Peer>>,
+}
+
+impl PeerSet {
+    pub fn peers(&self) -> &[Arc<Peer>] {
+        &self.peers
+    }
+    pub fn get(&self, key: &PublicKey) -> Option<&Arc<Peer>> {
+        self.by_key.get(key)
+    }
+    /// The peer whose allowed prefixes hold `dst` (longest match).
+    pub fn route(&self, dst: IpAddr) -> Option<&Arc<Peer>> {
+        self.routes.lookup(dst)
+    }
+}
+
+/// Outcome of [`WgCore::encapsulate`].
+#[derive(Debug)]
+pub enum Outbound {
+    /// Send `len` bytes from the start of the output buffer to `to`.
+    /// `data` is false for a handshake initiation.
+    Send {
+        to: SocketAddr,
+        len: usize,
+        data: bool,
+    },
+    Dropped(DropReason),
+}
+
+/// Outcome of [`WgCore::decapsulate`].
+#[derive(Debug)]
+pub enum Inbound {
+    /// A packet of `len` bytes starting at `offset` in the output buffer is
+    /// ready for the TUN device.
+    Tun {
+        offset: usize,
+        len: usize,
+    },
+    /// Handled (handshake, keepalive, cookie); replies, if any, went
+    /// through the `send` callback.
+    Consumed,
+    Dropped(DropReason),
+}
+
+/// The WireGuard state of one device: static key and peers.
+pub struct WgCore {
+    secret: boringtun::x25519::StaticSecret,
+    public: boringtun::x25519::PublicKey,
+    set: RwLock<Arc<PeerSet>>,
+    next_index: AtomicU32,
+    pub counters: DeviceCounters,
+}
+
+impl std::fmt::Debug for WgCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WgCore")
+            .field("public_key", &self.public_key())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Largest peer index boringtun can carry (it shifts the index left by 8).
+const MAX_INDEX: u32 = (1 << 24) - 1;
+
+impl WgCore {
+    pub fn new(private_key: PrivateKey, peers: Vec<PeerConfig>) -> Result<Self, PeerSetError> {
+        let secret = private_key.to_secret();
+        let public = boringtun::x25519::PublicKey::from(&secret);
+        let core = Self {
+            secret,
+            public,
+            set: RwLock::new(Arc::default()),
+            next_index: AtomicU32::new(1),
+            counters: DeviceCounters::default(),
+        };
+        core.set_peers(peers)?;
+        Ok(core)
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+
+    /// The current peer snapshot.
+    pub fn peers(&self) -> Arc<PeerSet> {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The configuration of every current peer, with learned endpoints.
+    pub fn peer_configs(&self) -> Vec<PeerConfig> {
+        self.peers().peers.iter().map(|p| p.config()).collect()
+    }
+
+    /// Replaces the peer set with `configs`. A peer whose key, preshared key
+    /// and keepalive are unchanged keeps its session and counters; its
+    /// endpoint is updated when the new config names one.
+    pub fn set_peers(&self, configs: Vec<PeerConfig>) -> Result<(), PeerSetError> {
+        let mut guard = self.set.write().unwrap_or_else(|e| e.into_inner());
+        let old = guard.clone();
+        let mut next = PeerSet::default();
+        let own = self.public_key();
+        for cfg in configs {
+            if cfg.public_key == own {
+                return Err(PeerSetError::OwnKey(own));
+            }
+            if next.by_key.contains_key(&cfg.public_key) {
+                return Err(PeerSetError::DuplicatePeer(cfg.public_key));
+            }
+            let reusable = old.by_key.get(&cfg.public_key).filter(|p| {
+                p.preshared_key == cfg.preshared_key
+                    && p.persistent_keepalive == cfg.persistent_keepalive
+            });
+            let peer = match reusable {
+                Some(p) => {
+                    // Same session: only names, prefixes and endpoint change.
+                    *lock(&p.meta) = PeerMeta {
+                        name: cfg.name.clone(),
+                        allowed_prefixes: cfg.allowed_prefixes.clone(),
+                    };
+                    if cfg.endpoint.is_some() {
+                        p.session().endpoint = cfg.endpoint;
+                    }
+                    p.clone()
+                }
+                None => {
+                    let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+                    if index > MAX_INDEX {
+                        return Err(PeerSetError::IndexSpaceExhausted);
+                    }
+                    Arc::new(Peer {
+                        index,
+                        public_key: cfg.public_key,
+                        preshared_key: cfg.preshared_key,
+                        persistent_keepalive: cfg.persistent_keepalive,
+                        meta: Mutex::new(PeerMeta {
+                            name: cfg.name.clone(),
+                            allowed_prefixes: cfg.allowed_prefixes.clone(),
+                        }),
+                        session: Mutex::new(Session {
+                            tunn: self.new_tunn(&cfg, index),
+                            endpoint: cfg.endpoint,
+                        }),
+                        counters: PeerCounters::default(),
+                    })
+                }
+            };
+            for prefix in &cfg.allowed_prefixes {
+                if let Some(first) = next.routes.insert(*prefix, peer.clone()) {
+                    return Err(PeerSetError::PrefixConflict {
+                        prefix: *prefix,
+                        first: first.public_key,
+                        second: peer.public_key,
+                    });
+                }
+            }
+            next.by_key.insert(peer.public_key, peer.clone());
+            next.by_index.insert(peer.index, peer.clone());
+            next.peers.push(peer);
+        }
+        *guard = Arc::new(next);
+        Ok(())
+    }
+
+    fn new_tunn(&self, cfg: &PeerConfig, index: u32) -> Tunn {
+        Tunn::new(
+            self.secret.clone(),
+            boringtun::x25519::PublicKey::from(cfg.public_key.0),
+            cfg.preshared_key,
+            cfg.persistent_keepalive.filter(|k| *k > 0),
+            index,
+            None,
+        )
+    }
+
+    /// Encrypts one packet read from the TUN device into `out`, which must
+    /// hold at least `packet.len() + 32` and at least 148 bytes (a larger
+    /// buffer is never needed: WireGuard pads to 16 bytes, capped at the
+    /// buffer the caller gives, so give exactly `packet.len() + 48`).
+    pub fn encapsulate(&self, set: &PeerSet, packet: &[u8], out: &mut [u8]) -> Outbound {
+        let Some(dst) = Tunn::dst_address(packet) else {
+            self.counters.dropped(DropReason::Malformed);
+            return Outbound::Dropped(DropReason::Malformed);
+        };
+        let Some(peer) = set.route(dst) else {
+            self.counters.dropped(DropReason::NoRoute);
+            return Outbound::Dropped(DropReason::NoRoute);
+        };
+        let needed = (packet.len() + WG_OVERHEAD + 15).max(WG_HANDSHAKE_INIT_LEN);
+        if out.len() < needed {
+            // A caller bug, not network input; refuse rather than panic.
+            peer.counters.dropped(DropReason::NoSession);
+            return Outbound::Dropped(DropReason::NoSession);
+        }
+        let mut session = peer.session();
+        let Some(to) = session.endpoint else {
+            drop(session);
+            peer.counters.dropped(DropReason::NoSession);
+            return Outbound::Dropped(DropReason::NoSession);
+        };
+        match session.tunn.encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(datagram) => {
+                let len = datagram.len();
+                let data = datagram.first() == Some(&4);
+                drop(session);
+                if data {
+                    peer.counters.sent(len);
+                } else {
+                    // No session: the packet was queued and a handshake
+                    // initiation is to go out instead.
+                    peer.counters.dropped(DropReason::NoSession);
+                    peer.counters.sent(len);
+                }
+                Outbound::Send { to, len, data }
+            }
+            TunnResult::Err(e) => {
+                drop(session);
+                tracing::debug!(peer = %peer.public_key, error = ?e, "encapsulate failed");
+                peer.counters.dropped(DropReason::NoSession);
+                Outbound::Dropped(DropReason::NoSession)
+            }
+            // Queued while a handshake is already under way.
+            _ => {
+                drop(session);
+                peer.counters.dropped(DropReason::NoSession);
+                Outbound::Dropped(DropReason::NoSession)
+            }
+        }
+    }
+
+    /// Handles one datagram from the network. A packet for the TUN device is
+    /// decrypted into `out` (which must be at least as long as `datagram`);
+    /// handshake replies and packets released by a new session go to `send`.
+    pub fn decapsulate(
+        &self,
+        set: &PeerSet,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        send: &mut dyn FnMut(SocketAddr, &[u8]),
+    ) -> Inbound {
+        let parsed = match Tunn::parse_incoming_packet(datagram) {
+            Ok(p) => p,
+            Err(_) => return self.device_drop(DropReason::Malformed),
+        };
+        let peer = match &parsed {
+            Packet::HandshakeInit(init) => {
+                match parse_handshake_anon(&self.secret, &self.public, init) {
+                    Ok(half) => set.by_key.get(&PublicKey(half.peer_static_public)),
+                    Err(_) => None,
+                }
+            }
+            Packet::HandshakeResponse(r) => set.by_index.get(&(r.receiver_idx >> 8)),
+            Packet::PacketCookieReply(c) => set.by_index.get(&(c.receiver_idx >> 8)),
+            Packet::PacketData(d) => set.by_index.get(&(d.receiver_idx >> 8)),
+        };
+        let Some(peer) = peer else {
+            return self.device_drop(DropReason::UnknownPeer);
+        };
+        if out.len() < datagram.len() {
+            return self.device_drop(DropReason::Malformed);
+        }
+        let kind = datagram[0];
+        let out_start = out.as_ptr() as usize;
+        let mut session = peer.session();
+        let result = session.tunn.decapsulate(Some(from.ip()), datagram, out);
+        let verdict = match result {
+            TunnResult::WriteToTunnelV4(packet, src) => Some((
+                packet.as_ptr() as usize - out_start,
+                packet.len(),
+                IpAddr::V4(src),
+            )),
+            TunnResult::WriteToTunnelV6(packet, src) => Some((
+                packet.as_ptr() as usize - out_start,
+                packet.len(),
+                IpAddr::V6(src),
+            )),
+            TunnResult::Done => None,
+            TunnResult::WriteToNetwork(reply) => {
+                // A handshake response (to an initiation), a keepalive
+                // (completing our initiation) or a cookie reply.
+                send(from, reply);
+                peer.counters.sent(reply.len());
+                if kind == 1 || kind == 2 {
+                    peer.counters.handshake_completed();
+                }
+                // Packets queued while there was no session go out now.
+                loop {
+                    match session.tunn.decapsulate(None, &[], out) {
+                        TunnResult::WriteToNetwork(queued) => {
+                            send(from, queued);
+                            peer.counters.sent(queued.len());
+                        }
+                        _ => break,
+                    }
+                }
+                None
+            }
+            TunnResult::Err(e) => {
+                drop(session);
+                let reason = match e {
+                    WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
+                        DropReason::Replay
+                    }
+                    WireGuardError::InvalidMac
+                    | WireGuardError::InvalidAeadTag
+                    | WireGuardError::NoCurrentSession
+                    | WireGuardError::WrongKey
+                    | WireGuardError::WrongIndex
+                    | WireGuardError::WrongTai64nTimestamp
+                    | WireGuardError::InvalidTai64nTimestamp
+                    | WireGuardError::UnexpectedPacket
+                    | WireGuardError::UnderLoad => DropReason::DecryptFailure,
+                    _ => return self.device_drop(DropReason::Malformed),
+                };
+                peer.counters.dropped(reason);
+                return Inbound::Dropped(reason);
+            }
+        };
+        // The datagram authenticated: the peer is at `from` now (roaming).
+        session.endpoint = Some(from);
+        drop(session);
+        peer.counters.received(datagram.len());
+        match verdict {
+            None => Inbound::Consumed,
+            Some((offset, len, src)) => {
+                let allowed = set.route(src).is_some_and(|owner| Arc::ptr_eq(owner, peer));
+                if allowed {
+                    Inbound::Tun { offset, len }
+                } else {
+                    peer.counters.dropped(DropReason::BadSource);
+                    Inbound::Dropped(DropReason::BadSource)
+                }
+            }
+        }
+    }
+
+    fn device_drop(&self, reason: DropReason) -> Inbound {
+        self.counters.dropped(reason);
+        Inbound::Dropped(reason)
+    }
+
+    /// Runs every peer's timers: handshake retries, keepalives, rekeys.
+    /// `scratch` must be at least 148 bytes. Call every 250 ms or so.
+    pub fn tick(&self, scratch: &mut [u8], send: &mut dyn FnMut(SocketAddr, &[u8])) {
+        let set = self.peers();
+        for peer in &set.peers {
+            let mut session = peer.session();
+            let endpoint = session.endpoint;
+            if let TunnResult::WriteToNetwork(datagram) = session.tunn.update_timers(scratch) {
+                if let Some(to) = endpoint {
+                    send(to, datagram);
+                    peer.counters.sent(datagram.len());
+                }
+            }
+        }
+    }
+
+    /// Starts a handshake with every peer that has an endpoint and no
+    /// session, so tunnels come up before the first packet needs them.
+    pub fn initiate_all(&self, scratch: &mut [u8], send: &mut dyn FnMut(SocketAddr, &[u8])) {
+        let set = self.peers();
+        for peer in &set.peers {
+            let mut session = peer.session();
+            let Some(to) = session.endpoint else { continue };
+            if session.tunn.time_since_last_handshake().is_some() {
+                continue;
+            }
+            if let TunnResult::WriteToNetwork(datagram) =
+                session.tunn.format_handshake_initiation(scratch, false)
+            {
+                send(to, datagram);
+                peer.counters.sent(datagram.len());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A_UNDERLAY: &str = "192.0.2.1:51820";
+    const B_UNDERLAY: &str = "192.0.2.2:51820";
+
+    fn ipv4_packet(src: [u8; 4], dst: [u8; 4], payload: &[u8]) -> Vec<u8> {
+        let total = 20 + 8 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&dst);
+        p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        p
+    }
+
+    struct Pair {
+        a: WgCore,
+        b: WgCore,
+    }
+
+    fn peer(key: PublicKey, endpoint: &str, prefixes: &[&str]) -> PeerConfig {
+        PeerConfig {
+            name: None,
+            public_key: key,
+            preshared_key: None,
+            endpoint: Some(endpoint.parse().unwrap()),
+            allowed_prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+            persistent_keepalive: None,
+        }
+    }
+
+    fn pair() -> Pair {
+        let ka = PrivateKey::generate();
+        let kb = PrivateKey::generate();
+        let (pa, pb) = (ka.public_key(), kb.public_key());
+        Pair {
+            a: WgCore::new(ka, vec![peer(pb, B_UNDERLAY, &["100.64.2.0/24"])]).unwrap(),
+            b: WgCore::new(kb, vec![peer(pa, A_UNDERLAY, &["100.64.1.0/24"])]).unwrap(),
+        }
+    }
+
+    /// Everything one core sent, as (destination, datagram).
+    type Wire = Vec<(SocketAddr, Vec<u8>)>;
+
+    fn send_packet(from: &WgCore, packet: &[u8]) -> Result<(SocketAddr, Vec<u8>), DropReason> {
+        let mut out = vec![0u8; packet.len() + 64 + 148];
+        match from.encapsulate(&from.peers(), packet, &mut out) {
+            Outbound::Send { to, len, .. } => Ok((to, out[..len].to_vec())),
+            Outbound::Dropped(r) => Err(r),
+        }
+    }
+
+    /// Delivers a datagram; returns the inner packet (if any) and replies.
+    fn deliver(
+        to: &WgCore,
+        from: &str,
+        datagram: &[u8],
+    ) -> (Result<Option<Vec<u8>>, DropReason>, Wire) {
+        let mut out = vec![0u8; datagram.len().max(148)];
+        let mut wire = Wire::new();
+        let r = to.decapsulate(
+            &to.peers(),
+            from.parse().unwrap(),
+            datagram,
+            &mut out,
+            &mut |dst, bytes| wire.push((dst, bytes.to_vec())),
+        );
+        let r = match r {
+            Inbound::Tun { offset, len } => Ok(Some(out[offset..offset + len].to_vec())),
+            Inbound::Consumed => Ok(None),
+            Inbound::Dropped(reason) => Err(reason),
+        };
+        (r, wire)
+    }
+
+    /// Runs the handshake that the first packet triggers; returns the packet
+    /// as B received it (it was queued on A during the handshake).
+    fn handshake(p: &Pair, first: &[u8]) -> Vec<u8> {
+        let (to, init) = send_packet(&p.a, first).expect("handshake initiation");
+        assert_eq!(to, B_UNDERLAY.parse().unwrap());
+        assert_eq!(init[0], 1, "first datagram is a handshake initiation");
+        let (r, wire) = deliver(&p.b, A_UNDERLAY, &init);
+        assert_eq!(r, Ok(None));
+        assert_eq!(wire.len(), 1);
+        assert_eq!(wire[0].1[0], 2, "B answers with a handshake response");
+        let (r, wire) = deliver(&p.a, B_UNDERLAY, &wire[0].1);
+        assert_eq!(r, Ok(None));
+        // A keepalive confirming the session, then the queued packet.
+        assert_eq!(wire.len(), 2);
+        let (r, _) = deliver(&p.b, A_UNDERLAY, &wire[0].1);
+        assert_eq!(r, Ok(None));
+        let (r, _) = deliver(&p.b, A_UNDERLAY, &wire[1].1);
+        r.unwrap().expect("queued packet delivered")
+    }
+
+    #[test]
+    fn handshake_then_data_both_ways_with_counters() {
+        let p = pair();
+        let first = ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"hello");
+        assert_eq!(handshake(&p, &first), first);
+
+        let back = ipv4_packet([100, 64, 2, 2], [100, 64, 1, 2], b"world");
+        let (to, dgram) = send_packet(&p.b, &back).unwrap();
+        assert_eq!(to, A_UNDERLAY.parse().unwrap());
+        assert_eq!(dgram[0], 4);
+        assert!(
+            !dgram.windows(5).any(|w| w == b"world"),
+            "payload is encrypted"
+        );
+        let (r, _) = deliver(&p.a, B_UNDERLAY, &dgram);
+        assert_eq!(r, Ok(Some(back)));
+
+        let a_stats = p.a.peers().peers()[0].stats();
+        let b_stats = p.b.peers().peers()[0].stats();
+        assert_eq!(a_stats.handshakes, 1);
+        assert_eq!(b_stats.handshakes, 1);
+        assert_eq!(a_stats.rx_packets, 2, "handshake response and data");
+        assert!(a_stats.tx_bytes > 0 && b_stats.rx_bytes > 0);
+        assert_eq!(
+            a_stats.drops.no_session, 1,
+            "the first packet waited for the handshake"
+        );
+        assert!(p.a.peers().peers()[0].last_handshake().is_some());
+    }
+
+    #[test]
+    fn replayed_and_tampered_datagrams_are_dropped_by_reason() {
+        let p = pair();
+        handshake(&p, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"x"));
+        let (_, dgram) =
+            send_packet(&p.a, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"y")).unwrap();
+
+        let mut tampered = dgram.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        assert_eq!(
+            deliver(&p.b, A_UNDERLAY, &tampered).0,
+            Err(DropReason::DecryptFailure)
+        );
+
+        assert!(deliver(&p.b, A_UNDERLAY, &dgram).0.unwrap().is_some());
+        assert_eq!(deliver(&p.b, A_UNDERLAY, &dgram).0, Err(DropReason::Replay));
+
+        let drops = p.b.peers().peers()[0].stats().drops;
+        assert_eq!((drops.decrypt_failure, drops.replay), (1, 1));
+        // The session still works.
+        let (_, next) =
+            send_packet(&p.a, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"z")).unwrap();
+        assert!(deliver(&p.b, A_UNDERLAY, &next).0.unwrap().is_some());
+    }
+
+    #[test]
+    fn inner_source_outside_allowed_prefixes_is_dropped() {
+        let p = pair();
+        handshake(&p, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"x"));
+        // A claims a source that belongs to nobody it may speak for.
+        let spoofed = ipv4_packet([100, 64, 9, 9], [100, 64, 2, 2], b"spoof");
+        let (_, dgram) = send_packet(&p.a, &spoofed).unwrap();
+        assert_eq!(
+            deliver(&p.b, A_UNDERLAY, &dgram).0,
+            Err(DropReason::BadSource)
+        );
+        assert_eq!(p.b.peers().peers()[0].stats().drops.bad_source, 1);
+    }
+
+    #[test]
+    fn garbage_and_strangers_are_counted_on_the_device() {
+        let p = pair();
+        for bad in [&b""[..], b"\x01", b"\x04\0\0\0short", &[0xffu8; 200]] {
+            assert_eq!(deliver(&p.b, A_UNDERLAY, bad).0, Err(DropReason::Malformed));
+        }
+        // A well-formed data header with a receiver index nobody owns.
+        let mut data = vec![0u8; 64];
+        data[0] = 4;
+        data[4..8].copy_from_slice(&0xdead_beefu32.to_le_bytes());
+        assert_eq!(
+            deliver(&p.b, A_UNDERLAY, &data).0,
+            Err(DropReason::UnknownPeer)
+        );
+        // A real handshake from a key B does not know.
+        let stranger = WgCore::new(
+            PrivateKey::generate(),
+            vec![peer(p.b.public_key(), B_UNDERLAY, &["100.64.2.0/24"])],
+        )
+        .unwrap();
+        let (_, init) = send_packet(
+            &stranger,
+            &ipv4_packet([100, 64, 7, 2], [100, 64, 2, 2], b"hi"),
+        )
+        .unwrap();
+        assert_eq!(
+            deliver(&p.b, "192.0.2.7:51820", &init).0,
+            Err(DropReason::UnknownPeer)
+        );
+        let d = p.b.counters.snapshot();
+        assert_eq!((d.malformed, d.unknown_peer), (4, 2));
+    }
+
+    #[test]
+    fn outbound_without_route_or_endpoint_is_dropped() {
+        let p = pair();
+        let nowhere = ipv4_packet([100, 64, 1, 2], [198, 51, 100, 1], b"x");
+        assert_eq!(
+            send_packet(&p.a, &nowhere).unwrap_err(),
+            DropReason::NoRoute
+        );
+        assert_eq!(
+            send_packet(&p.a, b"not ip").unwrap_err(),
+            DropReason::Malformed
+        );
+
+        let key = PrivateKey::generate();
+        let mut cfg = peer(p.a.public_key(), A_UNDERLAY, &["100.64.1.0/24"]);
+        cfg.endpoint = None;
+        let silent = WgCore::new(key, vec![cfg]).unwrap();
+        let to_a = ipv4_packet([100, 64, 2, 2], [100, 64, 1, 2], b"x");
+        assert_eq!(
+            send_packet(&silent, &to_a).unwrap_err(),
+            DropReason::NoSession
+        );
+        assert_eq!(silent.peers().peers()[0].stats().drops.no_session, 1);
+        assert_eq!(p.a.counters.snapshot().no_route, 1);
+    }
+
+    #[test]
+    fn peer_set_changes_keep_sessions_and_refuse_conflicts() {
+        let p = pair();
+        handshake(&p, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"x"));
+        let mut cfgs = p.a.peer_configs();
+        cfgs[0]
+            .allowed_prefixes
+            .push("fd00:2::/64".parse().unwrap());
+        p.a.set_peers(cfgs.clone()).unwrap();
+        // The session survived: data flows without a new handshake.
+        let (_, dgram) =
+            send_packet(&p.a, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"y")).unwrap();
+        assert_eq!(dgram[0], 4);
+        assert_eq!(p.a.peers().peers()[0].stats().handshakes, 1);
+
+        let other = peer(
+            PrivateKey::generate().public_key(),
+            B_UNDERLAY,
+            &["100.64.2.0/24"],
+        );
+        let mut conflicting = cfgs.clone();
+        conflicting.push(other);
+        assert!(matches!(
+            p.a.set_peers(conflicting),
+            Err(PeerSetError::PrefixConflict { .. })
+        ));
+        let mut dup = cfgs.clone();
+        dup.push(cfgs[0].clone());
+        assert!(matches!(
+            p.a.set_peers(dup),
+            Err(PeerSetError::DuplicatePeer(_))
+        ));
+        let own = peer(p.a.public_key(), B_UNDERLAY, &["100.64.5.0/24"]);
+        assert!(matches!(
+            p.a.set_peers(vec![own]),
+            Err(PeerSetError::OwnKey(_))
+        ));
+        // Refused changes left the set as it was.
+        assert_eq!(p.a.peer_configs().len(), 1);
+        p.a.set_peers(vec![]).unwrap();
+        assert!(p.a.peers().route("100.64.2.2".parse().unwrap()).is_none());
+    }
+}
