@@ -1,0 +1,258 @@
+//! The gateway's local admin socket and the status document it serves.
+//!
+//! Protocol: a client connects to the unix socket (mode 0600, so only root
+//! or the gateway's user), writes one command line (`status`), and reads one
+//! JSON document until the server closes the connection. Key material is
+//! never part of any answer: only public keys appear.
+
+use isthmus_tunnel::{DeviceDrops, IpPrefix, PeerDrops};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What `isthmusctl status` shows.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    pub interface: String,
+    pub public_key: String,
+    pub listen_port: u16,
+    pub mtu: u16,
+    /// Whether the TUN device runs with virtio-net offloads (TSO/GRO).
+    pub offload: bool,
+    pub drops: DeviceDropsDoc,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DeviceDropsDoc {
+    pub no_route: u64,
+    pub malformed: u64,
+    pub unknown_peer: u64,
+}
+
+impl From<DeviceDrops> for DeviceDropsDoc {
+    fn from(d: DeviceDrops) -> Self {
+        Self {
+            no_route: d.no_route,
+            malformed: d.malformed,
+            unknown_peer: d.unknown_peer,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerStatus {
+    pub name: Option<String>,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_prefixes: Vec<String>,
+    /// Seconds since the last completed handshake; `None` before the first.
+    pub last_handshake_secs_ago: Option<f64>,
+    pub handshakes: u64,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub rx_packets: u64,
+    pub tx_packets: u64,
+    pub drops: PeerDropsDoc,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeerDropsDoc {
+    pub no_session: u64,
+    pub bad_source: u64,
+    pub decrypt_failure: u64,
+    pub replay: u64,
+}
+
+impl From<PeerDrops> for PeerDropsDoc {
+    fn from(d: PeerDrops) -> Self {
+        Self {
+            no_session: d.no_session,
+            bad_source: d.bad_source,
+            decrypt_failure: d.decrypt_failure,
+            replay: d.replay,
+        }
+    }
+}
+
+/// Formats allowed prefixes for the status document.
+pub fn prefixes(list: &[IpPrefix]) -> Vec<String> {
+    list.iter().map(ToString::to_string).collect()
+}
+
+/// Errors reaching a gateway's admin socket.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot connect to {path}: {source} (is the gateway running? are you root?)")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("talking to {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the gateway at {path} answered: {message}")]
+    Refused { path: PathBuf, message: String },
+    #[error("unreadable answer from {path}: {source}")]
+    Decode {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Asks the gateway at `path` for its status.
+pub fn fetch_status(path: &Path) -> Result<Status, AdminError> {
+    let io_err = |source| AdminError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(|source| AdminError::Connect {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(io_err)?;
+    stream.write_all(b"status\n").map_err(io_err)?;
+    let mut answer = String::new();
+    stream
+        .take(16 << 20)
+        .read_to_string(&mut answer)
+        .map_err(io_err)?;
+    if let Some(message) = answer.strip_prefix("error: ") {
+        return Err(AdminError::Refused {
+            path: path.to_path_buf(),
+            message: message.trim().to_string(),
+        });
+    }
+    serde_json::from_str(&answer).map_err(|source| AdminError::Decode {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Serves the admin socket until dropped; the socket file is removed then.
+#[derive(Debug)]
+pub struct AdminServer {
+    path: PathBuf,
+}
+
+impl AdminServer {
+    /// Binds `path` (mode 0600, parent created 0755) and answers requests
+    /// on a background thread with what `status` returns.
+    pub fn bind(
+        path: &Path,
+        status: Arc<dyn Fn() -> Status + Send + Sync>,
+    ) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(dir)?;
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is served by another running gateway", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let listener = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        std::thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let status = status.clone();
+                    // One short-lived thread per client: a stuck client
+                    // cannot block the next one.
+                    let _ = std::thread::Builder::new()
+                        .name("admin-conn".into())
+                        .spawn(move || serve(stream, &*status));
+                }
+            })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, status: &(dyn Fn() -> Status + Send + Sync)) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let mut line = String::new();
+    let mut reader = BufReader::new((&stream).take(1024));
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let answer = match line.trim() {
+        "status" => serde_json::to_string_pretty(&status())
+            .unwrap_or_else(|e| format!("error: cannot encode status: {e}")),
+        other => format!(
+            "error: unknown command `{}` (known: status)",
+            other.escape_debug()
+        ),
+    };
+    let _ = (&stream).write_all(answer.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Status {
+        Status {
+            interface: "ist0".into(),
+            public_key: "pub".into(),
+            listen_port: 51820,
+            mtu: 1420,
+            offload: true,
+            drops: DeviceDropsDoc {
+                no_route: 1,
+                malformed: 2,
+                unknown_peer: 3,
+            },
+            peers: vec![],
+        }
+    }
+
+    #[test]
+    fn status_round_trips_over_a_real_socket_and_file_is_private() {
+        let path = std::env::temp_dir().join(format!("isthmus-admin-{}.sock", std::process::id()));
+        let server = AdminServer::bind(&path, Arc::new(sample)).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(fetch_status(&path).unwrap(), sample());
+        // A second gateway must not steal a live socket.
+        assert_eq!(
+            AdminServer::bind(&path, Arc::new(sample)).unwrap_err().kind(),
+            std::io::ErrorKind::AddrInUse
+        );
+        drop(server);
+        assert!(!path.exists(), "socket removed on drop");
+        assert!(matches!(
+            fetch_status(&path),
+            Err(AdminError::Connect { .. })
+        ));
+    }
+}

@@ -1,0 +1,216 @@
+//! `isthmusctl`: the Isthmus admin CLI.
+//!
+//! `status` reads a gateway's admin socket and prints its peers and counters
+//! as a table or JSON. `keygen` and `pubkey` manage WireGuard key files.
+//! No command ever prints a private key.
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand, ValueEnum};
+use isthmus_gateway::admin::{self, Status};
+use isthmus_gateway::config::{validate_ifname, ADMIN_SOCKET_DIR};
+use isthmus_tunnel::PrivateKey;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Admin CLI for Isthmus gateways")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show a gateway's peers, handshakes, traffic and drop counters.
+    Status {
+        /// The gateway's interface name (its admin socket is
+        /// /var/run/isthmus/NAME.sock).
+        #[arg(short, long, conflicts_with = "socket", required_unless_present = "socket")]
+        interface: Option<String>,
+        /// Path of the gateway's admin socket.
+        #[arg(short, long)]
+        socket: Option<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Create a new private key file (mode 0600) and print its public key.
+    Keygen {
+        /// Where to write the private key; refused if it exists.
+        #[arg(long, value_name = "FILE")]
+        private_key_file: PathBuf,
+    },
+    /// Print the public key of a private key file.
+    Pubkey {
+        #[arg(long, value_name = "FILE")]
+        private_key_file: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 64 } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("isthmusctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Status {
+            interface,
+            socket,
+            output,
+        } => {
+            let path = match (socket, interface) {
+                (Some(p), _) => p,
+                (None, Some(name)) => {
+                    validate_ifname(&name).map_err(|m| anyhow::anyhow!("--interface: {m}"))?;
+                    Path::new(ADMIN_SOCKET_DIR).join(format!("{name}.sock"))
+                }
+                (None, None) => bail!("give --interface NAME or --socket PATH"),
+            };
+            let status = admin::fetch_status(&path)?;
+            let text = match output {
+                Output::Json => serde_json::to_string_pretty(&status)? + "\n",
+                Output::Table => render_table(&status),
+            };
+            std::io::stdout().write_all(text.as_bytes())?;
+        }
+        Cmd::Keygen { private_key_file } => {
+            let key = PrivateKey::generate();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&private_key_file)
+                .with_context(|| format!("creating {}", private_key_file.display()))?;
+            file.write_all(key.to_base64_secret().as_bytes())?;
+            file.write_all(b"\n")?;
+            println!("{}", key.public_key());
+        }
+        Cmd::Pubkey { private_key_file } => {
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(&private_key_file)
+                    .with_context(|| format!("reading {}", private_key_file.display()))?,
+            );
+            let key = PrivateKey::from_base64(&text)
+                .with_context(|| format!("{}", private_key_file.display()))?;
+            println!("{}", key.public_key());
+        }
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn ago(secs: Option<f64>) -> String {
+    match secs {
+        None => "never".into(),
+        Some(s) if s < 120.0 => format!("{s:.0}s ago"),
+        Some(s) if s < 7200.0 => format!("{:.0}m ago", s / 60.0),
+        Some(s) => format!("{:.1}h ago", s / 3600.0),
+    }
+}
+
+fn render_table(s: &Status) -> String {
+    let mut out = format!(
+        "interface {}  public key {}  port {}  mtu {}  offload {}\n\
+         device drops: no_route={} malformed={} unknown_peer={}\n\n",
+        s.interface,
+        s.public_key,
+        s.listen_port,
+        s.mtu,
+        if s.offload { "on" } else { "off" },
+        s.drops.no_route,
+        s.drops.malformed,
+        s.drops.unknown_peer,
+    );
+    let header = [
+        "PEER",
+        "PUBLIC KEY",
+        "ENDPOINT",
+        "ALLOWED PREFIXES",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+        "DROPS (no_session/bad_source/decrypt/replay)",
+    ];
+    let rows: Vec<[String; 8]> = s
+        .peers
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone().unwrap_or_else(|| "-".into()),
+                p.public_key.clone(),
+                p.endpoint.clone().unwrap_or_else(|| "-".into()),
+                if p.allowed_prefixes.is_empty() {
+                    "-".into()
+                } else {
+                    p.allowed_prefixes.join(",")
+                },
+                format!("{} (#{})", ago(p.last_handshake_secs_ago), p.handshakes),
+                format!("{} / {} pkts", human_bytes(p.rx_bytes), p.rx_packets),
+                format!("{} / {} pkts", human_bytes(p.tx_bytes), p.tx_packets),
+                format!(
+                    "{}/{}/{}/{}",
+                    p.drops.no_session, p.drops.bad_source, p.drops.decrypt_failure, p.drops.replay
+                ),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut l = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        l.truncate(l.trim_end().len());
+        l + "\n"
+    };
+    out += &line(header.to_vec());
+    for row in &rows {
+        out += &line(row.iter().map(String::as_str).collect());
+    }
+    if rows.is_empty() {
+        out += "(no peers)\n";
+    }
+    out
+}

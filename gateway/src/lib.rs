@@ -1,0 +1,9 @@
+//! The Isthmus gateway: configuration, the admin API, and the pieces the
+//! `isthmus-gateway` daemon and the `isthmusctl` CLI share.
+//!
+//! The data plane lives in `isthmus-tunnel`; this crate parses and validates
+//! the config file (before any socket exists), serves status over a local
+//! admin socket, and defines the status document both binaries speak.
+
+pub mod admin;
+pub mod config;

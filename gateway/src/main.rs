@@ -1,0 +1,326 @@
+//! `isthmus-gateway`: the Isthmus gateway daemon.
+//!
+//! Reads and validates its config file (exit 64, one line naming the field,
+//! before any socket or device exists), creates the TUN device and UDP
+//! sockets, installs routes for the peers' prefixes, serves the WireGuard
+//! UAPI and the admin socket, and on SIGTERM/SIGINT removes its sockets and
+//! device and exits 0.
+
+mod uapi;
+
+use anyhow::Context as _;
+use clap::Parser;
+use isthmus_gateway::admin::{self, AdminServer, PeerStatus, Status};
+use isthmus_gateway::config::{self, GatewayConfig};
+use isthmus_tunnel::driver::{Driver, DriverConfig};
+use isthmus_tunnel::{IpPrefix, PeerConfig, PublicKey, WgCore};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use uapi::{KeyUpdate, SetRequest, UapiDevice, UapiError, UapiPeer, UapiServer, UapiSnapshot};
+
+/// BSD sysexits EX_USAGE: the configuration or command line is wrong.
+const EX_USAGE: u8 = 64;
+
+/// The Isthmus gateway: a userspace WireGuard tunnel endpoint for a mesh of
+/// clusters.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Path of the TOML configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    config: std::path::PathBuf,
+    /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
+    #[arg(long, default_value = "info", value_name = "FILTER")]
+    log: String,
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    let cfg = match config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("isthmus-gateway: config error: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("isthmus-gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .context("installing signal handlers")?;
+
+    let iface = &cfg.interface;
+    let core = Arc::new(WgCore::new(iface.private_key.clone(), cfg.peers.clone())?);
+    let driver = Driver::start(
+        core.clone(),
+        &DriverConfig {
+            ifname: iface.name.clone(),
+            mtu: iface.mtu,
+            listen_port: iface.listen_port,
+            offload: iface.offload,
+        },
+    )?;
+    configure_device(&cfg)?;
+
+    let device = Arc::new(GatewayDevice {
+        core,
+        name: iface.name.clone(),
+        listen_port: driver.listen_port(),
+        mtu: iface.mtu,
+        offload: driver.offload(),
+    });
+    let uapi = if iface.uapi {
+        Some(UapiServer::bind(&iface.name, device.clone()).context("serving the WireGuard UAPI")?)
+    } else {
+        None
+    };
+    let status_device = device.clone();
+    let admin = AdminServer::bind(&iface.admin_socket, Arc::new(move || status_device.status()))
+        .with_context(|| format!("serving the admin socket {}", iface.admin_socket.display()))?;
+    tracing::info!(
+        interface = %iface.name,
+        public_key = %device.core.public_key(),
+        listen_port = device.listen_port,
+        peers = cfg.peers.len(),
+        "gateway up"
+    );
+
+    let signal = signals.forever().next();
+    tracing::info!(?signal, "shutting down");
+    drop(admin);
+    drop(uapi);
+    drop(driver);
+    // The TUN device is not persistent: it disappears with our descriptor
+    // when the process exits right after this.
+    Ok(())
+}
+
+/// Puts the configured addresses on the device and routes every peer's
+/// allowed prefixes into it (like wg-quick, without touching default routes).
+fn configure_device(cfg: &GatewayConfig) -> anyhow::Result<()> {
+    let name = &cfg.interface.name;
+    for (addr, len) in &cfg.interface.addresses {
+        ip(&["addr", "replace", &format!("{addr}/{len}"), "dev", name])?;
+    }
+    for peer in &cfg.peers {
+        for prefix in &peer.allowed_prefixes {
+            if prefix.len() == 0 {
+                tracing::warn!(
+                    %prefix,
+                    peer = %peer.public_key,
+                    "not routing a default prefix into the tunnel; add policy routing for it"
+                );
+                continue;
+            }
+            ip(&["route", "replace", &prefix.to_string(), "dev", name])?;
+        }
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// What the UAPI and the admin socket see of the running gateway.
+struct GatewayDevice {
+    core: Arc<WgCore>,
+    name: String,
+    listen_port: u16,
+    mtu: u16,
+    offload: bool,
+}
+
+impl GatewayDevice {
+    fn status(&self) -> Status {
+        let set = self.core.peers();
+        let peers = set
+            .peers()
+            .iter()
+            .map(|p| {
+                let cfg = p.config();
+                let stats = p.stats();
+                PeerStatus {
+                    name: cfg.name,
+                    public_key: cfg.public_key.to_base64(),
+                    endpoint: cfg.endpoint.map(|e| e.to_string()),
+                    allowed_prefixes: admin::prefixes(&cfg.allowed_prefixes),
+                    last_handshake_secs_ago: p
+                        .last_handshake()
+                        .and_then(|t| t.elapsed().ok())
+                        .map(|d| d.as_secs_f64()),
+                    handshakes: stats.handshakes,
+                    rx_bytes: stats.rx_bytes,
+                    tx_bytes: stats.tx_bytes,
+                    rx_packets: stats.rx_packets,
+                    tx_packets: stats.tx_packets,
+                    drops: stats.drops.into(),
+                }
+            })
+            .collect();
+        Status {
+            interface: self.name.clone(),
+            public_key: self.core.public_key().to_base64(),
+            listen_port: self.listen_port,
+            mtu: self.mtu,
+            offload: self.offload,
+            drops: self.core.counters.snapshot().into(),
+            peers,
+        }
+    }
+}
+
+impl UapiDevice for GatewayDevice {
+    fn snapshot(&self) -> UapiSnapshot {
+        let set = self.core.peers();
+        UapiSnapshot {
+            private_key: None,
+            listen_port: self.listen_port,
+            fwmark: None,
+            peers: set
+                .peers()
+                .iter()
+                .map(|p| {
+                    let cfg = p.config();
+                    let stats = p.stats();
+                    UapiPeer {
+                        public_key: cfg.public_key.0,
+                        preshared_key: None,
+                        endpoint: cfg.endpoint,
+                        persistent_keepalive_interval: cfg.persistent_keepalive.unwrap_or(0),
+                        allowed_ips: cfg
+                            .allowed_prefixes
+                            .iter()
+                            .map(|p| (p.addr(), p.len()))
+                            .collect(),
+                        last_handshake: p.last_handshake(),
+                        rx_bytes: stats.rx_bytes,
+                        tx_bytes: stats.tx_bytes,
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn apply(&self, req: SetRequest) -> Result<(), UapiError> {
+        if req.private_key.is_some() {
+            return Err(UapiError::Rejected(
+                "changing the private key at run time is not supported; set private_key_file and restart".into(),
+            ));
+        }
+        if req.listen_port.is_some_and(|p| p != self.listen_port) {
+            return Err(UapiError::Rejected(
+                "changing the listen port at run time is not supported; set listen_port and restart".into(),
+            ));
+        }
+        if req.fwmark.is_some_and(|m| m != 0) {
+            return Err(UapiError::Rejected("fwmark is not supported".into()));
+        }
+        let mut peers = if req.replace_peers {
+            Vec::new()
+        } else {
+            self.core.peer_configs()
+        };
+        for update in req.peers {
+            let key = PublicKey(update.public_key);
+            let pos = peers.iter().position(|p| p.public_key == key);
+            if update.remove {
+                if let Some(i) = pos {
+                    peers.remove(i);
+                }
+                continue;
+            }
+            let i = match pos {
+                Some(i) => i,
+                None if update.update_only => continue,
+                None => {
+                    peers.push(PeerConfig {
+                        name: None,
+                        public_key: key,
+                        preshared_key: None,
+                        endpoint: None,
+                        allowed_prefixes: Vec::new(),
+                        persistent_keepalive: None,
+                    });
+                    peers.len() - 1
+                }
+            };
+            let to_prefix = |(addr, len): &(std::net::IpAddr, u8)| {
+                IpPrefix::new_truncating(*addr, *len)
+                    .map_err(|e| UapiError::Rejected(e.to_string()))
+            };
+            let added = update
+                .allowed_ips
+                .iter()
+                .map(to_prefix)
+                .collect::<Result<Vec<_>, _>>()?;
+            let removed = update
+                .remove_allowed_ips
+                .iter()
+                .map(to_prefix)
+                .collect::<Result<Vec<_>, _>>()?;
+            // WireGuard semantics: a prefix moves to the peer that claims it last.
+            for other in peers.iter_mut().filter(|p| p.public_key != key) {
+                other.allowed_prefixes.retain(|p| !added.contains(p));
+            }
+            let peer = &mut peers[i];
+            match update.preshared_key {
+                Some(KeyUpdate::Set(k)) => peer.preshared_key = Some(k),
+                Some(KeyUpdate::Clear) => peer.preshared_key = None,
+                None => {}
+            }
+            if let Some(ep) = update.endpoint {
+                peer.endpoint = Some(ep);
+            }
+            if let Some(k) = update.persistent_keepalive_interval {
+                peer.persistent_keepalive = (k > 0).then_some(k);
+            }
+            if update.replace_allowed_ips {
+                peer.allowed_prefixes.clear();
+            }
+            for p in added {
+                if !peer.allowed_prefixes.contains(&p) {
+                    peer.allowed_prefixes.push(p);
+                }
+            }
+            peer.allowed_prefixes.retain(|p| !removed.contains(p));
+        }
+        self.core
+            .set_peers(peers)
+            .map_err(|e| UapiError::Rejected(e.to_string()))
+    }
+}
