@@ -245,7 +245,9 @@ mod tests {
         assert_eq!(fetch_status(&path).unwrap(), sample());
         // A second gateway must not steal a live socket.
         assert_eq!(
-            AdminServer::bind(&path, Arc::new(sample)).unwrap_err().kind(),
+            AdminServer::bind(&path, Arc::new(sample))
+                .unwrap_err()
+                .kind(),
             std::io::ErrorKind::AddrInUse
         );
         drop(server);

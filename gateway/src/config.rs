@@ -102,10 +102,19 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
     let de = toml::Deserializer::new(text);
     let raw: RawConfig = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { "config".to_string() } else { path };
+        let field = if path == "." {
+            "config".to_string()
+        } else {
+            path
+        };
         // toml's message carries a source excerpt after the first line.
         let inner = e.into_inner();
-        let message = inner.message().lines().next().unwrap_or("invalid").to_string();
+        let message = inner
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid")
+            .to_string();
         ConfigError::new(field, message)
     })?;
     let iface = raw
@@ -293,7 +302,8 @@ fn peer(i: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
 /// building the peer set exactly as the gateway will.
 fn check_peers(iface: &InterfaceConfig, peers: &[PeerConfig]) -> Result<(), ConfigError> {
     use isthmus_tunnel::PeerSetError;
-    let first_index = |key: &PublicKey| peers.iter().position(|p| p.public_key == *key).unwrap_or(0);
+    let first_index =
+        |key: &PublicKey| peers.iter().position(|p| p.public_key == *key).unwrap_or(0);
     match WgCore::new(iface.private_key.clone(), peers.to_vec()) {
         Ok(_) => Ok(()),
         Err(PeerSetError::DuplicatePeer(key)) => {
@@ -335,7 +345,10 @@ mod tests {
         let path = std::env::temp_dir().join(format!(
             "isthmus-config-test-{}-{tag}-{}.key",
             std::process::id(),
-            PrivateKey::generate().public_key().to_base64().replace(['/', '+', '='], "")
+            PrivateKey::generate()
+                .public_key()
+                .to_base64()
+                .replace(['/', '+', '='], "")
         ));
         let mut f = std::fs::File::create(&path).unwrap();
         f.write_all(content.as_bytes()).unwrap();
@@ -403,7 +416,7 @@ mod tests {
                 config(&file.0, "listen_port = 70000", ""),
                 "interface.listen_port",
             ),
-            (config(&file.0, "bogus = 1", ""), "interface"),
+            (config(&file.0, "bogus = 1", ""), "interface.bogus"),
             (
                 config(&file.0, "addresses = [\"1.2.3.4/40\"]", ""),
                 "interface.addresses[0]",
@@ -462,7 +475,7 @@ mod tests {
                     "",
                     &ok_peer.replace("allowed_prefixes", "allowed_ips"),
                 ),
-                "peers[0]",
+                "peers[0].allowed_ips",
             ),
         ];
         for (text, field) in cases {

@@ -6,17 +6,17 @@
 //! UAPI and the admin socket, and on SIGTERM/SIGINT removes its sockets and
 //! device and exits 0.
 
-mod uapi;
-
 use anyhow::Context as _;
 use clap::Parser;
 use isthmus_gateway::admin::{self, AdminServer, PeerStatus, Status};
 use isthmus_gateway::config::{self, GatewayConfig};
+use isthmus_gateway::uapi::{
+    KeyUpdate, SetRequest, UapiDevice, UapiError, UapiPeer, UapiServer, UapiSnapshot,
+};
 use isthmus_tunnel::driver::{Driver, DriverConfig};
 use isthmus_tunnel::{IpPrefix, PeerConfig, PublicKey, WgCore};
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
-use uapi::{KeyUpdate, SetRequest, UapiDevice, UapiError, UapiPeer, UapiServer, UapiSnapshot};
 
 /// BSD sysexits EX_USAGE: the configuration or command line is wrong.
 const EX_USAGE: u8 = 64;
@@ -98,8 +98,11 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         None
     };
     let status_device = device.clone();
-    let admin = AdminServer::bind(&iface.admin_socket, Arc::new(move || status_device.status()))
-        .with_context(|| format!("serving the admin socket {}", iface.admin_socket.display()))?;
+    let admin = AdminServer::bind(
+        &iface.admin_socket,
+        Arc::new(move || status_device.status()),
+    )
+    .with_context(|| format!("serving the admin socket {}", iface.admin_socket.display()))?;
     tracing::info!(
         interface = %iface.name,
         public_key = %device.core.public_key(),
@@ -237,7 +240,14 @@ impl UapiDevice for GatewayDevice {
     }
 
     fn apply(&self, req: SetRequest) -> Result<(), UapiError> {
-        if req.private_key.is_some() {
+        let restated = match req.private_key {
+            None => true,
+            Some(KeyUpdate::Set(k)) => self
+                .core
+                .is_own_private_key(&isthmus_tunnel::PrivateKey::from_bytes(k)),
+            Some(KeyUpdate::Clear) => false,
+        };
+        if !restated {
             return Err(UapiError::Rejected(
                 "changing the private key at run time is not supported; set private_key_file and restart".into(),
             ));

@@ -25,7 +25,8 @@
 //! # Deliberate deviation: no secrets in `get` responses
 //!
 //! The stock implementations (kernel, wireguard-go) send `private_key=` and
-//! `preshared_key=` to any client of the socket. **This server never does.**
+//! `preshared_key=` to clients of the (root-only) socket. **This server
+//! never does.**
 //! Isthmus policy is that key material never appears in CLI output, so
 //! [`format_get`] omits both lines unconditionally, whatever the snapshot
 //! contains. Consequences, observed with wireguard-tools v1.0.20210914:
@@ -43,7 +44,11 @@
 //!
 //! Everything else (peers, endpoints, allowed IPs, handshakes, transfer
 //! counters, keepalive, listen port, fwmark) works as usual, and `set`
-//! requests may still carry keys.
+//! requests may still carry keys (`wg set`, `wg setconf` and `wg syncconf`
+//! all work).
+//!
+//! Known limitation: an IPv6 endpoint with a *named* scope
+//! (`[fe80::1%eth0]:51820`) is refused with `EINVAL`; numeric scopes parse.
 //!
 //! # Robustness
 //!
@@ -55,8 +60,6 @@
 //! (they may be keys); at most a sanitised key name is shown.
 
 #![forbid(unsafe_code)]
-// The binary does not use every entry point yet; drop this once it is wired in.
-#![cfg_attr(not(test), allow(dead_code))]
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -1430,6 +1433,17 @@ mod tests {
         assert!(req.peers[0].remove && !req.peers[0].has_changes());
         assert!(req.peers[1].update_only && !req.peers[1].remove);
 
+        // IPv6 endpoint with a numeric scope.
+        let req = parse_set(&format!(
+            "public_key={}\nendpoint=[fe80::1%2]:51820\n",
+            h(&PUB1)
+        ))
+        .unwrap();
+        match req.peers[0].endpoint {
+            Some(SocketAddr::V6(a)) => assert_eq!((a.scope_id(), a.port()), (2, 51820)),
+            other => panic!("{other:?}"),
+        }
+
         // replace_allowed_ips with no addresses = clear them.
         let req = parse_set(&format!(
             "set=1\npublic_key={}\nreplace_allowed_ips=true\n",
@@ -1527,6 +1541,10 @@ mod tests {
             (
                 format!("public_key={k}\nendpoint=host.example:5\n"),
                 "hostname endpoint",
+            ),
+            (
+                format!("public_key={k}\nendpoint=[fe80::1%eth0]:5\n"),
+                "named scope",
             ),
             (
                 format!("public_key={k}\npersistent_keepalive_interval=65536\n"),

@@ -80,6 +80,8 @@ impl IpPrefix {
     pub fn addr(&self) -> IpAddr {
         self.addr
     }
+    /// The prefix length in bits.
+    #[allow(clippy::len_without_is_empty)]
     pub fn len(&self) -> u8 {
         self.len
     }

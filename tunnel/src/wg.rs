@@ -237,6 +237,12 @@ impl WgCore {
         PublicKey(self.public.to_bytes())
     }
 
+    /// Whether `key` is this device's private key (so a request that
+    /// restates it changes nothing).
+    pub fn is_own_private_key(&self, key: &PrivateKey) -> bool {
+        key.public_key() == self.public_key()
+    }
+
     /// The current peer snapshot.
     pub fn peers(&self) -> Arc<PeerSet> {
         self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -440,14 +446,11 @@ impl WgCore {
                     peer.counters.handshake_completed();
                 }
                 // Packets queued while there was no session go out now.
-                loop {
-                    match session.tunn.decapsulate(None, &[], out) {
-                        TunnResult::WriteToNetwork(queued) => {
-                            send(from, queued);
-                            peer.counters.sent(queued.len());
-                        }
-                        _ => break,
-                    }
+                while let TunnResult::WriteToNetwork(queued) =
+                    session.tunn.decapsulate(None, &[], out)
+                {
+                    send(from, queued);
+                    peer.counters.sent(queued.len());
                 }
                 None
             }

@@ -27,7 +27,12 @@ enum Cmd {
     Status {
         /// The gateway's interface name (its admin socket is
         /// /var/run/isthmus/NAME.sock).
-        #[arg(short, long, conflicts_with = "socket", required_unless_present = "socket")]
+        #[arg(
+            short,
+            long,
+            conflicts_with = "socket",
+            required_unless_present = "socket"
+        )]
         interface: Option<String>,
         /// Path of the gateway's admin socket.
         #[arg(short, long)]
