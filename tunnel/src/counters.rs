@@ -19,8 +19,10 @@ pub enum DropReason {
     BadSource,
     /// Inbound: authentication failed (bad AEAD tag or MAC, unknown session).
     DecryptFailure,
-    /// Inbound: the counter was already seen or is too old for the window.
+    /// Inbound: the counter was already seen (a replayed packet).
     Replay,
+    /// Inbound: the counter is older than the replay window.
+    TooOld,
     /// Not a well-formed WireGuard datagram, or not an IP packet.
     Malformed,
     /// Well-formed, but for no configured peer (unknown receiver index or
@@ -53,6 +55,7 @@ struct RxSide {
     bad_source: AtomicU64,
     decrypt_failure: AtomicU64,
     replay: AtomicU64,
+    too_old: AtomicU64,
 }
 
 impl PeerCounters {
@@ -75,6 +78,7 @@ impl PeerCounters {
             DropReason::BadSource => &self.rx.bad_source,
             DropReason::DecryptFailure => &self.rx.decrypt_failure,
             DropReason::Replay => &self.rx.replay,
+            DropReason::TooOld => &self.rx.too_old,
             // Device-level reasons are never attributed to a peer.
             DropReason::NoRoute | DropReason::Malformed | DropReason::UnknownPeer => return,
         };
@@ -92,6 +96,7 @@ impl PeerCounters {
                 bad_source: self.rx.bad_source.load(Relaxed),
                 decrypt_failure: self.rx.decrypt_failure.load(Relaxed),
                 replay: self.rx.replay.load(Relaxed),
+                too_old: self.rx.too_old.load(Relaxed),
             },
         }
     }
@@ -114,6 +119,7 @@ pub struct PeerDrops {
     pub bad_source: u64,
     pub decrypt_failure: u64,
     pub replay: u64,
+    pub too_old: u64,
 }
 
 /// Drops that belong to no peer.

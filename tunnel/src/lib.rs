@@ -1,5 +1,7 @@
 //! The Isthmus data plane.
 //!
+//! - [`esp`]: IPsec ESP in UDP with AES-GCM, ESN, anti-replay and SA
+//!   lifetimes with make-before-break rekeying; no I/O.
 //! - [`wg`]: WireGuard sessions for many peers on boringtun's noise core,
 //!   with cryptokey routing (outbound by longest prefix, inbound source check);
 //!   no I/O, so it is tested in memory.
@@ -16,6 +18,7 @@
 pub mod counters;
 #[cfg(target_os = "linux")]
 pub mod driver;
+pub mod esp;
 pub mod key;
 pub mod prefix;
 pub mod wg;

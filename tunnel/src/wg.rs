@@ -457,9 +457,8 @@ impl WgCore {
             TunnResult::Err(e) => {
                 drop(session);
                 let reason = match e {
-                    WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => {
-                        DropReason::Replay
-                    }
+                    WireGuardError::DuplicateCounter => DropReason::Replay,
+                    WireGuardError::InvalidCounter => DropReason::TooOld,
                     WireGuardError::InvalidMac
                     | WireGuardError::InvalidAeadTag
                     | WireGuardError::NoCurrentSession

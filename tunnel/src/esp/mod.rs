@@ -1,0 +1,469 @@
+//! IPsec-compatible tunnels: ESP in UDP (RFC 4303, RFC 3948) with AES-GCM
+//! (RFC 4106), extended sequence numbers (RFC 4304) and anti-replay.
+//!
+//! [`EspCore`] is the ESP counterpart of [`crate::wg::WgCore`]: no I/O, the
+//! caller passes packets, datagrams and `now`. Each peer has one outbound SA
+//! and a few inbound SAs (looked up by SPI):
+//!
+//! - generation `g` carries traffic; inbound SAs for `g + 1` and `g + 2` are
+//!   installed ahead of time, so the receiver accepts a new SPI before the
+//!   sender switches to it (make-before-break);
+//! - at its soft lifetime the outbound SA is replaced by generation `g + 1`;
+//! - when the first packet of a newer generation arrives, older inbound SAs
+//!   are kept for a grace period (late, reordered packets) and then removed;
+//! - an SA at its hard lifetime is never used: packets are dropped and
+//!   counted, never sent in clear.
+
+pub mod keying;
+pub mod replay;
+pub mod sa;
+
+use crate::counters::{DeviceCounters, DropReason, PeerCounters, PeerStats};
+use crate::prefix::{IpPrefix, PrefixTable};
+use crate::wg::{Inbound, Outbound};
+use keying::{EspKeying, KeyingError};
+use replay::ReplayError;
+use sa::{
+    datagram_spi, EspCipher, InboundSa, Lifetimes, OpenError, OutboundSa, SaError, SealError,
+    NEXT_HEADER_IPV4, NEXT_HEADER_IPV6, NEXT_HEADER_NONE,
+};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
+
+/// Default UDP port of ESP-in-UDP (RFC 3948).
+pub const DEFAULT_ESP_PORT: u16 = 4500;
+/// Inbound SAs installed ahead of the one in use.
+const LOOKAHEAD: u64 = 2;
+
+/// One ESP peer's configuration.
+#[derive(Clone, Debug)]
+pub struct EspPeerConfig {
+    pub name: Option<String>,
+    pub endpoint: SocketAddr,
+    pub allowed_prefixes: Vec<IpPrefix>,
+    pub esn: bool,
+    pub lifetimes: Lifetimes,
+    pub keying: Arc<dyn EspKeying>,
+}
+
+/// Errors setting up ESP peers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EspError {
+    #[error("peer {peer}: {source}")]
+    Sa { peer: usize, source: SaError },
+    #[error("peer {peer}: {source}")]
+    Keying { peer: usize, source: KeyingError },
+    #[error("inbound SPI {spi:#010x} is used by two SAs")]
+    SpiConflict { spi: u32 },
+    #[error("prefix {prefix} is claimed by two ESP peers")]
+    PrefixConflict { prefix: IpPrefix },
+}
+
+struct TxState {
+    sa: OutboundSa,
+    rekeys: u64,
+}
+
+struct RxState {
+    /// Ordered by generation.
+    sas: Vec<InboundSa>,
+    /// Newest generation a packet arrived on.
+    active: u64,
+}
+
+/// One ESP peer and its SAs.
+pub struct EspPeer {
+    config: EspPeerConfig,
+    tx: Mutex<TxState>,
+    rx: Mutex<RxState>,
+    pub counters: PeerCounters,
+}
+
+impl std::fmt::Debug for EspPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EspPeer")
+            .field("name", &self.config.name)
+            .field("endpoint", &self.config.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What `isthmusctl status` shows of an ESP peer: SPIs, sequence numbers,
+/// ages — never keys.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct EspPeerStatus {
+    pub cipher: String,
+    pub esn: bool,
+    pub rekeys: u64,
+    pub outbound: OutboundSaStatus,
+    pub inbound: Vec<InboundSaStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct OutboundSaStatus {
+    pub spi: String,
+    pub generation: u64,
+    pub last_seq: u64,
+    pub age_secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct InboundSaStatus {
+    pub spi: String,
+    pub generation: u64,
+    pub highest_seq: u64,
+    pub packets: u64,
+    pub age_secs: f64,
+    /// Replaced by a newer SA; accepts late packets until removed.
+    pub retiring: bool,
+}
+
+impl EspPeer {
+    pub fn config(&self) -> &EspPeerConfig {
+        &self.config
+    }
+    pub fn stats(&self) -> PeerStats {
+        self.counters.snapshot()
+    }
+    pub fn status(&self, now: Instant) -> EspPeerStatus {
+        let tx = lock(&self.tx);
+        let rx = lock(&self.rx);
+        EspPeerStatus {
+            cipher: self.config.keying.cipher().name().to_string(),
+            esn: self.config.esn,
+            rekeys: tx.rekeys,
+            outbound: OutboundSaStatus {
+                spi: format!("{:#010x}", tx.sa.spi),
+                generation: tx.sa.generation,
+                last_seq: tx.sa.last_seq(),
+                age_secs: now.saturating_duration_since(tx.sa.created).as_secs_f64(),
+            },
+            inbound: rx
+                .sas
+                .iter()
+                .map(|sa| InboundSaStatus {
+                    spi: format!("{:#010x}", sa.spi),
+                    generation: sa.generation,
+                    highest_seq: sa.top(),
+                    packets: sa.packets,
+                    age_secs: now.saturating_duration_since(sa.created).as_secs_f64(),
+                    retiring: sa.retire_at.is_some(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A snapshot of the ESP peers and their routes.
+#[derive(Debug, Default)]
+pub struct EspPeerSet {
+    peers: Vec<Arc<EspPeer>>,
+    routes: PrefixTable<Arc<EspPeer>>,
+}
+
+impl EspPeerSet {
+    pub fn peers(&self) -> &[Arc<EspPeer>] {
+        &self.peers
+    }
+    pub fn route(&self, dst: IpAddr) -> Option<&Arc<EspPeer>> {
+        self.routes.lookup(dst)
+    }
+}
+
+/// The ESP state of one gateway.
+#[derive(Debug)]
+pub struct EspCore {
+    set: RwLock<Arc<EspPeerSet>>,
+    /// Inbound SPI → peer, for every installed inbound SA.
+    spis: RwLock<HashMap<u32, Arc<EspPeer>>>,
+    pub counters: DeviceCounters,
+}
+
+fn version_matches(next_header: u8, packet: &[u8]) -> Option<IpAddr> {
+    match (next_header, packet.first().map(|b| b >> 4)) {
+        (NEXT_HEADER_IPV4, Some(4)) if packet.len() >= 20 => {
+            let b: [u8; 4] = packet[12..16].try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(b)))
+        }
+        (NEXT_HEADER_IPV6, Some(6)) if packet.len() >= 40 => {
+            let b: [u8; 16] = packet[8..24].try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
+impl EspCore {
+    /// Builds the peers; every SA of generations 0 to 2 is checked here,
+    /// before any socket exists.
+    pub fn new(configs: Vec<EspPeerConfig>, now: Instant) -> Result<Self, EspError> {
+        let mut peers = Vec::with_capacity(configs.len());
+        let mut routes = PrefixTable::new();
+        let mut spis = HashMap::new();
+        for (i, cfg) in configs.into_iter().enumerate() {
+            let cipher = cfg.keying.cipher();
+            let sa_err = |source| EspError::Sa { peer: i, source };
+            let key_err = |source| EspError::Keying { peer: i, source };
+            let first = cfg.keying.sa_pair(0).map_err(key_err)?;
+            let tx = OutboundSa::new(cipher, &first.outbound, cfg.esn, 0, now).map_err(sa_err)?;
+            let mut sas = Vec::new();
+            for generation in 0..=LOOKAHEAD {
+                let pair = cfg.keying.sa_pair(generation).map_err(key_err)?;
+                sas.push(
+                    InboundSa::new(cipher, &pair.inbound, cfg.esn, generation, now)
+                        .map_err(sa_err)?,
+                );
+            }
+            let peer = Arc::new(EspPeer {
+                tx: Mutex::new(TxState { sa: tx, rekeys: 0 }),
+                rx: Mutex::new(RxState { sas, active: 0 }),
+                counters: PeerCounters::default(),
+                config: cfg,
+            });
+            for sa in &lock(&peer.rx).sas {
+                if spis.insert(sa.spi, peer.clone()).is_some() {
+                    return Err(EspError::SpiConflict { spi: sa.spi });
+                }
+            }
+            for prefix in &peer.config.allowed_prefixes {
+                if routes.insert(*prefix, peer.clone()).is_some() {
+                    return Err(EspError::PrefixConflict { prefix: *prefix });
+                }
+            }
+            peers.push(peer);
+        }
+        Ok(Self {
+            set: RwLock::new(Arc::new(EspPeerSet { peers, routes })),
+            spis: RwLock::new(spis),
+            counters: DeviceCounters::default(),
+        })
+    }
+
+    pub fn peers(&self) -> Arc<EspPeerSet> {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn register_spi(&self, spi: u32, peer: &Arc<EspPeer>) {
+        let mut spis = self.spis.write().unwrap_or_else(|e| e.into_inner());
+        spis.insert(spi, peer.clone());
+    }
+
+    fn unregister_spi(&self, spi: u32) {
+        let mut spis = self.spis.write().unwrap_or_else(|e| e.into_inner());
+        spis.remove(&spi);
+    }
+
+    /// Encrypts one packet for `peer` into `out` (which needs
+    /// `packet.len() + ESP_MAX_OVERHEAD` bytes). Rekeys at the soft lifetime.
+    pub fn encapsulate(
+        &self,
+        peer: &EspPeer,
+        packet: &[u8],
+        out: &mut [u8],
+        now: Instant,
+    ) -> Outbound {
+        let lifetimes = &peer.config.lifetimes;
+        let mut tx = lock(&peer.tx);
+        if tx.sa.reached(&lifetimes.soft, now) {
+            let next = tx.sa.generation + 1;
+            let cipher = peer.config.keying.cipher();
+            match peer
+                .config
+                .keying
+                .sa_pair(next)
+                .map_err(|e| e.to_string())
+                .and_then(|pair| {
+                    OutboundSa::new(cipher, &pair.outbound, peer.config.esn, next, now)
+                        .map_err(|e| e.to_string())
+                }) {
+                Ok(sa) => {
+                    tracing::info!(
+                        peer = ?peer.config.name,
+                        old_spi = format_args!("{:#010x}", tx.sa.spi),
+                        new_spi = format_args!("{:#010x}", sa.spi),
+                        generation = next,
+                        "ESP outbound SA replaced at its soft lifetime"
+                    );
+                    tx.sa = sa;
+                    tx.rekeys += 1;
+                }
+                // Keep using the old SA until its hard limit.
+                Err(e) => tracing::warn!(peer = ?peer.config.name, error = %e, "ESP rekey failed"),
+            }
+        }
+        match tx.sa.seal(packet, out, &lifetimes.hard, now) {
+            Ok(len) => {
+                drop(tx);
+                peer.counters.sent(len);
+                Outbound::Send {
+                    to: peer.config.endpoint,
+                    len,
+                    data: true,
+                }
+            }
+            Err(SealError::NotIp) => {
+                drop(tx);
+                self.counters.dropped(DropReason::Malformed);
+                Outbound::Dropped(DropReason::Malformed)
+            }
+            Err(SealError::Expired | SealError::BufferTooSmall) => {
+                drop(tx);
+                peer.counters.dropped(DropReason::NoSession);
+                Outbound::Dropped(DropReason::NoSession)
+            }
+        }
+    }
+
+    /// Handles one UDP datagram from the ESP port. The inner packet, if
+    /// any, is decrypted into `out` (at least as long as the datagram).
+    pub fn decapsulate(
+        &self,
+        set: &EspPeerSet,
+        datagram: &[u8],
+        out: &mut [u8],
+        now: Instant,
+    ) -> Inbound {
+        let Some(spi) = datagram_spi(datagram) else {
+            if datagram == [0xff] {
+                // NAT keepalive (RFC 3948 §2.3).
+                return Inbound::Consumed;
+            }
+            // Zero non-ESP marker (IKE): we run no IKE daemon.
+            return self.device_drop(DropReason::Malformed);
+        };
+        let peer = {
+            let spis = self.spis.read().unwrap_or_else(|e| e.into_inner());
+            match spis.get(&spi) {
+                Some(p) => p.clone(),
+                None => return self.device_drop(DropReason::UnknownPeer),
+            }
+        };
+        let lifetimes = peer.config.lifetimes;
+        let mut rx = lock(&peer.rx);
+        let Some(index) = rx.sas.iter().position(|sa| sa.spi == spi) else {
+            drop(rx);
+            return self.device_drop(DropReason::UnknownPeer);
+        };
+        let opened = match rx.sas[index].open(datagram, out, &lifetimes.hard, now) {
+            Ok(o) => o,
+            Err(e) => {
+                drop(rx);
+                let reason = match e {
+                    OpenError::Replay(ReplayError::Duplicate) => DropReason::Replay,
+                    OpenError::Replay(_) => DropReason::TooOld,
+                    OpenError::Icv => DropReason::DecryptFailure,
+                    OpenError::Malformed => DropReason::Malformed,
+                    OpenError::Expired => DropReason::NoSession,
+                };
+                if reason == DropReason::Malformed {
+                    self.counters.dropped(reason);
+                } else {
+                    peer.counters.dropped(reason);
+                }
+                return Inbound::Dropped(reason);
+            }
+        };
+        let generation = rx.sas[index].generation;
+        if generation > rx.active {
+            self.promote(&peer, &mut rx, generation, now);
+        }
+        drop(rx);
+        peer.counters.received(datagram.len());
+        if opened.next_header == NEXT_HEADER_NONE {
+            return Inbound::Consumed;
+        }
+        let packet = &out[..opened.len];
+        let Some(src) = version_matches(opened.next_header, packet) else {
+            self.counters.dropped(DropReason::Malformed);
+            return Inbound::Dropped(DropReason::Malformed);
+        };
+        if set
+            .route(src)
+            .is_some_and(|owner| std::ptr::eq(&**owner, &*peer))
+        {
+            Inbound::Tun {
+                offset: 0,
+                len: opened.len,
+            }
+        } else {
+            peer.counters.dropped(DropReason::BadSource);
+            Inbound::Dropped(DropReason::BadSource)
+        }
+    }
+
+    /// The peer started sending on a newer generation: retire older
+    /// inbound SAs after the grace period and install the next ones.
+    fn promote(&self, peer: &Arc<EspPeer>, rx: &mut RxState, generation: u64, now: Instant) {
+        let retire_at = now + peer.config.lifetimes.grace;
+        for sa in rx.sas.iter_mut().filter(|sa| sa.generation < generation) {
+            sa.retire_at.get_or_insert(retire_at);
+        }
+        rx.active = generation;
+        let cipher = peer.config.keying.cipher();
+        let have = rx.sas.iter().map(|sa| sa.generation).max().unwrap_or(0);
+        for next in have + 1..=generation + LOOKAHEAD {
+            let installed = peer
+                .config
+                .keying
+                .sa_pair(next)
+                .map_err(|e| e.to_string())
+                .and_then(|pair| {
+                    InboundSa::new(cipher, &pair.inbound, peer.config.esn, next, now)
+                        .map_err(|e| e.to_string())
+                });
+            match installed {
+                Ok(sa) => {
+                    self.register_spi(sa.spi, peer);
+                    rx.sas.push(sa);
+                }
+                Err(e) => {
+                    tracing::warn!(peer = ?peer.config.name, error = %e, "cannot install next inbound SA")
+                }
+            }
+        }
+        tracing::info!(peer = ?peer.config.name, generation, "ESP peer switched to a new SA");
+    }
+
+    fn device_drop(&self, reason: DropReason) -> Inbound {
+        self.counters.dropped(reason);
+        Inbound::Dropped(reason)
+    }
+
+    /// Removes inbound SAs whose grace period or hard lifetime is over.
+    /// Call every few hundred milliseconds.
+    pub fn tick(&self, now: Instant) {
+        for peer in self.peers().peers() {
+            let hard = peer.config.lifetimes.hard;
+            let mut rx = lock(&peer.rx);
+            let mut removed = Vec::new();
+            rx.sas.retain(|sa| {
+                let done = sa.retire_at.is_some_and(|t| now >= t) || sa.reached(&hard, now);
+                if done {
+                    removed.push(sa.spi);
+                }
+                !done
+            });
+            drop(rx);
+            for spi in removed {
+                tracing::debug!(spi = format_args!("{spi:#010x}"), "inbound SA removed");
+                self.unregister_spi(spi);
+            }
+        }
+    }
+}
+
+/// The cipher of a peer (for display).
+pub fn peer_cipher(peer: &EspPeer) -> EspCipher {
+    peer.config.keying.cipher()
+}
+
+#[cfg(test)]
+mod tests;
