@@ -112,13 +112,9 @@ pub fn infer_esn(top: u64, low: u32) -> u64 {
             top_high.wrapping_add(1)
         }
     } else if low >= window_bottom {
-        // The window spans two subspaces and `low` is in the older one.
-        match top_high.checked_sub(1) {
-            Some(h) => h,
-            // Before sequence number 0: cannot be valid; let the replay
-            // check or the ICV refuse it.
-            None => 0,
-        }
+        // The window spans two subspaces and `low` is in the older one
+        // (before subspace 0 nothing is valid: the ICV will refuse it).
+        top_high.saturating_sub(1)
     } else {
         top_high
     };
