@@ -7,7 +7,9 @@
 //!   `tun-rs` splits into MTU-sized packets; encrypts them into one contiguous
 //!   buffer and sends runs of equal-sized datagrams to the same endpoint as
 //!   one UDP GSO `sendmsg`.
-//! - **inbound** (one per socket): receives batches of datagrams
+//!   Destinations are routed by longest prefix to a WireGuard or an ESP
+//!   peer (the gateway keeps the two kinds' prefixes disjoint).
+//! - **inbound** (one per socket: WireGuard, ESP): receives batches of datagrams
 //!   (`recvmmsg` with UDP GRO, via quinn-udp), decrypts them, and writes the
 //!   packets to the TUN device in one batch whose TCP segments `tun-rs`
 //!   coalesces (GRO) into super-segments.
@@ -16,7 +18,10 @@
 //!
 //! Per-flow order is kept: one thread per direction.
 
-use crate::wg::{Inbound, Outbound, WgCore, WG_HANDSHAKE_INIT_LEN, WG_OVERHEAD};
+use crate::esp::sa::ESP_MAX_OVERHEAD;
+use crate::esp::{EspCore, EspPeerSet};
+use crate::wg::{Inbound, Outbound, PeerSet, WgCore, WG_HANDSHAKE_INIT_LEN, WG_OVERHEAD};
+use boringtun::noise::Tunn;
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
@@ -24,7 +29,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tun_rs::{DeviceBuilder, GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 /// Socket buffer size asked for (with the FORCE variants when root).
@@ -53,8 +58,10 @@ pub enum DriverError {
 pub struct DriverConfig {
     pub ifname: String,
     pub mtu: u16,
-    /// UDP port; 0 picks a free one.
+    /// WireGuard UDP port; 0 picks a free one.
     pub listen_port: u16,
+    /// ESP-in-UDP port (used when there are ESP peers); 0 picks a free one.
+    pub esp_listen_port: u16,
     /// Ask for virtio-net offloads on the TUN device (falls back without).
     pub offload: bool,
 }
@@ -86,6 +93,30 @@ impl Socket {
         })
     }
 
+    /// A dual-stack socket where IPv6 works, else IPv4 only.
+    fn bind_any(port: u16) -> Result<Self, DriverError> {
+        let bind_err = |source| DriverError::Bind { port, source };
+        match Self::bind(
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            true,
+        ) {
+            Ok(s) => Ok(s),
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(bind_err(e)),
+            Err(e) => {
+                tracing::info!(error = %e, "no IPv6 underlay socket; using IPv4 only");
+                Self::bind(
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+                    false,
+                )
+                .map_err(bind_err)
+            }
+        }
+    }
+
+    fn port(&self) -> Result<u16, DriverError> {
+        Ok(self.sock.local_addr().map_err(DriverError::Socket)?.port())
+    }
+
     fn wire_addr(&self, to: SocketAddr) -> Option<SocketAddr> {
         match (self.v6, to) {
             (true, SocketAddr::V4(v4)) => Some(SocketAddr::new(
@@ -102,7 +133,7 @@ impl Socket {
 
     /// Sends `contents`, `segment` bytes per datagram (the last may be
     /// shorter). Errors are logged and the datagrams dropped: UDP is lossy
-    /// and WireGuard recovers.
+    /// and both protocols recover.
     fn send(&self, to: SocketAddr, contents: &[u8], segment: usize) {
         let Some(destination) = self.wire_addr(to) else {
             tracing::debug!(%to, "no socket for this address family");
@@ -148,11 +179,34 @@ fn force_buffer_sizes(sock: &UdpSocket) {
     }
 }
 
+/// The tunnel kinds the data path serves, with their sockets.
+struct Tunnels {
+    wg: Arc<WgCore>,
+    wg_sock: Socket,
+    esp: Option<(Arc<EspCore>, Socket)>,
+}
+
+/// Which socket a datagram leaves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Wg,
+    Esp,
+}
+
+impl Tunnels {
+    fn socket(&self, via: Via) -> &Socket {
+        match (via, &self.esp) {
+            (Via::Esp, Some((_, sock))) => sock,
+            _ => &self.wg_sock,
+        }
+    }
+}
+
 /// The running data plane. Dropping it stops the threads at their next
 /// wake-up; the TUN device goes away when the process closes its descriptor.
 pub struct Driver {
-    core: Arc<WgCore>,
     listen_port: u16,
+    esp_listen_port: Option<u16>,
     offload: bool,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -162,14 +216,20 @@ impl std::fmt::Debug for Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Driver")
             .field("listen_port", &self.listen_port)
+            .field("esp_listen_port", &self.esp_listen_port)
             .field("offload", &self.offload)
             .finish_non_exhaustive()
     }
 }
 
 impl Driver {
-    /// Creates the TUN device, binds the UDP socket(s) and starts the threads.
-    pub fn start(core: Arc<WgCore>, cfg: &DriverConfig) -> Result<Self, DriverError> {
+    /// Creates the TUN device, binds the UDP socket(s) and starts the
+    /// threads. ESP gets its own socket only when `esp` is given.
+    pub fn start(
+        wg: Arc<WgCore>,
+        esp: Option<Arc<EspCore>>,
+        cfg: &DriverConfig,
+    ) -> Result<Self, DriverError> {
         let tun_err = |source| DriverError::Tun {
             name: cfg.ifname.clone(),
             source,
@@ -192,71 +252,96 @@ impl Driver {
         };
         let tun = Arc::new(tun);
 
-        let sockets = bind_sockets(cfg.listen_port)?;
-        let listen_port = sockets[0]
-            .sock
-            .local_addr()
-            .map_err(DriverError::Socket)?
-            .port();
-        let sockets: Vec<Arc<Socket>> = sockets.into_iter().map(Arc::new).collect();
+        let wg_sock = Socket::bind_any(cfg.listen_port)?;
+        let listen_port = wg_sock.port()?;
+        let esp = match esp {
+            Some(core) => Some((core, Socket::bind_any(cfg.esp_listen_port)?)),
+            None => None,
+        };
+        let esp_listen_port = esp.as_ref().map(|(_, s)| s.port()).transpose()?;
+        let gso_segments = wg_sock.state.max_gso_segments();
+        let gro_segments = wg_sock.state.gro_segments();
+        let tunnels = Arc::new(Tunnels { wg, wg_sock, esp });
 
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
+        let mut spawn = |name: &str, f: Box<dyn FnOnce() + Send>| -> Result<(), DriverError> {
+            let handle = std::thread::Builder::new()
                 .name(name.to_string())
                 .spawn(f)
-                .map_err(DriverError::Thread)
+                .map_err(DriverError::Thread)?;
+            threads.push(handle);
+            Ok(())
         };
-        for (i, sock) in sockets.iter().enumerate() {
-            let (core, tun, sock, stop) = (core.clone(), tun.clone(), sock.clone(), stop.clone());
-            threads.push(spawn(
-                &format!("inbound-{i}"),
-                Box::new(move || inbound_loop(&core, &tun, &sock, &stop, offload)),
-            )?);
+        {
+            let (t, tun, stop) = (tunnels.clone(), tun.clone(), stop.clone());
+            spawn(
+                "inbound-wg",
+                Box::new(move || {
+                    inbound_loop(&t.wg_sock, &tun, &stop, offload, |from, dgram, out| {
+                        let set = t.wg.peers();
+                        let mut reply =
+                            |to: SocketAddr, bytes: &[u8]| t.wg_sock.send(to, bytes, bytes.len());
+                        t.wg.decapsulate(&set, from, dgram, out, &mut reply)
+                    })
+                }),
+            )?;
+        }
+        if tunnels.esp.is_some() {
+            let (t, tun, stop) = (tunnels.clone(), tun.clone(), stop.clone());
+            spawn(
+                "inbound-esp",
+                Box::new(move || {
+                    if let Some((core, sock)) = &t.esp {
+                        inbound_loop(sock, &tun, &stop, offload, |_from, dgram, out| {
+                            let set = core.peers();
+                            core.decapsulate(&set, dgram, out, Instant::now())
+                        })
+                    }
+                }),
+            )?;
         }
         {
-            let (core, tun, socks, stop) =
-                (core.clone(), tun.clone(), sockets.clone(), stop.clone());
+            let (t, tun, stop) = (tunnels.clone(), tun.clone(), stop.clone());
             let mtu = cfg.mtu;
-            threads.push(spawn(
+            spawn(
                 "outbound",
-                Box::new(move || outbound_loop(&core, &tun, &socks, &stop, mtu)),
-            )?);
+                Box::new(move || outbound_loop(&t, &tun, &stop, mtu)),
+            )?;
         }
         {
-            let (core, socks, stop) = (core.clone(), sockets.clone(), stop.clone());
-            threads.push(spawn(
-                "timers",
-                Box::new(move || timer_loop(&core, &socks, &stop)),
-            )?);
+            let (t, stop) = (tunnels.clone(), stop.clone());
+            spawn("timers", Box::new(move || timer_loop(&t, &stop)))?;
         }
         tracing::info!(
             ifname = %cfg.ifname,
             listen_port,
+            esp_listen_port,
             offload,
-            gso_segments = sockets[0].state.max_gso_segments(),
-            gro_segments = sockets[0].state.gro_segments(),
+            gso_segments,
+            gro_segments,
             "data plane up"
         );
         Ok(Self {
-            core,
             listen_port,
+            esp_listen_port,
             offload,
             stop,
             threads,
         })
     }
 
+    /// The WireGuard UDP port.
     pub fn listen_port(&self) -> u16 {
         self.listen_port
+    }
+    /// The ESP-in-UDP port, when ESP peers exist.
+    pub fn esp_listen_port(&self) -> Option<u16> {
+        self.esp_listen_port
     }
     /// Whether the TUN device runs with virtio-net offloads.
     pub fn offload(&self) -> bool {
         self.offload
-    }
-    pub fn core(&self) -> &Arc<WgCore> {
-        &self.core
     }
 }
 
@@ -267,34 +352,6 @@ impl Drop for Driver {
         // detach them rather than hang here.
         self.threads.clear();
     }
-}
-
-/// A dual-stack socket where IPv6 works, else IPv4 only.
-fn bind_sockets(port: u16) -> Result<Vec<Socket>, DriverError> {
-    let bind_err = |source| DriverError::Bind { port, source };
-    match Socket::bind(
-        SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
-        true,
-    ) {
-        Ok(s) => Ok(vec![s]),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(bind_err(e)),
-        Err(e) => {
-            tracing::info!(error = %e, "no IPv6 underlay socket; using IPv4 only");
-            let s = Socket::bind(
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-                false,
-            )
-            .map_err(bind_err)?;
-            Ok(vec![s])
-        }
-    }
-}
-
-fn pick_socket(socks: &[Arc<Socket>], to: SocketAddr) -> &Socket {
-    socks
-        .iter()
-        .find(|s| s.v6 || to.is_ipv4())
-        .unwrap_or(&socks[0])
 }
 
 /// Collects encrypted datagrams in one buffer and sends runs of equal-sized
@@ -308,6 +365,7 @@ struct GsoBatcher {
 }
 
 struct Run {
+    via: Via,
     to: SocketAddr,
     start: usize,
     segment: usize,
@@ -327,18 +385,18 @@ impl GsoBatcher {
     }
 
     /// Space for the next datagram, at least `needed` bytes.
-    fn slot(&mut self, socks: &[Arc<Socket>], needed: usize) -> &mut [u8] {
+    fn slot(&mut self, t: &Tunnels, needed: usize) -> &mut [u8] {
         if self.buf.len() - self.pos < needed {
-            self.flush(socks);
-            self.pos = 0;
+            self.flush(t);
         }
-        &mut self.buf[self.pos..]
+        &mut self.buf[self.pos..self.pos + needed]
     }
 
     /// The datagram just written to the slot is `len` bytes for `to`.
-    fn commit(&mut self, socks: &[Arc<Socket>], to: SocketAddr, len: usize) {
+    fn commit(&mut self, t: &Tunnels, via: Via, to: SocketAddr, len: usize) {
         let extends = self.run.as_ref().is_some_and(|r| {
-            r.to == to
+            r.via == via
+                && r.to == to
                 && !r.closed
                 && len <= r.segment
                 && r.count < self.max_segments
@@ -350,8 +408,9 @@ impl GsoBatcher {
                 r.closed = len < r.segment;
             }
         } else {
-            self.flush_run(socks);
+            self.flush_run(t);
             self.run = Some(Run {
+                via,
                 to,
                 start: self.pos,
                 segment: len,
@@ -364,40 +423,34 @@ impl GsoBatcher {
 
     /// Sends the datagram just written to the slot on its own (a handshake
     /// initiation), after the run before it.
-    fn send_alone(&mut self, socks: &[Arc<Socket>], to: SocketAddr, len: usize) {
-        self.flush_run(socks);
-        let datagram = &self.buf[self.pos..self.pos + len];
-        pick_socket(socks, to).send(to, datagram, len);
+    fn send_alone(&mut self, t: &Tunnels, via: Via, to: SocketAddr, len: usize) {
+        self.flush_run(t);
+        t.socket(via)
+            .send(to, &self.buf[self.pos..self.pos + len], len);
     }
 
-    fn flush_run(&mut self, socks: &[Arc<Socket>]) {
+    fn flush_run(&mut self, t: &Tunnels) {
         if let Some(r) = self.run.take() {
-            pick_socket(socks, r.to).send(r.to, &self.buf[r.start..self.pos], r.segment);
+            t.socket(r.via)
+                .send(r.to, &self.buf[r.start..self.pos], r.segment);
         }
     }
 
-    fn flush(&mut self, socks: &[Arc<Socket>]) {
-        self.flush_run(socks);
+    fn flush(&mut self, t: &Tunnels) {
+        self.flush_run(t);
         self.pos = 0;
     }
 }
 
-fn outbound_loop(
-    core: &WgCore,
-    tun: &SyncDevice,
-    socks: &[Arc<Socket>],
-    stop: &AtomicBool,
-    mtu: u16,
-) {
+fn outbound_loop(t: &Tunnels, tun: &SyncDevice, stop: &AtomicBool, mtu: u16) {
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_IP_PACKET];
     let packet_cap = (usize::from(mtu) + 64).max(1500);
     let mut bufs = vec![vec![0u8; packet_cap]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
-    let max_segments = socks[0].state.max_gso_segments();
-    let mut batch = GsoBatcher::new(
-        IDEAL_BATCH_SIZE * (packet_cap + WG_OVERHEAD + 16),
-        max_segments,
-    );
+    let max_segments = t.wg_sock.state.max_gso_segments();
+    let overhead = WG_OVERHEAD.max(ESP_MAX_OVERHEAD) + 16;
+    let mut batch = GsoBatcher::new(IDEAL_BATCH_SIZE * (packet_cap + overhead), max_segments);
+    let no_esp = EspPeerSet::default();
     while !stop.load(Ordering::Relaxed) {
         let n = match tun.recv_multiple(&mut original, &mut bufs, &mut sizes, 0) {
             Ok(n) => n,
@@ -411,27 +464,53 @@ fn outbound_loop(
                 continue;
             }
         };
-        let set = core.peers();
+        let wg_set = t.wg.peers();
+        let esp_set = t.esp.as_ref().map(|(core, _)| core.peers());
+        let esp_set = esp_set.as_deref().unwrap_or(&no_esp);
+        let now = Instant::now();
         for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
             let packet = &buf[..size];
-            let needed = (size + WG_OVERHEAD + 16).max(WG_HANDSHAKE_INIT_LEN);
-            let slot = batch.slot(socks, needed);
-            match core.encapsulate(&set, packet, &mut slot[..needed]) {
+            let needed = (size + overhead).max(WG_HANDSHAKE_INIT_LEN);
+            let slot = batch.slot(t, needed);
+            let (via, outcome) = route_and_seal(t, &wg_set, esp_set, packet, slot, now);
+            match outcome {
                 Outbound::Send {
                     to,
                     len,
                     data: true,
-                } => batch.commit(socks, to, len),
+                } => batch.commit(t, via, to, len),
                 Outbound::Send {
                     to,
                     len,
                     data: false,
-                } => batch.send_alone(socks, to, len),
+                } => batch.send_alone(t, via, to, len),
                 Outbound::Dropped(_) => {}
             }
         }
-        batch.flush(socks);
+        batch.flush(t);
     }
+}
+
+/// Longest-prefix routing to a WireGuard or ESP peer, then encryption.
+fn route_and_seal(
+    t: &Tunnels,
+    wg_set: &PeerSet,
+    esp_set: &EspPeerSet,
+    packet: &[u8],
+    out: &mut [u8],
+    now: Instant,
+) -> (Via, Outbound) {
+    let Some(dst) = Tunn::dst_address(packet) else {
+        return (Via::Wg, t.wg.encapsulate(wg_set, packet, out));
+    };
+    if let Some(peer) = wg_set.route(dst) {
+        return (Via::Wg, t.wg.encapsulate_to(peer, packet, out));
+    }
+    if let (Some((core, _)), Some(peer)) = (&t.esp, esp_set.route(dst)) {
+        return (Via::Esp, core.encapsulate(peer, packet, out, now));
+    }
+    // Counted as the device's no-route drop.
+    (Via::Wg, t.wg.encapsulate(wg_set, packet, out))
 }
 
 fn is_fatal(e: &io::Error) -> bool {
@@ -441,7 +520,16 @@ fn is_fatal(e: &io::Error) -> bool {
     )
 }
 
-fn inbound_loop(core: &WgCore, tun: &SyncDevice, sock: &Socket, stop: &AtomicBool, offload: bool) {
+/// Receives datagrams in batches, hands each to `handle` (which decrypts
+/// into the given buffer), and writes the packets to the TUN device in one
+/// batch (coalesced by GRO when offloads are on).
+fn inbound_loop(
+    sock: &Socket,
+    tun: &SyncDevice,
+    stop: &AtomicBool,
+    offload: bool,
+    mut handle: impl FnMut(SocketAddr, &[u8], &mut [u8]) -> Inbound,
+) {
     let batch = quinn_udp::BATCH_SIZE.max(1);
     let gro = sock.state.gro_segments().max(1);
     let rx_len = if gro > 1 { 65535 } else { 2048 };
@@ -488,7 +576,6 @@ fn inbound_loop(core: &WgCore, tun: &SyncDevice, sock: &Socket, stop: &AtomicBoo
                 }
             }
         };
-        let set = core.peers();
         for (meta, buf) in metas.iter().zip(&rx_bufs).take(n) {
             let from = SocketAddr::new(meta.addr.ip().to_canonical(), meta.addr.port());
             let stride = meta.stride.max(1);
@@ -498,9 +585,8 @@ fn inbound_loop(core: &WgCore, tun: &SyncDevice, sock: &Socket, stop: &AtomicBoo
                 }
                 let slot = &mut out[ready];
                 slot.clear();
-                slot.resize(hdr + datagram.len(), 0);
-                let mut reply = |to: SocketAddr, bytes: &[u8]| sock.send(to, bytes, bytes.len());
-                match core.decapsulate(&set, from, datagram, &mut slot[hdr..], &mut reply) {
+                slot.resize(hdr + datagram.len().max(WG_HANDSHAKE_INIT_LEN), 0);
+                match handle(from, datagram, &mut slot[hdr..]) {
                     Inbound::Tun { offset, len } => {
                         if offset != 0 {
                             slot.copy_within(hdr + offset..hdr + offset + len, hdr);
@@ -516,13 +602,15 @@ fn inbound_loop(core: &WgCore, tun: &SyncDevice, sock: &Socket, stop: &AtomicBoo
     }
 }
 
-fn timer_loop(core: &WgCore, socks: &[Arc<Socket>], stop: &AtomicBool) {
+fn timer_loop(t: &Tunnels, stop: &AtomicBool) {
     let mut scratch = vec![0u8; 2048];
-    let mut send =
-        |to: SocketAddr, bytes: &[u8]| pick_socket(socks, to).send(to, bytes, bytes.len());
-    core.initiate_all(&mut scratch, &mut send);
+    let mut send = |to: SocketAddr, bytes: &[u8]| t.wg_sock.send(to, bytes, bytes.len());
+    t.wg.initiate_all(&mut scratch, &mut send);
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(250));
-        core.tick(&mut scratch, &mut send);
+        t.wg.tick(&mut scratch, &mut send);
+        if let Some((core, _)) = &t.esp {
+            core.tick(Instant::now());
+        }
     }
 }

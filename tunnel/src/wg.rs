@@ -347,6 +347,11 @@ impl WgCore {
             self.counters.dropped(DropReason::NoRoute);
             return Outbound::Dropped(DropReason::NoRoute);
         };
+        self.encapsulate_to(peer, packet, out)
+    }
+
+    /// Encrypts one packet for `peer`, already chosen by routing.
+    pub fn encapsulate_to(&self, peer: &Peer, packet: &[u8], out: &mut [u8]) -> Outbound {
         let needed = (packet.len() + WG_OVERHEAD + 15).max(WG_HANDSHAKE_INIT_LEN);
         if out.len() < needed {
             // A caller bug, not network input; refuse rather than panic.
@@ -446,8 +451,11 @@ impl WgCore {
                     peer.counters.handshake_completed();
                 }
                 // Packets queued while there was no session go out now.
+                // They may be larger than `out`: a rare path, so a buffer
+                // of its own.
+                let mut scratch = vec![0u8; 65535 + WG_OVERHEAD + 16];
                 while let TunnResult::WriteToNetwork(queued) =
-                    session.tunn.decapsulate(None, &[], out)
+                    session.tunn.decapsulate(None, &[], &mut scratch)
                 {
                     send(from, queued);
                     peer.counters.sent(queued.len());
@@ -662,6 +670,15 @@ mod tests {
             "the first packet waited for the handshake"
         );
         assert!(p.a.peers().peers()[0].last_handshake().is_some());
+    }
+
+    #[test]
+    fn a_full_size_packet_queued_during_the_handshake_is_delivered() {
+        // The receive path decrypts into a buffer sized for the incoming
+        // handshake response; the queued packet is much larger.
+        let p = pair();
+        let big = ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], &[0x5a; 1372]);
+        assert_eq!(handshake(&p, &big), big);
     }
 
     #[test]
