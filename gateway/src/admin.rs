@@ -5,6 +5,7 @@
 //! JSON document until the server closes the connection. Key material is
 //! never part of any answer: only public keys appear.
 
+use isthmus_tunnel::esp::EspPeerStatus;
 use isthmus_tunnel::{DeviceDrops, IpPrefix, PeerDrops};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -23,7 +24,12 @@ pub struct Status {
     pub mtu: u16,
     /// Whether the TUN device runs with virtio-net offloads (TSO/GRO).
     pub offload: bool,
+    /// WireGuard datagrams that belong to no peer or do not parse.
     pub drops: DeviceDropsDoc,
+    /// The ESP-in-UDP port, when ESP peers are configured.
+    pub esp_listen_port: Option<u16>,
+    /// ESP datagrams with an unknown SPI or that do not parse.
+    pub esp_drops: Option<DeviceDropsDoc>,
     pub peers: Vec<PeerStatus>,
 }
 
@@ -47,7 +53,10 @@ impl From<DeviceDrops> for DeviceDropsDoc {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct PeerStatus {
     pub name: Option<String>,
-    pub public_key: String,
+    /// `wireguard` or `esp`.
+    pub kind: String,
+    /// The WireGuard public key (none for ESP peers).
+    pub public_key: Option<String>,
     pub endpoint: Option<String>,
     pub allowed_prefixes: Vec<String>,
     /// Seconds since the last completed handshake; `None` before the first.
@@ -58,6 +67,8 @@ pub struct PeerStatus {
     pub rx_packets: u64,
     pub tx_packets: u64,
     pub drops: PeerDropsDoc,
+    /// SPIs, sequence numbers and SA ages of an ESP peer (never keys).
+    pub esp: Option<EspPeerStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -66,6 +77,7 @@ pub struct PeerDropsDoc {
     pub bad_source: u64,
     pub decrypt_failure: u64,
     pub replay: u64,
+    pub too_old: u64,
 }
 
 impl From<PeerDrops> for PeerDropsDoc {
@@ -75,6 +87,7 @@ impl From<PeerDrops> for PeerDropsDoc {
             bad_source: d.bad_source,
             decrypt_failure: d.decrypt_failure,
             replay: d.replay,
+            too_old: d.too_old,
         }
     }
 }
@@ -232,6 +245,8 @@ mod tests {
                 malformed: 2,
                 unknown_peer: 3,
             },
+            esp_listen_port: None,
+            esp_drops: None,
             peers: vec![],
         }
     }

@@ -5,11 +5,16 @@
 //! `peers[1].allowed_prefixes[0]`), so an operator can fix it without
 //! reading code. Key material never appears in an error.
 
+use isthmus_tunnel::esp::keying::{EspKeying, ManualKeying, SaPair};
+use isthmus_tunnel::esp::sa::{EspCipher, Lifetimes, Limits, SaKeys};
+use isthmus_tunnel::esp::{EspPeerConfig, DEFAULT_ESP_PORT};
 use isthmus_tunnel::{IpPrefix, PeerConfig, PrivateKey, PublicKey, WgCore};
 use serde::Deserialize;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
 pub const DEFAULT_MTU: u16 = 1420;
@@ -55,24 +60,63 @@ struct RawInterface {
     admin_socket: Option<PathBuf>,
     uapi: Option<bool>,
     offload: Option<bool>,
+    esp_listen_port: Option<u16>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPeer {
     name: Option<String>,
+    kind: Option<String>,
     public_key: Option<String>,
     endpoint: Option<String>,
     #[serde(default)]
     allowed_prefixes: Vec<String>,
     persistent_keepalive: Option<u16>,
+    esp: Option<RawEsp>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEsp {
+    sa_file: Option<PathBuf>,
+    esn: Option<bool>,
+    soft_lifetime_seconds: Option<u64>,
+    soft_lifetime_packets: Option<u64>,
+    soft_lifetime_bytes: Option<u64>,
+    hard_lifetime_seconds: Option<u64>,
+    hard_lifetime_packets: Option<u64>,
+    hard_lifetime_bytes: Option<u64>,
+    rekey_grace_seconds: Option<u64>,
+}
+
+/// The manual-keying SA file of one ESP peer (mode 0600): generation 0 of
+/// both directions. `isthmusctl esp-keygen` writes a mirrored pair.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSaFile {
+    cipher: String,
+    outbound_spi: SpiValue,
+    outbound_key: String,
+    inbound_spi: SpiValue,
+    inbound_key: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SpiValue {
+    Number(u32),
+    Text(String),
 }
 
 /// A validated gateway configuration.
 #[derive(Debug)]
 pub struct GatewayConfig {
     pub interface: InterfaceConfig,
+    /// WireGuard peers.
     pub peers: Vec<PeerConfig>,
+    /// ESP peers (`kind = "esp"`).
+    pub esp_peers: Vec<EspPeerConfig>,
 }
 
 #[derive(Debug)]
@@ -88,6 +132,8 @@ pub struct InterfaceConfig {
     pub uapi: bool,
     /// Ask for TUN offloads (TSO/GRO through the virtio-net header).
     pub offload: bool,
+    /// UDP port for ESP-in-UDP, used when ESP peers exist.
+    pub esp_listen_port: u16,
 }
 
 /// Reads and validates the file at `path`.
@@ -121,12 +167,42 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         .interface
         .ok_or_else(|| ConfigError::new("interface", "missing [interface] table"))?;
     let interface = interface(iface)?;
-    let mut peers = Vec::with_capacity(raw.peers.len());
+    let mut peers = Vec::new();
+    let mut esp_peers = Vec::new();
+    // Original index of every peer of each kind, for error messages.
+    let (mut wg_index, mut esp_index) = (Vec::new(), Vec::new());
     for (i, p) in raw.peers.into_iter().enumerate() {
-        peers.push(peer(i, p)?);
+        match p.kind.as_deref().unwrap_or("wireguard") {
+            "wireguard" => {
+                peers.push(peer(i, p)?);
+                wg_index.push(i);
+            }
+            "esp" => {
+                esp_peers.push(esp_peer(i, p)?);
+                esp_index.push(i);
+            }
+            other => {
+                return Err(ConfigError::new(
+                    format!("peers[{i}].kind"),
+                    format!("`{other}` is not a tunnel kind (expected wireguard or esp)"),
+                ))
+            }
+        }
     }
-    check_peers(&interface, &peers)?;
-    Ok(GatewayConfig { interface, peers })
+    check_peers(&interface, &peers, &wg_index)?;
+    check_esp_peers(&esp_peers, &esp_index)?;
+    check_kinds_disjoint(&peers, &wg_index, &esp_peers, &esp_index)?;
+    if !esp_peers.is_empty() && interface.esp_listen_port == interface.listen_port {
+        return Err(ConfigError::new(
+            "interface.esp_listen_port",
+            "must differ from interface.listen_port",
+        ));
+    }
+    Ok(GatewayConfig {
+        interface,
+        peers,
+        esp_peers,
+    })
 }
 
 fn interface(raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
@@ -179,6 +255,7 @@ fn interface(raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
         admin_socket,
         uapi: raw.uapi.unwrap_or(true),
         offload: raw.offload.unwrap_or(true),
+        esp_listen_port: raw.esp_listen_port.unwrap_or(DEFAULT_ESP_PORT),
     })
 }
 
@@ -205,6 +282,12 @@ pub fn validate_ifname(name: &str) -> Result<(), String> {
 
 /// Reads a private key file, refusing one that others may read.
 fn read_private_key(path: &Path) -> Result<PrivateKey, String> {
+    let text = read_secret_file(path)?;
+    PrivateKey::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Reads a file holding key material, refusing one that others may read.
+fn read_secret_file(path: &Path) -> Result<zeroize::Zeroizing<String>, String> {
     let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
     if !meta.is_file() {
         return Err(format!("{} is not a regular file", path.display()));
@@ -212,14 +295,13 @@ fn read_private_key(path: &Path) -> Result<PrivateKey, String> {
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(format!(
-            "{} has mode {mode:04o}: a private key must not be readable by group or others (chmod 600 it)",
+            "{} has mode {mode:04o}: key material must not be readable by group or others (chmod 600 it)",
             path.display()
         ));
     }
-    let text = zeroize::Zeroizing::new(
+    Ok(zeroize::Zeroizing::new(
         std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
-    );
-    PrivateKey::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
+    ))
 }
 
 /// An interface address: `ADDRESS/LENGTH` (host bits allowed) or a bare
@@ -244,8 +326,210 @@ fn parse_interface_address(text: &str) -> Result<(IpAddr, u8), String> {
     Ok((addr, len))
 }
 
+fn parse_endpoint(field: String, text: &str) -> Result<SocketAddr, ConfigError> {
+    let ep = text.parse::<SocketAddr>().map_err(|_| {
+        ConfigError::new(
+            field.clone(),
+            format!("`{text}` is not IP:PORT (IPv6 as [ADDRESS]:PORT)"),
+        )
+    })?;
+    if ep.port() == 0 || ep.ip().is_unspecified() {
+        return Err(ConfigError::new(
+            field,
+            format!("`{ep}` is not a usable endpoint"),
+        ));
+    }
+    Ok(ep)
+}
+
+fn parse_prefixes(i: usize, list: &[String]) -> Result<Vec<IpPrefix>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for (j, p) in list.iter().enumerate() {
+        let prefix: IpPrefix = p.parse().map_err(|e| {
+            ConfigError::new(
+                format!("peers[{i}].allowed_prefixes[{j}]"),
+                format!("`{p}`: {e}"),
+            )
+        })?;
+        out.push(prefix);
+    }
+    Ok(out)
+}
+
+fn check_peer_name(i: usize, name: &Option<String>) -> Result<(), ConfigError> {
+    if let Some(name) = name {
+        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
+            return Err(ConfigError::new(
+                format!("peers[{i}].name"),
+                "must be 1 to 64 printable characters",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn esp_peer(i: usize, raw: RawPeer) -> Result<EspPeerConfig, ConfigError> {
+    let field = |f: &str| format!("peers[{i}].{f}");
+    check_peer_name(i, &raw.name)?;
+    if raw.public_key.is_some() {
+        return Err(ConfigError::new(
+            field("public_key"),
+            "is for WireGuard peers; an ESP peer is keyed by [peers.esp] sa_file",
+        ));
+    }
+    if raw.persistent_keepalive.is_some() {
+        return Err(ConfigError::new(
+            field("persistent_keepalive"),
+            "is for WireGuard peers",
+        ));
+    }
+    let endpoint = raw
+        .endpoint
+        .ok_or_else(|| ConfigError::new(field("endpoint"), "required for an ESP peer"))?;
+    let endpoint = parse_endpoint(field("endpoint"), &endpoint)?;
+    let allowed_prefixes = parse_prefixes(i, &raw.allowed_prefixes)?;
+    let esp = raw.esp.ok_or_else(|| {
+        ConfigError::new(field("esp"), "required: a [peers.esp] table with sa_file")
+    })?;
+    let sa_path = esp
+        .sa_file
+        .ok_or_else(|| ConfigError::new(field("esp.sa_file"), "required (mode 0600)"))?;
+    let keying = read_sa_file(&sa_path)
+        .map_err(|(f, m)| ConfigError::new(format!("peers[{i}].esp.sa_file{f}"), m))?;
+    let defaults = Lifetimes::default();
+    let limits = |secs: Option<u64>, packets: Option<u64>, bytes: Option<u64>, d: Limits| Limits {
+        time: secs.map(Duration::from_secs).unwrap_or(d.time),
+        packets: packets.unwrap_or(d.packets),
+        bytes: bytes.unwrap_or(d.bytes),
+    };
+    let soft = limits(
+        esp.soft_lifetime_seconds,
+        esp.soft_lifetime_packets,
+        esp.soft_lifetime_bytes,
+        defaults.soft,
+    );
+    let hard = limits(
+        esp.hard_lifetime_seconds,
+        esp.hard_lifetime_packets,
+        esp.hard_lifetime_bytes,
+        defaults.hard,
+    );
+    let esn = esp.esn.unwrap_or(true);
+    for (name, s, h) in [
+        ("seconds", soft.time.as_secs(), hard.time.as_secs()),
+        ("packets", soft.packets, hard.packets),
+        ("bytes", soft.bytes, hard.bytes),
+    ] {
+        if s == 0 || s >= h {
+            return Err(ConfigError::new(
+                format!("peers[{i}].esp.soft_lifetime_{name}"),
+                format!("{s} must be above 0 and below hard_lifetime_{name} ({h})"),
+            ));
+        }
+    }
+    if !esn && hard.packets > u64::from(u32::MAX) {
+        return Err(ConfigError::new(
+            format!("peers[{i}].esp.hard_lifetime_packets"),
+            "without ESN the 32-bit counter must never wrap: at most 4294967295",
+        ));
+    }
+    Ok(EspPeerConfig {
+        name: raw.name,
+        endpoint,
+        allowed_prefixes,
+        esn,
+        lifetimes: Lifetimes {
+            soft,
+            hard,
+            grace: Duration::from_secs(esp.rekey_grace_seconds.unwrap_or(defaults.grace.as_secs())),
+        },
+        keying,
+    })
+}
+
+fn parse_spi(v: &SpiValue) -> Result<u32, String> {
+    let spi = match v {
+        SpiValue::Number(n) => *n,
+        SpiValue::Text(t) => {
+            let t = t.trim();
+            let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+                Some(hex) => u32::from_str_radix(hex, 16),
+                None => t.parse(),
+            };
+            parsed.map_err(|_| format!("`{t}` is not a 32-bit number"))?
+        }
+    };
+    if spi < 256 {
+        return Err(format!("{spi} is reserved (SPIs 0 to 255 are)"));
+    }
+    Ok(spi)
+}
+
+/// Reads an SA file; errors carry a sub-field (e.g. `.outbound_key`) and a
+/// message that never includes key material.
+fn read_sa_file(path: &Path) -> Result<Arc<dyn EspKeying>, (String, String)> {
+    let text = read_secret_file(path).map_err(|m| (String::new(), m))?;
+    let raw: RawSaFile = toml::from_str(&text).map_err(|e| {
+        (
+            String::new(),
+            format!(
+                "{}: {}",
+                path.display(),
+                e.message().lines().next().unwrap_or("invalid")
+            ),
+        )
+    })?;
+    let cipher: EspCipher = raw.cipher.parse().map_err(|m| (".cipher".to_string(), m))?;
+    let keys = |spi: &SpiValue, key: &str, name: &str| -> Result<SaKeys, (String, String)> {
+        let spi = parse_spi(spi).map_err(|m| (format!(".{name}_spi"), m))?;
+        let bytes = zeroize::Zeroizing::new(
+            hex::decode(key.trim())
+                .map_err(|_| (format!(".{name}_key"), "is not hex".to_string()))?,
+        );
+        let want = cipher.key_len() + 4;
+        if bytes.len() != want {
+            return Err((
+                format!(".{name}_key"),
+                format!(
+                    "is {} bytes; {} needs {want} (key followed by the 4-byte salt)",
+                    bytes.len(),
+                    cipher.name()
+                ),
+            ));
+        }
+        let key_len = cipher.key_len();
+        Ok(SaKeys {
+            spi,
+            key: zeroize::Zeroizing::new(bytes[..key_len].to_vec()),
+            salt: [
+                bytes[key_len],
+                bytes[key_len + 1],
+                bytes[key_len + 2],
+                bytes[key_len + 3],
+            ],
+        })
+    };
+    let pair = SaPair {
+        outbound: keys(&raw.outbound_spi, &raw.outbound_key, "outbound")?,
+        inbound: keys(&raw.inbound_spi, &raw.inbound_key, "inbound")?,
+    };
+    if pair.outbound.spi == pair.inbound.spi {
+        return Err((
+            ".inbound_spi".into(),
+            "must differ from outbound_spi".into(),
+        ));
+    }
+    Ok(Arc::new(ManualKeying::new(cipher, pair)))
+}
+
 fn peer(i: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
     let field = |f: &str| format!("peers[{i}].{f}");
+    if raw.esp.is_some() {
+        return Err(ConfigError::new(
+            field("esp"),
+            "is for ESP peers; set kind = \"esp\"",
+        ));
+    }
     let key_text = raw
         .public_key
         .ok_or_else(|| ConfigError::new(field("public_key"), "required"))?;
@@ -253,41 +537,10 @@ fn peer(i: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
         .map_err(|e| ConfigError::new(field("public_key"), e.to_string()))?;
     let endpoint = raw
         .endpoint
-        .map(|e| {
-            e.parse::<SocketAddr>().map_err(|_| {
-                ConfigError::new(
-                    field("endpoint"),
-                    format!("`{e}` is not IP:PORT (IPv6 as [ADDRESS]:PORT)"),
-                )
-            })
-        })
+        .map(|e| parse_endpoint(field("endpoint"), &e))
         .transpose()?;
-    if let Some(ep) = endpoint {
-        if ep.port() == 0 || ep.ip().is_unspecified() {
-            return Err(ConfigError::new(
-                field("endpoint"),
-                format!("`{ep}` is not a usable endpoint"),
-            ));
-        }
-    }
-    let mut allowed_prefixes = Vec::with_capacity(raw.allowed_prefixes.len());
-    for (j, p) in raw.allowed_prefixes.iter().enumerate() {
-        let prefix: IpPrefix = p.parse().map_err(|e| {
-            ConfigError::new(
-                format!("peers[{i}].allowed_prefixes[{j}]"),
-                format!("`{p}`: {e}"),
-            )
-        })?;
-        allowed_prefixes.push(prefix);
-    }
-    if let Some(name) = &raw.name {
-        if name.is_empty() || name.len() > 64 || name.chars().any(char::is_control) {
-            return Err(ConfigError::new(
-                field("name"),
-                "must be 1 to 64 printable characters",
-            ));
-        }
-    }
+    let allowed_prefixes = parse_prefixes(i, &raw.allowed_prefixes)?;
+    check_peer_name(i, &raw.name)?;
     Ok(PeerConfig {
         name: raw.name,
         public_key,
@@ -300,14 +553,19 @@ fn peer(i: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
 
 /// Checks that need all peers at once (duplicates, overlaps, own key), by
 /// building the peer set exactly as the gateway will.
-fn check_peers(iface: &InterfaceConfig, peers: &[PeerConfig]) -> Result<(), ConfigError> {
+fn check_peers(
+    iface: &InterfaceConfig,
+    peers: &[PeerConfig],
+    index: &[usize],
+) -> Result<(), ConfigError> {
     use isthmus_tunnel::PeerSetError;
+    let original = |i: usize| index.get(i).copied().unwrap_or(i);
     let first_index =
-        |key: &PublicKey| peers.iter().position(|p| p.public_key == *key).unwrap_or(0);
+        |key: &PublicKey| original(peers.iter().position(|p| p.public_key == *key).unwrap_or(0));
     match WgCore::new(iface.private_key.clone(), peers.to_vec()) {
         Ok(_) => Ok(()),
         Err(PeerSetError::DuplicatePeer(key)) => {
-            let last = peers.iter().rposition(|p| p.public_key == key).unwrap_or(0);
+            let last = original(peers.iter().rposition(|p| p.public_key == key).unwrap_or(0));
             Err(ConfigError::new(
                 format!("peers[{last}].public_key"),
                 format!("same key as peers[{}]", first_index(&key)),
@@ -327,6 +585,69 @@ fn check_peers(iface: &InterfaceConfig, peers: &[PeerConfig]) -> Result<(), Conf
         )),
         Err(e) => Err(ConfigError::new("peers", e.to_string())),
     }
+}
+
+/// Builds the ESP peers as the gateway will (every SA of the first
+/// generations), so SPI clashes and overlapping prefixes are config errors.
+fn check_esp_peers(peers: &[EspPeerConfig], index: &[usize]) -> Result<(), ConfigError> {
+    use isthmus_tunnel::esp::{EspCore, EspError};
+    let original = |i: usize| index.get(i).copied().unwrap_or(i);
+    match EspCore::new(peers.to_vec(), std::time::Instant::now()) {
+        Ok(_) => Ok(()),
+        Err(EspError::Sa { peer, source }) => Err(ConfigError::new(
+            format!("peers[{}].esp.sa_file", original(peer)),
+            source.to_string(),
+        )),
+        Err(EspError::Keying { peer, source }) => Err(ConfigError::new(
+            format!("peers[{}].esp.sa_file", original(peer)),
+            source.to_string(),
+        )),
+        Err(EspError::SpiConflict { peer, spi }) => Err(ConfigError::new(
+            format!("peers[{}].esp.sa_file", original(peer)),
+            format!("inbound SPI {spi:#010x} is already used by another ESP peer"),
+        )),
+        Err(EspError::PrefixConflict { prefix }) => {
+            let owner = peers
+                .iter()
+                .rposition(|p| p.allowed_prefixes.contains(&prefix))
+                .unwrap_or(0);
+            Err(ConfigError::new(
+                format!("peers[{}].allowed_prefixes", original(owner)),
+                format!("{prefix} is claimed by two ESP peers"),
+            ))
+        }
+        Err(e) => Err(ConfigError::new("peers", e.to_string())),
+    }
+}
+
+fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
+    a.contains(b.addr()) || b.contains(a.addr())
+}
+
+/// WireGuard and ESP peers are routed from separate tables, so their
+/// prefixes must not overlap at all (not even nest).
+fn check_kinds_disjoint(
+    wg: &[PeerConfig],
+    wg_index: &[usize],
+    esp: &[EspPeerConfig],
+    esp_index: &[usize],
+) -> Result<(), ConfigError> {
+    for (ei, e) in esp.iter().enumerate() {
+        for ep in &e.allowed_prefixes {
+            for (wi, w) in wg.iter().enumerate() {
+                if let Some(wp) = w.allowed_prefixes.iter().find(|wp| overlaps(wp, ep)) {
+                    return Err(ConfigError::new(
+                        format!("peers[{}].allowed_prefixes", esp_index[ei]),
+                        format!(
+                            "{ep} overlaps {wp} of peers[{}] (a wireguard peer); prefixes of ESP and WireGuard peers must be disjoint",
+                            wg_index[wi]
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -480,6 +801,166 @@ mod tests {
         ];
         for (text, field) in cases {
             assert_eq!(field_of(&text), field, "config:\n{text}");
+        }
+    }
+
+    fn sa_text(cipher: &str, key_len: usize) -> String {
+        format!(
+            "cipher = \"{cipher}\"\noutbound_spi = \"0x1000abcd\"\noutbound_key = \"{}\"\n\
+             inbound_spi = 0x2000\ninbound_key = \"{}\"\n",
+            "11".repeat(key_len + 4),
+            "22".repeat(key_len + 4)
+        )
+        .replace("inbound_spi = 0x2000", "inbound_spi = 8192")
+    }
+
+    fn esp_block(sa: &Path, prefix: &str, extra: &str) -> String {
+        format!(
+            "[[peers]]\nname = \"b\"\nkind = \"esp\"\nendpoint = \"192.0.2.2:4500\"\n\
+             allowed_prefixes = [\"{prefix}\"]\n[peers.esp]\nsa_file = \"{}\"\n{extra}",
+            sa.display()
+        )
+    }
+
+    #[test]
+    fn esp_peers_parse_with_manual_keying() {
+        let (key, _) = key_file(0o600);
+        let sa = temp_file("sa", &sa_text("aes256-gcm", 32), 0o600);
+        let text = config(
+            &key.0,
+            "esp_listen_port = 4501",
+            &esp_block(
+                &sa.0,
+                "100.64.2.0/24",
+                "soft_lifetime_packets = 1000\nrekey_grace_seconds = 5\n",
+            ),
+        );
+        let cfg = parse(&text).unwrap();
+        assert_eq!(cfg.peers.len(), 0);
+        assert_eq!(cfg.esp_peers.len(), 1);
+        let p = &cfg.esp_peers[0];
+        assert_eq!(p.endpoint, "192.0.2.2:4500".parse().unwrap());
+        assert_eq!(p.lifetimes.soft.packets, 1000);
+        assert_eq!(p.lifetimes.grace, Duration::from_secs(5));
+        assert!(p.esn);
+        let pair = p.keying.sa_pair(0).unwrap();
+        assert_eq!((pair.outbound.spi, pair.inbound.spi), (0x1000_abcd, 0x2000));
+        assert_eq!(pair.outbound.key.len(), 32);
+        assert_eq!(cfg.interface.esp_listen_port, 4501);
+    }
+
+    #[test]
+    fn esp_errors_name_their_field() {
+        let (key, _) = key_file(0o600);
+        let good = temp_file("sa", &sa_text("aes128-gcm", 16), 0o600);
+        let open = temp_file("sa", &sa_text("aes128-gcm", 16), 0o644);
+        let short = temp_file(
+            "sa",
+            &sa_text("aes128-gcm", 16).replace(&"11".repeat(20), "1111"),
+            0o600,
+        );
+        let mismatch = temp_file("sa", &sa_text("aes256-gcm", 16), 0o600);
+        let reserved = temp_file(
+            "sa",
+            &sa_text("aes128-gcm", 16).replace("0x1000abcd", "0x10"),
+            0o600,
+        );
+        let wg_peer = peer_block(&PrivateKey::generate().public_key(), "\"100.64.0.0/16\"");
+        let cases: Vec<(String, &str)> = vec![
+            (
+                config(
+                    &key.0,
+                    "",
+                    &esp_block(&good.0, "100.64.2.0/24", "")
+                        .replace("kind = \"esp\"", "kind = \"gre\""),
+                ),
+                "peers[0].kind",
+            ),
+            (
+                config(&key.0, "", &esp_block(&open.0, "100.64.2.0/24", "")),
+                "peers[0].esp.sa_file",
+            ),
+            (
+                config(&key.0, "", &esp_block(&short.0, "100.64.2.0/24", "")),
+                "peers[0].esp.sa_file.outbound_key",
+            ),
+            (
+                config(&key.0, "", &esp_block(&mismatch.0, "100.64.2.0/24", "")),
+                "peers[0].esp.sa_file.outbound_key",
+            ),
+            (
+                config(&key.0, "", &esp_block(&reserved.0, "100.64.2.0/24", "")),
+                "peers[0].esp.sa_file.outbound_spi",
+            ),
+            (
+                config(
+                    &key.0,
+                    "",
+                    &esp_block(
+                        &good.0,
+                        "100.64.2.0/24",
+                        "soft_lifetime_seconds = 4000\nhard_lifetime_seconds = 3600\n",
+                    ),
+                ),
+                "peers[0].esp.soft_lifetime_seconds",
+            ),
+            (
+                config(
+                    &key.0,
+                    "",
+                    &esp_block(
+                        &good.0,
+                        "100.64.2.0/24",
+                        "esn = false\nhard_lifetime_packets = 5000000000\n",
+                    ),
+                ),
+                "peers[0].esp.hard_lifetime_packets",
+            ),
+            (
+                config(
+                    &key.0,
+                    "",
+                    &esp_block(&good.0, "100.64.2.0/24", "")
+                        .replace("endpoint = \"192.0.2.2:4500\"\n", ""),
+                ),
+                "peers[0].endpoint",
+            ),
+            (
+                config(
+                    &key.0,
+                    "",
+                    &esp_block(&good.0, "100.64.2.0/24", "bogus = 1\n"),
+                ),
+                "peers[0].esp.bogus",
+            ),
+            (
+                config(
+                    &key.0,
+                    "",
+                    &format!("{wg_peer}{}", esp_block(&good.0, "100.64.2.0/24", "")),
+                ),
+                "peers[1].allowed_prefixes",
+            ),
+            (
+                config(
+                    &key.0,
+                    "",
+                    &format!(
+                        "{}{}",
+                        esp_block(&good.0, "100.64.2.0/24", ""),
+                        esp_block(&good.0, "100.64.3.0/24", "")
+                    ),
+                ),
+                "peers[1].esp.sa_file",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).expect_err(&text);
+            assert_eq!(err.field, field, "{err}\nconfig:\n{text}");
+            assert!(
+                !err.message.contains(&"11".repeat(20)),
+                "key material in {err}"
+            );
         }
     }
 

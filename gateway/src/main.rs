@@ -14,9 +14,11 @@ use isthmus_gateway::uapi::{
     KeyUpdate, SetRequest, UapiDevice, UapiError, UapiPeer, UapiServer, UapiSnapshot,
 };
 use isthmus_tunnel::driver::{Driver, DriverConfig};
+use isthmus_tunnel::esp::EspCore;
 use isthmus_tunnel::{IpPrefix, PeerConfig, PublicKey, WgCore};
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// BSD sysexits EX_USAGE: the configuration or command line is wrong.
 const EX_USAGE: u8 = 64;
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let cfg = match config::load(&args.config) {
@@ -74,12 +77,22 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 
     let iface = &cfg.interface;
     let core = Arc::new(WgCore::new(iface.private_key.clone(), cfg.peers.clone())?);
+    let esp = if cfg.esp_peers.is_empty() {
+        None
+    } else {
+        Some(Arc::new(EspCore::new(
+            cfg.esp_peers.clone(),
+            Instant::now(),
+        )?))
+    };
     let driver = Driver::start(
         core.clone(),
+        esp.clone(),
         &DriverConfig {
             ifname: iface.name.clone(),
             mtu: iface.mtu,
             listen_port: iface.listen_port,
+            esp_listen_port: iface.esp_listen_port,
             offload: iface.offload,
         },
     )?;
@@ -87,6 +100,8 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 
     let device = Arc::new(GatewayDevice {
         core,
+        esp,
+        esp_listen_port: driver.esp_listen_port(),
         name: iface.name.clone(),
         listen_port: driver.listen_port(),
         mtu: iface.mtu,
@@ -107,7 +122,8 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         interface = %iface.name,
         public_key = %device.core.public_key(),
         listen_port = device.listen_port,
-        peers = cfg.peers.len(),
+        wireguard_peers = cfg.peers.len(),
+        esp_peers = cfg.esp_peers.len(),
         "gateway up"
     );
 
@@ -128,18 +144,20 @@ fn configure_device(cfg: &GatewayConfig) -> anyhow::Result<()> {
     for (addr, len) in &cfg.interface.addresses {
         ip(&["addr", "replace", &format!("{addr}/{len}"), "dev", name])?;
     }
-    for peer in &cfg.peers {
-        for prefix in &peer.allowed_prefixes {
-            if prefix.len() == 0 {
-                tracing::warn!(
-                    %prefix,
-                    peer = %peer.public_key,
-                    "not routing a default prefix into the tunnel; add policy routing for it"
-                );
-                continue;
-            }
-            ip(&["route", "replace", &prefix.to_string(), "dev", name])?;
+    let prefixes = cfg
+        .peers
+        .iter()
+        .flat_map(|p| &p.allowed_prefixes)
+        .chain(cfg.esp_peers.iter().flat_map(|p| &p.allowed_prefixes));
+    for prefix in prefixes {
+        if prefix.len() == 0 {
+            tracing::warn!(
+                %prefix,
+                "not routing a default prefix into the tunnel; add policy routing for it"
+            );
+            continue;
         }
+        ip(&["route", "replace", &prefix.to_string(), "dev", name])?;
     }
     Ok(())
 }
@@ -162,6 +180,8 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 /// What the UAPI and the admin socket see of the running gateway.
 struct GatewayDevice {
     core: Arc<WgCore>,
+    esp: Option<Arc<EspCore>>,
+    esp_listen_port: Option<u16>,
     name: String,
     listen_port: u16,
     mtu: u16,
@@ -171,30 +191,50 @@ struct GatewayDevice {
 impl GatewayDevice {
     fn status(&self) -> Status {
         let set = self.core.peers();
-        let peers = set
-            .peers()
-            .iter()
-            .map(|p| {
-                let cfg = p.config();
-                let stats = p.stats();
-                PeerStatus {
-                    name: cfg.name,
-                    public_key: cfg.public_key.to_base64(),
-                    endpoint: cfg.endpoint.map(|e| e.to_string()),
-                    allowed_prefixes: admin::prefixes(&cfg.allowed_prefixes),
-                    last_handshake_secs_ago: p
-                        .last_handshake()
-                        .and_then(|t| t.elapsed().ok())
-                        .map(|d| d.as_secs_f64()),
-                    handshakes: stats.handshakes,
-                    rx_bytes: stats.rx_bytes,
-                    tx_bytes: stats.tx_bytes,
-                    rx_packets: stats.rx_packets,
-                    tx_packets: stats.tx_packets,
-                    drops: stats.drops.into(),
-                }
-            })
-            .collect();
+        let peers = set.peers().iter().map(|p| {
+            let cfg = p.config();
+            let stats = p.stats();
+            PeerStatus {
+                name: cfg.name,
+                kind: "wireguard".into(),
+                public_key: Some(cfg.public_key.to_base64()),
+                endpoint: cfg.endpoint.map(|e| e.to_string()),
+                allowed_prefixes: admin::prefixes(&cfg.allowed_prefixes),
+                last_handshake_secs_ago: p
+                    .last_handshake()
+                    .and_then(|t| t.elapsed().ok())
+                    .map(|d| d.as_secs_f64()),
+                handshakes: stats.handshakes,
+                rx_bytes: stats.rx_bytes,
+                tx_bytes: stats.tx_bytes,
+                rx_packets: stats.rx_packets,
+                tx_packets: stats.tx_packets,
+                drops: stats.drops.into(),
+                esp: None,
+            }
+        });
+        let now = Instant::now();
+        let esp_set = self.esp.as_ref().map(|e| e.peers());
+        let esp_peers = esp_set.iter().flat_map(|set| set.peers()).map(|p| {
+            let cfg = p.config();
+            let stats = p.stats();
+            PeerStatus {
+                name: cfg.name.clone(),
+                kind: "esp".into(),
+                public_key: None,
+                endpoint: Some(cfg.endpoint.to_string()),
+                allowed_prefixes: admin::prefixes(&cfg.allowed_prefixes),
+                last_handshake_secs_ago: None,
+                handshakes: 0,
+                rx_bytes: stats.rx_bytes,
+                tx_bytes: stats.tx_bytes,
+                rx_packets: stats.rx_packets,
+                tx_packets: stats.tx_packets,
+                drops: stats.drops.into(),
+                esp: Some(p.status(now)),
+            }
+        });
+        let peers = peers.chain(esp_peers).collect();
         Status {
             interface: self.name.clone(),
             public_key: self.core.public_key().to_base64(),
@@ -202,6 +242,8 @@ impl GatewayDevice {
             mtu: self.mtu,
             offload: self.offload,
             drops: self.core.counters.snapshot().into(),
+            esp_listen_port: self.esp_listen_port,
+            esp_drops: self.esp.as_ref().map(|e| e.counters.snapshot().into()),
             peers,
         }
     }

@@ -1788,6 +1788,12 @@ mod tests {
         let path = dir.join("wgt0.sock");
         drop(UnixListener::bind(&path).unwrap());
         assert!(path.exists());
+        // A process forked by a parallel test may hold the listener for a
+        // moment (until its exec closes it): wait until the socket is stale.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while UnixStream::connect(&path).is_ok() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
 
         let server = UapiServer::bind_in(&dir, "wgt0", Arc::clone(&dev)).unwrap();
         assert_eq!(server.path(), path);

@@ -52,6 +52,27 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         private_key_file: PathBuf,
     },
+    /// Create the manual-keying SA files of one ESP tunnel: one for this
+    /// gateway and a mirrored one for the peer (both mode 0600).
+    EspKeygen {
+        /// SA file for this gateway (its [peers.esp] sa_file).
+        #[arg(long, value_name = "FILE")]
+        local: PathBuf,
+        /// SA file for the peer gateway.
+        #[arg(long, value_name = "FILE")]
+        remote: PathBuf,
+        /// AEAD of the SAs.
+        #[arg(long, value_enum, default_value_t = Cipher::Aes128Gcm)]
+        cipher: Cipher,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Cipher {
+    #[value(name = "aes128-gcm")]
+    Aes128Gcm,
+    #[value(name = "aes256-gcm")]
+    Aes256Gcm,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -101,16 +122,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Keygen { private_key_file } => {
             let key = PrivateKey::generate();
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&private_key_file)
-                .with_context(|| format!("creating {}", private_key_file.display()))?;
-            file.write_all(key.to_base64_secret().as_bytes())?;
-            file.write_all(b"\n")?;
+            let text = zeroize::Zeroizing::new(format!("{}\n", key.to_base64_secret().as_str()));
+            write_secret(&private_key_file, &text)?;
             println!("{}", key.public_key());
         }
+        Cmd::EspKeygen {
+            local,
+            remote,
+            cipher,
+        } => esp_keygen(&local, &remote, cipher)?,
         Cmd::Pubkey { private_key_file } => {
             let text = zeroize::Zeroizing::new(
                 std::fs::read_to_string(&private_key_file)
@@ -121,6 +141,65 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", key.public_key());
         }
     }
+    Ok(())
+}
+
+fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn esp_keygen(local: &Path, remote: &Path, cipher: Cipher) -> anyhow::Result<()> {
+    use rand_core::RngCore as _;
+    let (name, key_len) = match cipher {
+        Cipher::Aes128Gcm => ("aes128-gcm", 16),
+        Cipher::Aes256Gcm => ("aes256-gcm", 32),
+    };
+    let mut rng = rand_core::OsRng;
+    let spi = |rng: &mut rand_core::OsRng| loop {
+        let v = rng.next_u32();
+        if v >= 256 {
+            break v;
+        }
+    };
+    let key = |rng: &mut rand_core::OsRng| {
+        let mut k = zeroize::Zeroizing::new(vec![0u8; key_len + 4]);
+        rng.fill_bytes(&mut k);
+        zeroize::Zeroizing::new(hex::encode(&*k))
+    };
+    let (spi_a, spi_b) = loop {
+        let (a, b) = (spi(&mut rng), spi(&mut rng));
+        if a != b {
+            break (a, b);
+        }
+    };
+    let (key_a, key_b) = (key(&mut rng), key(&mut rng));
+    let file = |out_spi: u32, out_key: &str, in_spi: u32, in_key: &str| {
+        zeroize::Zeroizing::new(format!(
+            "# Isthmus ESP manual keying (generation 0). Keep secret: mode 0600.\n\
+             cipher = \"{name}\"\n\
+             outbound_spi = \"{out_spi:#010x}\"\n\
+             outbound_key = \"{out_key}\"\n\
+             inbound_spi = \"{in_spi:#010x}\"\n\
+             inbound_key = \"{in_key}\"\n"
+        ))
+    };
+    write_secret(local, &file(spi_a, &key_a, spi_b, &key_b))?;
+    if let Err(e) = write_secret(remote, &file(spi_b, &key_b, spi_a, &key_a)) {
+        let _ = std::fs::remove_file(local);
+        return Err(e);
+    }
+    println!(
+        "wrote {} (outbound SPI {spi_a:#010x}) and {} (outbound SPI {spi_b:#010x})",
+        local.display(),
+        remote.display()
+    );
     Ok(())
 }
 
@@ -151,7 +230,7 @@ fn ago(secs: Option<f64>) -> String {
 fn render_table(s: &Status) -> String {
     let mut out = format!(
         "interface {}  public key {}  port {}  mtu {}  offload {}\n\
-         device drops: no_route={} malformed={} unknown_peer={}\n\n",
+         device drops: no_route={} malformed={} unknown_peer={}\n",
         s.interface,
         s.public_key,
         s.listen_port,
@@ -161,35 +240,72 @@ fn render_table(s: &Status) -> String {
         s.drops.malformed,
         s.drops.unknown_peer,
     );
+    if let (Some(port), Some(d)) = (s.esp_listen_port, &s.esp_drops) {
+        out += &format!(
+            "esp port {port}  esp drops: malformed={} unknown_spi={}\n",
+            d.malformed, d.unknown_peer
+        );
+    }
+    out += "\n";
     let header = [
         "PEER",
-        "PUBLIC KEY",
+        "KIND",
+        "PUBLIC KEY / SPI (out, in)",
         "ENDPOINT",
         "ALLOWED PREFIXES",
-        "HANDSHAKE",
+        "HANDSHAKE / SA",
         "RX",
         "TX",
-        "DROPS (no_session/bad_source/decrypt/replay)",
+        "DROPS (no_session/bad_source/decrypt/replay/too_old)",
     ];
-    let rows: Vec<[String; 8]> = s
+    let rows: Vec<[String; 9]> = s
         .peers
         .iter()
         .map(|p| {
+            let (key, session) = match &p.esp {
+                Some(esp) => (
+                    format!(
+                        "{} {}",
+                        esp.outbound.spi,
+                        esp.inbound
+                            .iter()
+                            .map(|sa| sa.spi.as_str())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                    format!(
+                        "{} gen {} seq {} age {:.0}s",
+                        esp.cipher,
+                        esp.outbound.generation,
+                        esp.outbound.last_seq,
+                        esp.outbound.age_secs
+                    ),
+                ),
+                None => (
+                    p.public_key.clone().unwrap_or_else(|| "-".into()),
+                    format!("{} (#{})", ago(p.last_handshake_secs_ago), p.handshakes),
+                ),
+            };
             [
                 p.name.clone().unwrap_or_else(|| "-".into()),
-                p.public_key.clone(),
+                p.kind.clone(),
+                key,
                 p.endpoint.clone().unwrap_or_else(|| "-".into()),
                 if p.allowed_prefixes.is_empty() {
                     "-".into()
                 } else {
                     p.allowed_prefixes.join(",")
                 },
-                format!("{} (#{})", ago(p.last_handshake_secs_ago), p.handshakes),
+                session,
                 format!("{} / {} pkts", human_bytes(p.rx_bytes), p.rx_packets),
                 format!("{} / {} pkts", human_bytes(p.tx_bytes), p.tx_packets),
                 format!(
-                    "{}/{}/{}/{}",
-                    p.drops.no_session, p.drops.bad_source, p.drops.decrypt_failure, p.drops.replay
+                    "{}/{}/{}/{}/{}",
+                    p.drops.no_session,
+                    p.drops.bad_source,
+                    p.drops.decrypt_failure,
+                    p.drops.replay,
+                    p.drops.too_old
                 ),
             ]
         })

@@ -57,8 +57,8 @@ pub enum EspError {
     Sa { peer: usize, source: SaError },
     #[error("peer {peer}: {source}")]
     Keying { peer: usize, source: KeyingError },
-    #[error("inbound SPI {spi:#010x} is used by two SAs")]
-    SpiConflict { spi: u32 },
+    #[error("peer {peer}: inbound SPI {spi:#010x} is already used by another SA")]
+    SpiConflict { peer: usize, spi: u32 },
     #[error("prefix {prefix} is claimed by two ESP peers")]
     PrefixConflict { prefix: IpPrefix },
 }
@@ -230,7 +230,10 @@ impl EspCore {
             });
             for sa in &lock(&peer.rx).sas {
                 if spis.insert(sa.spi, peer.clone()).is_some() {
-                    return Err(EspError::SpiConflict { spi: sa.spi });
+                    return Err(EspError::SpiConflict {
+                        peer: i,
+                        spi: sa.spi,
+                    });
                 }
             }
             for prefix in &peer.config.allowed_prefixes {

@@ -283,7 +283,10 @@ fn conflicting_spis_and_reserved_spis_are_refused() {
             ],
             now
         ),
-        Err(EspError::SpiConflict { spi: 0x2000 })
+        Err(EspError::SpiConflict {
+            peer: 1,
+            spi: 0x2000
+        })
     ));
     assert!(matches!(
         EspCore::new(vec![cfg(keying(0x1000, 7), "100.64.2.0/24")], now),
