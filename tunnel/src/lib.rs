@@ -19,6 +19,7 @@ pub mod counters;
 #[cfg(target_os = "linux")]
 pub mod driver;
 pub mod esp;
+pub mod fuzz_support;
 pub mod key;
 pub mod prefix;
 pub mod wg;
