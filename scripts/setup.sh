@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# Installs what the Isthmus demo and tests need on a Debian 12 machine.
+# Idempotent and fast when everything is present: it only checks (dpkg-query,
+# cargo --version) and installs what is missing.
+#
+#   bash scripts/setup.sh           # system packages + Rust tooling
+#   bash scripts/setup.sh --bench   # also boringtun-cli (reference peer for benchmarks)
+set -euo pipefail
+
+BENCH=0
+for arg in "$@"; do
+    case "$arg" in
+        --bench) BENCH=1 ;;
+        -h | --help)
+            sed -n '2,7s/^# \{0,1\}//p' "$0"
+            exit 0
+            ;;
+        *)
+            echo "setup: unknown option: $arg" >&2
+            exit 2
+            ;;
+    esac
+done
+
+PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod)
+
+say() { printf 'setup: %s\n' "$*"; }
+die() {
+    printf 'setup: error: %s\n' "$*" >&2
+    exit 1
+}
+
+if [[ -d "$HOME/.cargo/bin" && ":$PATH:" != *":$HOME/.cargo/bin:"* ]]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+fi
+
+# Root runs apt directly; anyone else goes through sudo when there is one.
+SUDO=()
+if [[ $(id -u) -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+        SUDO=(sudo)
+    else
+        SUDO=(__no_sudo__)
+    fi
+fi
+
+LOG=$(mktemp -t isthmus-setup.XXXXXX.log)
+trap 'rm -f "$LOG"' EXIT
+
+# Runs an apt command, waiting (up to ~10 min) while another apt/dpkg holds its locks.
+apt_run() {
+    local try
+    for try in $(seq 1 120); do
+        if "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive "$@" -o DPkg::Lock::Timeout=600 >"$LOG" 2>&1; then
+            return 0
+        fi
+        if grep -qiE 'could not get lock|unable to lock|is another process using it' "$LOG"; then
+            ((try == 1)) && say "  waiting for another apt/dpkg to release its lock ..."
+            sleep 5
+            continue
+        fi
+        tail -n 20 "$LOG" >&2
+        die "failed: $*"
+    done
+    die "apt/dpkg lock still held after 10 minutes"
+}
+
+# --- Debian packages -------------------------------------------------------
+mapfile -t INSTALLED < <(dpkg-query -W -f='${db:Status-Status} ${Package}\n' "${PACKAGES[@]}" 2>/dev/null |
+    awk '$1 == "installed" { print $2 }')
+MISSING=()
+for pkg in "${PACKAGES[@]}"; do
+    found=0
+    for have in "${INSTALLED[@]}"; do
+        # dpkg-query may print an architecture suffix (pkg:amd64).
+        if [[ ${have%%:*} == "$pkg" ]]; then
+            found=1
+            break
+        fi
+    done
+    ((found)) || MISSING+=("$pkg")
+done
+
+if ((${#MISSING[@]} == 0)); then
+    say "debian packages: all ${#PACKAGES[@]} present"
+else
+    say "debian packages: installing ${MISSING[*]}"
+    [[ ${SUDO[0]:-} != __no_sudo__ ]] || die "not root and no sudo: install these yourself: ${MISSING[*]}"
+    # tshark asks whether non-root users may capture; answer "no" up front.
+    echo 'wireshark-common wireshark-common/install-setuid boolean false' |
+        "${SUDO[@]}" debconf-set-selections
+    apt_run apt-get update
+    apt_run apt-get install -y --no-install-recommends "${MISSING[@]}"
+    say "debian packages: installed"
+fi
+
+# --- Rust tooling ----------------------------------------------------------
+command -v cargo >/dev/null 2>&1 || die "cargo not found (install Rust with rustup first)"
+
+for comp in rustfmt clippy; do
+    sub=${comp/rustfmt/fmt}
+    if cargo "$sub" --version >/dev/null 2>&1; then
+        say "rust component $comp: present"
+    else
+        say "rust component $comp: installing"
+        command -v rustup >/dev/null 2>&1 || die "cargo $sub missing and rustup not found"
+        rustup component add "$comp" >"$LOG" 2>&1 || {
+            tail -n 20 "$LOG" >&2
+            die "rustup component add $comp failed"
+        }
+    fi
+done
+
+if cargo nextest --version >/dev/null 2>&1; then
+    say "cargo-nextest: present"
+else
+    say "cargo-nextest: installing (cargo install, takes a few minutes)"
+    cargo install cargo-nextest --locked >"$LOG" 2>&1 || {
+        tail -n 20 "$LOG" >&2
+        die "cargo install cargo-nextest failed"
+    }
+fi
+
+if ((BENCH)); then
+    if command -v boringtun-cli >/dev/null 2>&1 || [[ -x "$HOME/.cargo/bin/boringtun-cli" ]]; then
+        say "boringtun-cli: present"
+    else
+        say "boringtun-cli: installing into ~/.cargo/bin (cargo install, takes a few minutes)"
+        cargo install boringtun-cli --locked >"$LOG" 2>&1 || {
+            tail -n 20 "$LOG" >&2
+            die "cargo install boringtun-cli failed"
+        }
+    fi
+fi
