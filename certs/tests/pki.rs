@@ -1,0 +1,400 @@
+//! The mesh PKI as an operator uses it: create, issue, store, load, show, revoke.
+
+// Test helpers outside #[test] functions unwrap too (clippy.toml covers only the tests).
+#![allow(clippy::unwrap_used)]
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use isthmus_certs::{
+    CaDirectory, CertError, CertificateSummary, ClusterCa, Crl, MeshRootCa, Serial, TrustBundle,
+    Validity,
+};
+use isthmus_identity::{ClusterName, GatewayName, TrustDomain};
+use x509_parser::extensions::ParsedExtension;
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn td(s: &str) -> TrustDomain {
+    TrustDomain::new(s).unwrap()
+}
+fn cluster(s: &str) -> ClusterName {
+    ClusterName::new(s).unwrap()
+}
+fn gw(s: &str) -> GatewayName {
+    GatewayName::new(s).unwrap()
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir =
+        std::env::temp_dir().join(format!("isthmus-pki-{name}-{}-{nanos}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+#[test]
+fn hierarchy_has_the_documented_profile() {
+    let root = MeshRootCa::create(&td("mesh.test"), Validity::days(365)).unwrap();
+    let eu = root
+        .issue_cluster_ca(&cluster("eu-1"), Validity::days(90))
+        .unwrap();
+    let leaf = eu.issue_gateway(&gw("gw-0"), Validity::days(30)).unwrap();
+
+    assert_eq!(
+        leaf.id().to_string(),
+        "spiffe://mesh.test/cluster/eu-1/gateway/gw-0"
+    );
+    assert_eq!(leaf.chain().len(), 2);
+    assert_eq!(&leaf.chain()[1], eu.certificate());
+
+    // Root: CA, path length 1, URI SAN spiffe://mesh.test.
+    let (_, r) = x509_parser::parse_x509_certificate(root.certificate()).unwrap();
+    let bc = r.basic_constraints().unwrap().unwrap().value;
+    assert!(bc.ca);
+    assert_eq!(bc.path_len_constraint, Some(1));
+    let ku = r.key_usage().unwrap().unwrap().value;
+    assert!(ku.key_cert_sign() && ku.crl_sign());
+
+    // Intermediate: CA, path length 0.
+    let (_, i) = x509_parser::parse_x509_certificate(eu.certificate()).unwrap();
+    let bc = i.basic_constraints().unwrap().unwrap().value;
+    assert!(bc.ca);
+    assert_eq!(bc.path_len_constraint, Some(0));
+    assert_eq!(i.issuer(), r.subject());
+
+    // Leaf: not a CA, digitalSignature, serverAuth + clientAuth, one URI SAN, P-256.
+    let (_, l) = x509_parser::parse_x509_certificate(&leaf.chain()[0]).unwrap();
+    assert!(!l.is_ca());
+    let ku = l.key_usage().unwrap().unwrap().value;
+    assert!(ku.digital_signature() && !ku.key_cert_sign());
+    let eku = l.extended_key_usage().unwrap().unwrap().value;
+    assert!(eku.server_auth && eku.client_auth);
+    let uris: Vec<_> = l
+        .extensions()
+        .iter()
+        .filter_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(san) => Some(san.general_names.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(uris.len(), 1);
+    assert_eq!(
+        l.public_key().algorithm.algorithm,
+        x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+    );
+    // Leaf validity was clamped to the intermediate's.
+    assert!(l.validity().not_after <= i.validity().not_after);
+    assert_eq!(l.raw_serial().len(), 16);
+    assert_eq!(
+        Serial::from(l.raw_serial()).to_string(),
+        leaf.serial().to_string()
+    );
+}
+
+#[test]
+fn expired_or_future_ca_refuses_to_issue() {
+    let now = SystemTime::now();
+    let expired = MeshRootCa::create(
+        &td("mesh.test"),
+        Validity::new(now - 10 * DAY, now - DAY).unwrap(),
+    )
+    .unwrap();
+    let err = expired
+        .issue_cluster_ca(&cluster("a"), Validity::days(1))
+        .unwrap_err();
+    assert!(matches!(err, CertError::CaExpired { .. }), "{err}");
+    assert!(err.to_string().contains("expired"), "{err}");
+
+    let future = MeshRootCa::create(
+        &td("mesh.test"),
+        Validity::new(now + DAY, now + 10 * DAY).unwrap(),
+    )
+    .unwrap();
+    assert!(matches!(
+        future.issue_cluster_ca(&cluster("a"), Validity::days(1)),
+        Err(CertError::CaNotYetValid { .. })
+    ));
+
+    let root = MeshRootCa::create(&td("mesh.test"), Validity::days(10)).unwrap();
+    assert!(matches!(
+        root.issue_cluster_ca(
+            &cluster("a"),
+            Validity::new(now + 20 * DAY, now + 30 * DAY).unwrap()
+        ),
+        Err(CertError::OutsideCaValidity { .. })
+    ));
+    assert!(matches!(
+        Validity::new(now, now),
+        Err(CertError::BadValidity)
+    ));
+}
+
+#[test]
+fn ca_directory_init_issue_and_errors() {
+    let dir = temp_dir("store");
+    let store = CaDirectory::init(&dir, &td("mesh.test"), Validity::days(365)).unwrap();
+    assert_eq!(mode(&dir.join("root-ca.key")), 0o600);
+    assert_eq!(mode(&dir.join("root-ca.pem")), 0o644);
+    assert!(matches!(
+        CaDirectory::init(&dir, &td("mesh.test"), Validity::days(1)),
+        Err(CertError::AlreadyExists { .. })
+    ));
+
+    // A gateway of a cluster without an intermediate: unknown cluster.
+    let err = store
+        .issue_gateway(&cluster("eu-1"), &gw("gw-0"), Validity::days(30))
+        .unwrap_err();
+    assert!(
+        matches!(&err, CertError::UnknownCluster(c) if c == "eu-1"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("unknown cluster"), "{err}");
+
+    let ca_path = store
+        .issue_cluster_ca(&cluster("eu-1"), Validity::days(90))
+        .unwrap();
+    assert!(ca_path.is_file());
+    assert!(matches!(
+        store.issue_cluster_ca(&cluster("eu-1"), Validity::days(90)),
+        Err(CertError::AlreadyExists { .. })
+    ));
+    let files = store
+        .issue_gateway(&cluster("eu-1"), &gw("gw-0"), Validity::days(30))
+        .unwrap();
+    assert_eq!(mode(&files.key), 0o600);
+    assert!(matches!(
+        store.issue_gateway(&cluster("eu-1"), &gw("gw-0"), Validity::days(30)),
+        Err(CertError::AlreadyExists { .. })
+    ));
+
+    // The stored gateway loads as credentials; the bundle holds the root.
+    let creds = isthmus_certs::load_credentials(&files.chain, &files.key).unwrap();
+    assert_eq!(creds.chain.len(), 2);
+    let bundle = store.bundle().unwrap();
+    assert_eq!(
+        bundle.roots(),
+        [store.root_ca().unwrap().certificate().clone()]
+    );
+
+    // Re-opened, the cluster CA issues again (loaded from its files).
+    let reopened = CaDirectory::open(&dir).unwrap();
+    let ca = reopened.cluster_ca(&cluster("eu-1")).unwrap();
+    assert_eq!(ca.cluster().as_str(), "eu-1");
+    assert_eq!(ca.trust_domain().as_str(), "mesh.test");
+    ca.issue_gateway(&gw("gw-1"), Validity::days(1)).unwrap();
+
+    assert!(matches!(
+        CaDirectory::open(&dir.join("nope")),
+        Err(CertError::NotInitialised { .. })
+    ));
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn key_file_with_mode_0644_is_refused_at_load() {
+    let dir = temp_dir("mode");
+    let store = CaDirectory::init(&dir, &td("mesh.test"), Validity::days(365)).unwrap();
+    store
+        .issue_cluster_ca(&cluster("eu-1"), Validity::days(90))
+        .unwrap();
+    let files = store
+        .issue_gateway(&cluster("eu-1"), &gw("gw-0"), Validity::days(30))
+        .unwrap();
+
+    fs::set_permissions(&files.key, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = isthmus_certs::load_credentials(&files.chain, &files.key).unwrap_err();
+    assert!(
+        matches!(err, CertError::KeyFileTooOpen { mode: 0o644, .. }),
+        "{err}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&files.key.display().to_string()) && msg.contains("0644"),
+        "{msg}"
+    );
+
+    // The same for CA keys.
+    let ca_key = dir.join("clusters/eu-1/ca.key");
+    fs::set_permissions(&ca_key, fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(matches!(
+        store.cluster_ca(&cluster("eu-1")),
+        Err(CertError::KeyFileTooOpen { mode: 0o644, .. })
+    ));
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn loading_a_ca_checks_key_and_role() {
+    let root = MeshRootCa::create(&td("mesh.test"), Validity::days(365)).unwrap();
+    let eu = root
+        .issue_cluster_ca(&cluster("eu-1"), Validity::days(90))
+        .unwrap();
+    let other = root
+        .issue_cluster_ca(&cluster("us-1"), Validity::days(90))
+        .unwrap();
+    let dir = temp_dir("load");
+    eu.save(&dir.join("eu.pem"), &dir.join("eu.key")).unwrap();
+    other
+        .save(&dir.join("us.pem"), &dir.join("us.key"))
+        .unwrap();
+    root.save(&dir.join("root.pem"), &dir.join("root.key"))
+        .unwrap();
+    // Keys are never overwritten.
+    assert!(matches!(
+        root.save(&dir.join("root.pem"), &dir.join("root.key")),
+        Err(CertError::KeyExists { .. })
+    ));
+
+    let eu_pem = fs::read_to_string(dir.join("eu.pem")).unwrap();
+    let us_key = isthmus_certs::read_private_key_pem(&dir.join("us.key")).unwrap();
+    assert!(matches!(
+        ClusterCa::from_pem(&eu_pem, &us_key),
+        Err(CertError::KeyMismatch { .. })
+    ));
+    let root_pem = fs::read_to_string(dir.join("root.pem")).unwrap();
+    let root_key = isthmus_certs::read_private_key_pem(&dir.join("root.key")).unwrap();
+    assert!(matches!(
+        ClusterCa::from_pem(&root_pem, &root_key),
+        Err(CertError::NotAMeshCa(_))
+    ));
+    let loaded = MeshRootCa::load(&dir.join("root.pem"), &dir.join("root.key")).unwrap();
+    assert_eq!(loaded.trust_domain().as_str(), "mesh.test");
+    // A loaded root still issues intermediates that chain to the same root.
+    let again = loaded
+        .issue_cluster_ca(&cluster("ap-1"), Validity::days(1))
+        .unwrap();
+    let (_, a) = x509_parser::parse_x509_certificate(again.certificate()).unwrap();
+    let (_, r) = x509_parser::parse_x509_certificate(root.certificate()).unwrap();
+    assert_eq!(a.issuer(), r.subject());
+    assert!(a.verify_signature(Some(r.public_key())).is_ok());
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn trust_bundle_holds_several_roots() {
+    let old = MeshRootCa::create(&td("mesh.test"), Validity::days(365)).unwrap();
+    let new = MeshRootCa::create(&td("mesh.test"), Validity::days(365)).unwrap();
+    let mut bundle = TrustBundle::new();
+    assert!(bundle.add(old.certificate().clone()).unwrap());
+    assert!(bundle.add(new.certificate().clone()).unwrap());
+    assert!(!bundle.add(new.certificate().clone()).unwrap());
+
+    let dir = temp_dir("bundle");
+    let path = dir.join("bundle.pem");
+    bundle.save(&path).unwrap();
+    let loaded = TrustBundle::load(&path).unwrap();
+    assert_eq!(loaded, bundle);
+    assert_eq!(loaded.roots().len(), 2);
+
+    // Intermediates are not roots.
+    let eu = old
+        .issue_cluster_ca(&cluster("eu-1"), Validity::days(9))
+        .unwrap();
+    assert!(matches!(
+        bundle.add(eu.certificate().clone()),
+        Err(CertError::BadCertificate(_))
+    ));
+
+    // Retire the old root.
+    let fp = CertificateSummary::from_der(old.certificate())
+        .unwrap()
+        .sha256_fingerprint;
+    let mut rotated = loaded.clone();
+    assert!(rotated.remove(&fp));
+    assert!(!rotated.remove(&fp));
+    assert_eq!(rotated.roots(), [new.certificate().clone()]);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn crl_round_trips_through_pem() {
+    let root = MeshRootCa::create(&td("mesh.test"), Validity::days(365)).unwrap();
+    let eu = root
+        .issue_cluster_ca(&cluster("eu-1"), Validity::days(90))
+        .unwrap();
+    let leaf = eu.issue_gateway(&gw("gw-0"), Validity::days(30)).unwrap();
+    let crl = eu
+        .crl(&[leaf.serial().clone()], 1, Validity::days(7))
+        .unwrap();
+    let dir = temp_dir("crl");
+    let path = dir.join("eu-1.crl.pem");
+    crl.save(&path).unwrap();
+    assert!(fs::read_to_string(&path)
+        .unwrap()
+        .starts_with("-----BEGIN X509 CRL-----"));
+    let loaded = Crl::load_all(&path).unwrap();
+    assert_eq!(loaded, std::slice::from_ref(&crl));
+    let (_, parsed) = x509_parser::parse_x509_crl(crl.der()).unwrap();
+    let serials: Vec<_> = parsed
+        .iter_revoked_certificates()
+        .map(|r| Serial::from(r.raw_serial()))
+        .collect();
+    assert_eq!(serials, [leaf.serial().clone()]);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn show_summarises_without_key_material() {
+    let dir = temp_dir("show");
+    let store = CaDirectory::init(&dir, &td("mesh.test"), Validity::days(365)).unwrap();
+    store
+        .issue_cluster_ca(&cluster("eu-1"), Validity::days(90))
+        .unwrap();
+    let files = store
+        .issue_gateway(&cluster("eu-1"), &gw("gw-0"), Validity::days(30))
+        .unwrap();
+
+    let summaries = CertificateSummary::from_file(&files.chain).unwrap();
+    assert_eq!(summaries.len(), 2);
+    let leaf = &summaries[0];
+    assert_eq!(
+        leaf.spiffe_id.as_ref().unwrap().to_string(),
+        "spiffe://mesh.test/cluster/eu-1/gateway/gw-0"
+    );
+    assert!(!leaf.is_ca && summaries[1].is_ca);
+    assert!(leaf.is_valid_at(SystemTime::now()));
+    let text = leaf.to_string();
+    for field in [
+        "subject:",
+        "issuer:",
+        "spiffe id:",
+        "not before:",
+        "not after:",
+        "serial:",
+        "sha256:",
+    ] {
+        assert!(text.contains(field), "{text}");
+    }
+    let fp = ring::digest::digest(
+        &ring::digest::SHA256,
+        &isthmus_certs::load_certificates(&files.chain).unwrap()[0],
+    );
+    let fp: Vec<String> = fp.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    assert!(text.contains(&fp.join(":")), "{text}");
+
+    // Shown a key file (or a file mixing key and certificate), it never prints the key.
+    let key_pem = isthmus_certs::read_private_key_pem(&files.key).unwrap();
+    let err = CertificateSummary::from_pem(&key_pem, "gw-0.key").unwrap_err();
+    assert!(matches!(err, CertError::NothingFound { .. }), "{err}");
+    let mixed = format!("{}{}", &*key_pem, fs::read_to_string(&files.chain).unwrap());
+    let shown: String = CertificateSummary::from_pem(&mixed, "mixed.pem")
+        .unwrap()
+        .iter()
+        .map(|s| format!("{s}\n{s:?}\n"))
+        .collect();
+    for line in key_pem.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!shown.contains(line));
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
