@@ -31,6 +31,9 @@ pub struct Status {
     /// ESP datagrams with an unknown SPI or that do not parse.
     pub esp_drops: Option<DeviceDropsDoc>,
     pub peers: Vec<PeerStatus>,
+    /// mTLS channels to the peers configured by identity.
+    #[serde(default)]
+    pub channels: Vec<crate::mesh::ChannelStatus>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -248,6 +251,7 @@ mod tests {
             esp_listen_port: None,
             esp_drops: None,
             peers: vec![],
+            channels: vec![],
         }
     }
 

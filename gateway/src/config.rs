@@ -44,8 +44,21 @@ impl ConfigError {
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     interface: Option<RawInterface>,
+    identity: Option<RawIdentity>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    trust_bundle: Option<PathBuf>,
+    certificate: Option<PathBuf>,
+    private_key: Option<PathBuf>,
+    #[serde(default)]
+    crls: Vec<PathBuf>,
+    listen: Option<String>,
+    advertise_address: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +86,8 @@ struct RawPeer {
     #[serde(default)]
     allowed_prefixes: Vec<String>,
     persistent_keepalive: Option<u16>,
+    spiffe_id: Option<String>,
+    channel_endpoint: Option<String>,
     esp: Option<RawEsp>,
 }
 
@@ -80,6 +95,7 @@ struct RawPeer {
 #[serde(deny_unknown_fields)]
 struct RawEsp {
     sa_file: Option<PathBuf>,
+    cipher: Option<String>,
     esn: Option<bool>,
     soft_lifetime_seconds: Option<u64>,
     soft_lifetime_packets: Option<u64>,
@@ -113,16 +129,90 @@ enum SpiValue {
 #[derive(Debug)]
 pub struct GatewayConfig {
     pub interface: InterfaceConfig,
-    /// WireGuard peers.
+    /// WireGuard peers keyed in the config (public key).
     pub peers: Vec<PeerConfig>,
-    /// ESP peers (`kind = "esp"`).
+    /// ESP peers keyed in the config (`kind = "esp"`, SA file).
     pub esp_peers: Vec<EspPeerConfig>,
+    /// This gateway's certificate and the mesh trust, when peers are
+    /// configured by identity.
+    pub identity: Option<IdentityConfig>,
+    /// Peers configured by SPIFFE ID: their tunnel keys arrive over the
+    /// mTLS channel, never from the config.
+    pub identity_peers: Vec<IdentityPeer>,
+}
+
+/// Default TCP port of the mTLS peer channel.
+pub const DEFAULT_CHANNEL_PORT: u16 = 7443;
+
+/// The `[identity]` table, loaded.
+pub struct IdentityConfig {
+    pub credentials: isthmus_identity::LocalCredentials,
+    pub trust: isthmus_identity::MeshTrust,
+    /// Where the peer channel listens (TCP).
+    pub listen: SocketAddr,
+    /// The underlay address peers should send tunnel traffic to; by
+    /// default they use the address the channel connected from/to.
+    pub advertise_address: Option<IpAddr>,
+}
+
+impl std::fmt::Debug for IdentityConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityConfig")
+            .field("chain_len", &self.credentials.chain.len())
+            .field("roots", &self.trust.roots.len())
+            .field("crls", &self.trust.crls.len())
+            .field("listen", &self.listen)
+            .field("advertise_address", &self.advertise_address)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The tunnel kind of a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TunnelKind {
+    Wireguard,
+    Esp,
+}
+
+impl TunnelKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            TunnelKind::Wireguard => "wireguard",
+            TunnelKind::Esp => "esp",
+        }
+    }
+}
+
+/// ESP settings of a peer keyed over the channel.
+#[derive(Debug, Clone, Copy)]
+pub struct EspSettings {
+    pub cipher: EspCipher,
+    pub esn: bool,
+    pub lifetimes: Lifetimes,
+}
+
+/// A peer configured by identity.
+#[derive(Debug, Clone)]
+pub struct IdentityPeer {
+    pub name: Option<String>,
+    pub kind: TunnelKind,
+    pub spiffe_id: isthmus_identity::SpiffeId,
+    /// Where its peer channel listens.
+    pub channel_endpoint: SocketAddr,
+    pub allowed_prefixes: Vec<IpPrefix>,
+    pub persistent_keepalive: Option<u16>,
+    /// For `kind = "esp"`.
+    pub esp: Option<EspSettings>,
 }
 
 #[derive(Debug)]
 pub struct InterfaceConfig {
     pub name: String,
+    /// From `private_key_file`; generated fresh at every start when the
+    /// file is not given (only peers configured by identity can learn it).
     pub private_key: PrivateKey,
+    /// Whether `private_key` came from a file.
+    pub private_key_from_file: bool,
     pub listen_port: u16,
     pub mtu: u16,
     /// Addresses put on the TUN device, with their prefix length.
@@ -171,7 +261,32 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
     let mut esp_peers = Vec::new();
     // Original index of every peer of each kind, for error messages.
     let (mut wg_index, mut esp_index) = (Vec::new(), Vec::new());
+    let mut identity_peers = Vec::new();
+    let mut kinds: Vec<(usize, TunnelKind, Vec<IpPrefix>)> = Vec::new();
     for (i, p) in raw.peers.into_iter().enumerate() {
+        if p.spiffe_id.is_some() {
+            let peer = identity_peer(i, p)?;
+            if let Some(first) = identity_peers
+                .iter()
+                .position(|q: &IdentityPeer| q.spiffe_id == peer.spiffe_id)
+            {
+                // Only identity peers are in `kinds` so far, in order.
+                let first = kinds.get(first).map_or(first, |(idx, _, _)| *idx);
+                return Err(ConfigError::new(
+                    format!("peers[{i}].spiffe_id"),
+                    format!("same identity as peers[{first}]"),
+                ));
+            }
+            kinds.push((i, peer.kind, peer.allowed_prefixes.clone()));
+            identity_peers.push(peer);
+            continue;
+        }
+        if p.channel_endpoint.is_some() {
+            return Err(ConfigError::new(
+                format!("peers[{i}].channel_endpoint"),
+                "only for peers configured by identity (set spiffe_id)",
+            ));
+        }
         match p.kind.as_deref().unwrap_or("wireguard") {
             "wireguard" => {
                 peers.push(peer(i, p)?);
@@ -191,8 +306,32 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
     }
     check_peers(&interface, &peers, &wg_index)?;
     check_esp_peers(&esp_peers, &esp_index)?;
-    check_kinds_disjoint(&peers, &wg_index, &esp_peers, &esp_index)?;
-    if !esp_peers.is_empty() && interface.esp_listen_port == interface.listen_port {
+    for (p, &i) in peers.iter().zip(&wg_index) {
+        kinds.push((i, TunnelKind::Wireguard, p.allowed_prefixes.clone()));
+    }
+    for (p, &i) in esp_peers.iter().zip(&esp_index) {
+        kinds.push((i, TunnelKind::Esp, p.allowed_prefixes.clone()));
+    }
+    kinds.sort_by_key(|(i, _, _)| *i);
+    check_prefixes(&kinds)?;
+    if !peers.is_empty() && !interface.private_key_from_file {
+        return Err(ConfigError::new(
+            "interface.private_key_file",
+            "required when WireGuard peers are keyed in the config (they need this gateway's public key)",
+        ));
+    }
+    let identity = match raw.identity {
+        Some(raw) => Some(identity(raw)?),
+        None if !identity_peers.is_empty() => {
+            return Err(ConfigError::new(
+                "identity",
+                "required: peers configured by spiffe_id need this gateway's certificate ([identity] table)",
+            ))
+        }
+        None => None,
+    };
+    let has_esp = !esp_peers.is_empty() || identity_peers.iter().any(|p| p.kind == TunnelKind::Esp);
+    if has_esp && interface.esp_listen_port == interface.listen_port {
         return Err(ConfigError::new(
             "interface.esp_listen_port",
             "must differ from interface.listen_port",
@@ -202,7 +341,225 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         interface,
         peers,
         esp_peers,
+        identity,
+        identity_peers,
     })
+}
+
+fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
+    let req = |v: Option<PathBuf>, f: &str, what: &str| {
+        v.ok_or_else(|| ConfigError::new(format!("identity.{f}"), format!("required ({what})")))
+    };
+    let bundle = req(
+        raw.trust_bundle,
+        "trust_bundle",
+        "PEM file with the mesh root CA(s)",
+    )?;
+    let cert = req(
+        raw.certificate,
+        "certificate",
+        "PEM chain: this gateway's leaf, then its cluster CA",
+    )?;
+    let key = req(
+        raw.private_key,
+        "private_key",
+        "PEM private key of the certificate, mode 0600",
+    )?;
+    let roots = isthmus_certs::files::load_certificates(&bundle)
+        .map_err(|e| ConfigError::new("identity.trust_bundle", e.to_string()))?;
+    if roots.is_empty() {
+        return Err(ConfigError::new(
+            "identity.trust_bundle",
+            "holds no certificate",
+        ));
+    }
+    let chain = isthmus_certs::files::load_certificates(&cert)
+        .map_err(|e| ConfigError::new("identity.certificate", e.to_string()))?;
+    let private_key = isthmus_certs::files::load_private_key(&key)
+        .map_err(|e| ConfigError::new("identity.private_key", e.to_string()))?;
+    let mut crls = Vec::new();
+    for (i, path) in raw.crls.iter().enumerate() {
+        crls.extend(
+            isthmus_certs::files::load_crls(path)
+                .map_err(|e| ConfigError::new(format!("identity.crls[{i}]"), e.to_string()))?,
+        );
+    }
+    let listen = match raw.listen {
+        None => SocketAddr::new(IpAddr::from([0, 0, 0, 0]), DEFAULT_CHANNEL_PORT),
+        Some(text) => text
+            .parse()
+            .map_err(|_| ConfigError::new("identity.listen", format!("`{text}` is not IP:PORT")))?,
+    };
+    let advertise_address = raw
+        .advertise_address
+        .map(|t| {
+            t.parse::<IpAddr>().map_err(|_| {
+                ConfigError::new(
+                    "identity.advertise_address",
+                    format!("`{t}` is not an IP address"),
+                )
+            })
+        })
+        .transpose()?;
+    let credentials = isthmus_identity::LocalCredentials {
+        chain,
+        key: private_key,
+    };
+    let trust = isthmus_identity::MeshTrust { roots, crls };
+    // Check the certificate, key and trust now, before any socket exists.
+    isthmus_identity::ChannelConfig::new(
+        isthmus_identity::LocalCredentials {
+            chain: credentials.chain.clone(),
+            key: credentials.key.clone_key(),
+        },
+        &trust,
+        isthmus_identity::TunnelParams {
+            wireguard_public_key: None,
+            wireguard_endpoint: None,
+            esp_endpoint: None,
+            esp_inbound_spi: None,
+            mtu: DEFAULT_MTU,
+        },
+    )
+    .map_err(|e| ConfigError::new("identity.certificate", e.to_string()))?;
+    Ok(IdentityConfig {
+        credentials,
+        trust,
+        listen,
+        advertise_address,
+    })
+}
+
+fn identity_peer(i: usize, raw: RawPeer) -> Result<IdentityPeer, ConfigError> {
+    let field = |f: &str| format!("peers[{i}].{f}");
+    check_peer_name(i, &raw.name)?;
+    for (present, name) in [
+        (raw.public_key.is_some(), "public_key"),
+        (raw.endpoint.is_some(), "endpoint"),
+    ] {
+        if present {
+            return Err(ConfigError::new(
+                field(name),
+                "a peer configured by spiffe_id learns its tunnel keys and endpoint over the mTLS channel; remove this field",
+            ));
+        }
+    }
+    let text = raw.spiffe_id.unwrap_or_default();
+    let spiffe_id: isthmus_identity::SpiffeId = text
+        .parse()
+        .map_err(|e| ConfigError::new(field("spiffe_id"), format!("`{text}`: {e}")))?;
+    if spiffe_id.as_gateway().is_none() {
+        return Err(ConfigError::new(
+            field("spiffe_id"),
+            format!("`{text}` is not a gateway identity (spiffe://<trust-domain>/cluster/<cluster>/gateway/<name>)"),
+        ));
+    }
+    let channel_endpoint = raw.channel_endpoint.ok_or_else(|| {
+        ConfigError::new(
+            field("channel_endpoint"),
+            "required (IP:PORT of the peer's mTLS channel)",
+        )
+    })?;
+    let channel_endpoint = parse_endpoint(field("channel_endpoint"), &channel_endpoint)?;
+    let allowed_prefixes = parse_prefixes(i, &raw.allowed_prefixes)?;
+    let kind = match raw.kind.as_deref().unwrap_or("wireguard") {
+        "wireguard" => TunnelKind::Wireguard,
+        "esp" => TunnelKind::Esp,
+        other => {
+            return Err(ConfigError::new(
+                field("kind"),
+                format!("`{other}` is not a tunnel kind (expected wireguard or esp)"),
+            ))
+        }
+    };
+    let esp = match (kind, raw.esp) {
+        (TunnelKind::Wireguard, Some(_)) => {
+            return Err(ConfigError::new(
+                field("esp"),
+                "is for ESP peers; set kind = \"esp\"",
+            ))
+        }
+        (TunnelKind::Wireguard, None) => None,
+        (TunnelKind::Esp, esp) => {
+            let esp = esp.unwrap_or(RawEsp {
+                sa_file: None,
+                cipher: None,
+                esn: None,
+                soft_lifetime_seconds: None,
+                soft_lifetime_packets: None,
+                soft_lifetime_bytes: None,
+                hard_lifetime_seconds: None,
+                hard_lifetime_packets: None,
+                hard_lifetime_bytes: None,
+                rekey_grace_seconds: None,
+            });
+            if esp.sa_file.is_some() {
+                return Err(ConfigError::new(
+                    field("esp.sa_file"),
+                    "a peer configured by spiffe_id is keyed over the mTLS channel (TLS exporter); remove sa_file",
+                ));
+            }
+            let cipher = match &esp.cipher {
+                None => EspCipher::Aes128Gcm,
+                Some(c) => c
+                    .parse()
+                    .map_err(|m: String| ConfigError::new(field("esp.cipher"), m))?,
+            };
+            let (esn, lifetimes) = esp_lifetimes(i, &esp)?;
+            Some(EspSettings {
+                cipher,
+                esn,
+                lifetimes,
+            })
+        }
+    };
+    if kind == TunnelKind::Esp && raw.persistent_keepalive.is_some() {
+        return Err(ConfigError::new(
+            field("persistent_keepalive"),
+            "is for WireGuard peers",
+        ));
+    }
+    Ok(IdentityPeer {
+        name: raw.name,
+        kind,
+        spiffe_id,
+        channel_endpoint,
+        allowed_prefixes,
+        persistent_keepalive: raw.persistent_keepalive.filter(|k| *k > 0),
+        esp,
+    })
+}
+
+/// Prefixes of peers of the same kind may nest (longest match decides)
+/// but not repeat; across kinds they must not overlap at all, because the
+/// two kinds are routed from separate tables.
+fn check_prefixes(peers: &[(usize, TunnelKind, Vec<IpPrefix>)]) -> Result<(), ConfigError> {
+    for (a, (ia, ka, pa)) in peers.iter().enumerate() {
+        for (ib, kb, pb) in &peers[..a] {
+            for p in pa {
+                let clash = if ka == kb {
+                    pb.iter().find(|q| *q == p)
+                } else {
+                    pb.iter().find(|q| overlaps(q, p))
+                };
+                if let Some(q) = clash {
+                    let why = if ka == kb {
+                        format!("{p} is also claimed by peers[{ib}]")
+                    } else {
+                        format!(
+                            "{p} overlaps {q} of peers[{ib}] (a {} peer); prefixes of ESP and WireGuard peers must be disjoint",
+                            kb.name()
+                        )
+                    };
+                    return Err(ConfigError::new(
+                        format!("peers[{ia}].allowed_prefixes"),
+                        why,
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn interface(raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
@@ -211,14 +568,12 @@ fn interface(raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
         .ok_or_else(|| ConfigError::new("interface.name", "required (the TUN device name)"))?;
     validate_ifname(&name).map_err(|m| ConfigError::new("interface.name", m))?;
 
-    let key_path = raw.private_key_file.ok_or_else(|| {
-        ConfigError::new(
-            "interface.private_key_file",
-            "required (a file holding a key from `wg genkey`, mode 0600)",
-        )
-    })?;
-    let private_key = read_private_key(&key_path)
-        .map_err(|m| ConfigError::new("interface.private_key_file", m))?;
+    let private_key_from_file = raw.private_key_file.is_some();
+    let private_key = match raw.private_key_file {
+        Some(path) => read_private_key(&path)
+            .map_err(|m| ConfigError::new("interface.private_key_file", m))?,
+        None => PrivateKey::generate(),
+    };
 
     let mtu = raw.mtu.unwrap_or(i64::from(DEFAULT_MTU));
     let mtu = u16::try_from(mtu)
@@ -249,6 +604,7 @@ fn interface(raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
     Ok(InterfaceConfig {
         name,
         private_key,
+        private_key_from_file,
         listen_port: raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
         mtu,
         addresses,
@@ -391,11 +747,32 @@ fn esp_peer(i: usize, raw: RawPeer) -> Result<EspPeerConfig, ConfigError> {
     let esp = raw.esp.ok_or_else(|| {
         ConfigError::new(field("esp"), "required: a [peers.esp] table with sa_file")
     })?;
+    if esp.cipher.is_some() {
+        return Err(ConfigError::new(
+            field("esp.cipher"),
+            "comes from the SA file for a manually keyed peer",
+        ));
+    }
     let sa_path = esp
         .sa_file
+        .clone()
         .ok_or_else(|| ConfigError::new(field("esp.sa_file"), "required (mode 0600)"))?;
     let keying = read_sa_file(&sa_path)
         .map_err(|(f, m)| ConfigError::new(format!("peers[{i}].esp.sa_file{f}"), m))?;
+    let (esn, lifetimes) = esp_lifetimes(i, &esp)?;
+    Ok(EspPeerConfig {
+        name: raw.name,
+        endpoint,
+        allowed_prefixes,
+        esn,
+        lifetimes,
+        keying,
+    })
+}
+
+/// ESN and SA lifetimes of an ESP peer, with the checks that keep a
+/// counter from ever wrapping.
+fn esp_lifetimes(i: usize, esp: &RawEsp) -> Result<(bool, Lifetimes), ConfigError> {
     let defaults = Lifetimes::default();
     let limits = |secs: Option<u64>, packets: Option<u64>, bytes: Option<u64>, d: Limits| Limits {
         time: secs.map(Duration::from_secs).unwrap_or(d.time),
@@ -433,18 +810,8 @@ fn esp_peer(i: usize, raw: RawPeer) -> Result<EspPeerConfig, ConfigError> {
             "without ESN the 32-bit counter must never wrap: at most 4294967295",
         ));
     }
-    Ok(EspPeerConfig {
-        name: raw.name,
-        endpoint,
-        allowed_prefixes,
-        esn,
-        lifetimes: Lifetimes {
-            soft,
-            hard,
-            grace: Duration::from_secs(esp.rekey_grace_seconds.unwrap_or(defaults.grace.as_secs())),
-        },
-        keying,
-    })
+    let grace = Duration::from_secs(esp.rekey_grace_seconds.unwrap_or(defaults.grace.as_secs()));
+    Ok((esn, Lifetimes { soft, hard, grace }))
 }
 
 fn parse_spi(v: &SpiValue) -> Result<u32, String> {
@@ -622,32 +989,6 @@ fn check_esp_peers(peers: &[EspPeerConfig], index: &[usize]) -> Result<(), Confi
 
 fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
     a.contains(b.addr()) || b.contains(a.addr())
-}
-
-/// WireGuard and ESP peers are routed from separate tables, so their
-/// prefixes must not overlap at all (not even nest).
-fn check_kinds_disjoint(
-    wg: &[PeerConfig],
-    wg_index: &[usize],
-    esp: &[EspPeerConfig],
-    esp_index: &[usize],
-) -> Result<(), ConfigError> {
-    for (ei, e) in esp.iter().enumerate() {
-        for ep in &e.allowed_prefixes {
-            for (wi, w) in wg.iter().enumerate() {
-                if let Some(wp) = w.allowed_prefixes.iter().find(|wp| overlaps(wp, ep)) {
-                    return Err(ConfigError::new(
-                        format!("peers[{}].allowed_prefixes", esp_index[ei]),
-                        format!(
-                            "{ep} overlaps {wp} of peers[{}] (a wireguard peer); prefixes of ESP and WireGuard peers must be disjoint",
-                            wg_index[wi]
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -7,4 +7,5 @@
 
 pub mod admin;
 pub mod config;
+pub mod mesh;
 pub mod uapi;

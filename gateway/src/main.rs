@@ -9,10 +9,12 @@
 use anyhow::Context as _;
 use clap::Parser;
 use isthmus_gateway::admin::{self, AdminServer, PeerStatus, Status};
-use isthmus_gateway::config::{self, GatewayConfig};
+use isthmus_gateway::config::{self, GatewayConfig, TunnelKind};
+use isthmus_gateway::mesh::MeshLinks;
 use isthmus_gateway::uapi::{
     KeyUpdate, SetRequest, UapiDevice, UapiError, UapiPeer, UapiServer, UapiSnapshot,
 };
+use isthmus_identity::TunnelParams;
 use isthmus_tunnel::driver::{Driver, DriverConfig};
 use isthmus_tunnel::esp::EspCore;
 use isthmus_tunnel::{IpPrefix, PeerConfig, PublicKey, WgCore};
@@ -77,13 +79,15 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 
     let iface = &cfg.interface;
     let core = Arc::new(WgCore::new(iface.private_key.clone(), cfg.peers.clone())?);
-    let esp = if cfg.esp_peers.is_empty() {
-        None
-    } else {
+    let wants_esp =
+        !cfg.esp_peers.is_empty() || cfg.identity_peers.iter().any(|p| p.kind == TunnelKind::Esp);
+    let esp = if wants_esp {
         Some(Arc::new(EspCore::new(
             cfg.esp_peers.clone(),
             Instant::now(),
         )?))
+    } else {
+        None
     };
     let driver = Driver::start(
         core.clone(),
@@ -98,9 +102,41 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     )?;
     configure_device(&cfg)?;
 
+    let mesh = match &cfg.identity {
+        Some(identity) if !cfg.identity_peers.is_empty() => {
+            let advertise = identity
+                .advertise_address
+                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+            let params = TunnelParams {
+                wireguard_public_key: Some(core.public_key().0),
+                wireguard_endpoint: Some(std::net::SocketAddr::new(
+                    advertise,
+                    driver.listen_port(),
+                )),
+                esp_endpoint: driver
+                    .esp_listen_port()
+                    .map(|port| std::net::SocketAddr::new(advertise, port)),
+                esp_inbound_spi: None,
+                mtu: iface.mtu,
+            };
+            Some(
+                MeshLinks::start(
+                    core.clone(),
+                    esp.clone(),
+                    cfg.identity_peers.clone(),
+                    identity,
+                    params,
+                )
+                .context("starting the mTLS peer channel")?,
+            )
+        }
+        _ => None,
+    };
+
     let device = Arc::new(GatewayDevice {
         core,
         esp,
+        mesh,
         esp_listen_port: driver.esp_listen_port(),
         name: iface.name.clone(),
         listen_port: driver.listen_port(),
@@ -124,6 +160,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         listen_port = device.listen_port,
         wireguard_peers = cfg.peers.len(),
         esp_peers = cfg.esp_peers.len(),
+        identity_peers = cfg.identity_peers.len(),
         "gateway up"
     );
 
@@ -148,7 +185,8 @@ fn configure_device(cfg: &GatewayConfig) -> anyhow::Result<()> {
         .peers
         .iter()
         .flat_map(|p| &p.allowed_prefixes)
-        .chain(cfg.esp_peers.iter().flat_map(|p| &p.allowed_prefixes));
+        .chain(cfg.esp_peers.iter().flat_map(|p| &p.allowed_prefixes))
+        .chain(cfg.identity_peers.iter().flat_map(|p| &p.allowed_prefixes));
     for prefix in prefixes {
         if prefix.len() == 0 {
             tracing::warn!(
@@ -181,6 +219,7 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 struct GatewayDevice {
     core: Arc<WgCore>,
     esp: Option<Arc<EspCore>>,
+    mesh: Option<Arc<MeshLinks>>,
     esp_listen_port: Option<u16>,
     name: String,
     listen_port: u16,
@@ -245,6 +284,7 @@ impl GatewayDevice {
             esp_listen_port: self.esp_listen_port,
             esp_drops: self.esp.as_ref().map(|e| e.counters.snapshot().into()),
             peers,
+            channels: self.mesh.as_ref().map(|m| m.status()).unwrap_or_default(),
         }
     }
 }

@@ -205,49 +205,91 @@ impl EspCore {
     /// Builds the peers; every SA of generations 0 to 2 is checked here,
     /// before any socket exists.
     pub fn new(configs: Vec<EspPeerConfig>, now: Instant) -> Result<Self, EspError> {
-        let mut peers = Vec::with_capacity(configs.len());
-        let mut routes = PrefixTable::new();
-        let mut spis = HashMap::new();
-        for (i, cfg) in configs.into_iter().enumerate() {
-            let cipher = cfg.keying.cipher();
-            let sa_err = |source| EspError::Sa { peer: i, source };
-            let key_err = |source| EspError::Keying { peer: i, source };
-            let first = cfg.keying.sa_pair(0).map_err(key_err)?;
-            let tx = OutboundSa::new(cipher, &first.outbound, cfg.esn, 0, now).map_err(sa_err)?;
-            let mut sas = Vec::new();
-            for generation in 0..=LOOKAHEAD {
-                let pair = cfg.keying.sa_pair(generation).map_err(key_err)?;
-                sas.push(
-                    InboundSa::new(cipher, &pair.inbound, cfg.esn, generation, now)
-                        .map_err(sa_err)?,
-                );
-            }
-            let peer = Arc::new(EspPeer {
-                tx: Mutex::new(TxState { sa: tx, rekeys: 0 }),
-                rx: Mutex::new(RxState { sas, active: 0 }),
-                counters: PeerCounters::default(),
-                config: cfg,
-            });
-            for sa in &lock(&peer.rx).sas {
-                if spis.insert(sa.spi, peer.clone()).is_some() {
-                    return Err(EspError::SpiConflict {
-                        peer: i,
-                        spi: sa.spi,
-                    });
-                }
-            }
-            for prefix in &peer.config.allowed_prefixes {
-                if routes.insert(*prefix, peer.clone()).is_some() {
-                    return Err(EspError::PrefixConflict { prefix: *prefix });
-                }
-            }
-            peers.push(peer);
-        }
-        Ok(Self {
-            set: RwLock::new(Arc::new(EspPeerSet { peers, routes })),
-            spis: RwLock::new(spis),
+        let core = Self {
+            set: RwLock::new(Arc::default()),
+            spis: RwLock::new(HashMap::new()),
             counters: DeviceCounters::default(),
-        })
+        };
+        for (i, cfg) in configs.into_iter().enumerate() {
+            core.add_peer_indexed(i, cfg, now)?;
+        }
+        Ok(core)
+    }
+
+    /// Adds a peer at run time (e.g. when its authenticated channel comes
+    /// up). Refused, changing nothing, if an SPI or prefix clashes.
+    pub fn add_peer(&self, cfg: EspPeerConfig, now: Instant) -> Result<Arc<EspPeer>, EspError> {
+        let index = self.peers().peers.len();
+        self.add_peer_indexed(index, cfg, now)
+    }
+
+    fn add_peer_indexed(
+        &self,
+        i: usize,
+        cfg: EspPeerConfig,
+        now: Instant,
+    ) -> Result<Arc<EspPeer>, EspError> {
+        let cipher = cfg.keying.cipher();
+        let sa_err = |source| EspError::Sa { peer: i, source };
+        let key_err = |source| EspError::Keying { peer: i, source };
+        let first = cfg.keying.sa_pair(0).map_err(key_err)?;
+        let tx = OutboundSa::new(cipher, &first.outbound, cfg.esn, 0, now).map_err(sa_err)?;
+        let mut sas = Vec::new();
+        for generation in 0..=LOOKAHEAD {
+            let pair = cfg.keying.sa_pair(generation).map_err(key_err)?;
+            sas.push(
+                InboundSa::new(cipher, &pair.inbound, cfg.esn, generation, now).map_err(sa_err)?,
+            );
+        }
+        let peer = Arc::new(EspPeer {
+            tx: Mutex::new(TxState { sa: tx, rekeys: 0 }),
+            rx: Mutex::new(RxState { sas, active: 0 }),
+            counters: PeerCounters::default(),
+            config: cfg,
+        });
+        // Both locks, in a fixed order (set, then SPIs), for an atomic swap.
+        let mut set_guard = self.set.write().unwrap_or_else(|e| e.into_inner());
+        let mut spis = self.spis.write().unwrap_or_else(|e| e.into_inner());
+        let inbound: Vec<u32> = lock(&peer.rx).sas.iter().map(|sa| sa.spi).collect();
+        for (k, spi) in inbound.iter().enumerate() {
+            if spis.contains_key(spi) || inbound[..k].contains(spi) {
+                return Err(EspError::SpiConflict { peer: i, spi: *spi });
+            }
+        }
+        let mut routes = set_guard.routes.clone();
+        for prefix in &peer.config.allowed_prefixes {
+            if routes.insert(*prefix, peer.clone()).is_some() {
+                return Err(EspError::PrefixConflict { prefix: *prefix });
+            }
+        }
+        for spi in inbound {
+            spis.insert(spi, peer.clone());
+        }
+        let mut peers = set_guard.peers.clone();
+        peers.push(peer.clone());
+        *set_guard = Arc::new(EspPeerSet { peers, routes });
+        Ok(peer)
+    }
+
+    /// Removes a peer: its SAs stop at once (packets to its prefixes are
+    /// then dropped as having no route).
+    pub fn remove_peer(&self, peer: &Arc<EspPeer>) {
+        let mut set_guard = self.set.write().unwrap_or_else(|e| e.into_inner());
+        let mut spis = self.spis.write().unwrap_or_else(|e| e.into_inner());
+        spis.retain(|_, p| !Arc::ptr_eq(p, peer));
+        let peers: Vec<_> = set_guard
+            .peers
+            .iter()
+            .filter(|p| !Arc::ptr_eq(p, peer))
+            .cloned()
+            .collect();
+        let mut routes = PrefixTable::new();
+        for p in &peers {
+            for prefix in &p.config.allowed_prefixes {
+                routes.insert(*prefix, p.clone());
+            }
+        }
+        *set_guard = Arc::new(EspPeerSet { peers, routes });
     }
 
     pub fn peers(&self) -> Arc<EspPeerSet> {
@@ -255,8 +297,14 @@ impl EspCore {
     }
 
     fn register_spi(&self, spi: u32, peer: &Arc<EspPeer>) {
+        // Lock order everywhere: the set, then the SPI map.
+        let set = self.set.read().unwrap_or_else(|e| e.into_inner());
         let mut spis = self.spis.write().unwrap_or_else(|e| e.into_inner());
-        spis.insert(spi, peer.clone());
+        // A peer removed meanwhile does not come back through a rekey.
+        let live = set.peers.iter().any(|p| Arc::ptr_eq(p, peer));
+        if live {
+            spis.entry(spi).or_insert_with(|| peer.clone());
+        }
     }
 
     fn unregister_spi(&self, spi: u32) {

@@ -293,3 +293,24 @@ fn conflicting_spis_and_reserved_spis_are_refused() {
         Err(EspError::Sa { .. })
     ));
 }
+
+#[test]
+fn peers_come_and_go_at_run_time() {
+    let now = Instant::now();
+    let p = pair(EspCipher::Aes128Gcm, true, Lifetimes::default(), now);
+    let peer = p.b.peers().peers()[0].clone();
+    let wire = seal(&p.a, &a_to_b(1), now).unwrap();
+    p.b.remove_peer(&peer);
+    assert!(p.b.peers().peers().is_empty());
+    assert_eq!(open(&p.b, &wire, now), Err(DropReason::UnknownPeer));
+    // The same SAs again: accepted, and traffic flows.
+    let cfg = peer.config().clone();
+    p.b.add_peer(cfg.clone(), now).unwrap();
+    assert_eq!(open(&p.b, &wire, now), Ok(Some(a_to_b(1))));
+    // A second peer with the same inbound SPIs is refused and changes nothing.
+    assert!(matches!(
+        p.b.add_peer(cfg, now),
+        Err(EspError::SpiConflict { .. })
+    ));
+    assert_eq!(p.b.peers().peers().len(), 1);
+}
