@@ -1305,6 +1305,173 @@ mod tests {
         }
     }
 
+    /// A CA directory with one gateway certificate, removed on drop.
+    struct Pki {
+        dir: PathBuf,
+        chain: PathBuf,
+        key: PathBuf,
+        bundle: PathBuf,
+    }
+    impl Drop for Pki {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn pki() -> Pki {
+        use isthmus_certs::store::CaDirectory;
+        use isthmus_certs::Validity;
+        use isthmus_identity::{ClusterName, GatewayName, TrustDomain};
+        let dir = std::env::temp_dir().join(format!(
+            "isthmus-config-pki-{}-{}",
+            std::process::id(),
+            PrivateKey::generate()
+                .public_key()
+                .to_base64()
+                .replace(['/', '+', '='], "")
+        ));
+        let ca = CaDirectory::init(
+            &dir,
+            &TrustDomain::new("mesh.test").unwrap(),
+            Validity::days(2),
+        )
+        .unwrap();
+        let cluster = ClusterName::new("a").unwrap();
+        ca.issue_cluster_ca(&cluster, Validity::days(2)).unwrap();
+        let files = ca
+            .issue_gateway(
+                &cluster,
+                &GatewayName::new("gw").unwrap(),
+                Validity::days(2),
+            )
+            .unwrap();
+        Pki {
+            bundle: ca.bundle_path(),
+            chain: files.chain,
+            key: files.key,
+            dir,
+        }
+    }
+
+    fn identity_config(pki: &Pki, peers: &str) -> String {
+        format!(
+            "[interface]\nname = \"ist0\"\n[identity]\ntrust_bundle = \"{}\"\ncertificate = \"{}\"\n\
+             private_key = \"{}\"\nlisten = \"127.0.0.1:0\"\n{peers}",
+            pki.bundle.display(),
+            pki.chain.display(),
+            pki.key.display()
+        )
+    }
+
+    const B_WG: &str = "[[peers]]\nname = \"b\"\nspiffe_id = \"spiffe://mesh.test/cluster/b/gateway/gw\"\n\
+                        channel_endpoint = \"192.0.2.2:7443\"\nallowed_prefixes = [\"100.64.2.0/24\"]\n";
+    const C_ESP: &str = "[[peers]]\nname = \"c\"\nkind = \"esp\"\nspiffe_id = \"spiffe://mesh.test/cluster/c/gateway/gw\"\n\
+                         channel_endpoint = \"192.0.2.3:7443\"\nallowed_prefixes = [\"100.64.3.0/24\"]\n\
+                         [peers.esp]\ncipher = \"aes256-gcm\"\n";
+
+    #[test]
+    fn peers_by_identity_need_no_keys_in_the_config() {
+        let pki = pki();
+        let cfg = parse(&identity_config(&pki, &format!("{B_WG}{C_ESP}"))).unwrap();
+        assert!(
+            !cfg.interface.private_key_from_file,
+            "a fresh WireGuard key per start"
+        );
+        assert!(cfg.peers.is_empty() && cfg.esp_peers.is_empty());
+        assert_eq!(cfg.identity_peers.len(), 2);
+        assert_eq!(cfg.identity_peers[0].kind, TunnelKind::Wireguard);
+        assert_eq!(
+            cfg.identity_peers[1].spiffe_id.to_string(),
+            "spiffe://mesh.test/cluster/c/gateway/gw"
+        );
+        assert_eq!(
+            cfg.identity_peers[1].esp.map(|e| e.cipher),
+            Some(EspCipher::Aes256Gcm)
+        );
+        let id = cfg.identity.unwrap();
+        assert_eq!(id.listen, "127.0.0.1:0".parse().unwrap());
+        assert_eq!(id.trust.roots.len(), 1);
+    }
+
+    #[test]
+    fn identity_errors_name_their_field() {
+        let pki = pki();
+        let (key, _) = key_file(0o600);
+        let cases: Vec<(String, &str)> = vec![
+            (config(&key.0, "", B_WG), "identity"),
+            (
+                identity_config(&pki, &B_WG.replace("/gateway/gw", "/node/gw")),
+                "peers[0].spiffe_id",
+            ),
+            (
+                identity_config(&pki, &B_WG.replace("spiffe://", "https://")),
+                "peers[0].spiffe_id",
+            ),
+            (
+                identity_config(
+                    &pki,
+                    &format!(
+                        "{B_WG}public_key = \"{}\"\n",
+                        PrivateKey::generate().public_key()
+                    ),
+                ),
+                "peers[0].public_key",
+            ),
+            (
+                identity_config(
+                    &pki,
+                    &B_WG.replace("channel_endpoint = \"192.0.2.2:7443\"\n", ""),
+                ),
+                "peers[0].channel_endpoint",
+            ),
+            (
+                identity_config(&pki, &format!("{C_ESP}sa_file = \"/nonexistent\"\n")),
+                "peers[0].esp.sa_file",
+            ),
+            (
+                identity_config(&pki, &C_ESP.replace("aes256-gcm", "des")),
+                "peers[0].esp.cipher",
+            ),
+            (
+                identity_config(&pki, &format!("{B_WG}{B_WG}")),
+                "peers[1].spiffe_id",
+            ),
+            (
+                identity_config(
+                    &pki,
+                    &format!(
+                        "{B_WG}{}",
+                        C_ESP.replace("100.64.3.0/24", "100.64.2.128/25")
+                    ),
+                ),
+                "peers[1].allowed_prefixes",
+            ),
+            (
+                identity_config(&pki, B_WG).replace("[identity]\n", "[identity]\nbogus = 1\n"),
+                "identity.bogus",
+            ),
+            (
+                identity_config(&pki, B_WG)
+                    .replace(&pki.bundle.display().to_string(), "/nonexistent.pem"),
+                "identity.trust_bundle",
+            ),
+            (
+                identity_config(&pki, B_WG)
+                    .replace(&pki.key.display().to_string(), &key.0.display().to_string()),
+                "identity.private_key",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = parse(&text).expect_err(&text);
+            assert_eq!(err.field, field, "{err}\nconfig:\n{text}");
+        }
+        // A certificate key readable by others is refused, naming the file.
+        std::fs::set_permissions(&pki.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = parse(&identity_config(&pki, B_WG)).unwrap_err();
+        assert_eq!(err.field, "identity.private_key");
+        assert!(err.message.contains("644"), "{err}");
+    }
+
     #[test]
     fn key_file_readable_by_others_is_refused() {
         let (file, key) = key_file(0o644);
