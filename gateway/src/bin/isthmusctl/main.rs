@@ -2,7 +2,10 @@
 //!
 //! `status` reads a gateway's admin socket and prints its peers and counters
 //! as a table or JSON. `keygen` and `pubkey` manage WireGuard key files.
-//! No command ever prints a private key.
+//! `certs` runs the mesh PKI (root CA, cluster CAs, gateway certificates, CRLs;
+//! see `certs.rs`). No command ever prints a private key.
+
+mod certs;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -64,6 +67,12 @@ enum Cmd {
         /// AEAD of the SAs.
         #[arg(long, value_enum, default_value_t = Cipher::Aes128Gcm)]
         cipher: Cipher,
+    },
+    /// Mesh PKI: create the root CA, issue cluster CAs and gateway
+    /// certificates, show certificates, revoke.
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCmd,
     },
 }
 
@@ -140,6 +149,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("{}", private_key_file.display()))?;
             println!("{}", key.public_key());
         }
+        Cmd::Certs { command } => certs::run(command)?,
     }
     Ok(())
 }

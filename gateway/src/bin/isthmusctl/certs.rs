@@ -1,0 +1,813 @@
+//! `isthmusctl certs`: the mesh PKI from the command line.
+//!
+//! - `init` creates the mesh root CA and the trust bundle in a CA directory
+//!   ([`CaDirectory`], layout in certs/README.md).
+//! - `issue cluster` / `issue gateway` issue a cluster intermediate CA or a gateway leaf.
+//! - `show` summarises every certificate of a PEM file (text or JSON).
+//! - `revoke` adds a serial to the root's CRL (cluster CAs) or to a cluster CA's CRL
+//!   (gateways). The revoked serials and the CRL number live next to the CRL in
+//!   `*.revoked.json`, so repeated revokes accumulate and the CRL number grows.
+//!
+//! Nothing here prints key material: keys are only ever written (0600, by
+//! `isthmus-certs`), and `show` refuses a file holding a private key. Paths and public
+//! certificate fields are the only things printed.
+
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, bail, Context as _};
+use clap::{Subcommand, ValueEnum};
+use isthmus_certs::{CaDirectory, CertificateSummary, Crl, Serial, Validity};
+use isthmus_identity::{ClusterName, GatewayName, TrustDomain};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// Longest validity `--days` accepts (100 years).
+const MAX_DAYS: i64 = 36_500;
+
+/// `isthmusctl certs ...`
+#[derive(Subcommand, Debug)]
+pub enum CertsCmd {
+    /// Create the mesh root CA and the trust bundle in a new CA directory.
+    Init {
+        /// CA directory (created 0700 if missing); refused if it already holds a root CA.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Trust domain of the mesh, e.g. mesh.example.org (no spiffe:// prefix).
+        #[arg(long, value_name = "TD")]
+        trust_domain: String,
+        /// Validity of the root CA in days.
+        #[arg(long, value_name = "N", default_value_t = 3650,
+              value_parser = clap::value_parser!(u32).range(1..=MAX_DAYS))]
+        days: u32,
+    },
+    /// Issue a cluster intermediate CA or a gateway certificate.
+    Issue {
+        /// CA directory made by `isthmusctl certs init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[command(subcommand)]
+        what: IssueCmd,
+    },
+    /// Print subject, issuer, SPIFFE ID, validity, serial and SHA-256 fingerprint of
+    /// every certificate in a PEM file. Refuses private key files.
+    Show {
+        /// PEM file with one or more certificates (a certificate, chain or bundle).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = ShowOutput::Text)]
+        output: ShowOutput,
+    },
+    /// Revoke a certificate: a cluster CA on the root's CRL, or (with --cluster) a
+    /// gateway certificate on its cluster CA's CRL. Writes the CRL file.
+    Revoke {
+        /// CA directory made by `isthmusctl certs init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Serial number in hex, optionally ':'-separated (as `certs show` prints it).
+        #[arg(long, value_name = "HEX")]
+        serial: String,
+        /// Revoke on this cluster CA's CRL (gateway certificates) instead of the root's
+        /// (cluster CA certificates).
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        /// Days until the CRL's nextUpdate.
+        #[arg(long, value_name = "N", default_value_t = 30,
+              value_parser = clap::value_parser!(u32).range(1..=MAX_DAYS))]
+        days: u32,
+        /// Revoke even if no certificate with this serial is on file in DIR
+        /// (e.g. its files were deleted).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// `isthmusctl certs issue --dir DIR ...`
+#[derive(Subcommand, Debug)]
+pub enum IssueCmd {
+    /// Issue the intermediate CA of a cluster (signed by the root).
+    Cluster {
+        /// Cluster name (a DNS label: lowercase letters, digits, '-').
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        /// Validity in days (clamped to the root's).
+        #[arg(long, value_name = "N", default_value_t = 365,
+              value_parser = clap::value_parser!(u32).range(1..=MAX_DAYS))]
+        days: u32,
+    },
+    /// Issue a gateway certificate (signed by its cluster CA), URI SAN
+    /// spiffe://TD/cluster/NAME/gateway/GW.
+    Gateway {
+        /// Cluster of the gateway; its CA must have been issued.
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        /// Gateway name (a DNS label: lowercase letters, digits, '-').
+        #[arg(long, value_name = "GW")]
+        name: String,
+        /// Validity in days (clamped to the cluster CA's).
+        #[arg(long, value_name = "N", default_value_t = 90,
+              value_parser = clap::value_parser!(u32).range(1..=MAX_DAYS))]
+        days: u32,
+    },
+}
+
+/// Output format of `certs show`.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ShowOutput {
+    Text,
+    Json,
+}
+
+/// Runs one `certs` subcommand, printing to stdout.
+pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
+    let text = match cmd {
+        CertsCmd::Init {
+            dir,
+            trust_domain,
+            days,
+        } => init(&dir, &trust_domain, days)?,
+        CertsCmd::Issue { dir, what } => match what {
+            IssueCmd::Cluster { cluster, days } => issue_cluster(&dir, &cluster, days)?,
+            IssueCmd::Gateway {
+                cluster,
+                name,
+                days,
+            } => issue_gateway(&dir, &cluster, &name, days)?,
+        },
+        CertsCmd::Show { file, output } => show(&file, output)?,
+        CertsCmd::Revoke {
+            dir,
+            serial,
+            cluster,
+            days,
+            force,
+        } => revoke(&dir, &serial, cluster.as_deref(), days, force)?,
+    };
+    use std::io::Write as _;
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Input validation
+
+fn parse_trust_domain(s: &str) -> anyhow::Result<TrustDomain> {
+    if let Some(rest) = s.strip_prefix("spiffe://") {
+        bail!(
+            "--trust-domain {s:?}: give the trust domain name without \"spiffe://\" \
+             (e.g. {rest:?})"
+        );
+    }
+    TrustDomain::new(s).map_err(|e| anyhow!("--trust-domain {s:?}: {e}"))
+}
+
+fn parse_cluster(s: &str) -> anyhow::Result<ClusterName> {
+    ClusterName::new(s).map_err(|e| anyhow!("--cluster: {e}"))
+}
+
+fn parse_gateway(s: &str) -> anyhow::Result<GatewayName> {
+    GatewayName::new(s).map_err(|e| anyhow!("--name: {e}"))
+}
+
+fn parse_serial(s: &str) -> anyhow::Result<Serial> {
+    Serial::from_str(s.trim()).map_err(|e| anyhow!("--serial: {e}"))
+}
+
+/// Opens an initialised CA directory, saying precisely what is wrong otherwise.
+fn open_dir(dir: &Path) -> anyhow::Result<CaDirectory> {
+    match fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{}: no such CA directory (create one with `isthmusctl certs init --dir {} \
+             --trust-domain TD`)",
+            dir.display(),
+            dir.display()
+        ),
+        Err(e) => bail!("{}: {e}", dir.display()),
+        Ok(meta) if !meta.is_dir() => bail!("{}: not a directory", dir.display()),
+        Ok(_) => {}
+    }
+    Ok(CaDirectory::open(dir)?)
+}
+
+fn validity_days(days: u32) -> Validity {
+    Validity::days(days)
+}
+
+// ---------------------------------------------------------------------------------------
+// Formatting
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC), the same form the certificate summaries print.
+fn rfc3339(t: SystemTime) -> String {
+    let secs: i64 = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    };
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (eras of 400 years).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468; // days since 0000-03-01
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097); // day of era, 0..=146096
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365; // 0..=399
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100); // day of year from March 1st
+    let mp = (5 * doy + 2) / 153; // month from March, 0..=11
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    // Both are in range by construction (1..=31, 1..=12).
+    (year, day_u32(month), day_u32(day))
+}
+
+fn day_u32(v: i64) -> u32 {
+    u32::try_from(v).unwrap_or(0)
+}
+
+fn colon_hex(bytes: &[u8]) -> String {
+    let mut s = String::with_capacity(bytes.len() * 3);
+    for (i, b) in bytes.iter().enumerate() {
+        if i > 0 {
+            s.push(':');
+        }
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// What a certificate is in the mesh hierarchy.
+fn kind(s: &CertificateSummary) -> &'static str {
+    match &s.spiffe_id {
+        Some(id) if s.is_ca && id.path().is_empty() => "mesh root CA",
+        Some(id) if s.is_ca && id.as_cluster().is_some() => "cluster CA",
+        Some(id) if !s.is_ca && id.as_gateway().is_some() => "gateway",
+        _ if s.is_ca => "CA (not a mesh CA)",
+        _ => "certificate (not a mesh gateway)",
+    }
+}
+
+/// "valid", "expired" or "not yet valid" at `now`.
+fn status(s: &CertificateSummary, now: SystemTime) -> &'static str {
+    if s.is_valid_at(now) {
+        "valid"
+    } else if now > s.not_after {
+        "expired"
+    } else {
+        "not yet valid"
+    }
+}
+
+fn mode_of(path: &Path) -> anyhow::Result<u32> {
+    Ok(fs::metadata(path)
+        .with_context(|| path.display().to_string())?
+        .permissions()
+        .mode()
+        & 0o7777)
+}
+
+/// The first certificate of a file we just wrote.
+fn summary_of(path: &Path) -> anyhow::Result<CertificateSummary> {
+    CertificateSummary::from_file(path)?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("{}: no certificate", path.display()))
+}
+
+/// Lines describing a freshly created certificate.
+fn describe_new(out: &mut String, s: &CertificateSummary, requested_days: u32) {
+    let id = s
+        .spiffe_id
+        .as_ref()
+        .map_or_else(|| "-".to_owned(), ToString::to_string);
+    let _ = writeln!(out, "  spiffe id:    {id}");
+    let _ = writeln!(out, "  subject:      {}", s.subject);
+    let _ = writeln!(out, "  serial:       {}", s.serial);
+    let _ = writeln!(out, "  sha256:       {}", colon_hex(&s.sha256_fingerprint));
+    let _ = write!(
+        out,
+        "  valid:        {} to {}",
+        rfc3339(s.not_before),
+        rfc3339(s.not_after)
+    );
+    let requested = SystemTime::now() + Duration::from_secs(u64::from(requested_days) * 86_400);
+    if s.not_after + Duration::from_secs(3600) < requested {
+        out.push_str(" (shortened to the issuing CA's validity)");
+    }
+    out.push('\n');
+}
+
+fn describe_key(out: &mut String, path: &Path) -> anyhow::Result<()> {
+    let _ = writeln!(
+        out,
+        "  private key:  {} (mode {:04o})",
+        path.display(),
+        mode_of(path)?
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// init / issue
+
+fn init(dir: &Path, trust_domain: &str, days: u32) -> anyhow::Result<String> {
+    let td = parse_trust_domain(trust_domain)?;
+    if let Ok(meta) = fs::metadata(dir) {
+        if !meta.is_dir() {
+            bail!("{}: exists and is not a directory", dir.display());
+        }
+    }
+    // CaDirectory::init refuses these too; say what it means.
+    let probe = CaDirectory::open(dir).ok();
+    if let Some(existing) = probe {
+        bail!(
+            "{}: already holds a mesh root CA ({}); refusing to overwrite it",
+            dir.display(),
+            existing.root_cert_path().display()
+        );
+    }
+    let key_path = dir.join("root-ca.key");
+    if key_path.exists() {
+        bail!(
+            "{}: already exists; refusing to overwrite a private key",
+            key_path.display()
+        );
+    }
+    let store = CaDirectory::init(dir, &td, validity_days(days))?;
+    let root = summary_of(&store.root_cert_path())?;
+    let mut out = format!(
+        "created the mesh root CA of trust domain {td} in {}\n",
+        store.path().display()
+    );
+    describe_new(&mut out, &root, days);
+    let _ = writeln!(out, "  certificate:  {}", store.root_cert_path().display());
+    describe_key(&mut out, &key_path)?;
+    let _ = writeln!(
+        out,
+        "  trust bundle: {} (give it to every gateway)",
+        store.bundle_path().display()
+    );
+    Ok(out)
+}
+
+fn issue_cluster(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<String> {
+    let cluster = parse_cluster(cluster)?;
+    let store = open_dir(dir)?;
+    let cert_path = store.cluster_cert_path(&cluster);
+    if cert_path.exists() {
+        bail!(
+            "cluster {cluster} already has a CA ({}); refusing to overwrite it",
+            cert_path.display()
+        );
+    }
+    let key_path = cert_path.with_file_name("ca.key");
+    let cert_path = store.issue_cluster_ca(&cluster, validity_days(days))?;
+    let ca = summary_of(&cert_path)?;
+    let mut out = format!("issued the CA of cluster {cluster}\n");
+    describe_new(&mut out, &ca, days);
+    let _ = writeln!(out, "  certificate:  {}", cert_path.display());
+    describe_key(&mut out, &key_path)?;
+    Ok(out)
+}
+
+fn issue_gateway(dir: &Path, cluster: &str, name: &str, days: u32) -> anyhow::Result<String> {
+    let cluster = parse_cluster(cluster)?;
+    let name = parse_gateway(name)?;
+    let store = open_dir(dir)?;
+    if !store.cluster_cert_path(&cluster).is_file() {
+        bail!(
+            "unknown cluster \"{cluster}\": no cluster CA in {} (issue one with \
+             `isthmusctl certs issue --dir {} cluster --cluster {cluster}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let files = store.gateway_files(&cluster, &name);
+    for path in [&files.chain, &files.key] {
+        if path.exists() {
+            bail!(
+                "gateway {name} of cluster {cluster} already has a certificate ({} exists); \
+                 refusing to overwrite it (revoke it, move its files away, then issue again)",
+                path.display()
+            );
+        }
+    }
+    let files = store.issue_gateway(&cluster, &name, validity_days(days))?;
+    let leaf = summary_of(&files.chain)?;
+    let mut out = format!("issued the certificate of gateway {name} in cluster {cluster}\n");
+    describe_new(&mut out, &leaf, days);
+    let _ = writeln!(
+        out,
+        "  chain:        {} (gateway certificate, then cluster CA)",
+        files.chain.display()
+    );
+    describe_key(&mut out, &files.key)?;
+    let _ = writeln!(out, "  trust bundle: {}", store.bundle_path().display());
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// show
+
+#[derive(Serialize)]
+struct ShowJson<'a> {
+    file: String,
+    certificates: Vec<CertJson<'a>>,
+}
+
+#[derive(Serialize)]
+struct CertJson<'a> {
+    kind: &'a str,
+    subject: &'a str,
+    issuer: &'a str,
+    spiffe_id: Option<String>,
+    is_ca: bool,
+    not_before: String,
+    not_after: String,
+    valid_now: bool,
+    status: &'a str,
+    serial: String,
+    sha256_fingerprint: String,
+}
+
+/// Whether a PEM text has a private key block (`PRIVATE KEY`, `EC PRIVATE KEY`,
+/// `RSA PRIVATE KEY`, `ENCRYPTED PRIVATE KEY`, ...).
+fn has_private_key(bytes: &[u8]) -> bool {
+    const MARK: &[u8] = b"PRIVATE KEY-----";
+    bytes.windows(MARK.len()).any(|w| w == MARK)
+}
+
+fn has_certificate(bytes: &[u8]) -> bool {
+    const MARK: &[u8] = b"-----BEGIN CERTIFICATE-----";
+    bytes.windows(MARK.len()).any(|w| w == MARK)
+}
+
+/// Largest file `show` reads (a PEM bundle of many certificates is far smaller).
+const MAX_SHOW_BYTES: u64 = 4 << 20;
+
+fn read_limited(file: &Path) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    use std::io::Read as _;
+    let what = || file.display().to_string();
+    let f = File::open(file).with_context(what)?;
+    if !f.metadata().with_context(what)?.is_file() {
+        bail!("{}: not a regular file", file.display());
+    }
+    let mut bytes = Zeroizing::new(Vec::new());
+    f.take(MAX_SHOW_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .with_context(what)?;
+    if bytes.len() as u64 > MAX_SHOW_BYTES {
+        bail!(
+            "{}: larger than {} MiB; not a certificate file",
+            file.display(),
+            MAX_SHOW_BYTES >> 20
+        );
+    }
+    Ok(bytes)
+}
+
+fn show(file: &Path, output: ShowOutput) -> anyhow::Result<String> {
+    // The contents may be a key: keep them out of every message and wipe them after.
+    let bytes = read_limited(file)?;
+    if has_private_key(&bytes) {
+        if has_certificate(&bytes) {
+            bail!(
+                "{}: this file holds a private key besides certificates; isthmusctl never \
+                 prints key material (show a file with the certificates only)",
+                file.display()
+            );
+        }
+        bail!(
+            "{}: this is a private key; isthmusctl never prints key material",
+            file.display()
+        );
+    }
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        bail!(
+            "{}: not a PEM file (binary data; DER is not supported)",
+            file.display()
+        );
+    };
+    let summaries = CertificateSummary::from_pem(text, &file.display().to_string())?;
+    let now = SystemTime::now();
+    let total = summaries.len();
+    match output {
+        ShowOutput::Text => {
+            let mut out = String::new();
+            for (i, s) in summaries.iter().enumerate() {
+                if i > 0 {
+                    out.push('\n');
+                }
+                let _ = writeln!(out, "certificate {} of {total}: {}", i + 1, kind(s));
+                let _ = writeln!(out, "{s}");
+                let _ = writeln!(
+                    out,
+                    "valid now:   {}",
+                    match status(s, now) {
+                        "valid" => "yes",
+                        "expired" => "no (expired)",
+                        _ => "no (not yet valid)",
+                    }
+                );
+            }
+            Ok(out)
+        }
+        ShowOutput::Json => {
+            let doc = ShowJson {
+                file: file.display().to_string(),
+                certificates: summaries
+                    .iter()
+                    .map(|s| CertJson {
+                        kind: kind(s),
+                        subject: &s.subject,
+                        issuer: &s.issuer,
+                        spiffe_id: s.spiffe_id.as_ref().map(ToString::to_string),
+                        is_ca: s.is_ca,
+                        not_before: rfc3339(s.not_before),
+                        not_after: rfc3339(s.not_after),
+                        valid_now: s.is_valid_at(now),
+                        status: status(s, now),
+                        serial: s.serial.to_string(),
+                        sha256_fingerprint: colon_hex(&s.sha256_fingerprint),
+                    })
+                    .collect(),
+            };
+            Ok(serde_json::to_string_pretty(&doc)? + "\n")
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// revoke
+
+/// The revoked serials and last CRL number of one CA, kept next to its CRL.
+#[derive(Serialize, Deserialize, Default, Debug)]
+struct RevocationState {
+    /// Number of the last CRL written (0: none yet).
+    crl_number: u64,
+    revoked: Vec<RevokedEntry>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+struct RevokedEntry {
+    /// Colon-separated hex, as `certs show` prints it.
+    serial: String,
+    /// When `isthmusctl certs revoke` added it.
+    revoked_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    spiffe_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    subject: Option<String>,
+}
+
+/// Whose certificate a serial is, according to the files in the CA directory.
+#[derive(Debug)]
+enum Owner {
+    Root,
+    ClusterCa(ClusterName),
+    Gateway(ClusterName, GatewayName),
+}
+
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Root => f.write_str("the mesh root CA"),
+            Owner::ClusterCa(c) => write!(f, "the CA of cluster {c}"),
+            Owner::Gateway(c, g) => write!(f, "gateway {g} of cluster {c}"),
+        }
+    }
+}
+
+/// Every certificate on file in the CA directory (unreadable files are skipped).
+fn inventory(store: &CaDirectory) -> Vec<(Owner, CertificateSummary)> {
+    let first = |path: &Path| {
+        CertificateSummary::from_file(path)
+            .ok()
+            .and_then(|v| v.into_iter().next())
+    };
+    let mut found = Vec::new();
+    if let Some(s) = first(&store.root_cert_path()) {
+        found.push((Owner::Root, s));
+    }
+    let Ok(clusters) = fs::read_dir(store.path().join("clusters")) else {
+        return found;
+    };
+    for entry in clusters.flatten() {
+        let Some(cluster) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| ClusterName::new(n).ok())
+        else {
+            continue;
+        };
+        if let Some(s) = first(&store.cluster_cert_path(&cluster)) {
+            found.push((Owner::ClusterCa(cluster.clone()), s));
+        }
+        let Ok(gateways) = fs::read_dir(entry.path().join("gateways")) else {
+            continue;
+        };
+        for gw in gateways.flatten() {
+            let file_name = gw.file_name();
+            let Some(name) = file_name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".pem"))
+                .and_then(|n| GatewayName::new(n).ok())
+            else {
+                continue;
+            };
+            if let Some(s) = first(&gw.path()) {
+                found.push((Owner::Gateway(cluster.clone(), name), s));
+            }
+        }
+    }
+    found
+}
+
+fn load_state(path: &Path) -> anyhow::Result<RevocationState> {
+    match fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid revocation state", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RevocationState::default()),
+        Err(e) => Err(anyhow!("{}: {e}", path.display())),
+    }
+}
+
+fn revoke(
+    dir: &Path,
+    serial: &str,
+    cluster: Option<&str>,
+    days: u32,
+    force: bool,
+) -> anyhow::Result<String> {
+    let serial = parse_serial(serial)?;
+    let cluster = cluster.map(parse_cluster).transpose()?;
+    let store = open_dir(dir)?;
+    // One revoke at a time per CA directory (released when `_lock` is dropped).
+    let _lock = File::open(store.path())
+        .and_then(|f| f.lock().map(|()| f))
+        .with_context(|| format!("locking {}", store.path().display()))?;
+
+    // Which CA signs the CRL, and where it and its state live.
+    let (issuer_name, crl_path, state_path) = match &cluster {
+        None => (
+            "the mesh root CA".to_owned(),
+            store.path().join("root-ca.crl.pem"),
+            store.path().join("root-ca.revoked.json"),
+        ),
+        Some(c) => {
+            let ca_path = store.cluster_cert_path(c);
+            if !ca_path.is_file() {
+                bail!(
+                    "unknown cluster \"{c}\": no cluster CA in {}",
+                    store.path().display()
+                );
+            }
+            (
+                format!("the CA of cluster {c}"),
+                ca_path.with_file_name("ca.crl.pem"),
+                ca_path.with_file_name("ca.revoked.json"),
+            )
+        }
+    };
+
+    // A serial revoked on the wrong CRL is silently useless: check whose it is.
+    let known = inventory(&store);
+    let owner = known.iter().find(|(_, s)| s.serial == serial);
+    match (owner, &cluster) {
+        (Some((Owner::Root, _)), _) => bail!(
+            "serial {serial} is the mesh root CA itself; a root is not revoked by a CRL, \
+             it is rotated out of the trust bundle"
+        ),
+        (Some((Owner::ClusterCa(_), _)), None) => {}
+        (Some((owner @ Owner::ClusterCa(_), _)), Some(_)) => bail!(
+            "serial {serial} is {owner}, which the root signed: revoke it on the root's CRL \
+             (without --cluster)"
+        ),
+        (Some((Owner::Gateway(c, _), _)), Some(wanted)) if c == wanted => {}
+        (Some((owner @ Owner::Gateway(c, _), _)), _) => bail!(
+            "serial {serial} is {owner}, which the CA of cluster {c} signed: revoke it with \
+             --cluster {c}"
+        ),
+        (None, _) if force => {}
+        (None, _) => bail!(
+            "no certificate with serial {serial} is on file in {}; check the serial \
+             (`isthmusctl certs show FILE`), or pass --force to revoke it anyway",
+            store.path().display()
+        ),
+    }
+
+    let mut state = load_state(&state_path)?;
+    if state.crl_number == 0 && crl_path.exists() {
+        bail!(
+            "{} exists but its revocation state {} is missing; refusing to start a new CRL \
+             numbering (restore the state file)",
+            crl_path.display(),
+            state_path.display()
+        );
+    }
+    let mut serials = state
+        .revoked
+        .iter()
+        .map(|e| {
+            Serial::from_str(&e.serial)
+                .map_err(|err| anyhow!("{}: revoked entry: {err}", state_path.display()))
+        })
+        .collect::<anyhow::Result<Vec<Serial>>>()?;
+    let already = serials.contains(&serial);
+    if !already {
+        serials.push(serial.clone());
+        let summary = owner.map(|(_, s)| s);
+        state.revoked.push(RevokedEntry {
+            serial: serial.to_string(),
+            revoked_at: rfc3339(SystemTime::now()),
+            spiffe_id: summary.and_then(|s| s.spiffe_id.as_ref().map(ToString::to_string)),
+            subject: summary.map(|s| s.subject.clone()),
+        });
+    }
+    state.crl_number = state
+        .crl_number
+        .checked_add(1)
+        .ok_or_else(|| anyhow!("{}: CRL number overflow", state_path.display()))?;
+
+    let validity = validity_days(days);
+    let crl = match &cluster {
+        None => store.root_ca()?.crl(&serials, state.crl_number, validity)?,
+        Some(c) => store
+            .cluster_ca(c)?
+            .crl(&serials, state.crl_number, validity)?,
+    };
+    // State first: if the CRL write then fails, the next revoke uses a higher number.
+    let json = serde_json::to_string_pretty(&state)? + "\n";
+    isthmus_certs::write_public_file(&state_path, &json)?;
+    crl.save(&crl_path)?;
+    // Read back what gateways will load.
+    Crl::load_all(&crl_path)?;
+
+    let what = match owner {
+        Some((owner, _)) => owner.to_string(),
+        None => "not on file".to_owned(),
+    };
+    let mut out = if already {
+        format!("serial {serial} ({what}) was already revoked; CRL re-issued\n")
+    } else {
+        format!("revoked serial {serial} ({what})\n")
+    };
+    let _ = writeln!(
+        out,
+        "  crl:          {} (CRL #{} of {issuer_name}, {} serial{} revoked, next update {})",
+        crl_path.display(),
+        state.crl_number,
+        serials.len(),
+        if serials.len() == 1 { "" } else { "s" },
+        rfc3339(validity.not_after)
+    );
+    let _ = writeln!(out, "  state:        {}", state_path.display());
+    out.push_str("  distribute the CRL to every gateway\n");
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_matches_known_dates() {
+        let at = |secs: u64| rfc3339(UNIX_EPOCH + Duration::from_secs(secs));
+        assert_eq!(at(0), "1970-01-01T00:00:00Z");
+        assert_eq!(at(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(at(1_709_251_199), "2024-02-29T23:59:59Z");
+        assert_eq!(at(4_102_444_800), "2100-01-01T00:00:00Z");
+        assert_eq!(at(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(1)),
+            "1969-12-31T23:59:59Z"
+        );
+    }
+
+    #[test]
+    fn private_key_blocks_are_detected() {
+        for label in [
+            "PRIVATE KEY",
+            "EC PRIVATE KEY",
+            "RSA PRIVATE KEY",
+            "ENCRYPTED PRIVATE KEY",
+        ] {
+            let pem = format!("-----BEGIN {label}-----\nAAAA\n-----END {label}-----\n");
+            assert!(has_private_key(pem.as_bytes()), "{label}");
+        }
+        assert!(!has_private_key(
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+        ));
+    }
+}
