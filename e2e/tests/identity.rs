@@ -1,0 +1,444 @@
+//! Gateways configured only with certificates and peer identities: the
+//! mTLS channel brings WireGuard and ESP tunnels up, a restart re-keys them,
+//! refused identities bring up nothing, and no key material reaches logs or
+//! `isthmusctl` output.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use isthmus_e2e::traffic::{tcp_transfer, Payload};
+use isthmus_e2e::{bins, ping, wait_for_ping, ProcessGuard, Run, Site, Topology, Underlay};
+use serde_json::Value;
+
+const CHANNEL_PORT: u16 = 7443;
+const TRANSFER_BYTES: u64 = 50 * 1024 * 1024;
+
+fn ctl(args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(bins::ctl())
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "isthmusctl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A mesh CA directory (`isthmusctl certs`) in the run's temp dir.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn init(run: &Run, name: &str, trust_domain: &str) -> Result<Self> {
+        let dir = run.path(name);
+        let d = dir.to_string_lossy().into_owned();
+        ctl(&["certs", "init", "--dir", &d, "--trust-domain", trust_domain])?;
+        Ok(Self { dir })
+    }
+    fn d(&self) -> String {
+        self.dir.to_string_lossy().into_owned()
+    }
+    fn cluster(&self, cluster: &str) -> Result<()> {
+        ctl(&[
+            "certs",
+            "issue",
+            "--dir",
+            &self.d(),
+            "cluster",
+            "--cluster",
+            cluster,
+        ])?;
+        Ok(())
+    }
+    /// Issues a gateway certificate; returns (chain, key).
+    fn gateway(&self, cluster: &str, name: &str) -> Result<(PathBuf, PathBuf)> {
+        ctl(&[
+            "certs",
+            "issue",
+            "--dir",
+            &self.d(),
+            "gateway",
+            "--cluster",
+            cluster,
+            "--name",
+            name,
+        ])?;
+        let base = self.dir.join("clusters").join(cluster).join("gateways");
+        Ok((
+            base.join(format!("{name}.pem")),
+            base.join(format!("{name}.key")),
+        ))
+    }
+    fn bundle(&self) -> PathBuf {
+        self.dir.join("bundle.pem")
+    }
+}
+
+/// One identity-configured peer in a gateway config.
+struct IdPeer<'a> {
+    site: &'a Site,
+    kind: &'a str,
+    spiffe_id: String,
+}
+
+fn spiffe(td: &str, cluster: &str) -> String {
+    format!("spiffe://{td}/cluster/{cluster}/gateway/gw")
+}
+
+fn write_config(
+    run: &Run,
+    me: &Site,
+    bundle: &Path,
+    chain: &Path,
+    key: &Path,
+    crls: &[PathBuf],
+    peers: &[IdPeer<'_>],
+) -> Result<PathBuf> {
+    let crls = crls
+        .iter()
+        .map(|p| format!("{:?}", p.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut text = format!(
+        "[interface]\nname = {:?}\n\n[identity]\ntrust_bundle = {:?}\ncertificate = {:?}\n\
+         private_key = {:?}\ncrls = [{crls}]\nlisten = \"{}\"\n",
+        me.tunnel_if,
+        bundle.to_string_lossy(),
+        chain.to_string_lossy(),
+        key.to_string_lossy(),
+        me.endpoint(CHANNEL_PORT),
+    );
+    for p in peers {
+        text += &format!(
+            "\n[[peers]]\nname = \"site-{}\"\nkind = \"{}\"\nspiffe_id = \"{}\"\n\
+             channel_endpoint = \"{}\"\nallowed_prefixes = [\"{}\"]\n",
+            p.site.index,
+            p.kind,
+            p.spiffe_id,
+            p.site.endpoint(CHANNEL_PORT),
+            p.site.workload_prefix
+        );
+        if p.kind == "wireguard" {
+            text += "persistent_keepalive = 25\n";
+        }
+    }
+    let path = run.path(&format!("gw{}.toml", me.index));
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+fn admin_socket(site: &Site) -> PathBuf {
+    PathBuf::from(format!("/var/run/isthmus/{}.sock", site.tunnel_if))
+}
+
+fn status(site: &Site) -> Result<Value> {
+    let sock = admin_socket(site).to_string_lossy().into_owned();
+    Ok(serde_json::from_str(&ctl(&[
+        "status", "--socket", &sock, "--output", "json",
+    ])?)?)
+}
+
+fn start(run: &Run, site: &Site, config: &Path) -> Result<ProcessGuard> {
+    let gw = ProcessGuard::spawn(
+        run,
+        &format!("gw{}", site.index),
+        Some(&site.gw_ns),
+        &bins::gateway().to_string_lossy(),
+        &["--config", &config.to_string_lossy()],
+        &[("RUST_LOG", "trace")],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(site).is_err() {
+        if Instant::now() > deadline {
+            bail!("gateway {} did not come up:\n{}", site.index, gw.logs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(gw)
+}
+
+/// Waits until every identity channel of `site` is up.
+fn wait_channels_up(site: &Site, sessions: u64) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(site)?;
+        let channels = s["channels"].as_array().context("channels")?;
+        if !channels.is_empty()
+            && channels
+                .iter()
+                .all(|c| c["state"] == "up" && c["sessions"].as_u64() >= Some(sessions))
+        {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            bail!("channels of site {} not up: {s:#}", site.index);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn peer<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
+    status["peers"]
+        .as_array()?
+        .iter()
+        .find(|p| p["name"] == name)
+}
+
+fn transfer(from: &Site, to: &Site, port: u16) {
+    let report = tcp_transfer(
+        &from.wl_ns,
+        &to.wl_ns,
+        IpAddr::V4(to.workload_addr),
+        port,
+        TRANSFER_BYTES,
+        Payload::Random,
+    )
+    .unwrap_or_else(|e| panic!("transfer {} -> {}: {e:#}", from.index, to.index));
+    assert!(
+        report.intact(),
+        "{} -> {}: {report:?}",
+        from.index,
+        to.index
+    );
+}
+
+/// The base64 body lines of every PEM private key under `dir`.
+fn private_key_lines(dir: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            private_key_lines(&path, out);
+        } else if path.extension().is_some_and(|e| e == "key") {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            out.extend(
+                text.lines()
+                    .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+                    .map(str::to_string),
+            );
+        }
+    }
+}
+
+#[test]
+fn certificates_and_identities_alone_bring_up_wireguard_and_esp() {
+    let topo = Topology::new(3, Underlay::V4).expect("topology");
+    let run = topo.run();
+    let td = "mesh.test";
+    let pki = Pki::init(run, "ca", td).unwrap();
+    let names = ["", "one", "two", "three"];
+    let mut creds = Vec::new();
+    for i in 1..=3 {
+        pki.cluster(names[i]).unwrap();
+        creds.push(pki.gateway(names[i], "gw").unwrap());
+    }
+    let (s1, s2, s3) = (topo.site(1), topo.site(2), topo.site(3));
+    // 1 <-> 2 WireGuard, 1 <-> 3 ESP, 2 <-> 3 WireGuard.
+    let configs = [
+        (s1, vec![("wireguard", s2), ("esp", s3)]),
+        (s2, vec![("wireguard", s1), ("wireguard", s3)]),
+        (s3, vec![("esp", s1), ("wireguard", s2)]),
+    ]
+    .into_iter()
+    .map(|(me, peers)| {
+        let peers: Vec<IdPeer<'_>> = peers
+            .into_iter()
+            .map(|(kind, site)| IdPeer {
+                site,
+                kind,
+                spiffe_id: spiffe(td, names[site.index]),
+            })
+            .collect();
+        let (chain, key) = &creds[me.index - 1];
+        write_config(run, me, &pki.bundle(), chain, key, &[], &peers).unwrap()
+    })
+    .collect::<Vec<_>>();
+    let mut gws: Vec<ProcessGuard> = [s1, s2, s3]
+        .iter()
+        .zip(&configs)
+        .map(|(site, cfg)| start(run, site, cfg).unwrap())
+        .collect();
+    let before = wait_channels_up(s1, 1).unwrap();
+    wait_channels_up(s2, 1).unwrap();
+    wait_channels_up(s3, 1).unwrap();
+
+    for (a, b) in [(s1, s2), (s2, s1), (s1, s3), (s3, s1), (s2, s3), (s3, s2)] {
+        assert!(
+            wait_for_ping(&a.wl_ns, b.workload_addr.into(), Duration::from_secs(10)),
+            "{} -> {}",
+            a.index,
+            b.index
+        );
+    }
+    transfer(s1, s2, 7201);
+    transfer(s2, s1, 7202);
+    transfer(s1, s3, 7203);
+    transfer(s3, s1, 7204);
+
+    let s = status(s1).unwrap();
+    let wg = peer(&s, "site-2").expect("WireGuard peer from the channel");
+    assert_eq!(wg["kind"], "wireguard");
+    assert!(wg["handshakes"].as_u64() >= Some(1), "{wg:#}");
+    assert!(wg["rx_bytes"].as_u64() > Some(TRANSFER_BYTES), "{wg:#}");
+    let esp = peer(&s, "site-3").expect("ESP peer from the channel");
+    assert_eq!(esp["kind"], "esp");
+    assert!(esp["rx_bytes"].as_u64() > Some(TRANSFER_BYTES), "{esp:#}");
+
+    // Restart sites 2 and 3: the channels come back and the tunnels are
+    // keyed afresh (a new WireGuard key, new ESP SPIs).
+    let old_wg_key = peer(&before, "site-2").unwrap()["public_key"].clone();
+    let old_spi = peer(&before, "site-3").unwrap()["esp"]["outbound"]["spi"].clone();
+    for (i, site) in [(1, s2), (2, s3)] {
+        gws[i].stop().unwrap();
+        gws[i] = start(run, site, &configs[i]).unwrap();
+    }
+    let after = wait_channels_up(s1, 2).unwrap();
+    let new_wg_key = &peer(&after, "site-2").unwrap()["public_key"];
+    let new_spi = &peer(&after, "site-3").unwrap()["esp"]["outbound"]["spi"];
+    assert_ne!(&old_wg_key, new_wg_key, "fresh WireGuard key after restart");
+    assert_ne!(&old_spi, new_spi, "fresh ESP SAs after restart");
+    for b in [s2, s3] {
+        assert!(
+            wait_for_ping(&s1.wl_ns, b.workload_addr.into(), Duration::from_secs(10)),
+            "1 -> {} after restart",
+            b.index
+        );
+    }
+
+    // No key material in logs (at TRACE) or in isthmusctl output.
+    let mut secrets = Vec::new();
+    private_key_lines(&pki.dir, &mut secrets);
+    assert!(!secrets.is_empty());
+    let mut texts: Vec<String> = gws.iter().map(|g| g.logs()).collect();
+    for site in [s1, s2, s3] {
+        let sock = admin_socket(site).to_string_lossy().into_owned();
+        texts.push(ctl(&["status", "--socket", &sock]).unwrap());
+        texts.push(ctl(&["status", "--socket", &sock, "--output", "json"]).unwrap());
+    }
+    for text in &texts {
+        assert!(!text.contains("PRIVATE KEY"));
+        for line in &secrets {
+            assert!(!text.contains(line.as_str()), "key material in output");
+        }
+    }
+    drop(gws);
+}
+
+/// Each case: site 1 expects `spiffe(td, "two")` at site 2; site 2 presents
+/// something else. The channel is refused with a named reason, no tunnel
+/// comes up, and workload traffic does not pass.
+#[test]
+fn refused_identities_bring_up_no_tunnel() {
+    let cases = ["wrong gateway name", "other CA", "revoked"];
+    for case in cases {
+        let topo = Topology::two_sites(Underlay::V4).expect("topology");
+        let run = topo.run();
+        let (s1, s2) = (topo.site(1), topo.site(2));
+        let pki = Pki::init(run, "ca", "mesh.test").unwrap();
+        pki.cluster("one").unwrap();
+        pki.cluster("two").unwrap();
+        let c1 = pki.gateway("one", "gw").unwrap();
+        let mut crls = Vec::new();
+        let c2 = match case {
+            "wrong gateway name" => pki.gateway("two", "intruder").unwrap(),
+            "other CA" => {
+                let other = Pki::init(run, "other-ca", "mesh.test").unwrap();
+                other.cluster("two").unwrap();
+                other.gateway("two", "gw").unwrap()
+            }
+            _ => {
+                let c2 = pki.gateway("two", "gw").unwrap();
+                let shown =
+                    ctl(&["certs", "show", &c2.0.to_string_lossy(), "--output", "json"]).unwrap();
+                let shown: Value = serde_json::from_str(&shown).unwrap();
+                let serial = shown["certificates"][0]["serial"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                ctl(&[
+                    "certs",
+                    "revoke",
+                    "--dir",
+                    &pki.d(),
+                    "--serial",
+                    &serial,
+                    "--cluster",
+                    "two",
+                ])
+                .unwrap();
+                crls.push(pki.dir.join("clusters/two/ca.crl.pem"));
+                c2
+            }
+        };
+        let cfg1 = write_config(
+            run,
+            s1,
+            &pki.bundle(),
+            &c1.0,
+            &c1.1,
+            &crls,
+            &[IdPeer {
+                site: s2,
+                kind: "wireguard",
+                spiffe_id: spiffe("mesh.test", "two"),
+            }],
+        )
+        .unwrap();
+        // Site 2 trusts site 1 normally (its own view is not under test).
+        let cfg2 = write_config(
+            run,
+            s2,
+            &pki.bundle(),
+            &c2.0,
+            &c2.1,
+            &[],
+            &[IdPeer {
+                site: s1,
+                kind: "wireguard",
+                spiffe_id: spiffe("mesh.test", "one"),
+            }],
+        )
+        .unwrap();
+        let g1 = start(run, s1, &cfg1).unwrap();
+        let g2 = start(run, s2, &cfg2).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let refusal = loop {
+            let s = status(s1).unwrap();
+            if let Some(r) = s["channels"][0]["last_refusal"].as_str() {
+                break r.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{case}: no refusal recorded: {s:#}\n{}",
+                g1.logs()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let expected = match case {
+            "wrong gateway name" => "gateway",
+            "other CA" => "unknown ca",
+            _ => "revoked",
+        };
+        assert!(
+            refusal.to_lowercase().contains(expected),
+            "{case}: refusal `{refusal}`"
+        );
+        let s = status(s1).unwrap();
+        assert_eq!(s["channels"][0]["state"], "connecting", "{case}: {s:#}");
+        assert!(
+            s["peers"].as_array().unwrap().is_empty(),
+            "{case}: a tunnel came up: {s:#}"
+        );
+        assert!(
+            !ping(&s1.wl_ns, s2.workload_addr.into(), 2),
+            "{case}: traffic passed"
+        );
+        assert!(g1.logs().contains("refused"), "{case}: refusal not logged");
+        drop((g1, g2));
+    }
+}
