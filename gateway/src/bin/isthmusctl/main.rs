@@ -343,5 +343,31 @@ fn render_table(s: &Status) -> String {
     if rows.is_empty() {
         out += "(no peers)\n";
     }
+    if !s.channels.is_empty() {
+        out += "\nmTLS peer channels:\n";
+        for c in &s.channels {
+            let up = match (c.state.as_str(), c.up_secs) {
+                ("up", Some(secs)) => format!(
+                    "up {} ({})",
+                    ago(Some(secs)).replace(" ago", ""),
+                    c.role.as_deref().unwrap_or("-")
+                ),
+                (state, _) => state.to_string(),
+            };
+            out += &format!(
+                "  {}  {}  {}  via {}  {}  sessions {}{}\n",
+                c.name.as_deref().unwrap_or("-"),
+                c.kind,
+                c.spiffe_id,
+                c.channel_endpoint,
+                up,
+                c.sessions,
+                c.last_refusal
+                    .as_deref()
+                    .map(|r| format!("  last refusal: {r}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
     out
 }
