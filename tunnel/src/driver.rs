@@ -503,6 +503,14 @@ fn route_and_seal(
     let Some(dst) = Tunn::dst_address(packet) else {
         return (Via::Wg, t.wg.encapsulate(wg_set, packet, out));
     };
+    // The kernel's own link-local chatter on the device (IPv6 router and
+    // multicast-listener messages) is never for a peer: drop it silently
+    // rather than count it as traffic without a route.
+    if let IpAddr::V6(v6) = dst {
+        if v6.segments()[0] & 0xff0f == 0xff02 {
+            return (Via::Wg, Outbound::Dropped(crate::DropReason::NoRoute));
+        }
+    }
     if let Some(peer) = wg_set.route(dst) {
         return (Via::Wg, t.wg.encapsulate_to(peer, packet, out));
     }
