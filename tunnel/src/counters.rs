@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 pub enum DropReason {
     /// Outbound: no peer's allowed prefixes contain the destination.
     NoRoute,
-    /// Outbound: the peer has no established session (a handshake is
-    /// started; the packet waits in a small queue or is dropped) or no
-    /// known endpoint. Never sent in clear.
+    /// Outbound: the peer has no established session or no known
+    /// endpoint. Never sent in clear. (A WireGuard packet that waits for a
+    /// handshake in progress counts here until the handshake completes and
+    /// it is sent; see [`PeerDrops::no_session`].)
     NoSession,
     /// Inbound: the decrypted packet's source is not in the sending peer's
     /// allowed prefixes.
@@ -72,6 +73,13 @@ impl PeerCounters {
     pub(crate) fn handshake_completed(&self) {
         self.rx.handshakes.fetch_add(1, Relaxed);
     }
+    /// A packet held for a handshake in progress was sent after all.
+    pub(crate) fn held_packet_sent(&self) {
+        let _ = self
+            .tx
+            .no_session
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1));
+    }
     pub(crate) fn dropped(&self, reason: DropReason) {
         let counter = match reason {
             DropReason::NoSession => &self.tx.no_session,
@@ -115,6 +123,8 @@ pub struct PeerStats {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct PeerDrops {
+    /// Packets not sent for lack of a session: dropped, or held (at most
+    /// 256 per peer) for a handshake that has not completed.
     pub no_session: u64,
     pub bad_source: u64,
     pub decrypt_failure: u64,

@@ -420,7 +420,7 @@ fn log_outcome(
     expected: &str,
     result: &Result<(Established, session::PendingReader), ChannelError>,
 ) {
-    let local = local.map(|a| a.to_string()).unwrap_or_default();
+    let local = local.map_or_else(|| "(not connected)".to_string(), |a| a.to_string());
     match result {
         Ok((est, _)) => tracing::info!(
             %role, %local, %remote, peer = %est.peer, "peer channel established"

@@ -345,6 +345,18 @@ fn render_table(s: &Status) -> String {
     }
     if !s.channels.is_empty() {
         out += "\nmTLS peer channels:\n";
+        let name_w = s
+            .channels
+            .iter()
+            .map(|c| c.name.as_deref().unwrap_or("-").len())
+            .max()
+            .unwrap_or(1);
+        let id_w = s
+            .channels
+            .iter()
+            .map(|c| c.spiffe_id.len())
+            .max()
+            .unwrap_or(1);
         for c in &s.channels {
             let up = match (c.state.as_str(), c.up_secs) {
                 ("up", Some(secs)) => format!(
@@ -355,7 +367,7 @@ fn render_table(s: &Status) -> String {
                 (state, _) => state.to_string(),
             };
             out += &format!(
-                "  {}  {}  {}  via {}  {}  sessions {}{}\n",
+                "  {:<name_w$}  {:<9}  {:<id_w$}  via {}  {}  sessions {}{}\n",
                 c.name.as_deref().unwrap_or("-"),
                 c.kind,
                 c.spiffe_id,
