@@ -121,6 +121,15 @@ impl Pcap {
         Ok(!needle.is_empty() && bytes.windows(needle.len()).any(|w| w == needle))
     }
 
+    /// `tshark -n -r FILE args…`, checked; returns stdout (for dissector preferences such as
+    /// ESP SAs that [`Pcap::fields`] does not set).
+    pub fn tshark<S: AsRef<str>>(&self, args: &[S]) -> Result<String> {
+        let path_s = self.path.to_string_lossy().into_owned();
+        let mut full = vec!["-n", "-r", path_s.as_str()];
+        full.extend(args.iter().map(AsRef::as_ref));
+        cmd::run("tshark", &full)
+    }
+
     /// `tshark -r FILE -d udp.port==WG,wg -T fields -e …` for `fields`.
     pub fn fields(&self, wg_port: u16, fields: &[&str]) -> Result<Vec<Vec<String>>> {
         let decode = format!("udp.port=={wg_port},wg");
@@ -182,5 +191,113 @@ impl Pcap {
             });
         }
         Ok(packets)
+    }
+}
+
+/// One frame of a classic pcap file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Timestamp, seconds.
+    pub ts_sec: u32,
+    /// Timestamp, micro- or nanoseconds (as the file's magic says).
+    pub ts_frac: u32,
+    /// Length on the wire.
+    pub orig_len: u32,
+    /// The captured bytes.
+    pub data: Vec<u8>,
+}
+
+/// A classic pcap file, read into memory.
+#[derive(Clone, Debug)]
+pub struct PcapFile {
+    /// The 24-byte global header as read (byte order, timestamp resolution, link type).
+    pub header: [u8; 24],
+    /// Whether the file is big-endian.
+    pub big_endian: bool,
+    /// Frames in file order.
+    pub frames: Vec<Frame>,
+}
+
+/// Link type of Ethernet captures (what tcpdump writes for veth).
+pub const LINKTYPE_ETHERNET: u32 = 1;
+
+impl PcapFile {
+    /// The link type from the global header.
+    pub fn linktype(&self) -> u32 {
+        self.u32_at(&self.header[20..24])
+    }
+
+    fn u32_at(&self, b: &[u8]) -> u32 {
+        let a = [b[0], b[1], b[2], b[3]];
+        if self.big_endian {
+            u32::from_be_bytes(a)
+        } else {
+            u32::from_le_bytes(a)
+        }
+    }
+
+    fn u32_bytes(&self, v: u32) -> [u8; 4] {
+        if self.big_endian {
+            v.to_be_bytes()
+        } else {
+            v.to_le_bytes()
+        }
+    }
+
+    /// Writes the file (same header, `frames`) to `path`.
+    pub fn write(&self, path: &std::path::Path) -> Result<Pcap> {
+        let mut out = self.header.to_vec();
+        for f in &self.frames {
+            out.extend_from_slice(&self.u32_bytes(f.ts_sec));
+            out.extend_from_slice(&self.u32_bytes(f.ts_frac));
+            out.extend_from_slice(&self.u32_bytes(f.data.len() as u32));
+            out.extend_from_slice(&self.u32_bytes(f.orig_len));
+            out.extend_from_slice(&f.data);
+        }
+        std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Pcap {
+            path: path.to_path_buf(),
+        })
+    }
+}
+
+impl Pcap {
+    /// Reads the file as a classic pcap (what `tcpdump -w` writes; not pcapng).
+    pub fn read(&self) -> Result<PcapFile> {
+        let bytes = self.raw_bytes()?;
+        let header: [u8; 24] = bytes
+            .get(..24)
+            .and_then(|h| h.try_into().ok())
+            .with_context(|| format!("{}: shorter than a pcap header", self.path.display()))?;
+        let big_endian = match header[..4] {
+            [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => false,
+            [0xa1, 0xb2, 0xc3, 0xd4] | [0xa1, 0xb2, 0x3c, 0x4d] => true,
+            _ => anyhow::bail!("{}: not a classic pcap file", self.path.display()),
+        };
+        let mut file = PcapFile {
+            header,
+            big_endian,
+            frames: Vec::new(),
+        };
+        let mut at = 24;
+        while at < bytes.len() {
+            let rec = bytes
+                .get(at..at + 16)
+                .with_context(|| format!("{}: truncated record header", self.path.display()))?;
+            let (ts_sec, ts_frac) = (file.u32_at(&rec[0..4]), file.u32_at(&rec[4..8]));
+            let (incl, orig_len) = (file.u32_at(&rec[8..12]), file.u32_at(&rec[12..16]));
+            let data = bytes
+                .get(at + 16..at + 16 + incl as usize)
+                .with_context(|| format!("{}: truncated frame", self.path.display()))?
+                .to_vec();
+            file.frames.push(Frame {
+                ts_sec,
+                ts_frac,
+                orig_len,
+                data,
+            });
+            at += 16 + incl as usize;
+        }
+        Ok(file)
     }
 }

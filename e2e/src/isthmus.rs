@@ -55,6 +55,79 @@ pub struct GatewayConfig {
     pub peers: Vec<PeerConfig>,
 }
 
+/// An ESP peer entry (`[[peers]]` with `kind = "esp"`, keyed by an SA file).
+#[derive(Clone, Debug, Default)]
+pub struct EspPeerConfig {
+    /// Optional label.
+    pub name: Option<String>,
+    /// `ip:port` or `[ipv6]:port` of the peer's ESP-in-UDP socket.
+    pub endpoint: Option<String>,
+    /// Prefixes routed to this peer (and accepted as inner source addresses from it).
+    pub allowed_prefixes: Vec<String>,
+    /// `[peers.esp] sa_file` (manual keying, mode 0600; see [`crate::esp::keygen`]).
+    pub sa_file: Option<PathBuf>,
+    /// `[peers.esp] esn` (the gateway's default is on).
+    pub esn: Option<bool>,
+    /// `[peers.esp] soft_lifetime_packets`.
+    pub soft_lifetime_packets: Option<u64>,
+    /// `[peers.esp] hard_lifetime_packets`.
+    pub hard_lifetime_packets: Option<u64>,
+    /// `[peers.esp] rekey_grace_seconds`.
+    pub rekey_grace_seconds: Option<u64>,
+    /// Extra raw TOML lines appended to `[peers.esp]` (other lifetimes, negative tests).
+    pub esp_extra: Vec<String>,
+}
+
+/// The ESP part of a gateway configuration: `interface.esp_listen_port` and the ESP peers,
+/// rendered after the WireGuard peers of a [`GatewayConfig`] by
+/// [`GatewayConfig::to_toml_with_esp`].
+#[derive(Clone, Debug, Default)]
+pub struct EspSettings {
+    /// `interface.esp_listen_port` (the gateway's default is 4500).
+    pub listen_port: Option<u16>,
+    /// ESP peers.
+    pub peers: Vec<EspPeerConfig>,
+}
+
+impl EspPeerConfig {
+    /// Renders the `[[peers]]` entry with its `[peers.esp]` table.
+    pub fn to_toml(&self) -> String {
+        let mut s = String::from("\n[[peers]]\n");
+        if let Some(name) = &self.name {
+            let _ = writeln!(s, "name = {}", toml_str(name));
+        }
+        s.push_str("kind = \"esp\"\n");
+        if let Some(e) = &self.endpoint {
+            let _ = writeln!(s, "endpoint = {}", toml_str(e));
+        }
+        let _ = writeln!(
+            s,
+            "allowed_prefixes = {}",
+            toml_list(&self.allowed_prefixes)
+        );
+        s.push_str("[peers.esp]\n");
+        if let Some(p) = &self.sa_file {
+            let _ = writeln!(s, "sa_file = {}", toml_str(&p.to_string_lossy()));
+        }
+        if let Some(esn) = self.esn {
+            let _ = writeln!(s, "esn = {esn}");
+        }
+        for (key, value) in [
+            ("soft_lifetime_packets", self.soft_lifetime_packets),
+            ("hard_lifetime_packets", self.hard_lifetime_packets),
+            ("rekey_grace_seconds", self.rekey_grace_seconds),
+        ] {
+            if let Some(v) = value {
+                let _ = writeln!(s, "{key} = {v}");
+            }
+        }
+        for line in &self.esp_extra {
+            let _ = writeln!(s, "{line}");
+        }
+        s
+    }
+}
+
 /// Quotes `s` as a TOML basic string.
 pub fn toml_str(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
@@ -83,6 +156,12 @@ fn toml_list(items: &[String]) -> String {
 impl GatewayConfig {
     /// Renders the configuration as TOML.
     pub fn to_toml(&self) -> String {
+        self.to_toml_with_esp(&EspSettings::default())
+    }
+
+    /// Renders the configuration plus `esp` (its port in `[interface]`, its peers after the
+    /// WireGuard peers) as TOML.
+    pub fn to_toml_with_esp(&self, esp: &EspSettings) -> String {
         let mut s = String::from("[interface]\n");
         if let Some(name) = &self.name {
             let _ = writeln!(s, "name = {}", toml_str(name));
@@ -101,6 +180,9 @@ impl GatewayConfig {
         }
         if let Some(p) = &self.admin_socket {
             let _ = writeln!(s, "admin_socket = {}", toml_str(&p.to_string_lossy()));
+        }
+        if let Some(port) = esp.listen_port {
+            let _ = writeln!(s, "esp_listen_port = {port}");
         }
         for line in &self.interface_extra {
             let _ = writeln!(s, "{line}");
@@ -122,6 +204,9 @@ impl GatewayConfig {
             if let Some(k) = peer.persistent_keepalive {
                 let _ = writeln!(s, "persistent_keepalive = {k}");
             }
+        }
+        for peer in &esp.peers {
+            s.push_str(&peer.to_toml());
         }
         s
     }
@@ -158,6 +243,54 @@ pub struct PeerDrops {
     pub decrypt_failure: u64,
     /// Replayed datagrams.
     pub replay: u64,
+    /// ESP datagrams below the anti-replay window.
+    #[serde(default)]
+    pub too_old: u64,
+}
+
+/// The outbound SA of an ESP peer in `isthmusctl status`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct EspOutboundStatus {
+    /// SPI, `0x…`.
+    pub spi: String,
+    /// SA generation (0 = the SA file's, +1 per rekey).
+    pub generation: u64,
+    /// Last sequence number sent.
+    pub last_seq: u64,
+    /// Age in seconds.
+    pub age_secs: f64,
+}
+
+/// One inbound SA of an ESP peer in `isthmusctl status`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct EspInboundStatus {
+    /// SPI, `0x…`.
+    pub spi: String,
+    /// SA generation.
+    pub generation: u64,
+    /// Highest sequence number accepted.
+    pub highest_seq: u64,
+    /// Packets accepted.
+    pub packets: u64,
+    /// Age in seconds.
+    pub age_secs: f64,
+    /// Replaced by a newer SA; kept for the rekey grace period.
+    pub retiring: bool,
+}
+
+/// The `esp` object of an ESP peer in `isthmusctl status`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct EspStatus {
+    /// `aes128-gcm` or `aes256-gcm`.
+    pub cipher: String,
+    /// Extended sequence numbers.
+    pub esn: bool,
+    /// Outbound SA replacements so far.
+    pub rekeys: u64,
+    /// The SA packets are sent on.
+    pub outbound: EspOutboundStatus,
+    /// Installed inbound SAs, by generation.
+    pub inbound: Vec<EspInboundStatus>,
 }
 
 /// One peer in `isthmusctl status --output json`.
@@ -165,8 +298,11 @@ pub struct PeerDrops {
 pub struct PeerStatus {
     /// Label.
     pub name: Option<String>,
-    /// Public key, base64.
-    pub public_key: String,
+    /// `wireguard` or `esp`.
+    #[serde(default)]
+    pub kind: String,
+    /// Public key, base64 (`None` for an ESP peer).
+    pub public_key: Option<String>,
     /// Current endpoint.
     pub endpoint: Option<String>,
     /// Allowed prefixes.
@@ -185,6 +321,9 @@ pub struct PeerStatus {
     pub tx_packets: u64,
     /// Drop counters.
     pub drops: PeerDrops,
+    /// SAs of an ESP peer (`None` for a WireGuard peer).
+    #[serde(default)]
+    pub esp: Option<EspStatus>,
 }
 
 /// `isthmusctl status --output json`.
@@ -200,6 +339,12 @@ pub struct Status {
     pub mtu: u32,
     /// Gateway-wide drops.
     pub drops: GatewayDrops,
+    /// The ESP-in-UDP port (when ESP peers are configured).
+    #[serde(default)]
+    pub esp_listen_port: Option<u16>,
+    /// Gateway-wide ESP drops (`malformed`; `unknown_peer` = unknown SPI).
+    #[serde(default)]
+    pub esp_drops: Option<GatewayDrops>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
 }
@@ -207,7 +352,20 @@ pub struct Status {
 impl Status {
     /// The peer with public key `public_key`.
     pub fn peer(&self, public_key: &str) -> Option<&PeerStatus> {
-        self.peers.iter().find(|p| p.public_key == public_key)
+        self.peers
+            .iter()
+            .find(|p| p.public_key.as_deref() == Some(public_key))
+    }
+
+    /// The peer labelled `name` (ESP peers have no public key).
+    pub fn peer_named(&self, name: &str) -> Option<&PeerStatus> {
+        self.peers.iter().find(|p| p.name.as_deref() == Some(name))
+    }
+
+    /// Like [`Status::peer_named`], failing with the whole status when absent.
+    pub fn require_peer_named(&self, name: &str) -> Result<&PeerStatus> {
+        self.peer_named(name)
+            .with_context(|| format!("peer named {name:?} not in status: {self:#?}"))
     }
 
     /// Like [`Status::peer`], failing with the whole status when absent.
@@ -246,7 +404,7 @@ pub struct IsthmusGateway {
     pub admin_socket: PathBuf,
     /// Config file path.
     pub config_path: PathBuf,
-    /// The configuration it was started with.
+    /// The configuration it was started with (its ESP part is in the file at `config_path`).
     pub config: GatewayConfig,
     proc: ProcessGuard,
 }
@@ -256,6 +414,17 @@ impl IsthmusGateway {
     /// unless already set) to the run dir, starts the gateway in `ns`, and waits until
     /// `isthmusctl status` answers.
     pub fn start(run: &Run, ns: &str, keys: &KeyPair, config: &GatewayConfig) -> Result<Self> {
+        Self::start_with_esp(run, ns, keys, config, &EspSettings::default())
+    }
+
+    /// [`IsthmusGateway::start`] for a configuration with ESP peers (and port) `esp`.
+    pub fn start_with_esp(
+        run: &Run,
+        ns: &str,
+        keys: &KeyPair,
+        config: &GatewayConfig,
+        esp: &EspSettings,
+    ) -> Result<Self> {
         let ifname = config
             .name
             .clone()
@@ -270,7 +439,7 @@ impl IsthmusGateway {
             .effective_admin_socket()
             .context("no admin socket path")?;
         let config_path = run.path(&format!("{ifname}.toml"));
-        std::fs::write(&config_path, config.to_toml())
+        std::fs::write(&config_path, config.to_toml_with_esp(esp))
             .with_context(|| format!("writing {}", config_path.display()))?;
         let bin = bins::gateway();
         let config_s = config_path.to_string_lossy().into_owned();
@@ -307,7 +476,7 @@ impl IsthmusGateway {
                 bail!(
                     "isthmus-gateway {} exited ({st}) during startup\nconfig:\n{}\n{}",
                     self.ifname,
-                    self.config.to_toml(),
+                    std::fs::read_to_string(&self.config_path).unwrap_or_default(),
                     self.proc.logs()
                 );
             }

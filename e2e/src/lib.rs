@@ -18,6 +18,7 @@
 pub mod bins;
 pub mod capture;
 pub mod cmd;
+pub mod esp;
 pub mod isthmus;
 pub mod keys;
 pub mod mesh;
@@ -29,7 +30,8 @@ pub mod traffic;
 pub mod userspace_wg;
 
 pub use capture::{Capture, Packet, Pcap};
-pub use isthmus::{GatewayConfig, IsthmusGateway, PeerConfig, Status};
+pub use esp::{EspPair, SaFile};
+pub use isthmus::{EspPeerConfig, EspSettings, GatewayConfig, IsthmusGateway, PeerConfig, Status};
 pub use keys::KeyPair;
 pub use mesh::{Implementation, Mesh, Node};
 pub use netns::Netns;

@@ -26,7 +26,50 @@ pub fn ping_stats(ns: &str, addr: IpAddr, count: u32) -> Result<(u32, u32)> {
         "ping",
         &["-n", "-q", "-c", &count_s, "-i", "0.2", "-W", "2", &addr_s],
     )?;
-    let text = String::from_utf8_lossy(&out.stdout);
+    parse_ping_summary(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Like [`ping_stats`], but waits for the replies until `deadline` (ping's `-w`). Without a
+/// deadline, once some reply came ping waits only two round-trip times after its last request,
+/// so on a loaded machine a reply delayed by a few milliseconds counts as lost.
+pub fn ping_stats_until(
+    ns: &str,
+    addr: IpAddr,
+    count: u32,
+    deadline: Duration,
+) -> Result<(u32, u32)> {
+    let count_s = count.to_string();
+    let deadline_s = deadline.as_secs().max(1).to_string();
+    let addr_s = addr.to_string();
+    let out = netns::exec_output(
+        ns,
+        "ping",
+        &[
+            "-n",
+            "-q",
+            "-c",
+            &count_s,
+            "-i",
+            "0.2",
+            "-w",
+            &deadline_s,
+            &addr_s,
+        ],
+    )?;
+    parse_ping_summary(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Whether all of `count` pings (0.2 s apart) from `ns` to `addr` are answered within 2 s
+/// plus 0.2 s per ping (see [`ping_stats_until`]).
+pub fn ping_all(ns: &str, addr: IpAddr, count: u32) -> bool {
+    let deadline = Duration::from_secs(2) + Duration::from_millis(200) * count;
+    matches!(
+        ping_stats_until(ns, addr, count, deadline),
+        Ok((tx, rx)) if rx == count && tx >= count
+    )
+}
+
+fn parse_ping_summary(text: &str) -> Result<(u32, u32)> {
     // "5 packets transmitted, 5 received, 0% packet loss, time 801ms"
     let line = text
         .lines()
@@ -263,4 +306,201 @@ pub fn udp_rcvbuf_errors(ns: &str) -> Result<u64> {
         }
     }
     Ok(total)
+}
+
+/// Result of [`udp_sequence`].
+#[derive(Clone, Debug)]
+pub struct SequenceReport {
+    /// Datagrams sent (numbered `0..sent`).
+    pub sent: u32,
+    /// How many times each number arrived (index = number).
+    pub counts: Vec<u32>,
+    /// Numbers in arrival order that were lower than one received before them.
+    pub reordered: u64,
+    /// Time from the first send to the last send.
+    pub send_time: Duration,
+}
+
+impl SequenceReport {
+    /// Numbers that never arrived.
+    pub fn missing(&self) -> Vec<u32> {
+        (0..self.sent)
+            .filter(|&n| self.counts[n as usize] == 0)
+            .collect()
+    }
+
+    /// Numbers that arrived more than once.
+    pub fn duplicated(&self) -> Vec<u32> {
+        (0..self.sent)
+            .filter(|&n| self.counts[n as usize] > 1)
+            .collect()
+    }
+
+    /// Whether every number arrived exactly once.
+    pub fn exactly_once(&self) -> bool {
+        self.counts.iter().all(|&c| c == 1)
+    }
+}
+
+/// Receive buffer asked for on [`udp_sequence`]'s receiving socket.
+pub const SEQUENCE_RCVBUF: usize = 8 << 20;
+
+fn force_rcvbuf(sock: &UdpSocket, bytes: usize) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).context("receive buffer size")?;
+    // SAFETY: the descriptor is a live socket owned by `sock`; the option value points at a
+    // c_int that outlives the call, and its size is passed alongside.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&value as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sends `count` sequence-numbered datagrams of `size` bytes (at least 8: a random run tag and
+/// the big-endian number, then filler) from namespace `src_ns` to a socket bound at `dst` in
+/// namespace `dst_ns`, paced at about `rate` datagrams per second. The receiver (with a
+/// [`SEQUENCE_RCVBUF`] receive buffer) counts every number of this run until 2 s pass without
+/// a datagram, or shortly after all numbers arrived. Check [`udp_rcvbuf_errors`] of the
+/// namespaces involved to tell kernel socket drops from tunnel losses.
+pub fn udp_sequence(
+    src_ns: &str,
+    dst_ns: &str,
+    dst: SocketAddr,
+    count: u32,
+    size: usize,
+    rate: u32,
+) -> Result<SequenceReport> {
+    if size < 8 || rate == 0 {
+        bail!("udp_sequence needs size >= 8 and rate > 0");
+    }
+    let tag = OsRng.next_u32().to_be_bytes();
+    let (ready_tx, ready_rx) = mpsc::channel::<()>();
+    let receiver = netns::spawn_in(dst_ns, move || -> Result<(Vec<u32>, u64)> {
+        let sock = UdpSocket::bind(dst).with_context(|| format!("bind {dst}"))?;
+        force_rcvbuf(&sock, SEQUENCE_RCVBUF)?;
+        let _ = ready_tx.send(());
+        let mut counts = vec![0u32; count as usize];
+        let (mut distinct, mut highest, mut reordered) = (0u32, None::<u32>, 0u64);
+        let mut buf = vec![0u8; size.max(2048)];
+        // Generous until the first datagram, then 2 s of silence ends the run.
+        sock.set_read_timeout(Some(IDLE_TIMEOUT))?;
+        loop {
+            let n = match sock.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
+                Err(e) => return Err(e).context("recv"),
+            };
+            if n < 8 || buf[..4] != tag {
+                continue;
+            }
+            let num = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]);
+            let Some(slot) = counts.get_mut(num as usize) else {
+                continue;
+            };
+            *slot += 1;
+            if *slot == 1 {
+                distinct += 1;
+            }
+            match highest {
+                Some(h) if num < h => reordered += 1,
+                _ => highest = Some(num),
+            }
+            let idle = if distinct == count {
+                Duration::from_millis(300)
+            } else {
+                Duration::from_secs(2)
+            };
+            sock.set_read_timeout(Some(idle))?;
+        }
+        Ok((counts, reordered))
+    });
+    if ready_rx.recv_timeout(Duration::from_secs(10)).is_err() {
+        return netns::join(receiver).and_then(|_| bail!("receiver never became ready"));
+    }
+    let sender = netns::spawn_in(src_ns, move || -> Result<Duration> {
+        let bind: SocketAddr = if dst.is_ipv4() {
+            "0.0.0.0:0".parse()?
+        } else {
+            "[::]:0".parse()?
+        };
+        let sock = UdpSocket::bind(bind).context("bind UDP socket")?;
+        sock.connect(dst)
+            .with_context(|| format!("connect {dst}"))?;
+        let mut buf = vec![0xa5u8; size];
+        buf[..4].copy_from_slice(&tag);
+        let start = Instant::now();
+        let mut next = 0u32;
+        while next < count {
+            let due = (start.elapsed().as_secs_f64() * f64::from(rate)) as u64 + 1;
+            let due = due.min(u64::from(count)) as u32;
+            while next < due {
+                buf[4..8].copy_from_slice(&next.to_be_bytes());
+                sock.send(&buf)
+                    .with_context(|| format!("send datagram {next}"))?;
+                next += 1;
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+        Ok(start.elapsed())
+    });
+    let send_time = netns::join(sender).context("UDP sender")?;
+    let (counts, reordered) = netns::join(receiver).context("UDP receiver")?;
+    Ok(SequenceReport {
+        sent: count,
+        counts,
+        reordered,
+        send_time,
+    })
+}
+
+/// Drop counters of a network interface (`ip -s link`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkDrops {
+    /// Received packets the kernel dropped.
+    pub rx_dropped: u64,
+    /// Packets the kernel could not transmit (for a TUN device: not queued to the process
+    /// reading it because its queue was full).
+    pub tx_dropped: u64,
+}
+
+impl std::ops::Sub for LinkDrops {
+    type Output = LinkDrops;
+    fn sub(self, rhs: LinkDrops) -> LinkDrops {
+        LinkDrops {
+            rx_dropped: self.rx_dropped.saturating_sub(rhs.rx_dropped),
+            tx_dropped: self.tx_dropped.saturating_sub(rhs.tx_dropped),
+        }
+    }
+}
+
+/// Drop counters of interface `ifname` in namespace `ns`.
+pub fn link_drops(ns: &str, ifname: &str) -> Result<LinkDrops> {
+    let out = netns::ip(ns, &["-s", "-j", "link", "show", "dev", ifname])?;
+    let v: serde_json::Value =
+        serde_json::from_str(&out).with_context(|| format!("`ip -j -s link` output: {out}"))?;
+    let get = |dir: &str| {
+        v.pointer(&format!("/0/stats64/{dir}/dropped"))
+            .and_then(serde_json::Value::as_u64)
+            .with_context(|| format!("no {dir} drop counter for {ifname}: {out}"))
+    };
+    Ok(LinkDrops {
+        rx_dropped: get("rx")?,
+        tx_dropped: get("tx")?,
+    })
 }

@@ -17,7 +17,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub const DEFAULT_LISTEN_PORT: u16 = 51820;
+/// Default TUN MTU with only WireGuard peers: 1500 minus IPv6 (40),
+/// UDP (8) and WireGuard (32) headers.
 pub const DEFAULT_MTU: u16 = 1420;
+/// Default TUN MTU when ESP peers exist: ESP in UDP over IPv6 adds up to 85
+/// bytes (IPv6 40, UDP 8, SPI/sequence/IV 16, padding and trailer up to 5,
+/// ICV 16), so 1414 is the most that fits a 1500-byte underlay; 1400 is the
+/// customary IPsec value.
+pub const DEFAULT_MTU_WITH_ESP: u16 = 1400;
+/// Largest inner packet that ESP in UDP over IPv6 fits in 1500 bytes.
+const MAX_ESP_MTU_ON_1500: u16 = 1414;
 pub const MIN_MTU: u16 = 1280;
 pub const MAX_MTU: u16 = 9000;
 /// Where admin sockets live unless `interface.admin_socket` says otherwise.
@@ -215,6 +224,8 @@ pub struct InterfaceConfig {
     pub private_key_from_file: bool,
     pub listen_port: u16,
     pub mtu: u16,
+    /// Whether `mtu` was set in the file (else it depends on the peer kinds).
+    pub mtu_given: bool,
     /// Addresses put on the TUN device, with their prefix length.
     pub addresses: Vec<(IpAddr, u8)>,
     pub admin_socket: PathBuf,
@@ -331,6 +342,15 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         None => None,
     };
     let has_esp = !esp_peers.is_empty() || identity_peers.iter().any(|p| p.kind == TunnelKind::Esp);
+    let mut interface = interface;
+    if has_esp && !interface.mtu_given {
+        interface.mtu = DEFAULT_MTU_WITH_ESP;
+    } else if has_esp && interface.mtu > MAX_ESP_MTU_ON_1500 {
+        tracing::warn!(
+            mtu = interface.mtu,
+            "interface.mtu is above {MAX_ESP_MTU_ON_1500}: full-size ESP packets only fit an underlay with an MTU above 1500"
+        );
+    }
     if has_esp && interface.esp_listen_port == interface.listen_port {
         return Err(ConfigError::new(
             "interface.esp_listen_port",
@@ -575,6 +595,7 @@ fn interface(raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
         None => PrivateKey::generate(),
     };
 
+    let mtu_given = raw.mtu.is_some();
     let mtu = raw.mtu.unwrap_or(i64::from(DEFAULT_MTU));
     let mtu = u16::try_from(mtu)
         .ok()
@@ -602,6 +623,7 @@ fn interface(raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
         ));
     }
     Ok(InterfaceConfig {
+        mtu_given,
         name,
         private_key,
         private_key_from_file,
@@ -1188,6 +1210,16 @@ mod tests {
         assert_eq!((pair.outbound.spi, pair.inbound.spi), (0x1000_abcd, 0x2000));
         assert_eq!(pair.outbound.key.len(), 32);
         assert_eq!(cfg.interface.esp_listen_port, 4501);
+        assert_eq!(
+            cfg.interface.mtu, DEFAULT_MTU_WITH_ESP,
+            "ESP needs room for its overhead"
+        );
+        let explicit = parse(&text.replace(
+            "esp_listen_port = 4501",
+            "esp_listen_port = 4501\nmtu = 1380",
+        ))
+        .unwrap();
+        assert_eq!(explicit.interface.mtu, 1380);
     }
 
     #[test]

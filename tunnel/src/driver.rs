@@ -86,6 +86,10 @@ impl Socket {
         let sock: UdpSocket = sock.into();
         force_buffer_sizes(&sock);
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
+        // quinn-udp leaves the socket non-blocking; our threads block in
+        // recvmmsg/sendmsg (receives wake up at least every read timeout),
+        // so an idle gateway sleeps instead of spinning.
+        sock.set_nonblocking(false)?;
         Ok(Self {
             sock,
             state,
