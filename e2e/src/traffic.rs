@@ -142,6 +142,9 @@ impl TransferReport {
 
 /// Longest time a transfer may sit without progress before failing.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest time a whole transfer may take (a trickle that never idles long
+/// enough for [`IDLE_TIMEOUT`] still fails).
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(180);
 
 const CHUNK: usize = 256 * 1024;
 
@@ -180,12 +183,16 @@ pub fn tcp_transfer(
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; CHUNK];
         let mut total = 0u64;
+        let began = Instant::now();
         loop {
             let n = stream
                 .read(&mut buf)
                 .with_context(|| format!("receiving (after {total} bytes)"))?;
             if n == 0 {
                 break;
+            }
+            if began.elapsed() > TRANSFER_TIMEOUT {
+                bail!("transfer not done after {TRANSFER_TIMEOUT:?} ({total} bytes received)");
             }
             hasher.update(&buf[..n]);
             total += n as u64;
@@ -213,6 +220,12 @@ pub fn tcp_transfer(
                 .write_all(&buf[..n])
                 .with_context(|| format!("sending (after {} bytes)", bytes - left))?;
             left -= n as u64;
+            if start.elapsed() > TRANSFER_TIMEOUT {
+                bail!(
+                    "transfer not done after {TRANSFER_TIMEOUT:?} ({} bytes sent)",
+                    bytes - left
+                );
+            }
         }
         stream.shutdown(Shutdown::Write)?;
         Ok((bytes, hex::encode(hasher.finalize()), start))

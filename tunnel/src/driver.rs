@@ -85,11 +85,10 @@ impl Socket {
         sock.bind(&addr.into())?;
         let sock: UdpSocket = sock.into();
         force_buffer_sizes(&sock);
+        // quinn-udp makes the socket non-blocking, and its batched receive
+        // relies on that (a blocking recvmmsg would wait for a full batch):
+        // our threads wait in poll() instead, so an idle gateway sleeps.
         let state = UdpSocketState::new(UdpSockRef::from(&sock))?;
-        // quinn-udp leaves the socket non-blocking; our threads block in
-        // recvmmsg/sendmsg (receives wake up at least every read timeout),
-        // so an idle gateway sleeps instead of spinning.
-        sock.set_nonblocking(false)?;
         Ok(Self {
             sock,
             state,
@@ -150,10 +149,43 @@ impl Socket {
             segment_size: (contents.len() > segment).then_some(segment),
             src_ip: None,
         };
-        if let Err(e) = self.state.send(UdpSockRef::from(&self.sock), &transmit) {
-            tracing::debug!(%to, error = %e, "send failed");
+        // A full socket buffer: wait briefly for room rather than drop a
+        // whole GSO run at once (bounded, so a stuck peer cannot stall us).
+        for _ in 0..SEND_RETRIES {
+            match self.state.send(UdpSockRef::from(&self.sock), &transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait_ready(self.sock.as_raw_fd(), libc::POLLOUT, SEND_WAIT);
+                }
+                Err(e) => {
+                    tracing::debug!(%to, error = %e, "send failed");
+                    return;
+                }
+                Ok(()) => return,
+            }
         }
+        tracing::debug!(%to, "socket buffer stayed full; datagrams dropped");
     }
+}
+
+/// How often and how long a send waits for room in a full socket buffer.
+const SEND_RETRIES: usize = 4;
+const SEND_WAIT: Duration = Duration::from_millis(20);
+/// How long a receive thread sleeps in poll() before checking for shutdown.
+const RECV_WAIT: Duration = Duration::from_millis(500);
+
+/// Waits until `fd` is ready for `events` (POLLIN/POLLOUT) or `timeout`
+/// passes; true when ready.
+fn wait_ready(fd: i32, events: libc::c_short, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    let millis = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: `pfd` is one valid pollfd that lives for the whole call, and
+    // `fd` is an open socket owned by the caller.
+    let n = unsafe { libc::poll(&mut pfd, 1, millis) };
+    n > 0
 }
 
 fn set_sockopt(fd: i32, name: libc::c_int, value: libc::c_int) -> bool {
@@ -562,8 +594,11 @@ fn inbound_loop(
             *ready = 0;
         }
     };
-    let _ = sock.sock.set_read_timeout(Some(Duration::from_millis(500)));
+    let fd = sock.sock.as_raw_fd();
     while !stop.load(Ordering::Relaxed) {
+        if !wait_ready(fd, libc::POLLIN, RECV_WAIT) {
+            continue;
+        }
         let n = {
             let mut slices: Vec<IoSliceMut<'_>> =
                 rx_bufs.iter_mut().map(|b| IoSliceMut::new(b)).collect();
