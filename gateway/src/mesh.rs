@@ -48,9 +48,10 @@ impl std::fmt::Debug for ChannelKeying {
     }
 }
 
-/// Generations derived when the channel comes up, so the data path's
-/// first rekeys never wait on the channel.
-const PRECOMPUTED_GENERATIONS: u64 = 4;
+/// Generations derived when the channel comes up (at the default soft
+/// lifetime, 53 hours' worth), so the data path's rekeys do not wait on the
+/// channel; later ones are derived on demand.
+const PRECOMPUTED_GENERATIONS: u64 = 64;
 
 impl ChannelKeying {
     pub fn new(session: PeerSession, cipher: EspCipher) -> Result<Self, KeyingError> {
@@ -320,17 +321,31 @@ impl MeshLinks {
         let endpoint = resolve(e.params.wireguard_endpoint, e.remote)
             .ok_or("the peer offered no WireGuard endpoint")?;
         let key = PublicKey(key);
-        let mut all = self.wg.peer_configs();
-        all.retain(|c| c.public_key != key);
-        all.push(PeerConfig {
-            name: cfg.name.clone(),
-            public_key: key,
-            preshared_key: None,
-            endpoint: Some(endpoint),
-            allowed_prefixes: cfg.allowed_prefixes.clone(),
-            persistent_keepalive: cfg.persistent_keepalive,
-        });
-        self.wg.set_peers(all).map_err(|e| e.to_string())?;
+        let mut taken = false;
+        self.wg
+            .update_peers(|all| {
+                // A key that already belongs to another peer (configured, or
+                // another identity's) is refused: one authenticated peer must
+                // not be able to take over another peer's tunnel.
+                if all.iter().any(|c| c.public_key == key) {
+                    taken = true;
+                    return;
+                }
+                all.push(PeerConfig {
+                    name: cfg.name.clone(),
+                    public_key: key,
+                    preshared_key: None,
+                    endpoint: Some(endpoint),
+                    allowed_prefixes: cfg.allowed_prefixes.clone(),
+                    persistent_keepalive: cfg.persistent_keepalive,
+                });
+            })
+            .map_err(|e| e.to_string())?;
+        if taken {
+            return Err(format!(
+                "WireGuard key {key} already belongs to another peer"
+            ));
+        }
         link.wg_key = Some(key);
         Ok(())
     }
@@ -363,9 +378,10 @@ impl MeshLinks {
     /// Removes the tunnel state a session brought up.
     fn teardown(&self, link: &mut Link) {
         if let Some(key) = link.wg_key.take() {
-            let mut all = self.wg.peer_configs();
-            all.retain(|c| c.public_key != key);
-            if let Err(e) = self.wg.set_peers(all) {
+            if let Err(e) = self
+                .wg
+                .update_peers(|all| all.retain(|c| c.public_key != key))
+            {
                 tracing::warn!(error = %e, "removing a WireGuard peer failed");
             }
         }
@@ -373,6 +389,12 @@ impl MeshLinks {
             esp.remove_peer(&peer);
         }
         link.since = None;
+    }
+
+    /// The WireGuard keys whose peers this channel set configured (the
+    /// UAPI must not remove or replace them).
+    pub fn owned_wireguard_keys(&self) -> Vec<PublicKey> {
+        self.links().values().filter_map(|l| l.wg_key).collect()
     }
 
     pub fn status(&self) -> Vec<ChannelStatus> {

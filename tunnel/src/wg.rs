@@ -17,6 +17,7 @@ use crate::key::{PrivateKey, PublicKey};
 use crate::prefix::{IpPrefix, PrefixTable};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -200,6 +201,11 @@ pub enum Inbound {
 
 /// The WireGuard state of one device: static key and peers.
 pub struct WgCore {
+    /// Serialises read-modify-write changes of the peer set.
+    writer: Mutex<()>,
+    /// Device-wide handshake limiter (mac1 check, cookies under load),
+    /// shared by every peer's session.
+    rate_limiter: Arc<RateLimiter>,
     secret: boringtun::x25519::StaticSecret,
     public: boringtun::x25519::PublicKey,
     set: RwLock<Arc<PeerSet>>,
@@ -215,6 +221,9 @@ impl std::fmt::Debug for WgCore {
     }
 }
 
+/// Handshake messages a second before the device answers with cookies.
+const HANDSHAKE_RATE_LIMIT: u64 = 200;
+
 /// Largest peer index boringtun can carry (it shifts the index left by 8).
 const MAX_INDEX: u32 = (1 << 24) - 1;
 
@@ -229,6 +238,8 @@ impl WgCore {
         let secret = private_key.to_secret();
         let public = boringtun::x25519::PublicKey::from(&secret);
         let core = Self {
+            writer: Mutex::new(()),
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
             secret,
             public,
             set: RwLock::new(Arc::default()),
@@ -268,6 +279,7 @@ impl WgCore {
         let mut guard = self.set.write().unwrap_or_else(|e| e.into_inner());
         let old = guard.clone();
         let mut next = PeerSet::default();
+        let mut updates = Vec::new();
         let own = self.public_key();
         for cfg in configs {
             if cfg.public_key == own {
@@ -282,14 +294,16 @@ impl WgCore {
             });
             let peer = match reusable {
                 Some(p) => {
-                    // Same session: only names, prefixes and endpoint change.
-                    *lock(&p.meta) = PeerMeta {
-                        name: cfg.name.clone(),
-                        allowed_prefixes: cfg.allowed_prefixes.clone(),
-                    };
-                    if cfg.endpoint.is_some() {
-                        p.session().endpoint = cfg.endpoint;
-                    }
+                    // Same session: only names, prefixes and endpoint change,
+                    // and only once the whole new set is known to be valid.
+                    updates.push((
+                        p.clone(),
+                        PeerMeta {
+                            name: cfg.name.clone(),
+                            allowed_prefixes: cfg.allowed_prefixes.clone(),
+                        },
+                        cfg.endpoint,
+                    ));
                     p.clone()
                 }
                 None => {
@@ -327,8 +341,26 @@ impl WgCore {
             next.by_index.insert(peer.index, peer.clone());
             next.peers.push(peer);
         }
+        for (peer, meta, endpoint) in updates {
+            *lock(&peer.meta) = meta;
+            if endpoint.is_some() {
+                peer.session().endpoint = endpoint;
+            }
+        }
         *guard = Arc::new(next);
         Ok(())
+    }
+
+    /// Changes the peer set as a read-modify-write under one lock, so two
+    /// writers (the UAPI and the identity channel) never undo each other.
+    pub fn update_peers(
+        &self,
+        change: impl FnOnce(&mut Vec<PeerConfig>),
+    ) -> Result<(), PeerSetError> {
+        let _writer = lock(&self.writer);
+        let mut configs = self.peer_configs();
+        change(&mut configs);
+        self.set_peers(configs)
     }
 
     fn new_tunn(&self, cfg: &PeerConfig, index: u32) -> Tunn {
@@ -338,7 +370,7 @@ impl WgCore {
             cfg.preshared_key,
             cfg.persistent_keepalive.filter(|k| *k > 0),
             index,
-            None,
+            Some(self.rate_limiter.clone()),
         )
     }
 
@@ -417,6 +449,26 @@ impl WgCore {
             Ok(p) => p,
             Err(_) => return self.device_drop(DropReason::Malformed),
         };
+        // Handshake messages must carry a valid mac1 (a keyed hash of our
+        // public key) before we spend a Diffie-Hellman on them; under a
+        // flood the device-wide limiter answers with a cookie instead.
+        if matches!(
+            parsed,
+            Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
+        ) {
+            let mut cookie = [0u8; 64];
+            match self
+                .rate_limiter
+                .verify_packet(Some(from.ip()), datagram, &mut cookie)
+            {
+                Ok(_) => {}
+                Err(TunnResult::WriteToNetwork(reply)) => {
+                    send(from, reply);
+                    return Inbound::Consumed;
+                }
+                Err(_) => return self.device_drop(DropReason::Malformed),
+            }
+        }
         let peer = match &parsed {
             Packet::HandshakeInit(init) => {
                 match parse_handshake_anon(&self.secret, &self.public, init) {
@@ -438,6 +490,7 @@ impl WgCore {
         let out_start = out.as_ptr() as usize;
         let mut session = peer.session();
         let result = session.tunn.decapsulate(Some(from.ip()), datagram, out);
+        let mut authentic = true;
         let verdict = match result {
             TunnResult::WriteToTunnelV4(packet, src) => Some((
                 packet.as_ptr() as usize - out_start,
@@ -449,13 +502,21 @@ impl WgCore {
                 packet.len(),
                 IpAddr::V6(src),
             )),
-            TunnResult::Done => None,
+            // A keepalive (authentic) or a processed cookie reply (not an
+            // authentication of the peer).
+            TunnResult::Done => {
+                authentic = kind == 4;
+                None
+            }
             TunnResult::WriteToNetwork(reply) => {
                 // A handshake response (to an initiation), a keepalive
-                // (completing our initiation) or a cookie reply.
+                // (completing our initiation), or a cookie reply (we are
+                // under load: nothing was authenticated).
+                let reply_kind = reply.first().copied();
+                authentic = reply_kind != Some(3);
                 send(from, reply);
                 peer.counters.sent(reply.len());
-                if kind == 1 || kind == 2 {
+                if reply_kind == Some(2) || (kind == 2 && reply_kind == Some(4)) {
                     peer.counters.handshake_completed();
                 }
                 // Packets queued while there was no session go out now.
@@ -491,6 +552,9 @@ impl WgCore {
                 return Inbound::Dropped(reason);
             }
         };
+        if !authentic {
+            return Inbound::Consumed;
+        }
         // The datagram authenticated: the peer is at `from` now (roaming).
         session.endpoint = Some(from);
         drop(session);
@@ -517,6 +581,8 @@ impl WgCore {
     /// Runs every peer's timers: handshake retries, keepalives, rekeys.
     /// `scratch` must be at least 148 bytes. Call every 250 ms or so.
     pub fn tick(&self, scratch: &mut [u8], send: &mut dyn FnMut(SocketAddr, &[u8])) {
+        // The shared limiter is ours to reset (at most once a second).
+        self.rate_limiter.reset_count();
         let set = self.peers();
         for peer in &set.peers {
             let mut session = peer.session();
@@ -691,6 +757,27 @@ mod tests {
     }
 
     #[test]
+    fn replayed_initiations_from_elsewhere_never_move_the_endpoint() {
+        // Someone on the path copies A's handshake initiation and floods B
+        // with it from another address: past the rate limit B answers with
+        // cookies, but nothing was authenticated, so A's endpoint stays.
+        let p = pair();
+        let (_, init) =
+            send_packet(&p.a, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"x")).unwrap();
+        let (r, _) = deliver(&p.b, A_UNDERLAY, &init);
+        assert_eq!(r, Ok(None));
+        let mut cookies = 0;
+        for _ in 0..(2 * HANDSHAKE_RATE_LIMIT + 50) {
+            let (_, wire) = deliver(&p.b, "203.0.113.66:4444", &init);
+            cookies += wire.iter().filter(|(_, d)| d[0] == 3).count();
+        }
+        assert!(cookies > 0, "the flood was answered with cookies");
+        let peer = p.b.peers().peers()[0].clone();
+        assert_eq!(peer.endpoint(), Some(A_UNDERLAY.parse().unwrap()));
+        assert_eq!(peer.stats().handshakes, 1);
+    }
+
+    #[test]
     fn replayed_and_tampered_datagrams_are_dropped_by_reason() {
         let p = pair();
         handshake(&p, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"x"));
@@ -836,8 +923,16 @@ mod tests {
             p.a.set_peers(vec![own]),
             Err(PeerSetError::OwnKey(_))
         ));
-        // Refused changes left the set as it was.
+        // Refused changes left the set as it was, endpoints included.
         assert_eq!(p.a.peer_configs().len(), 1);
+        let mut moved = cfgs.clone();
+        moved[0].endpoint = Some("203.0.113.9:1".parse().unwrap());
+        moved.push(peer(p.a.public_key(), B_UNDERLAY, &["100.64.6.0/24"]));
+        assert!(p.a.set_peers(moved).is_err());
+        assert_eq!(
+            p.a.peers().peers()[0].endpoint(),
+            Some(B_UNDERLAY.parse().unwrap())
+        );
         p.a.set_peers(vec![]).unwrap();
         assert!(p.a.peers().route("100.64.2.2".parse().unwrap()).is_none());
     }

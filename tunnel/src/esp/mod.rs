@@ -154,7 +154,9 @@ impl EspPeer {
                     generation: sa.generation,
                     highest_seq: sa.top(),
                     packets: sa.packets,
-                    age_secs: now.saturating_duration_since(sa.created).as_secs_f64(),
+                    age_secs: sa
+                        .first_used
+                        .map_or(0.0, |t| now.saturating_duration_since(t).as_secs_f64()),
                     retiring: sa.retire_at.is_some(),
                 })
                 .collect(),
@@ -237,9 +239,7 @@ impl EspCore {
         let mut sas = Vec::new();
         for generation in 0..=LOOKAHEAD {
             let pair = cfg.keying.sa_pair(generation).map_err(key_err)?;
-            sas.push(
-                InboundSa::new(cipher, &pair.inbound, cfg.esn, generation, now).map_err(sa_err)?,
-            );
+            sas.push(InboundSa::new(cipher, &pair.inbound, cfg.esn, generation).map_err(sa_err)?);
         }
         let peer = Arc::new(EspPeer {
             tx: Mutex::new(TxState { sa: tx, rekeys: 0 }),
@@ -303,13 +303,25 @@ impl EspCore {
         // A peer removed meanwhile does not come back through a rekey.
         let live = set.peers.iter().any(|p| Arc::ptr_eq(p, peer));
         if live {
-            spis.entry(spi).or_insert_with(|| peer.clone());
+            match spis.get(&spi) {
+                None => {
+                    spis.insert(spi, peer.clone());
+                }
+                Some(owner) if Arc::ptr_eq(owner, peer) => {}
+                Some(_) => tracing::warn!(
+                    spi = format_args!("{spi:#010x}"),
+                    "derived inbound SPI collides with another peer's; that SA stays unreachable"
+                ),
+            }
         }
     }
 
-    fn unregister_spi(&self, spi: u32) {
+    /// Removes `spi` if it still maps to `peer` (never another peer's).
+    fn unregister_spi(&self, spi: u32, peer: &Arc<EspPeer>) {
         let mut spis = self.spis.write().unwrap_or_else(|e| e.into_inner());
-        spis.remove(&spi);
+        if spis.get(&spi).is_some_and(|p| Arc::ptr_eq(p, peer)) {
+            spis.remove(&spi);
+        }
     }
 
     /// Encrypts one packet for `peer` into `out` (which needs
@@ -467,7 +479,7 @@ impl EspCore {
                 .sa_pair(next)
                 .map_err(|e| e.to_string())
                 .and_then(|pair| {
-                    InboundSa::new(cipher, &pair.inbound, peer.config.esn, next, now)
+                    InboundSa::new(cipher, &pair.inbound, peer.config.esn, next)
                         .map_err(|e| e.to_string())
                 });
             match installed {
@@ -505,7 +517,7 @@ impl EspCore {
             drop(rx);
             for spi in removed {
                 tracing::debug!(spi = format_args!("{spi:#010x}"), "inbound SA removed");
-                self.unregister_spi(spi);
+                self.unregister_spi(spi, peer);
             }
         }
     }

@@ -326,7 +326,9 @@ pub struct InboundSa {
     window: ReplayWindow,
     pub(crate) packets: u64,
     pub(crate) bytes: u64,
-    pub(crate) created: Instant,
+    /// When the first authentic packet arrived: lifetimes count from
+    /// here, so an SA installed ahead of time does not age unused.
+    pub(crate) first_used: Option<Instant>,
     pub(crate) generation: u64,
     /// Set when a newer SA took over: accept late packets until then.
     pub(crate) retire_at: Option<Instant>,
@@ -369,7 +371,6 @@ impl InboundSa {
         keys: &SaKeys,
         esn: bool,
         generation: u64,
-        now: Instant,
     ) -> Result<Self, SaError> {
         Ok(Self {
             spi: keys.spi,
@@ -379,7 +380,7 @@ impl InboundSa {
             window: ReplayWindow::new(),
             packets: 0,
             bytes: 0,
-            created: now,
+            first_used: None,
             generation,
             retire_at: None,
         })
@@ -390,11 +391,15 @@ impl InboundSa {
         self.window.top()
     }
 
+    /// Whether the SA reached `limits`; an SA never used has not.
     pub(crate) fn reached(&self, limits: &Limits, now: Instant) -> bool {
+        let Some(first) = self.first_used else {
+            return false;
+        };
         limits.reached(
             self.packets,
             self.bytes,
-            now.saturating_duration_since(self.created),
+            now.saturating_duration_since(first),
         )
     }
 
@@ -442,6 +447,7 @@ impl InboundSa {
         // Authentic: only now may the window move (RFC 4303 §3.4.3).
         self.window.accept(seq).map_err(OpenError::Replay)?;
         self.packets += 1;
+        self.first_used.get_or_insert(now);
         let plain = &out[..plain_len];
         let next_header = plain[plain_len - 1];
         let pad = usize::from(plain[plain_len - 2]);
@@ -509,7 +515,7 @@ mod tests {
     #[test]
     fn known_answer_aes128_gcm_with_esn() {
         let keys = keys(0x4321, "4c80cdefbb5d10da906ac73c3613a634", "2e443b68");
-        let mut sa = InboundSa::new(EspCipher::Aes128Gcm, &keys, true, 0, Instant::now()).unwrap();
+        let mut sa = InboundSa::new(EspCipher::Aes128Gcm, &keys, true, 0).unwrap();
         // The receiver last saw a number just below the 2^32 boundary of
         // subspace 0x87654320, so low 0 must mean high 0x87654321.
         sa.window
@@ -549,7 +555,7 @@ mod tests {
             "abbccddef00112233445566778899aababbccddef00112233445566778899aab",
             "11223344",
         );
-        let mut sa = InboundSa::new(EspCipher::Aes256Gcm, &keys, false, 0, Instant::now()).unwrap();
+        let mut sa = InboundSa::new(EspCipher::Aes256Gcm, &keys, false, 0).unwrap();
         let wire = vector_packet(
             0x4a2c_bfe3,
             2,
@@ -583,7 +589,7 @@ mod tests {
         let now = Instant::now();
         (
             OutboundSa::new(cipher, &k, esn, 0, now).unwrap(),
-            InboundSa::new(cipher, &k, esn, 0, now).unwrap(),
+            InboundSa::new(cipher, &k, esn, 0).unwrap(),
         )
     }
 

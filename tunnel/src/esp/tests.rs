@@ -314,3 +314,22 @@ fn peers_come_and_go_at_run_time() {
     ));
     assert_eq!(p.b.peers().peers().len(), 1);
 }
+
+#[test]
+fn sas_installed_ahead_do_not_age_before_they_are_used() {
+    // Defaults: soft 3000 s, hard 3600 s. After 3000 s the sender moves to
+    // generation 1; the receiver installed it at t = 0 but it must still
+    // work well past 3600 s, since its lifetime starts with its first use.
+    let start = Instant::now();
+    let p = pair(EspCipher::Aes128Gcm, true, Lifetimes::default(), start);
+    let wire = seal(&p.a, &a_to_b(0), start).unwrap();
+    assert!(open(&p.b, &wire, start).unwrap().is_some());
+    let later = start + Duration::from_secs(3001);
+    let wire = seal(&p.a, &a_to_b(1), later).unwrap();
+    assert_eq!(p.a.peers().peers()[0].status(later).outbound.generation, 1);
+    let much_later = start + Duration::from_secs(4000);
+    p.b.tick(much_later);
+    assert_eq!(open(&p.b, &wire, much_later), Ok(Some(a_to_b(1))));
+    let wire = seal(&p.a, &a_to_b(2), much_later).unwrap();
+    assert_eq!(open(&p.b, &wire, much_later), Ok(Some(a_to_b(2))));
+}
