@@ -142,6 +142,8 @@ pub struct GatewayConfig {
     pub peers: Vec<PeerConfig>,
     /// ESP peers keyed in the config (`kind = "esp"`, SA file).
     pub esp_peers: Vec<EspPeerConfig>,
+    /// The SA files of those peers, in the same order.
+    pub sa_files: Vec<PathBuf>,
     /// This gateway's certificate and the mesh trust, when peers are
     /// configured by identity.
     pub identity: Option<IdentityConfig>,
@@ -273,6 +275,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
     // Original index of every peer of each kind, for error messages.
     let (mut wg_index, mut esp_index) = (Vec::new(), Vec::new());
     let mut identity_peers = Vec::new();
+    let mut sa_files = Vec::new();
     let mut kinds: Vec<(usize, TunnelKind, Vec<IpPrefix>)> = Vec::new();
     for (i, p) in raw.peers.into_iter().enumerate() {
         if p.spiffe_id.is_some() {
@@ -304,6 +307,12 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
                 wg_index.push(i);
             }
             "esp" => {
+                sa_files.push(
+                    p.esp
+                        .as_ref()
+                        .and_then(|e| e.sa_file.clone())
+                        .unwrap_or_default(),
+                );
                 esp_peers.push(esp_peer(i, p)?);
                 esp_index.push(i);
             }
@@ -361,6 +370,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         interface,
         peers,
         esp_peers,
+        sa_files,
         identity,
         identity_peers,
     })
@@ -781,6 +791,19 @@ fn esp_peer(i: usize, raw: RawPeer) -> Result<EspPeerConfig, ConfigError> {
         .ok_or_else(|| ConfigError::new(field("esp.sa_file"), "required (mode 0600)"))?;
     let keying = read_sa_file(&sa_path)
         .map_err(|(f, m)| ConfigError::new(format!("peers[{i}].esp.sa_file{f}"), m))?;
+    let marker = sa_in_use_marker(&sa_path);
+    if marker.exists() {
+        return Err(ConfigError::new(
+            field("esp.sa_file"),
+            format!(
+                "{} was already used by an earlier run ({} exists): the same manual SAs again would repeat \
+                 AES-GCM nonces and reopen the replay window. Generate fresh SA files for both gateways \
+                 (isthmusctl esp-keygen) and remove the marker, or key ESP by identity",
+                sa_path.display(),
+                marker.display()
+            ),
+        ));
+    }
     let (esn, lifetimes) = esp_lifetimes(i, &esp)?;
     Ok(EspPeerConfig {
         name: raw.name,
@@ -834,6 +857,13 @@ fn esp_lifetimes(i: usize, esp: &RawEsp) -> Result<(bool, Lifetimes), ConfigErro
     }
     let grace = Duration::from_secs(esp.rekey_grace_seconds.unwrap_or(defaults.grace.as_secs()));
     Ok((esn, Lifetimes { soft, hard, grace }))
+}
+
+/// The file that marks a manual SA file as used by a gateway run.
+pub fn sa_in_use_marker(sa_file: &Path) -> PathBuf {
+    let mut name = sa_file.as_os_str().to_owned();
+    name.push(".used");
+    PathBuf::from(name)
 }
 
 fn parse_spi(v: &SpiValue) -> Result<u32, String> {

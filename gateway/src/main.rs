@@ -18,6 +18,7 @@ use isthmus_identity::TunnelParams;
 use isthmus_tunnel::driver::{Driver, DriverConfig};
 use isthmus_tunnel::esp::EspCore;
 use isthmus_tunnel::{IpPrefix, PeerConfig, PublicKey, WgCore};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::Instant;
@@ -89,6 +90,19 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Manual SAs are good for one run: mark each SA file as used before
+    // the first packet, so a restart with the same keys is refused.
+    for path in &cfg.sa_files {
+        let marker = config::sa_in_use_marker(path);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&marker)
+            .with_context(|| {
+                format!("marking {} as used ({})", path.display(), marker.display())
+            })?;
+    }
     let driver = Driver::start(
         core.clone(),
         esp.clone(),
