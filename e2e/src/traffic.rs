@@ -10,6 +10,7 @@ use rand_core::{OsRng, RngCore};
 use sha2::{Digest, Sha256};
 
 use crate::netns;
+use crate::topology::Site;
 
 /// Sends `count` pings (0.2 s apart, 2 s timeout each) from namespace `ns` to `addr`; true iff all
 /// of them were answered.
@@ -241,6 +242,37 @@ pub fn tcp_transfer(
         received_sha256,
         elapsed: done.saturating_duration_since(start),
     })
+}
+
+/// Sends `bytes` random bytes over TCP from site `from`'s workload to site `to`'s
+/// workload and fails unless they arrived intact (same length, same SHA-256).
+pub fn transfer_between(from: &Site, to: &Site, port: u16, bytes: u64) -> Result<TransferReport> {
+    let report = tcp_transfer(
+        &from.wl_ns,
+        &to.wl_ns,
+        IpAddr::V4(to.workload_addr),
+        port,
+        bytes,
+        Payload::Random,
+    )
+    .with_context(|| format!("transfer site {} -> site {}", from.index, to.index))?;
+    if !report.intact() {
+        bail!(
+            "transfer site {} -> site {} not intact: {report:?}",
+            from.index,
+            to.index
+        );
+    }
+    eprintln!(
+        "site {} -> site {}: {} bytes in {:?} ({:.0} Mbit/s), sha256 {}",
+        from.index,
+        to.index,
+        report.received_bytes,
+        report.elapsed,
+        report.mbit_per_s(),
+        report.received_sha256
+    );
+    Ok(report)
 }
 
 fn fill(payload: &Payload, buf: &mut [u8], offset: &mut usize) {

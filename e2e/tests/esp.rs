@@ -11,7 +11,7 @@ use std::time::Duration;
 use isthmus_e2e::esp::{self, split_gso_frames, Cipher, EspPair, ESP_PORT};
 use isthmus_e2e::isthmus::{EspPeerConfig, EspSettings, PeerStatus, Status};
 use isthmus_e2e::mesh::isthmus_config;
-use isthmus_e2e::traffic::{self, ping_all, tcp_transfer, udp_sequence, Payload};
+use isthmus_e2e::traffic::{self, ping_all, tcp_transfer, transfer_between, udp_sequence, Payload};
 use isthmus_e2e::{netns, Capture, IsthmusGateway, KeyPair, Pcap, PeerConfig, Topology};
 use isthmus_e2e::{Underlay, TUNNEL_MTU, WG_PORT};
 
@@ -31,24 +31,9 @@ fn spi_hex(spi: u32) -> String {
 }
 
 fn transfer(topo: &Topology, from: usize, to: usize, port: u16, bytes: u64) {
-    let (src, dst) = (topo.site(from), topo.site(to));
-    let report = tcp_transfer(
-        &src.wl_ns,
-        &dst.wl_ns,
-        IpAddr::V4(dst.workload_addr),
-        port,
-        bytes,
-        Payload::Random,
-    )
-    .unwrap_or_else(|e| panic!("transfer site {from} -> site {to}: {e:#}"));
-    assert!(report.intact(), "site {from} -> site {to}: {report:?}");
-    eprintln!(
-        "site {from} -> site {to}: {} bytes in {:?} ({:.0} Mbit/s), sha256 {}",
-        report.received_bytes,
-        report.elapsed,
-        report.mbit_per_s(),
-        report.received_sha256
-    );
+    if let Err(e) = transfer_between(topo.site(from), topo.site(to), port, bytes) {
+        panic!("{e:#}");
+    }
 }
 
 /// Pings (5, patiently: see [`traffic::ping_stats_until`]) from workload `x` to workload `y`

@@ -3,12 +3,11 @@
 //! refused identities bring up nothing, and no key material reaches logs or
 //! `isthmusctl` output.
 
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use isthmus_e2e::traffic::{tcp_transfer, Payload};
+use isthmus_e2e::traffic::transfer_between;
 use isthmus_e2e::{bins, ping, wait_for_ping, ProcessGuard, Run, Site, Topology, Underlay};
 use serde_json::Value;
 
@@ -191,21 +190,9 @@ fn peer<'a>(status: &'a Value, name: &str) -> Option<&'a Value> {
 }
 
 fn transfer(from: &Site, to: &Site, port: u16) {
-    let report = tcp_transfer(
-        &from.wl_ns,
-        &to.wl_ns,
-        IpAddr::V4(to.workload_addr),
-        port,
-        TRANSFER_BYTES,
-        Payload::Random,
-    )
-    .unwrap_or_else(|e| panic!("transfer {} -> {}: {e:#}", from.index, to.index));
-    assert!(
-        report.intact(),
-        "{} -> {}: {report:?}",
-        from.index,
-        to.index
-    );
+    if let Err(e) = transfer_between(from, to, port, TRANSFER_BYTES) {
+        panic!("{e:#}");
+    }
 }
 
 /// The base64 body lines of every PEM private key under `dir`.

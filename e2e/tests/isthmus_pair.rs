@@ -3,7 +3,7 @@
 use std::net::IpAddr;
 
 use isthmus_e2e::mesh::{self, Implementation::Isthmus};
-use isthmus_e2e::traffic::{tcp_transfer, Payload};
+use isthmus_e2e::traffic::{tcp_transfer, transfer_between, Payload};
 use isthmus_e2e::userspace_wg::{uapi_socket, wg_show_dump};
 use isthmus_e2e::{netns, ping, Topology, Underlay};
 
@@ -12,30 +12,9 @@ const TRANSFER_BYTES: u64 = 50 * 1024 * 1024;
 fn transfer_both_ways(topo: &Topology) {
     let (a, b) = (topo.site(1), topo.site(2));
     for (from, to, port) in [(a, b, 7101), (b, a, 7102)] {
-        let report = tcp_transfer(
-            &from.wl_ns,
-            &to.wl_ns,
-            IpAddr::V4(to.workload_addr),
-            port,
-            TRANSFER_BYTES,
-            Payload::Random,
-        )
-        .unwrap_or_else(|e| panic!("transfer site {} -> site {}: {e:#}", from.index, to.index));
-        assert!(
-            report.intact(),
-            "site {} -> site {}: {report:?}",
-            from.index,
-            to.index
-        );
-        eprintln!(
-            "site {} -> site {}: {} bytes in {:?} ({:.0} Mbit/s), sha256 {}",
-            from.index,
-            to.index,
-            report.received_bytes,
-            report.elapsed,
-            report.mbit_per_s(),
-            report.received_sha256
-        );
+        if let Err(e) = transfer_between(from, to, port, TRANSFER_BYTES) {
+            panic!("{e:#}");
+        }
     }
 }
 
@@ -251,21 +230,10 @@ fn isthmus_three_site_mesh() {
             if from.index == to.index {
                 continue;
             }
-            let report = tcp_transfer(
-                &from.wl_ns,
-                &to.wl_ns,
-                IpAddr::V4(to.workload_addr),
-                7110 + (from.index * 3 + to.index) as u16,
-                2_000_000,
-                Payload::Random,
-            )
-            .unwrap_or_else(|e| panic!("{} -> {}: {e:#}", from.index, to.index));
-            assert!(
-                report.intact(),
-                "{} -> {}: {report:?}",
-                from.index,
-                to.index
-            );
+            let port = 7110 + (from.index * 3 + to.index) as u16;
+            if let Err(e) = transfer_between(from, to, port, 2_000_000) {
+                panic!("{e:#}");
+            }
         }
     }
     for i in 1..=3 {

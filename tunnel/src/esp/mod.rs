@@ -24,7 +24,7 @@ use crate::wg::{Inbound, Outbound};
 use keying::{EspKeying, KeyingError};
 use replay::ReplayError;
 use sa::{
-    datagram_spi, EspCipher, InboundSa, Lifetimes, OpenError, OutboundSa, SaError, SealError,
+    datagram_spi, InboundSa, Lifetimes, OpenError, OutboundSa, SaError, SealError,
     NEXT_HEADER_IPV4, NEXT_HEADER_IPV6, NEXT_HEADER_NONE,
 };
 use serde::Serialize;
@@ -521,11 +521,6 @@ impl EspCore {
             }
         }
     }
-}
-
-/// The cipher of a peer (for display).
-pub fn peer_cipher(peer: &EspPeer) -> EspCipher {
-    peer.config.keying.cipher()
 }
 
 #[cfg(test)]
