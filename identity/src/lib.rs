@@ -23,7 +23,8 @@ pub mod svid;
 pub use channel::{
     should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener, ChannelTiming,
     ControlMessage, EspKeyBlock, Established, ListenerHandle, LocalCredentials, LossReason,
-    MeshTrust, PeerChannel, PeerEndpoint, PeerLink, PeerSession, Refusal, Role, TunnelParams,
+    MeshTls, MeshTrust, PeerChannel, PeerEndpoint, PeerLink, PeerPolicy, PeerSession, Refusal,
+    Role, TunnelParams,
 };
 pub use security_identity::{ClusterId, LocalId, SecurityIdentity, SecurityIdentityError};
 pub use spiffe::{ClusterName, GatewayId, GatewayName, SpiffeId, SpiffeIdError, TrustDomain};

@@ -34,6 +34,7 @@
 
 mod frame;
 mod keys;
+pub mod mtls;
 mod session;
 mod timing;
 mod verify;
@@ -61,6 +62,7 @@ pub use keys::{
     EspKeyBlock, Role, DEFAULT_ESP_KEY_LEN, LABEL_CLIENT_TO_SERVER, LABEL_SERVER_TO_CLIENT,
     MAX_ESP_KEY_LEN,
 };
+pub use mtls::{peer_id, MeshTls, PeerPolicy};
 pub use session::{LossReason, PeerSession};
 pub use timing::{Backoff, ChannelTiming};
 pub use verify::{MeshTrust, Refusal, TrustError};

@@ -143,7 +143,7 @@ impl Refusal {
     }
 
     /// The rustls error that aborts the handshake (with the matching TLS alert).
-    fn into_tls(self) -> rustls::Error {
+    pub(crate) fn into_tls(self) -> rustls::Error {
         let cert_err = match self {
             Refusal::UnknownCa => CertificateError::UnknownIssuer,
             Refusal::Expired => CertificateError::Expired,
@@ -170,7 +170,7 @@ fn webpki_refusal(err: webpki::Error) -> Refusal {
 pub(crate) struct TrustCore {
     anchors: Vec<TrustAnchor<'static>>,
     crls: Vec<CertRevocationList<'static>>,
-    algs: WebPkiSupportedAlgorithms,
+    pub(crate) algs: WebPkiSupportedAlgorithms,
 }
 
 impl fmt::Debug for TrustCore {
