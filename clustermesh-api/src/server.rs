@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
@@ -135,6 +135,7 @@ pub struct ClusterMeshService {
     publisher: Publisher,
     options: ServerOptions,
     stats: Arc<ServerStats>,
+    stop: watch::Receiver<bool>,
 }
 
 impl ClusterMeshService {
@@ -144,6 +145,7 @@ impl ClusterMeshService {
             publisher,
             options,
             stats: Arc::new(ServerStats::default()),
+            stop: watch::channel(false).1,
         }
     }
 
@@ -210,13 +212,18 @@ async fn stream_watch(
     tx: Tx,
     options: ServerOptions,
     stats: Arc<ServerStats>,
+    mut stop: watch::Receiver<bool>,
 ) {
+    if *stop.borrow() {
+        return;
+    }
     // The snapshot waits for the source's initial state: an empty "snapshot" sent
     // before that would make every client sweep the cluster away.
     let mut synced = publisher.synced();
     tokio::select! {
         r = synced.wait_for(|s| *s) => if r.is_err() { return },
         _ = tx.closed() => return,
+        _ = stop.changed() => return,
     }
     let mut resume = Some((request.epoch, request.revision));
     let mut lagged = false;
@@ -288,6 +295,7 @@ async fn stream_watch(
                     }
                 }
                 _ = tx.closed() => return,
+                _ = stop.changed() => return,
             }
         }
     }
@@ -326,9 +334,10 @@ impl ClusterMesh for ClusterMeshService {
         let publisher = self.publisher.clone();
         let options = self.options.clone();
         let stats = self.stats.clone();
+        let stop = self.stop.clone();
         tokio::spawn(async move {
             let _guard = guard;
-            stream_watch(publisher, req, tx, options, stats).await;
+            stream_watch(publisher, req, tx, options, stats, stop).await;
             tracing::debug!(watcher = %who, "watch stream ended");
         });
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -342,6 +351,7 @@ pub fn mtls_incoming(
     tls: Arc<rustls::ServerConfig>,
     options: &ServerOptions,
     stats: Arc<ServerStats>,
+    mut stop: watch::Receiver<bool>,
 ) -> ReceiverStream<Result<MtlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
@@ -349,7 +359,12 @@ pub fn mtls_incoming(
     let timeout = options.handshake_timeout;
     tokio::spawn(async move {
         loop {
-            let (tcp, remote) = match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.changed() => return,
+                _ = tx.closed() => return,
+            };
+            let (tcp, remote) = match accepted {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -389,14 +404,21 @@ pub fn mtls_incoming(
     ReceiverStream::new(rx)
 }
 
-/// Serves `service` on `listener` with mTLS until `shutdown` completes.
+/// Serves `service` on `listener` with mTLS until `shutdown` completes; then the
+/// listener closes and every watch stream ends.
 pub async fn serve(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    service: ClusterMeshService,
+    mut service: ClusterMeshService,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = mtls_incoming(listener, tls, &service.options, service.stats());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    service.stop = stop_rx.clone();
+    let incoming = mtls_incoming(listener, tls, &service.options, service.stats(), stop_rx);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
