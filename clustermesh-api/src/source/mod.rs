@@ -2,8 +2,11 @@
 //! what the publisher's store holds.
 //!
 //! - [`file`]: a TOML file, reloaded when it changes (the embedded default of the demo);
+//! - [`kubernetes`]: the cluster's own Services and EndpointSlices, published when a
+//!   ServiceExport (MCS API) or the `service.isthmus.dev/global` annotation says so;
 
 pub mod file;
+pub mod kubernetes;
 
 use crate::model::{Invalid, KeyDisplay};
 use crate::pb::{Object, ObjectKey};
