@@ -14,9 +14,13 @@
 //! # crls = ["/etc/isthmus/root.crl"]
 //!
 //! [source]
-//! kind = "file"                            # the only kind with no further service
-//! path = "/etc/isthmus/cluster.toml"
-//! # reload_interval_ms = 1000
+//! kind = "file"                            # file | kubernetes
+//! path = "/etc/isthmus/cluster.toml"       # file: everything; kubernetes: the cluster
+//!                                          # object and gateways (services come from the API)
+//! # reload_interval_ms = 1000              # file
+//! # kubeconfig = "/root/.kube/config"      # kubernetes (default: $KUBECONFIG, ~/.kube/config,
+//! # context = "east"                       #  then the in-cluster service account)
+//! # service_exports = true                 # kubernetes: watch MCS ServiceExports
 //! ```
 
 use crate::pb::Object;
@@ -78,6 +82,9 @@ struct RawSource {
     kind: Option<String>,
     path: Option<PathBuf>,
     reload_interval_ms: Option<u64>,
+    kubeconfig: Option<PathBuf>,
+    context: Option<String>,
+    service_exports: Option<bool>,
 }
 
 /// Where the cluster's state comes from.
@@ -91,6 +98,14 @@ pub enum SourceConfig {
         initial: Vec<Object>,
         /// Poll interval.
         interval: Duration,
+    },
+    /// Services, EndpointSlices and ServiceExports from the Kubernetes API; the cluster
+    /// object and gateways from a file (read once).
+    Kubernetes {
+        /// The kube settings.
+        config: crate::source::kubernetes::KubernetesSourceConfig,
+        /// The cluster object and gateways.
+        static_objects: Vec<Object>,
     },
 }
 
@@ -227,10 +242,36 @@ pub fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
                 interval: Duration::from_millis(ms),
             }
         }
+        "kubernetes" => {
+            let path = source.path.ok_or_else(|| {
+                ConfigError::new(
+                    "source.path",
+                    "required with kind = \"kubernetes\" (the cluster object and gateways)",
+                )
+            })?;
+            let static_objects: Vec<Object> = file::load(&path, &gateway.cluster)?
+                .into_iter()
+                .filter(|o| {
+                    o.key.as_ref().is_some_and(|k| {
+                        k.kind == crate::pb::Kind::Cluster as i32
+                            || k.kind == crate::pb::Kind::Gateway as i32
+                    })
+                })
+                .collect();
+            SourceConfig::Kubernetes {
+                config: crate::source::kubernetes::KubernetesSourceConfig {
+                    kubeconfig: source.kubeconfig,
+                    context: source.context,
+                    service_exports: source.service_exports.unwrap_or(true),
+                    ..Default::default()
+                },
+                static_objects,
+            }
+        }
         other => {
             return Err(ConfigError::new(
                 "source.kind",
-                format!("{other:?} is not a source kind (file)"),
+                format!("{other:?} is not a source kind (file, kubernetes)"),
             ))
         }
     };

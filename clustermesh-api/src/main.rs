@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use isthmus_clustermesh_api::config::{self, SourceConfig};
 use isthmus_clustermesh_api::server::{self, ClusterMeshService, ServerOptions};
-use isthmus_clustermesh_api::source::{file, Publisher};
+use isthmus_clustermesh_api::source::{file, kubernetes, Publisher};
 use isthmus_clustermesh_api::store::Store;
 use isthmus_identity::{MeshTls, PeerPolicy};
 use std::process::ExitCode;
@@ -13,7 +13,7 @@ use std::process::ExitCode;
 const EX_USAGE: u8 = 64;
 
 /// The Isthmus clustermesh API server: publishes this cluster's gateways, prefixes,
-/// services and identities (from a file) over gRPC on mTLS to the gateways of the mesh.
+/// services and identities (from a file, etcd or Kubernetes) over gRPC on mTLS to the gateways of the mesh.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Args {
@@ -85,6 +85,17 @@ fn run(cfg: config::ServerConfig) -> anyhow::Result<()> {
                 interval,
             } => {
                 tokio::spawn(file::run(publisher.clone(), path, initial, interval));
+            }
+            SourceConfig::Kubernetes {
+                config,
+                static_objects,
+            } => {
+                let publisher = publisher.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = kubernetes::run(publisher, config, static_objects).await {
+                        tracing::error!(error = %e, "the Kubernetes source stopped; clients keep the last state until their TTL");
+                    }
+                });
             }
         }
         let options = ServerOptions {
