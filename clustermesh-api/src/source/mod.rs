@@ -2,7 +2,10 @@
 //! what the publisher's store holds.
 //!
 //! - [`file`]: a TOML file, reloaded when it changes (the embedded default of the demo);
+//! - [`etcd`]: the cluster's prefix in etcd (the mesh kvstore), listed then watched, with
+//!   a writer for publishers and lease-held gateways.
 
+pub mod etcd;
 pub mod file;
 
 use crate::model::{Invalid, KeyDisplay};
