@@ -284,14 +284,8 @@ pub fn decode_entry(
                 .map_or_else(|| "none".to_string(), |k| KeyDisplay(k).to_string()),
         });
     }
-    let (Ok(revision), true) = (u64::try_from(mod_revision), create_revision > 0) else {
-        return Err(EntryError::BadRevision {
-            key: shown(),
-            create: create_revision,
-            modified: mod_revision,
-        });
-    };
-    if revision == 0 {
+    let revision = u64::try_from(mod_revision).unwrap_or(0);
+    if revision == 0 || create_revision <= 0 {
         return Err(EntryError::BadRevision {
             key: shown(),
             create: create_revision,
@@ -861,22 +855,12 @@ pub struct Written {
 /// Writes one cluster's objects into etcd, for publishers (a controller, the demo,
 /// tests). Refuses objects of any other cluster and objects that
 /// [`check_object`] refuses, before anything reaches etcd.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct EtcdObjectWriter {
-    client: Client,
+    client: ClientHandle,
     layout: EtcdKeyLayout,
     cluster: ClusterName,
     request_timeout: Duration,
-}
-
-impl fmt::Debug for EtcdObjectWriter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EtcdObjectWriter")
-            .field("layout", &self.layout)
-            .field("cluster", &self.cluster)
-            .field("request_timeout", &self.request_timeout)
-            .finish_non_exhaustive()
-    }
 }
 
 impl EtcdObjectWriter {
@@ -885,7 +869,7 @@ impl EtcdObjectWriter {
         let layout = EtcdKeyLayout::new(&config.root)?;
         let client = config.connection.connect().await?;
         Ok(Self {
-            client,
+            client: client.into(),
             layout,
             cluster: config.cluster,
             request_timeout: config.connection.request_timeout,
@@ -925,7 +909,7 @@ impl EtcdObjectWriter {
     /// Creates or replaces an object.
     pub async fn put(&self, obj: &Object) -> Result<Written, EtcdWriteError> {
         let (_, etcd_key, value) = self.encode(obj)?;
-        put_value(&self.client, self.request_timeout, etcd_key, value, None).await
+        put_value(&self.client.0, self.request_timeout, etcd_key, value, None).await
     }
 
     /// Deletes the object under `key`; returns whether there was one.
@@ -940,7 +924,7 @@ impl EtcdObjectWriter {
         }
         let etcd_key = self.layout.etcd_key(key)?;
         let resp = retried("delete", self.request_timeout, || {
-            let mut client = self.client.clone();
+            let mut client = self.client.0.clone();
             let etcd_key = etcd_key.clone();
             async move { client.delete(etcd_key, None).await }
         })
@@ -968,7 +952,7 @@ impl EtcdObjectWriter {
         }
         let ttl_secs = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let lease = Lease {
-            client: self.client.clone(),
+            client: self.client.0.clone(),
             request_timeout: self.request_timeout,
             etcd_key,
             value,
@@ -981,7 +965,7 @@ impl EtcdObjectWriter {
             key,
             lease_id: current,
             task,
-            client: self.client.clone().into(),
+            client: self.client.clone(),
             request_timeout: self.request_timeout,
         })
     }
@@ -1053,7 +1037,8 @@ impl Lease {
     async fn keep_alive(self, mut lease_id: i64, mut ttl: i64, current: Arc<AtomicI64>) {
         let retry = Duration::from_millis(500);
         loop {
-            let period = Duration::from_millis(u64::try_from(ttl).unwrap_or(1) * 1000 / 3);
+            let period =
+                Duration::from_millis(u64::try_from(ttl).unwrap_or(1).saturating_mul(1000) / 3);
             match self.keep_alive_stream(lease_id, period).await {
                 KeepAliveEnd::Expired => {
                     tracing::warn!(key = %self.etcd_key, lease_id, "gateway lease lost: registering again");
