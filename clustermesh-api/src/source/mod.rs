@@ -4,7 +4,10 @@
 //! - [`file`]: a TOML file, reloaded when it changes (the embedded default of the demo);
 //! - [`kubernetes`]: the cluster's own Services and EndpointSlices, published when a
 //!   ServiceExport (MCS API) or the `service.isthmus.dev/global` annotation says so;
+//! - [`etcd`]: the cluster's prefix in etcd (the mesh kvstore), listed then watched, with
+//!   a writer for publishers and lease-held gateways.
 
+pub mod etcd;
 pub mod file;
 pub mod kubernetes;
 
