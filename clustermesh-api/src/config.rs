@@ -14,13 +14,15 @@
 //! # crls = ["/etc/isthmus/root.crl"]
 //!
 //! [source]
-//! kind = "file"                            # file | kubernetes
+//! kind = "file"                            # file | etcd | kubernetes
 //! path = "/etc/isthmus/cluster.toml"       # file: everything; kubernetes: the cluster
 //!                                          # object and gateways (services come from the API)
 //! # reload_interval_ms = 1000              # file
 //! # kubeconfig = "/root/.kube/config"      # kubernetes (default: $KUBECONFIG, ~/.kube/config,
 //! # context = "east"                       #  then the in-cluster service account)
 //! # service_exports = true                 # kubernetes: watch MCS ServiceExports
+//! # endpoints = ["http://127.0.0.1:2379"]  # etcd: the members
+//! # root = "/isthmus/clustermesh/v1"       # etcd: keys are <root>/<cluster>/<kind>/<ns>/<name>
 //! ```
 
 use crate::pb::Object;
@@ -85,6 +87,8 @@ struct RawSource {
     kubeconfig: Option<PathBuf>,
     context: Option<String>,
     service_exports: Option<bool>,
+    endpoints: Option<Vec<String>>,
+    root: Option<String>,
 }
 
 /// Where the cluster's state comes from.
@@ -99,6 +103,8 @@ pub enum SourceConfig {
         /// Poll interval.
         interval: Duration,
     },
+    /// The cluster's prefix in etcd, listed then watched.
+    Etcd(crate::source::etcd::EtcdSourceConfig),
     /// Services, EndpointSlices and ServiceExports from the Kubernetes API; the cluster
     /// object and gateways from a file (read once).
     Kubernetes {
@@ -242,6 +248,30 @@ pub fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
                 interval: Duration::from_millis(ms),
             }
         }
+        "etcd" => {
+            let endpoints = source.endpoints.unwrap_or_default();
+            if endpoints.is_empty() {
+                return Err(ConfigError::new(
+                    "source.endpoints",
+                    "required with kind = \"etcd\" (e.g. [\"http://127.0.0.1:2379\"])",
+                ));
+            }
+            for (i, e) in endpoints.iter().enumerate() {
+                if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < 10 {
+                    return Err(ConfigError::new(
+                        format!("source.endpoints[{i}]"),
+                        format!("{e:?} is not an http:// or https:// URL"),
+                    ));
+                }
+            }
+            let mut etcd = crate::source::etcd::EtcdSourceConfig::new(endpoints);
+            if let Some(root) = source.root {
+                crate::source::etcd::EtcdKeyLayout::new(&root)
+                    .map_err(|e| ConfigError::new("source.root", e.to_string()))?;
+                etcd.root = root;
+            }
+            SourceConfig::Etcd(etcd)
+        }
         "kubernetes" => {
             let path = source.path.ok_or_else(|| {
                 ConfigError::new(
@@ -271,7 +301,7 @@ pub fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
         other => {
             return Err(ConfigError::new(
                 "source.kind",
-                format!("{other:?} is not a source kind (file, kubernetes)"),
+                format!("{other:?} is not a source kind (file, etcd, kubernetes)"),
             ))
         }
     };

@@ -933,6 +933,32 @@ impl EtcdObjectWriter {
         Ok(resp.deleted() > 0)
     }
 
+    /// Deletes every key of this writer's cluster whose object is not in `keep` (a
+    /// publisher making etcd match its full listing); returns how many it deleted.
+    pub async fn prune_except(&self, keep: &[ObjectKey]) -> Result<usize, EtcdWriteError> {
+        let prefix = self.layout.cluster_prefix(&self.cluster);
+        let resp = retried("list", self.request_timeout, || {
+            let mut client = self.client.0.clone();
+            let prefix = prefix.clone();
+            async move {
+                client
+                    .get(prefix, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()))
+                    .await
+            }
+        })
+        .await?;
+        let mut pruned = 0;
+        for kv in resp.kvs() {
+            let Ok(key) = self.layout.parse_etcd_key(&self.cluster, kv.key()) else {
+                continue;
+            };
+            if !keep.contains(&key) && self.delete(&key).await? {
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
     /// Writes a gateway under a lease of `ttl` (whole seconds, at least 1; etcd may raise
     /// it to its minimum) and keeps the lease alive from a task. When the handle is
     /// dropped or the process dies, the keepalives stop, the lease expires and etcd
