@@ -186,7 +186,8 @@ fn publish(
     prune: bool,
 ) -> anyhow::Result<()> {
     let cluster = isthmus_identity::ClusterName::new(&cluster).context("--cluster")?;
-    let objects = file::load(&path, &cluster).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let objects =
+        file::load(&path, &cluster).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -203,7 +204,11 @@ fn publish(
                 .is_some_and(|k| k.kind == isthmus_clustermesh_api::pb::Kind::Gateway as i32);
             match gateway_ttl {
                 Some(ttl) if is_gateway => {
-                    held.push(writer.register_gateway(obj, std::time::Duration::from_secs(ttl)).await?);
+                    held.push(
+                        writer
+                            .register_gateway(obj, std::time::Duration::from_secs(ttl))
+                            .await?,
+                    );
                 }
                 _ => {
                     writer.put(obj).await?;

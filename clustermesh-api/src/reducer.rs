@@ -20,7 +20,7 @@ use crate::model::{check_object, parse_endpoint, parse_prefixes, KeyDisplay};
 use crate::pb::{self, object::Body, watch_event::Event, Kind, Object, ObjectKey, WatchEvent};
 use isthmus_identity::{ClusterName, SpiffeId};
 use isthmus_tunnel::IpPrefix;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -45,7 +45,7 @@ impl Default for ReducerConfig {
 }
 
 /// A remote cluster's liveness.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Liveness {
     /// Never synced yet.
@@ -71,7 +71,7 @@ impl Liveness {
 }
 
 /// A refused object or announcement.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefusalNote {
     /// What was refused and why.
     pub reason: String,
@@ -125,7 +125,7 @@ impl RemoteCluster {
 }
 
 /// A remote gateway as the tables carry it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayEntry {
     /// Object name.
     pub name: String,
@@ -157,7 +157,7 @@ pub struct ClusterRoute {
 }
 
 /// One remote cluster as `isthmusctl mesh clusters` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatus {
     /// Name.
     pub name: String,
@@ -190,7 +190,7 @@ pub struct ClusterStatus {
 }
 
 /// An endpoint of an imported service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointEntry {
     /// Address.
     pub address: String,
@@ -203,7 +203,7 @@ pub struct EndpointEntry {
 }
 
 /// One cluster's part of an imported service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceBackend {
     /// The exporting cluster.
     pub cluster: String,
@@ -216,7 +216,7 @@ pub struct ServiceBackend {
 }
 
 /// A global service exported to this cluster (by one or more clusters).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceImport {
     /// Namespace.
     pub namespace: String,

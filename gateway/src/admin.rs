@@ -124,6 +124,11 @@ pub enum AdminError {
 
 /// Asks the gateway at `path` for its status.
 pub fn fetch_status(path: &Path) -> Result<Status, AdminError> {
+    fetch(path, "status")
+}
+
+/// Sends `command` to the gateway at `path` and decodes its JSON answer.
+pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path, command: &str) -> Result<T, AdminError> {
     let io_err = |source| AdminError::Io {
         path: path.to_path_buf(),
         source,
@@ -135,7 +140,9 @@ pub fn fetch_status(path: &Path) -> Result<Status, AdminError> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io_err)?;
-    stream.write_all(b"status\n").map_err(io_err)?;
+    stream
+        .write_all(format!("{command}\n").as_bytes())
+        .map_err(io_err)?;
     let mut answer = String::new();
     stream
         .take(16 << 20)
@@ -166,6 +173,21 @@ impl AdminServer {
         path: &Path,
         status: Arc<dyn Fn() -> Status + Send + Sync>,
     ) -> std::io::Result<Self> {
+        Self::bind_with(
+            path,
+            Arc::new(move |command: &str| match command {
+                "status" => Some(
+                    serde_json::to_string_pretty(&status())
+                        .unwrap_or_else(|e| format!("error: cannot encode status: {e}")),
+                ),
+                _ => None,
+            }),
+        )
+    }
+
+    /// Like [`AdminServer::bind`], with a handler that answers each command
+    /// line (`None`: unknown command).
+    pub fn bind_with(path: &Path, handler: Arc<Handler>) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             std::fs::DirBuilder::new()
                 .recursive(true)
@@ -193,12 +215,12 @@ impl AdminServer {
             .name("admin".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    let status = status.clone();
+                    let handler = handler.clone();
                     // One short-lived thread per client: a stuck client
                     // cannot block the next one.
                     let _ = std::thread::Builder::new()
                         .name("admin-conn".into())
-                        .spawn(move || serve(stream, &*status));
+                        .spawn(move || serve(stream, &*handler));
                 }
             })?;
         Ok(Self {
@@ -213,7 +235,10 @@ impl Drop for AdminServer {
     }
 }
 
-fn serve(stream: UnixStream, status: &(dyn Fn() -> Status + Send + Sync)) {
+/// Answers one admin command line; `None` for an unknown command.
+pub type Handler = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+fn serve(stream: UnixStream, handler: &Handler) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
@@ -221,14 +246,13 @@ fn serve(stream: UnixStream, status: &(dyn Fn() -> Status + Send + Sync)) {
     if reader.read_line(&mut line).is_err() {
         return;
     }
-    let answer = match line.trim() {
-        "status" => serde_json::to_string_pretty(&status())
-            .unwrap_or_else(|e| format!("error: cannot encode status: {e}")),
-        other => format!(
-            "error: unknown command `{}` (known: status)",
-            other.escape_debug()
-        ),
-    };
+    let command = line.trim();
+    let answer = handler(command).unwrap_or_else(|| {
+        format!(
+            "error: unknown command `{}` (known: status, mesh-clusters, mesh-services)",
+            command.escape_debug()
+        )
+    });
     let _ = (&stream).write_all(answer.as_bytes());
 }
 

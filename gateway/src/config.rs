@@ -54,8 +54,30 @@ impl ConfigError {
 struct RawConfig {
     interface: Option<RawInterface>,
     identity: Option<RawIdentity>,
+    mesh: Option<RawMesh>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMesh {
+    #[serde(default)]
+    clusters: Vec<RawMeshCluster>,
+    #[serde(default)]
+    local_prefixes: Vec<String>,
+    withdraw_after_secs: Option<u64>,
+    kinds: Option<Vec<String>>,
+    esp_cipher: Option<String>,
+    esn: Option<bool>,
+    persistent_keepalive: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMeshCluster {
+    name: Option<String>,
+    api: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -150,7 +172,37 @@ pub struct GatewayConfig {
     /// Peers configured by SPIFFE ID: their tunnel keys arrive over the
     /// mTLS channel, never from the config.
     pub identity_peers: Vec<IdentityPeer>,
+    /// The clustermesh API servers to learn remote clusters from.
+    pub mesh: Option<MeshConfig>,
 }
+
+/// A remote cluster's API server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshCluster {
+    pub name: isthmus_identity::ClusterName,
+    pub api: SocketAddr,
+}
+
+/// The `[mesh]` table: where remote clusters are learnt and how their
+/// gateways become peers.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// This gateway's cluster (from its certificate).
+    pub cluster: isthmus_identity::ClusterName,
+    pub clusters: Vec<MeshCluster>,
+    /// This cluster's own prefixes: no remote cluster may announce them.
+    pub local_prefixes: Vec<IpPrefix>,
+    /// A cluster whose API stream is lost keeps its routes (stale) this long.
+    pub withdraw_after: std::time::Duration,
+    /// Tunnel kinds this gateway uses with mesh peers, preferred first.
+    pub kinds: Vec<TunnelKind>,
+    /// ESP settings for mesh peers (when ESP is chosen).
+    pub esp: EspSettings,
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// Default TCP port of a clustermesh API server.
+pub const DEFAULT_MESH_API_PORT: u16 = 7444;
 
 /// Default TCP port of the mTLS peer channel.
 pub const DEFAULT_CHANNEL_PORT: u16 = 7443;
@@ -350,7 +402,24 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         }
         None => None,
     };
-    let has_esp = !esp_peers.is_empty() || identity_peers.iter().any(|p| p.kind == TunnelKind::Esp);
+    let mesh = match raw.mesh {
+        None => None,
+        Some(raw_mesh) => {
+            let Some(identity) = identity.as_ref() else {
+                return Err(ConfigError::new(
+                    "mesh",
+                    "requires the [identity] table (API servers and peers are reached over mTLS)",
+                ));
+            };
+            let configured: Vec<IpPrefix> = kinds.iter().flat_map(|(_, _, p)| p.clone()).collect();
+            Some(mesh(raw_mesh, identity, &configured)?)
+        }
+    };
+    let has_esp = !esp_peers.is_empty()
+        || identity_peers.iter().any(|p| p.kind == TunnelKind::Esp)
+        || mesh
+            .as_ref()
+            .is_some_and(|m| m.kinds.contains(&TunnelKind::Esp));
     let mut interface = interface;
     if has_esp && !interface.mtu_given {
         interface.mtu = DEFAULT_MTU_WITH_ESP;
@@ -373,6 +442,131 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         sa_files,
         identity,
         identity_peers,
+        mesh,
+    })
+}
+
+fn mesh(
+    raw: RawMesh,
+    identity: &IdentityConfig,
+    configured: &[IpPrefix],
+) -> Result<MeshConfig, ConfigError> {
+    let leaf = identity
+        .credentials
+        .chain
+        .first()
+        .ok_or_else(|| ConfigError::new("identity.certificate", "holds no certificate"))?;
+    let own = isthmus_identity::spiffe_id_of(leaf)
+        .ok()
+        .and_then(|id| id.as_gateway())
+        .ok_or_else(|| {
+            ConfigError::new(
+                "mesh",
+                "the [identity] certificate must be a gateway identity (spiffe://<td>/cluster/<c>/gateway/<g>)",
+            )
+        })?;
+    let mut clusters: Vec<MeshCluster> = Vec::new();
+    for (i, c) in raw.clusters.into_iter().enumerate() {
+        let field = |f: &str| format!("mesh.clusters[{i}].{f}");
+        let name = c
+            .name
+            .ok_or_else(|| ConfigError::new(field("name"), "required"))?;
+        let name = isthmus_identity::ClusterName::new(&name)
+            .map_err(|e| ConfigError::new(field("name"), e.to_string()))?;
+        if name == own.cluster {
+            return Err(ConfigError::new(
+                field("name"),
+                format!("{name} is this gateway's own cluster"),
+            ));
+        }
+        if let Some(j) = clusters.iter().position(|o| o.name == name) {
+            return Err(ConfigError::new(
+                field("name"),
+                format!("same cluster as mesh.clusters[{j}]"),
+            ));
+        }
+        let api = c.api.ok_or_else(|| {
+            ConfigError::new(field("api"), "required (IP:PORT of its clustermesh API)")
+        })?;
+        let api = api
+            .parse::<SocketAddr>()
+            .or_else(|_| {
+                api.parse::<IpAddr>()
+                    .map(|ip| SocketAddr::new(ip, DEFAULT_MESH_API_PORT))
+            })
+            .map_err(|_| ConfigError::new(field("api"), format!("`{api}` is not IP[:PORT]")))?;
+        clusters.push(MeshCluster { name, api });
+    }
+    let local_prefixes = raw
+        .local_prefixes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            p.parse::<IpPrefix>().map_err(|e| {
+                ConfigError::new(format!("mesh.local_prefixes[{i}]"), format!("`{p}`: {e}"))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    // Statically configured peers' prefixes are off limits to the mesh too.
+    let mut local = local_prefixes;
+    local.extend(configured.iter().copied());
+    let withdraw = raw.withdraw_after_secs.unwrap_or(300);
+    if !(1..=86_400).contains(&withdraw) {
+        return Err(ConfigError::new(
+            "mesh.withdraw_after_secs",
+            "must be between 1 and 86400",
+        ));
+    }
+    let mut kinds = Vec::new();
+    for (i, k) in raw
+        .kinds
+        .unwrap_or_else(|| vec!["wireguard".into()])
+        .iter()
+        .enumerate()
+    {
+        let kind = match k.as_str() {
+            "wireguard" => TunnelKind::Wireguard,
+            "esp" => TunnelKind::Esp,
+            other => {
+                return Err(ConfigError::new(
+                    format!("mesh.kinds[{i}]"),
+                    format!("`{other}` is not a tunnel kind (expected wireguard or esp)"),
+                ))
+            }
+        };
+        if kinds.contains(&kind) {
+            return Err(ConfigError::new(format!("mesh.kinds[{i}]"), "listed twice"));
+        }
+        kinds.push(kind);
+    }
+    if kinds.is_empty() {
+        return Err(ConfigError::new(
+            "mesh.kinds",
+            "needs at least one tunnel kind",
+        ));
+    }
+    let cipher = match raw.esp_cipher.as_deref().unwrap_or("aes256-gcm") {
+        "aes128-gcm" => EspCipher::Aes128Gcm,
+        "aes256-gcm" => EspCipher::Aes256Gcm,
+        other => {
+            return Err(ConfigError::new(
+                "mesh.esp_cipher",
+                format!("`{other}` is not aes128-gcm or aes256-gcm"),
+            ))
+        }
+    };
+    Ok(MeshConfig {
+        cluster: own.cluster,
+        clusters,
+        local_prefixes: local,
+        withdraw_after: std::time::Duration::from_secs(withdraw),
+        kinds,
+        esp: EspSettings {
+            cipher,
+            esn: raw.esn.unwrap_or(true),
+            lifetimes: Lifetimes::default(),
+        },
+        persistent_keepalive: raw.persistent_keepalive,
     })
 }
 

@@ -6,6 +6,7 @@
 //! admin socket, and defines the status document both binaries speak.
 
 pub mod admin;
+pub mod clustermesh;
 pub mod config;
 pub mod mesh;
 pub mod uapi;

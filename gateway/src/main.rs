@@ -9,6 +9,7 @@
 use anyhow::Context as _;
 use clap::Parser;
 use isthmus_gateway::admin::{self, AdminServer, PeerStatus, Status};
+use isthmus_gateway::clustermesh::{MeshWatch, RouteSink};
 use isthmus_gateway::config::{self, GatewayConfig, TunnelKind};
 use isthmus_gateway::mesh::MeshLinks;
 use isthmus_gateway::uapi::{
@@ -80,8 +81,12 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 
     let iface = &cfg.interface;
     let core = Arc::new(WgCore::new(iface.private_key.clone(), cfg.peers.clone())?);
-    let wants_esp =
-        !cfg.esp_peers.is_empty() || cfg.identity_peers.iter().any(|p| p.kind == TunnelKind::Esp);
+    let wants_esp = !cfg.esp_peers.is_empty()
+        || cfg.identity_peers.iter().any(|p| p.kind == TunnelKind::Esp)
+        || cfg
+            .mesh
+            .as_ref()
+            .is_some_and(|m| m.kinds.contains(&TunnelKind::Esp));
     let esp = if wants_esp {
         Some(Arc::new(EspCore::new(
             cfg.esp_peers.clone(),
@@ -117,7 +122,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     configure_device(&cfg)?;
 
     let mesh = match &cfg.identity {
-        Some(identity) if !cfg.identity_peers.is_empty() => {
+        Some(identity) if !cfg.identity_peers.is_empty() || cfg.mesh.is_some() => {
             let advertise = identity
                 .advertise_address
                 .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
@@ -140,6 +145,9 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                     cfg.identity_peers.clone(),
                     identity,
                     params,
+                    cfg.mesh
+                        .as_ref()
+                        .map_or(DEFAULT_KEEP_TUNNEL, |m| m.withdraw_after),
                 )
                 .context("starting the mTLS peer channel")?,
             )
@@ -162,10 +170,41 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     } else {
         None
     };
+    let watch = match (&cfg.mesh, &cfg.identity, &device.mesh) {
+        (Some(mesh_cfg), Some(identity), Some(links)) => Some(Arc::new(
+            MeshWatch::start(
+                mesh_cfg.clone(),
+                identity,
+                links.clone(),
+                Arc::new(IpRoutes {
+                    dev: iface.name.clone(),
+                }),
+            )
+            .context("starting the clustermesh watch")?,
+        )),
+        _ => None,
+    };
     let status_device = device.clone();
-    let admin = AdminServer::bind(
+    let admin_watch = watch.clone();
+    let admin = AdminServer::bind_with(
         &iface.admin_socket,
-        Arc::new(move || status_device.status()),
+        Arc::new(move |command: &str| {
+            let json = |r: Result<String, serde_json::Error>| {
+                r.unwrap_or_else(|e| format!("error: cannot encode: {e}"))
+            };
+            match command {
+                "status" => Some(json(serde_json::to_string_pretty(&status_device.status()))),
+                "mesh-clusters" => Some(match &admin_watch {
+                    Some(w) => json(serde_json::to_string_pretty(&w.clusters())),
+                    None => "error: no [mesh] in this gateway's config".into(),
+                }),
+                "mesh-services" => Some(match &admin_watch {
+                    Some(w) => json(serde_json::to_string_pretty(&w.services())),
+                    None => "error: no [mesh] in this gateway's config".into(),
+                }),
+                _ => None,
+            }
+        }),
     )
     .with_context(|| format!("serving the admin socket {}", iface.admin_socket.display()))?;
     tracing::info!(
@@ -181,6 +220,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let signal = signals.forever().next();
     tracing::info!(?signal, "shutting down");
     drop(admin);
+    drop(watch);
     drop(uapi);
     drop(driver);
     // The TUN device is not persistent: it disappears with our descriptor
@@ -212,6 +252,29 @@ fn configure_device(cfg: &GatewayConfig) -> anyhow::Result<()> {
         ip(&["route", "replace", &prefix.to_string(), "dev", name])?;
     }
     Ok(())
+}
+
+/// How long an identity peer's tunnel outlives its lost channel when no
+/// `[mesh]` TTL applies.
+const DEFAULT_KEEP_TUNNEL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Kernel routes into the TUN device for prefixes learnt from the mesh.
+struct IpRoutes {
+    dev: String,
+}
+
+impl RouteSink for IpRoutes {
+    fn add(&self, prefix: &IpPrefix) -> Result<(), String> {
+        if prefix.len() == 0 {
+            return Err("not routing a default prefix into the tunnel".into());
+        }
+        ip(&["route", "replace", &prefix.to_string(), "dev", &self.dev])
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn remove(&self, prefix: &IpPrefix) -> Result<(), String> {
+        ip(&["route", "del", &prefix.to_string(), "dev", &self.dev]).map_err(|e| format!("{e:#}"))
+    }
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {

@@ -11,8 +11,14 @@
 //! - ESP: SA keys, salts and SPIs of every generation from the TLS exporter
 //!   ([`ChannelKeying`]), so rekeying needs no further message.
 //!
-//! When the session is lost the tunnel is torn down (its packets are then
-//! dropped and counted, never sent in clear) until a new session is up.
+//! When the session is lost the tunnel keeps the keys it has (the data path
+//! outlives the control plane: WireGuard rekeys with the static keys it was
+//! given, ESP has 64 SA generations derived ahead) for
+//! [`MeshLinks::keep_tunnel`]; after that it is torn down (its packets are
+//! then dropped and counted, never sent in clear) until a new session is up.
+//! Peers come from the config (static) and from the clustermesh API
+//! ([`MeshLinks::set_mesh_peers`]); a peer removed from the mesh is torn
+//! down at once.
 
 use crate::config::{IdentityConfig, IdentityPeer, TunnelKind};
 use isthmus_identity::{
@@ -120,8 +126,18 @@ pub struct ChannelStatus {
     pub name: Option<String>,
     pub kind: String,
     pub channel_endpoint: String,
-    /// `up` or `connecting`.
+    /// `up`, `connecting`, or `down` (the channel was lost; the tunnel
+    /// keeps its keys until `tunnel_expires_secs`).
     pub state: String,
+    /// Whether a tunnel is configured for this peer now.
+    #[serde(default)]
+    pub tunnel: bool,
+    /// Seconds until a kept tunnel is torn down (state `down`).
+    #[serde(default)]
+    pub tunnel_expires_secs: Option<f64>,
+    /// Learnt from the clustermesh API (else from the config).
+    #[serde(default)]
+    pub from_mesh: bool,
     /// Whether this gateway dialed (`dialer`) or accepted (`acceptor`).
     pub role: Option<String>,
     pub up_secs: Option<f64>,
@@ -134,6 +150,8 @@ pub struct ChannelStatus {
 #[derive(Default)]
 struct Link {
     session: Option<PeerSession>,
+    /// When the last session was lost (its tunnel is kept for a while).
+    lost_at: Option<Instant>,
     role: Option<String>,
     since: Option<Instant>,
     sessions: u64,
@@ -142,21 +160,43 @@ struct Link {
     esp_peer: Option<Arc<EspPeer>>,
 }
 
+fn same_peer(a: &IdentityPeer, b: &IdentityPeer) -> bool {
+    a.name == b.name
+        && a.kind == b.kind
+        && a.channel_endpoint == b.channel_endpoint
+        && a.allowed_prefixes == b.allowed_prefixes
+        && a.persistent_keepalive == b.persistent_keepalive
+        && a.esp.map(|e| (e.cipher, e.esn)) == b.esp.map(|e| (e.cipher, e.esn))
+}
+
 /// The identity-configured peers of one gateway and their channels.
 pub struct MeshLinks {
     wg: Arc<WgCore>,
     esp: Option<Arc<EspCore>>,
-    peers: Vec<IdentityPeer>,
+    /// Static peers first, then the ones learnt from the mesh.
+    peers: Mutex<Vec<IdentityPeer>>,
+    mesh_ids: Mutex<std::collections::HashSet<SpiffeId>>,
     links: Mutex<HashMap<SpiffeId, Link>>,
-    /// Dialers and the listener: kept alive as long as the gateway runs.
-    _dialers: Mutex<Vec<PeerLink>>,
-    _listener: Mutex<Option<ListenerHandle>>,
+    config: Arc<ChannelConfig>,
+    events: Mutex<mpsc::Sender<ChannelEvent>>,
+    /// How long a tunnel outlives its lost channel.
+    keep_tunnel: std::time::Duration,
+    dialers: Mutex<HashMap<SpiffeId, PeerLink>>,
+    listener: Mutex<Option<ListenerHandle>>,
+}
+
+/// What [`MeshLinks::set_mesh_peers`] changed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PeerChanges {
+    pub added: Vec<SpiffeId>,
+    pub removed: Vec<SpiffeId>,
+    pub changed: Vec<SpiffeId>,
 }
 
 impl std::fmt::Debug for MeshLinks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeshLinks")
-            .field("peers", &self.peers.len())
+            .field("peers", &self.peers().len())
             .finish_non_exhaustive()
     }
 }
@@ -175,6 +215,153 @@ impl MeshLinks {
         self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn peers(&self) -> MutexGuard<'_, Vec<IdentityPeer>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn dialers(&self) -> MutexGuard<'_, HashMap<SpiffeId, PeerLink>> {
+        self.dialers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn mesh_ids(&self) -> MutexGuard<'_, std::collections::HashSet<SpiffeId>> {
+        self.mesh_ids.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn start_dialer(&self, peer: &IdentityPeer) -> Result<(), ChannelError> {
+        if !should_dial(self.config.local_id(), &peer.spiffe_id) {
+            return Ok(());
+        }
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let link = PeerLink::spawn(
+            self.config.clone(),
+            PeerEndpoint {
+                id: peer.spiffe_id.clone(),
+                addr: peer.channel_endpoint,
+            },
+            events,
+        )?;
+        self.dialers().insert(peer.spiffe_id.clone(), link);
+        Ok(())
+    }
+
+    fn update_allowed(&self, peers: &[IdentityPeer]) {
+        let allowed: Vec<SpiffeId> = peers.iter().map(|p| p.spiffe_id.clone()).collect();
+        if let Some(l) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            l.set_allowed_peers(allowed);
+        }
+    }
+
+    /// Replaces the peers learnt from the clustermesh API: new ones get a
+    /// channel (dialed or accepted), removed ones are torn down at once
+    /// (channel closed, tunnel and keys removed), changed ones are replaced.
+    /// A mesh peer that collides with a static peer (same identity) is
+    /// ignored: the config wins.
+    pub fn set_mesh_peers(&self, wanted: Vec<IdentityPeer>) -> PeerChanges {
+        let mut changes = PeerChanges::default();
+        let mut to_stop = Vec::new();
+        let mut to_start = Vec::new();
+        {
+            let mut peers = self.peers();
+            let mut mesh_ids = self.mesh_ids();
+            let statics: Vec<SpiffeId> = peers
+                .iter()
+                .filter(|p| !mesh_ids.contains(&p.spiffe_id))
+                .map(|p| p.spiffe_id.clone())
+                .collect();
+            let wanted: Vec<IdentityPeer> = wanted
+                .into_iter()
+                .filter(|p| !statics.contains(&p.spiffe_id))
+                .collect();
+            // Removed or changed.
+            let current: Vec<IdentityPeer> = peers
+                .iter()
+                .filter(|p| mesh_ids.contains(&p.spiffe_id))
+                .cloned()
+                .collect();
+            for old in &current {
+                match wanted.iter().find(|w| w.spiffe_id == old.spiffe_id) {
+                    None => {
+                        changes.removed.push(old.spiffe_id.clone());
+                        to_stop.push(old.spiffe_id.clone());
+                    }
+                    Some(new) if !same_peer(old, new) => {
+                        changes.changed.push(old.spiffe_id.clone());
+                        to_stop.push(old.spiffe_id.clone());
+                        to_start.push(new.clone());
+                    }
+                    Some(_) => {}
+                }
+            }
+            for new in &wanted {
+                if !current.iter().any(|c| c.spiffe_id == new.spiffe_id) {
+                    changes.added.push(new.spiffe_id.clone());
+                    to_start.push(new.clone());
+                }
+            }
+            peers.retain(|p| !to_stop.contains(&p.spiffe_id));
+            for id in &to_stop {
+                mesh_ids.remove(id);
+            }
+            for p in &to_start {
+                mesh_ids.insert(p.spiffe_id.clone());
+                peers.push(p.clone());
+            }
+            self.update_allowed(&peers);
+        }
+        for id in &to_stop {
+            if let Some(dialer) = self.dialers().remove(id) {
+                dialer.shutdown();
+            }
+            let mut links = self.links();
+            if let Some(mut link) = links.remove(id) {
+                if let Some(s) = link.session.take() {
+                    s.close();
+                }
+                self.teardown(&mut link);
+            }
+        }
+        for p in &to_start {
+            self.links().entry(p.spiffe_id.clone()).or_default();
+            if let Err(e) = self.start_dialer(p) {
+                tracing::warn!(peer = %p.spiffe_id, error = %e, "cannot start the peer channel dialer");
+            }
+        }
+        if changes != PeerChanges::default() {
+            tracing::info!(
+                added = changes.added.len(),
+                removed = changes.removed.len(),
+                changed = changes.changed.len(),
+                "mesh peers updated"
+            );
+        }
+        changes
+    }
+
+    /// Tears down tunnels whose channel has been lost for longer than
+    /// [`MeshLinks::keep_tunnel`]. Called periodically.
+    pub fn expire_lost(&self, now: Instant) {
+        let mut links = self.links();
+        for (id, link) in links.iter_mut() {
+            let expired = link
+                .lost_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= self.keep_tunnel);
+            let has_tunnel = link.wg_key.is_some() || link.esp_peer.is_some();
+            if expired && has_tunnel {
+                tracing::warn!(peer = %id, "peer channel down for {:?}; tunnel torn down", self.keep_tunnel);
+                self.teardown(link);
+            }
+        }
+    }
+
     /// Starts the listener, the dialers and the thread that turns channel
     /// events into tunnels.
     pub fn start(
@@ -183,6 +370,7 @@ impl MeshLinks {
         peers: Vec<IdentityPeer>,
         identity: &IdentityConfig,
         params: TunnelParams,
+        keep_tunnel: std::time::Duration,
     ) -> Result<Arc<Self>, ChannelError> {
         let credentials = isthmus_identity::LocalCredentials {
             chain: identity.credentials.chain.clone(),
@@ -195,19 +383,7 @@ impl MeshLinks {
         let listener = ChannelListener::bind(config.clone(), identity.listen, allowed)?
             .spawn(events_tx.clone())?;
         tracing::info!(listen = %identity.listen, id = %local, "peer channel listening");
-        let mut dialers = Vec::new();
-        for peer in &peers {
-            if should_dial(&local, &peer.spiffe_id) {
-                dialers.push(PeerLink::spawn(
-                    config.clone(),
-                    PeerEndpoint {
-                        id: peer.spiffe_id.clone(),
-                        addr: peer.channel_endpoint,
-                    },
-                    events_tx.clone(),
-                )?);
-            }
-        }
+        let _ = local;
         let links = peers
             .iter()
             .map(|p| (p.spiffe_id.clone(), Link::default()))
@@ -215,11 +391,28 @@ impl MeshLinks {
         let mesh = Arc::new(Self {
             wg,
             esp,
-            peers,
+            peers: Mutex::new(peers.clone()),
+            mesh_ids: Mutex::new(Default::default()),
             links: Mutex::new(links),
-            _dialers: Mutex::new(dialers),
-            _listener: Mutex::new(Some(listener)),
+            config,
+            events: Mutex::new(events_tx),
+            keep_tunnel,
+            dialers: Mutex::new(HashMap::new()),
+            listener: Mutex::new(Some(listener)),
         });
+        for peer in &peers {
+            mesh.start_dialer(peer)?;
+        }
+        let ticker = Arc::downgrade(&mesh);
+        std::thread::Builder::new()
+            .name("mesh-expiry".into())
+            .spawn(move || loop {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                match ticker.upgrade() {
+                    Some(m) => m.expire_lost(Instant::now()),
+                    None => return,
+                }
+            })?;
         let worker = mesh.clone();
         std::thread::Builder::new()
             .name("mesh-events".into())
@@ -243,8 +436,8 @@ impl MeshLinks {
                 if link.session.as_ref().is_some_and(|s| !s.is_closed()) {
                     return;
                 }
-                self.teardown(link);
-                tracing::warn!(%peer, %reason, "peer channel lost; tunnel down until it is back");
+                link.lost_at = Some(Instant::now());
+                tracing::warn!(%peer, %reason, keep = ?self.keep_tunnel, "peer channel lost; the tunnel keeps its keys until the channel is back or the grace ends");
             }
             ChannelEvent::Refused {
                 remote,
@@ -252,8 +445,9 @@ impl MeshLinks {
                 refusal,
             } => {
                 tracing::warn!(%remote, %role, %refusal, "peer channel refused; no tunnel brought up");
+                let peers = self.peers().clone();
                 let mut links = self.links();
-                for peer in &self.peers {
+                for peer in &peers {
                     let matches = peer.channel_endpoint == remote
                         || peer.channel_endpoint.ip() == remote.ip().to_canonical();
                     if matches {
@@ -271,23 +465,34 @@ impl MeshLinks {
     }
 
     fn established(&self, e: Established) {
-        let Some(cfg) = self.peers.iter().find(|p| p.spiffe_id == e.peer) else {
+        let Some(cfg) = self.peers().iter().find(|p| p.spiffe_id == e.peer).cloned() else {
             tracing::warn!(peer = %e.peer, "session from an identity that is not a configured peer; closing");
             e.session.close();
             return;
         };
+        let cfg = &cfg;
         let mut links = self.links();
         let link = links.entry(e.peer.clone()).or_default();
         if let Some(old) = link.session.take() {
             old.close();
         }
-        self.teardown(link);
-        let result = match cfg.kind {
-            TunnelKind::Wireguard => self.wireguard_up(cfg, &e, link),
-            TunnelKind::Esp => self.esp_up(cfg, &e, link),
+        // A WireGuard peer that comes back with the same static key keeps its
+        // tunnel (and its current session): nothing to re-key.
+        let same_wg_key = cfg.kind == TunnelKind::Wireguard
+            && link.wg_key.is_some()
+            && e.params.wireguard_public_key.map(PublicKey) == link.wg_key;
+        let result = if same_wg_key {
+            Ok(())
+        } else {
+            self.teardown(link);
+            match cfg.kind {
+                TunnelKind::Wireguard => self.wireguard_up(cfg, &e, link),
+                TunnelKind::Esp => self.esp_up(cfg, &e, link),
+            }
         };
         match result {
             Ok(()) => {
+                link.lost_at = None;
                 link.session = Some(e.session);
                 link.role = Some(e.role.to_string());
                 link.since = Some(Instant::now());
@@ -389,6 +594,7 @@ impl MeshLinks {
             esp.remove_peer(&peer);
         }
         link.since = None;
+        link.lost_at = None;
     }
 
     /// The WireGuard keys whose peers this channel set configured (the
@@ -398,20 +604,39 @@ impl MeshLinks {
     }
 
     pub fn status(&self) -> Vec<ChannelStatus> {
+        let peers = self.peers().clone();
+        let mesh_ids = self.mesh_ids().clone();
         let links = self.links();
-        self.peers
+        let now = Instant::now();
+        peers
             .iter()
             .map(|p| {
                 let link = links.get(&p.spiffe_id);
                 let up = link
                     .and_then(|l| l.session.as_ref())
                     .is_some_and(|s| !s.is_closed());
+                let tunnel = link.is_some_and(|l| l.wg_key.is_some() || l.esp_peer.is_some());
+                let lost_at = link.and_then(|l| l.lost_at).filter(|_| !up && tunnel);
+                let state = if up {
+                    "up"
+                } else if lost_at.is_some() {
+                    "down"
+                } else {
+                    "connecting"
+                };
                 ChannelStatus {
                     spiffe_id: p.spiffe_id.to_string(),
                     name: p.name.clone(),
                     kind: p.kind.name().to_string(),
                     channel_endpoint: p.channel_endpoint.to_string(),
-                    state: if up { "up" } else { "connecting" }.to_string(),
+                    state: state.to_string(),
+                    tunnel,
+                    tunnel_expires_secs: lost_at.map(|t| {
+                        self.keep_tunnel
+                            .saturating_sub(now.saturating_duration_since(t))
+                            .as_secs_f64()
+                    }),
+                    from_mesh: mesh_ids.contains(&p.spiffe_id),
                     role: link.filter(|_| up).and_then(|l| l.role.clone()),
                     up_secs: link
                         .filter(|_| up)

@@ -942,7 +942,14 @@ impl EtcdObjectWriter {
             let prefix = prefix.clone();
             async move {
                 client
-                    .get(prefix, Some(etcd_client::GetOptions::new().with_prefix().with_keys_only()))
+                    .get(
+                        prefix,
+                        Some(
+                            etcd_client::GetOptions::new()
+                                .with_prefix()
+                                .with_keys_only(),
+                        ),
+                    )
                     .await
             }
         })

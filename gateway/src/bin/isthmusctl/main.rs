@@ -9,6 +9,7 @@ mod certs;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
+use isthmus_clustermesh_api::reducer::{ClusterStatus, ServiceImport};
 use isthmus_gateway::admin::{self, Status};
 use isthmus_gateway::config::{validate_ifname, ADMIN_SOCKET_DIR};
 use isthmus_tunnel::PrivateKey;
@@ -68,12 +69,36 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = Cipher::Aes128Gcm)]
         cipher: Cipher,
     },
+    /// What a gateway has learnt from the clustermesh API.
+    Mesh {
+        #[command(subcommand)]
+        command: MeshCmd,
+        /// The gateway's interface name (its admin socket is
+        /// /var/run/isthmus/NAME.sock).
+        #[arg(short, long, global = true, conflicts_with = "socket")]
+        interface: Option<String>,
+        /// Path of the gateway's admin socket.
+        #[arg(short, long, global = true)]
+        socket: Option<PathBuf>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
+        output: Output,
+    },
     /// Mesh PKI: create the root CA, issue cluster CAs and gateway
     /// certificates, show certificates, revoke.
     Certs {
         #[command(subcommand)]
         command: certs::CertsCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum MeshCmd {
+    /// Each remote cluster: state (connected, stale, withdrawn), revision, age,
+    /// gateways, prefixes and refusals.
+    Clusters,
+    /// The services exported to this cluster, with their endpoints per cluster.
+    Services,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -126,6 +151,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let text = match output {
                 Output::Json => serde_json::to_string_pretty(&status)? + "\n",
                 Output::Table => render_table(&status),
+            };
+            std::io::stdout().write_all(text.as_bytes())?;
+        }
+        Cmd::Mesh {
+            command,
+            interface,
+            socket,
+            output,
+        } => {
+            let path = match (socket, interface) {
+                (Some(p), _) => p,
+                (None, Some(name)) => {
+                    validate_ifname(&name).map_err(|m| anyhow::anyhow!("--interface: {m}"))?;
+                    Path::new(ADMIN_SOCKET_DIR).join(format!("{name}.sock"))
+                }
+                (None, None) => bail!("give --interface NAME or --socket PATH"),
+            };
+            let text = match command {
+                MeshCmd::Clusters => {
+                    let clusters: Vec<ClusterStatus> = admin::fetch(&path, "mesh-clusters")?;
+                    match output {
+                        Output::Json => serde_json::to_string_pretty(&clusters)? + "\n",
+                        Output::Table => render_clusters(&clusters),
+                    }
+                }
+                MeshCmd::Services => {
+                    let services: Vec<ServiceImport> = admin::fetch(&path, "mesh-services")?;
+                    match output {
+                        Output::Json => serde_json::to_string_pretty(&services)? + "\n",
+                        Output::Table => render_services(&services),
+                    }
+                }
             };
             std::io::stdout().write_all(text.as_bytes())?;
         }
@@ -380,6 +437,115 @@ fn render_table(s: &Status) -> String {
                     .unwrap_or_default()
             );
         }
+    }
+    out
+}
+
+fn age(secs: Option<f64>) -> String {
+    match secs {
+        None => "-".into(),
+        Some(s) if s < 10.0 => format!("{s:.1}s"),
+        Some(s) if s < 3600.0 => format!("{}s", s as u64),
+        Some(s) => format!("{}h{:02}m", s as u64 / 3600, (s as u64 % 3600) / 60),
+    }
+}
+
+fn render_clusters(clusters: &[ClusterStatus]) -> String {
+    let mut out = format!(
+        "{:<16} {:<10} {:>7} {:>9} {:>10} {:>11} {:>7}  {:<20} GATEWAYS\n",
+        "CLUSTER", "STATE", "FOR", "REVISION", "LAST EVENT", "LAST CHANGE", "OBJECTS", "PREFIXES"
+    );
+    for c in clusters {
+        let gateways: Vec<String> = c
+            .gateways
+            .iter()
+            .map(|g| format!("{} ({}, {})", g.name, g.channel_endpoint, g.kinds.join("/")))
+            .collect();
+        out.push_str(&format!(
+            "{:<16} {:<10} {:>7} {:>9} {:>10} {:>11} {:>7}  {:<20} {}\n",
+            c.name,
+            c.state.name(),
+            age(Some(c.state_secs)),
+            c.revision,
+            age(c.last_event_secs),
+            age(c.last_change_secs),
+            c.objects,
+            if c.prefixes.is_empty() {
+                "-".to_string()
+            } else {
+                c.prefixes.join(",")
+            },
+            if gateways.is_empty() {
+                "-".to_string()
+            } else {
+                gateways.join(", ")
+            },
+        ));
+        if let Some(reason) = &c.last_disconnect {
+            if c.state.name() != "connected" {
+                out.push_str(&format!("    last disconnect: {reason}\n"));
+            }
+        }
+        for r in &c.refusals {
+            out.push_str(&format!("    refused: {}\n", r.reason));
+        }
+    }
+    if clusters.is_empty() {
+        out.push_str("(no remote clusters configured)\n");
+    }
+    out
+}
+
+fn render_services(services: &[ServiceImport]) -> String {
+    let mut out = format!(
+        "{:<32} {:<16} {:<8} {:<12} ENDPOINTS\n",
+        "SERVICE", "PORTS", "AFFINITY", "CLUSTER"
+    );
+    for s in services {
+        for (i, b) in s.backends.iter().enumerate() {
+            let endpoints: Vec<String> = b
+                .endpoints
+                .iter()
+                .map(|e| {
+                    let state = if e.terminating {
+                        "terminating"
+                    } else if e.ready {
+                        "ready"
+                    } else if e.serving {
+                        "serving"
+                    } else {
+                        "not ready"
+                    };
+                    format!("{} ({state})", e.address)
+                })
+                .collect();
+            let (name, ports, affinity) = if i == 0 {
+                (
+                    format!("{}/{}", s.namespace, s.name),
+                    s.ports.join(","),
+                    s.affinity.clone(),
+                )
+            } else {
+                (String::new(), String::new(), String::new())
+            };
+            out.push_str(&format!(
+                "{:<32} {:<16} {:<8} {:<12} {}\n",
+                name,
+                ports,
+                affinity,
+                b.cluster,
+                if !b.shared {
+                    "(not shared)".to_string()
+                } else if endpoints.is_empty() {
+                    "-".to_string()
+                } else {
+                    endpoints.join(", ")
+                }
+            ));
+        }
+    }
+    if services.is_empty() {
+        out.push_str("(no services exported to this cluster)\n");
     }
     out
 }
