@@ -22,9 +22,9 @@ pub mod svid;
 
 pub use channel::{
     should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener, ChannelTiming,
-    ControlMessage, EspKeyBlock, Established, ListenerHandle, LocalCredentials, LossReason,
-    MeshTls, MeshTrust, PeerChannel, PeerEndpoint, PeerLink, PeerPolicy, PeerSession, Refusal,
-    Role, TunnelParams,
+    ControlMessage, EspCipher, EspKeyBlock, Established, LinkParams, ListenerHandle,
+    ListenerLimits, ListenerStats, LocalCredentials, LossReason, MeshTls, MeshTrust, PeerChannel,
+    PeerEndpoint, PeerLink, PeerPolicy, PeerSession, Refusal, Role, TunnelParams,
 };
 pub use security_identity::{ClusterId, LocalId, SecurityIdentity, SecurityIdentityError};
 pub use spiffe::{ClusterName, GatewayId, GatewayName, SpiffeId, SpiffeIdError, TrustDomain};
