@@ -7,8 +7,10 @@
 //! - [`svid`]: reading the SPIFFE ID out of a certificate.
 //! - [`channel`]: the gateway-to-gateway session (rustls, TLS 1.3 over TCP, *ring*
 //!   provider) that verifies both peers' certificates and exact SPIFFE IDs, exchanges
-//!   [`TunnelParams`], derives ESP keys from the TLS exporter, and carries liveness probes
-//!   and rekey messages.
+//!   [`TunnelParams`] and the link's [`LinkParams`] (refusing a mismatch), derives ESP keys
+//!   from the TLS exporter, and carries liveness probes and rekey messages. Its I/O runs as
+//!   tasks on one small tokio runtime (tokio-rustls), so a gateway holds a thousand
+//!   channels on two threads; its API stays blocking and std.
 //!
 //! It does not issue or store certificates and keys (that is `isthmus-certs`), configure
 //! tunnels (it hands [`Established`] events to the gateway), or carry tunnel traffic.
