@@ -174,6 +174,9 @@ pub(crate) struct SessionState {
     pub(crate) remote: SocketAddr,
     pub(crate) role: Role,
     closing: AtomicBool,
+    /// A frame could not be queued whole (the peer does not read): the stream is no
+    /// longer well framed and the session must end.
+    broken: AtomicBool,
     ended: Mutex<Option<LossReason>>,
     ended_cv: Condvar,
 }
@@ -184,9 +187,12 @@ impl SessionState {
     }
 
     fn queue(&self, frame: &Frame) -> Result<(), ChannelError> {
-        queue_frame(&mut self.lock_conn(), frame)?;
+        let queued = queue_frame(&mut self.lock_conn(), frame);
+        if queued.is_err() {
+            self.broken.store(true, Ordering::SeqCst);
+        }
         self.wake.notify_one();
-        Ok(())
+        queued
     }
 
     fn finish(&self, reason: LossReason) {
@@ -356,6 +362,7 @@ pub(crate) fn prepare(start: SessionStart) -> (PeerSession, SessionDriver) {
         remote,
         role,
         closing: AtomicBool::new(false),
+        broken: AtomicBool::new(false),
         ended: Mutex::new(None),
         ended_cv: Condvar::new(),
     });
@@ -416,6 +423,11 @@ async fn drive(
         if state.closing.load(Ordering::SeqCst) {
             flush_before_close(state, sock).await;
             return LossReason::LocalClose;
+        }
+        if state.broken.load(Ordering::SeqCst) {
+            return LossReason::Io(format!(
+                "more than {SEND_BUFFER_LIMIT} bytes wait for a peer that does not read"
+            ));
         }
         match liveness.poll(Instant::now()) {
             LivenessAction::Wait => {}
