@@ -17,6 +17,7 @@
 
 pub mod bins;
 pub mod capture;
+pub mod channel_scale;
 pub mod cmd;
 pub mod esp;
 pub mod isthmus;

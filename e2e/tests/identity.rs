@@ -84,6 +84,8 @@ struct IdPeer<'a> {
     site: &'a Site,
     kind: &'a str,
     spiffe_id: String,
+    /// The `[peers.esp]` table's body, if any.
+    esp: Option<&'a str>,
 }
 
 fn spiffe(td: &str, cluster: &str) -> String {
@@ -125,6 +127,9 @@ fn write_config(
         );
         if p.kind == "wireguard" {
             text += "persistent_keepalive = 25\n";
+        }
+        if let Some(esp) = p.esp {
+            text += &format!("[peers.esp]\n{esp}\n");
         }
     }
     let path = run.path(&format!("gw{}.toml", me.index));
@@ -239,6 +244,7 @@ fn certificates_and_identities_alone_bring_up_wireguard_and_esp() {
                 site,
                 kind,
                 spiffe_id: spiffe(td, names[site.index]),
+                esp: None,
             })
             .collect();
         let (chain, key) = &creds[me.index - 1];
@@ -373,6 +379,7 @@ fn refused_identities_bring_up_no_tunnel() {
                 site: s2,
                 kind: "wireguard",
                 spiffe_id: spiffe("mesh.test", "two"),
+                esp: None,
             }],
         )
         .unwrap();
@@ -388,6 +395,7 @@ fn refused_identities_bring_up_no_tunnel() {
                 site: s1,
                 kind: "wireguard",
                 spiffe_id: spiffe("mesh.test", "one"),
+                esp: None,
             }],
         )
         .unwrap();
@@ -428,4 +436,84 @@ fn refused_identities_bring_up_no_tunnel() {
         assert!(g1.logs().contains("refused"), "{case}: refusal not logged");
         drop((g1, g2));
     }
+}
+
+/// Both gateways authenticate each other, but one is configured with ESP AES-256-GCM for
+/// the link and the other with AES-128-GCM: the channel is refused on both gateways with
+/// both sides' values (instead of a tunnel whose packets fail their ICV checks), and no
+/// tunnel comes up.
+#[test]
+fn mismatched_esp_cipher_is_refused_on_both_gateways() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let run = topo.run();
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let pki = Pki::init(run, "ca", "mesh.test").unwrap();
+    pki.cluster("one").unwrap();
+    pki.cluster("two").unwrap();
+    let c1 = pki.gateway("one", "gw").unwrap();
+    let c2 = pki.gateway("two", "gw").unwrap();
+    let config = |me: &Site, creds: &(PathBuf, PathBuf), peer: &Site, cluster, cipher| {
+        write_config(
+            run,
+            me,
+            &pki.bundle(),
+            &creds.0,
+            &creds.1,
+            &[],
+            &[IdPeer {
+                site: peer,
+                kind: "esp",
+                spiffe_id: spiffe("mesh.test", cluster),
+                esp: Some(cipher),
+            }],
+        )
+        .unwrap()
+    };
+    let cfg1 = config(s1, &c1, s2, "two", "cipher = \"aes256-gcm\"");
+    let cfg2 = config(s2, &c2, s1, "one", "cipher = \"aes128-gcm\"");
+    let g1 = start(run, s1, &cfg1).unwrap();
+    let g2 = start(run, s2, &cfg2).unwrap();
+    for (site, expected) in [
+        (
+            s1,
+            "tunnel mismatch: we use esp/aes256-gcm/esn, peer uses esp/aes128-gcm/esn",
+        ),
+        (
+            s2,
+            "tunnel mismatch: we use esp/aes128-gcm/esn, peer uses esp/aes256-gcm/esn",
+        ),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let refusal = loop {
+            let s = status(site).unwrap();
+            if let Some(r) = s["channels"][0]["last_refusal"].as_str() {
+                break r.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "site {}: no refusal recorded: {s:#}",
+                site.index
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            refusal.contains(expected),
+            "site {}: `{refusal}`",
+            site.index
+        );
+        let s = status(site).unwrap();
+        assert_eq!(s["channels"][0]["state"], "connecting", "{s:#}");
+        assert!(s["peers"].as_array().unwrap().is_empty(), "{s:#}");
+    }
+    assert!(
+        !ping(&s1.wl_ns, s2.workload_addr.into(), 2),
+        "traffic passed"
+    );
+    for (g, expected) in [
+        (&g1, "we use esp/aes256-gcm/esn"),
+        (&g2, "we use esp/aes128-gcm/esn"),
+    ] {
+        assert!(g.logs().contains(expected), "refusal not logged");
+    }
+    drop((g1, g2));
 }

@@ -23,7 +23,7 @@
 use crate::config::{IdentityConfig, IdentityPeer, TunnelKind};
 use isthmus_identity::{
     should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener, Established,
-    ListenerHandle, PeerEndpoint, PeerLink, PeerSession, SpiffeId, TunnelParams,
+    LinkParams, ListenerHandle, PeerEndpoint, PeerLink, PeerSession, SpiffeId, TunnelParams,
 };
 use isthmus_tunnel::esp::keying::{EspKeying, KeyingError, SaPair};
 use isthmus_tunnel::esp::sa::{EspCipher, SaKeys};
@@ -201,6 +201,28 @@ impl std::fmt::Debug for MeshLinks {
     }
 }
 
+/// The link parameters announced to (and required from) `peer` in the channel hello: a
+/// peer configured with another kind, cipher or ESN is refused with both sides' values
+/// instead of bringing up a tunnel whose packets fail their integrity checks.
+pub fn link_params(peer: &IdentityPeer) -> LinkParams {
+    match (peer.kind, peer.esp) {
+        (TunnelKind::Wireguard, _) => LinkParams::Wireguard,
+        (TunnelKind::Esp, settings) => {
+            // Config validation fills ESP settings for every ESP identity peer; the
+            // fallback only mirrors the config defaults (AES-128-GCM, ESN on).
+            let (cipher, esn) =
+                settings.map_or((EspCipher::Aes128Gcm, true), |s| (s.cipher, s.esn));
+            LinkParams::Esp {
+                cipher: match cipher {
+                    EspCipher::Aes128Gcm => isthmus_identity::EspCipher::Aes128Gcm,
+                    EspCipher::Aes256Gcm => isthmus_identity::EspCipher::Aes256Gcm,
+                },
+                esn,
+            }
+        }
+    }
+}
+
 fn resolve(advertised: Option<SocketAddr>, remote: SocketAddr) -> Option<SocketAddr> {
     let ep = advertised?;
     if ep.ip().is_unspecified() {
@@ -241,6 +263,7 @@ impl MeshLinks {
             PeerEndpoint {
                 id: peer.spiffe_id.clone(),
                 addr: peer.channel_endpoint,
+                link: link_params(peer),
             },
             events,
         )?;
@@ -249,7 +272,10 @@ impl MeshLinks {
     }
 
     fn update_allowed(&self, peers: &[IdentityPeer]) {
-        let allowed: Vec<SpiffeId> = peers.iter().map(|p| p.spiffe_id.clone()).collect();
+        let allowed: Vec<(SpiffeId, LinkParams)> = peers
+            .iter()
+            .map(|p| (p.spiffe_id.clone(), link_params(p)))
+            .collect();
         if let Some(l) = self
             .listener
             .lock()
@@ -379,7 +405,10 @@ impl MeshLinks {
         let config = Arc::new(ChannelConfig::new(credentials, &identity.trust, params)?);
         let local = config.local_id().clone();
         let (events_tx, events_rx) = mpsc::channel();
-        let allowed: Vec<SpiffeId> = peers.iter().map(|p| p.spiffe_id.clone()).collect();
+        let allowed: Vec<(SpiffeId, LinkParams)> = peers
+            .iter()
+            .map(|p| (p.spiffe_id.clone(), link_params(p)))
+            .collect();
         let listener = ChannelListener::bind(config.clone(), identity.listen, allowed)?
             .spawn(events_tx.clone())?;
         tracing::info!(listen = %identity.listen, id = %local, "peer channel listening");

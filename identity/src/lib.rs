@@ -7,8 +7,10 @@
 //! - [`svid`]: reading the SPIFFE ID out of a certificate.
 //! - [`channel`]: the gateway-to-gateway session (rustls, TLS 1.3 over TCP, *ring*
 //!   provider) that verifies both peers' certificates and exact SPIFFE IDs, exchanges
-//!   [`TunnelParams`], derives ESP keys from the TLS exporter, and carries liveness probes
-//!   and rekey messages.
+//!   [`TunnelParams`] and the link's [`LinkParams`] (refusing a mismatch), derives ESP keys
+//!   from the TLS exporter, and carries liveness probes and rekey messages. Its I/O runs as
+//!   tasks on one small tokio runtime (tokio-rustls), so a gateway holds a thousand
+//!   channels on two threads; its API stays blocking and std.
 //!
 //! It does not issue or store certificates and keys (that is `isthmus-certs`), configure
 //! tunnels (it hands [`Established`] events to the gateway), or carry tunnel traffic.
@@ -21,10 +23,10 @@ pub mod spiffe;
 pub mod svid;
 
 pub use channel::{
-    peer_id, should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener,
-    ChannelTiming, ControlMessage, EspKeyBlock, Established, ListenerHandle, LocalCredentials,
-    LossReason, MeshTls, MeshTrust, PeerChannel, PeerEndpoint, PeerLink, PeerPolicy, PeerSession,
-    Refusal, Role, TunnelParams,
+    peer_id, should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener, ChannelTiming,
+    ControlMessage, EspCipher, EspKeyBlock, Established, LinkParams, ListenerHandle,
+    ListenerLimits, ListenerStats, LocalCredentials, LossReason, MeshTls, MeshTrust, PeerChannel,
+    PeerEndpoint, PeerLink, PeerPolicy, PeerSession, Refusal, Role, TunnelParams,
 };
 pub use security_identity::{ClusterId, LocalId, SecurityIdentity, SecurityIdentityError};
 pub use spiffe::{ClusterName, GatewayId, GatewayName, SpiffeId, SpiffeIdError, TrustDomain};

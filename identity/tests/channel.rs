@@ -51,7 +51,7 @@ fn both_sides_establish_with_mirrored_esp_keys() {
     let listener = ChannelListener::bind(
         server_cfg,
         "127.0.0.1:0".parse().unwrap(),
-        vec![client_id.clone()],
+        wg(vec![client_id.clone()]),
     )
     .unwrap();
     let addr = listener.local_addr().unwrap();
@@ -63,6 +63,7 @@ fn both_sides_establish_with_mirrored_esp_keys() {
         &PeerEndpoint {
             id: server_id.clone(),
             addr,
+            link: isthmus_identity::LinkParams::Wireguard,
         },
         ctx,
     )
@@ -188,6 +189,7 @@ fn mute_peer(mesh: &Mesh, server_leaf: &isthmus_certs::IssuedCertificate) -> std
         let hello = encode_frame(&Frame::Hello {
             version: PROTOCOL_VERSION,
             params: params(5),
+            link: Some(isthmus_identity::LinkParams::Wireguard),
         })
         .unwrap();
         stream.write_all(&hello).unwrap();
@@ -213,6 +215,7 @@ fn silent_peer_is_declared_dead_after_missed_pings() {
         &PeerEndpoint {
             id: server_id.clone(),
             addr,
+            link: isthmus_identity::LinkParams::Wireguard,
         },
         ctx,
     )
@@ -241,7 +244,7 @@ fn link_reconnects_after_loss_with_fresh_keys() {
     let listener = ChannelListener::bind(
         server_cfg,
         "127.0.0.1:0".parse().unwrap(),
-        vec![client_id.clone()],
+        wg(vec![client_id.clone()]),
     )
     .unwrap()
     .spawn(stx)
@@ -252,6 +255,7 @@ fn link_reconnects_after_loss_with_fresh_keys() {
         PeerEndpoint {
             id: server_id.clone(),
             addr: listener.local_addr(),
+            link: isthmus_identity::LinkParams::Wireguard,
         },
         ctx,
     )
@@ -306,6 +310,7 @@ fn link_keeps_trying_until_the_peer_listens() {
         PeerEndpoint {
             id: mesh.id("b", "gw-server"),
             addr,
+            link: isthmus_identity::LinkParams::Wireguard,
         },
         ctx,
     )
@@ -313,7 +318,7 @@ fn link_keeps_trying_until_the_peer_listens() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(link.current().is_none());
     let (stx, _srx) = mpsc::channel();
-    let listener = ChannelListener::bind(server_cfg, addr, vec![mesh.id("a", "gw-client")])
+    let listener = ChannelListener::bind(server_cfg, addr, wg(vec![mesh.id("a", "gw-client")]))
         .unwrap()
         .spawn(stx)
         .unwrap();

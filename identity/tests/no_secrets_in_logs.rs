@@ -64,7 +64,7 @@ fn key_material_never_appears_in_logs() {
     let listener = ChannelListener::bind(
         server_cfg.clone(),
         "127.0.0.1:0".parse().unwrap(),
-        vec![mesh.id("a", "gw-client")],
+        wg(vec![mesh.id("a", "gw-client")]),
     )
     .unwrap()
     .spawn(stx)
@@ -75,6 +75,7 @@ fn key_material_never_appears_in_logs() {
         PeerEndpoint {
             id: mesh.id("b", "gw-server"),
             addr: listener.local_addr(),
+            link: isthmus_identity::LinkParams::Wireguard,
         },
         ctx,
     )

@@ -486,7 +486,7 @@ fn client_without_certificate_is_refused() {
     let listener = isthmus_identity::ChannelListener::bind(
         server,
         "127.0.0.1:0".parse().unwrap(),
-        vec![mesh.id("a", "gw-client")],
+        wg(vec![mesh.id("a", "gw-client")]),
     )
     .unwrap()
     .spawn(stx)

@@ -8,11 +8,14 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use super::link::LinkParams;
+
 /// Largest frame body accepted or sent, in bytes.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 
-/// Version of the frame protocol carried in [`Frame::Hello`].
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the frame protocol carried in [`Frame::Hello`]. Version 2 added the link
+/// parameters ([`Frame::Hello::link`]).
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The tunnel parameters a gateway announces to a peer over the channel.
 ///
@@ -62,6 +65,11 @@ pub enum Frame {
         version: u16,
         /// The sender's tunnel parameters.
         params: TunnelParams,
+        /// The link the sender is configured with for the receiving peer (tunnel kind,
+        /// ESP cipher, ESN). Absent only in version-1 hellos, which are refused for their
+        /// version.
+        #[serde(default)]
+        link: Option<LinkParams>,
     },
     /// Liveness probe.
     Ping {
@@ -173,6 +181,10 @@ mod tests {
             Frame::Hello {
                 version: PROTOCOL_VERSION,
                 params: params(),
+                link: Some(LinkParams::Esp {
+                    cipher: super::super::link::EspCipher::Aes256Gcm,
+                    esn: true,
+                }),
             },
             Frame::Ping { seq: 1 },
             Frame::Pong { seq: u64::MAX },
@@ -196,6 +208,22 @@ mod tests {
             }
         }
         assert_eq!(out, frames);
+    }
+
+    #[test]
+    fn version_1_hello_still_decodes_so_its_version_can_be_refused() {
+        let body = br#"{"Hello":{"version":1,"params":{"wireguard_public_key":null,"wireguard_endpoint":null,"esp_endpoint":null,"esp_inbound_spi":null,"mtu":1420}}}"#;
+        let mut dec = FrameDecoder::new();
+        dec.push(&(body.len() as u32).to_be_bytes());
+        dec.push(body);
+        assert!(matches!(
+            dec.next_frame(),
+            Ok(Some(Frame::Hello {
+                version: 1,
+                link: None,
+                ..
+            }))
+        ));
     }
 
     #[test]

@@ -5,8 +5,7 @@
 //! The channel is a low-rate control session: a hello, periodic pings, rare rekeys. TCP
 //! with rustls is one less moving part than QUIC (no connection IDs, no userspace loss
 //! recovery, no UDP socket shared with the data plane), its ordered byte stream fits a
-//! sequence of control frames directly, and it runs on plain std threads without an async
-//! runtime, matching the gateway daemon. Tunnel traffic never flows here. quinn remains
+//! sequence of control frames directly. Tunnel traffic never flows here. quinn remains
 //! available if the channel ever needs to multiplex or migrate.
 //!
 //! # What is checked
@@ -19,41 +18,61 @@
 //! ([`Refusal`]) and produces no [`Established`].
 //!
 //! # Protocol
-//! Once TLS is up, each side sends a [`Frame::Hello`] with its [`TunnelParams`]; a side is
-//! established only after it has received the peer's hello (in TLS 1.3 the server checks
-//! the client certificate after the client's handshake finished, so the client waits for
-//! the server's word). Then pings keep the session alive and [`ControlMessage`]s carry
-//! parameter changes and rekeys. ESP keys are never sent: see [`EspKeyBlock`].
+//! Once TLS is up, each side sends a [`Frame::Hello`] with its [`TunnelParams`] and the
+//! [`LinkParams`] it is configured with for that peer (tunnel kind, ESP cipher, ESN); a
+//! side is established only after it has received the peer's hello (in TLS 1.3 the server
+//! checks the client certificate after the client's handshake finished, so the client
+//! waits for the server's word). Link parameters that differ from ours are refused
+//! ([`Refusal::LinkMismatch`]) on both ends, with a Close frame naming both sides' values.
+//! Then pings keep the session alive and [`ControlMessage`]s carry parameter changes and
+//! rekeys. ESP keys are never sent: see [`EspKeyBlock`].
 //!
-//! # Threads and events
-//! Everything is blocking std I/O. Each session has one reader thread; events of all
-//! sessions go to one `std::sync::mpsc::Sender<ChannelEvent>`. [`PeerChannel::connect`] and
-//! [`ChannelListener::accept`] establish one session and return it; [`PeerLink`] (dialer,
-//! reconnecting with capped exponential backoff) and [`ListenerHandle`] (accept loop) run
-//! in the background and report [`ChannelEvent::Established`] themselves.
+//! # Tasks, threads and events
+//! All channel I/O runs as tasks on one small tokio runtime owned by this module (two
+//! worker threads, see [`runtime`]), with tokio-rustls for the handshakes: a gateway holds
+//! a thousand sessions without a thread per peer. The API stays blocking and std: events
+//! of all sessions go to one `std::sync::mpsc::Sender<ChannelEvent>`, and
+//! [`PeerSession`] methods never wait on the network. [`PeerChannel::connect`] and
+//! [`ChannelListener::accept`] establish one session and return it (blocking, for tests
+//! and tools; not to be called from async code); [`PeerLink`] (dialer, reconnecting with
+//! capped, jittered exponential backoff) and [`ListenerHandle`] (accept loop) run in the
+//! background and report [`ChannelEvent::Established`] themselves.
+//!
+//! # Unauthenticated connections
+//! Every handshake (TCP accept or connect, TLS, hello) has one deadline,
+//! [`ChannelTiming::handshake_timeout`]. A listener runs at most
+//! [`ListenerLimits::max_handshakes`] handshakes at once and at most
+//! [`ListenerLimits::max_handshakes_per_source`] from one address; a connection over
+//! either limit is closed at once and counted ([`ListenerStats`]), so slow or silent
+//! connections from one host cannot keep a lost channel down.
 
+mod admission;
 mod frame;
+mod handshake;
 mod keys;
+mod link;
 pub mod mtls;
+pub mod runtime;
 mod session;
 mod timing;
 mod verify;
 
 use std::fmt;
-use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::io;
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::NoServerSessionStorage;
-use rustls::{ClientConfig, ClientConnection, ServerConfig, ServerConnection};
+use rustls::{ClientConfig, ServerConfig};
+use tokio::sync::watch;
 
+pub use admission::ListenerLimits;
 pub use frame::{
     encode_frame, ControlMessage, Frame, FrameDecoder, FrameError, TunnelParams, MAX_FRAME_LEN,
     PROTOCOL_VERSION,
@@ -62,22 +81,22 @@ pub use keys::{
     EspKeyBlock, Role, DEFAULT_ESP_KEY_LEN, LABEL_CLIENT_TO_SERVER, LABEL_SERVER_TO_CLIENT,
     MAX_ESP_KEY_LEN,
 };
+pub use link::{EspCipher, LinkParams};
 pub use mtls::{peer_id, MeshTls, PeerPolicy};
 pub use session::{LossReason, PeerSession};
 pub use timing::{Backoff, ChannelTiming};
 pub use verify::{MeshTrust, Refusal, TrustError};
 
-use session::{SessionIo, SessionStart};
-use verify::{PeerClientVerifier, PeerServerVerifier, TrustCore};
+use admission::{HandshakeSlots, Overflow, Slot};
+use runtime::TaskDone;
+use session::SessionDriver;
+use verify::{AllowedPeers, PeerClientVerifier, PeerServerVerifier, TrustCore};
 
 use crate::spiffe::SpiffeId;
 use crate::svid::{spiffe_id_of, SvidError};
 
 /// ALPN protocol name of the channel.
 pub const ALPN: &[u8] = b"isthmus-peer/1";
-
-/// Most handshakes a [`ListenerHandle`] runs at once; further connections are dropped.
-const MAX_CONCURRENT_HANDSHAKES: usize = 64;
 
 /// This gateway's certificate chain and private key.
 pub struct LocalCredentials {
@@ -105,13 +124,16 @@ impl fmt::Debug for LocalCredentials {
     }
 }
 
-/// A peer to dial: its channel endpoint and the SPIFFE ID it must present there.
+/// A peer to dial: its channel endpoint, the SPIFFE ID it must present there, and the
+/// link we are configured with for it (announced in our hello, required in its).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerEndpoint {
     /// The SPIFFE ID the peer must present (exactly).
     pub id: SpiffeId,
     /// Where its channel listener is.
     pub addr: SocketAddr,
+    /// The tunnel kind, ESP cipher and ESN of the link to this peer.
+    pub link: LinkParams,
 }
 
 /// Why a channel could not be set up or established.
@@ -238,6 +260,7 @@ pub struct ChannelConfig {
     params: TunnelParams,
     timing: ChannelTiming,
     esp_key_len: usize,
+    source_address: Option<IpAddr>,
 }
 
 impl fmt::Debug for ChannelConfig {
@@ -249,6 +272,7 @@ impl fmt::Debug for ChannelConfig {
             .field("params", &self.params)
             .field("timing", &self.timing)
             .field("esp_key_len", &self.esp_key_len)
+            .field("source_address", &self.source_address)
             .finish_non_exhaustive()
     }
 }
@@ -280,9 +304,10 @@ impl ChannelConfig {
             params,
             timing: ChannelTiming::default(),
             esp_key_len: DEFAULT_ESP_KEY_LEN,
+            source_address: None,
         };
         // Building a server config checks that the key matches the leaf.
-        config.server_config(Arc::new(RwLock::new(Vec::new())))?;
+        config.server_config(Arc::new(RwLock::new(AllowedPeers::default())))?;
         Ok(config)
     }
 
@@ -299,6 +324,13 @@ impl ChannelConfig {
         }
         self.esp_key_len = len;
         Ok(self)
+    }
+
+    /// Dials from this local address (port chosen by the system) instead of the one the
+    /// routing table picks.
+    pub fn with_source_address(mut self, ip: IpAddr) -> Self {
+        self.source_address = Some(ip);
+        self
     }
 
     /// This gateway's SPIFFE ID (from its certificate).
@@ -341,7 +373,7 @@ impl ChannelConfig {
 
     fn server_config(
         &self,
-        allowed: Arc<RwLock<Vec<SpiffeId>>>,
+        allowed: Arc<RwLock<AllowedPeers>>,
     ) -> Result<Arc<ServerConfig>, ChannelError> {
         let verifier = Arc::new(PeerClientVerifier {
             trust: self.trust.clone(),
@@ -372,47 +404,17 @@ pub struct PeerChannel;
 
 impl PeerChannel {
     /// Dials `peer`, verifies that it presents exactly `peer.id`, exchanges hellos and
-    /// returns the established session. Later events of the session (messages, loss) go
-    /// to `events`. Every outcome is logged; a refusal is a [`ChannelError::Refused`].
+    /// returns the established session; its later events go to `events`. Blocks the
+    /// calling thread (never call it from async code).
     pub fn connect(
         config: &ChannelConfig,
         peer: &PeerEndpoint,
         events: Sender<ChannelEvent>,
     ) -> Result<Established, ChannelError> {
-        let (established, reader) = dial(config, peer, events)?;
-        reader.spawn();
+        let (established, driver) = runtime::block_on(handshake::dial(config, peer))??;
+        runtime::spawn(driver.run(events))?;
         Ok(established)
     }
-}
-
-fn dial(
-    config: &ChannelConfig,
-    peer: &PeerEndpoint,
-    events: Sender<ChannelEvent>,
-) -> Result<(Established, session::PendingReader), ChannelError> {
-    let mut local = None;
-    let result = (|| {
-        let sock = TcpStream::connect_timeout(&peer.addr, config.timing.handshake_timeout)
-            .map_err(|source| ChannelError::Connect {
-                addr: peer.addr,
-                source,
-            })?;
-        local = sock.local_addr().ok();
-        let tls = ClientConnection::new(
-            config.client_config(&peer.id)?,
-            ServerName::IpAddress(peer.addr.ip().into()),
-        )
-        .map_err(ChannelError::Tls)?;
-        establish(config, sock, peer.addr, tls.into(), Role::Dialer, events)
-    })();
-    log_outcome(
-        Role::Dialer,
-        local,
-        peer.addr,
-        &peer.id.to_string(),
-        &result,
-    );
-    result
 }
 
 fn log_outcome(
@@ -420,7 +422,7 @@ fn log_outcome(
     local: Option<SocketAddr>,
     remote: SocketAddr,
     expected: &str,
-    result: &Result<(Established, session::PendingReader), ChannelError>,
+    result: &Result<(Established, SessionDriver), ChannelError>,
 ) {
     let local = local.map_or_else(|| "(not connected)".to_string(), |a| a.to_string());
     match result {
@@ -436,203 +438,125 @@ fn log_outcome(
     }
 }
 
-/// Time left before `deadline`, or the timeout error for `stage`.
-fn remaining(deadline: Instant, stage: &'static str) -> Result<Duration, ChannelError> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        Err(ChannelError::Timeout(stage))
-    } else {
-        Ok(left)
-    }
+/// What a listener has seen since it started (a snapshot).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ListenerStats {
+    /// TCP connections accepted.
+    pub accepted: u64,
+    /// Sessions established.
+    pub established: u64,
+    /// Handshakes refused (authentication or link parameters).
+    pub refused: u64,
+    /// Connections closed at once: [`ListenerLimits::max_handshakes`] in flight.
+    pub over_total_limit: u64,
+    /// Connections closed at once: [`ListenerLimits::max_handshakes_per_source`] in
+    /// flight from that address.
+    pub over_source_limit: u64,
+    /// Handshakes dropped at [`ChannelTiming::handshake_timeout`].
+    pub timed_out: u64,
+    /// Handshakes that failed otherwise (connection closed, protocol error, ...).
+    pub failed: u64,
+    /// Handshakes in flight now.
+    pub in_flight: usize,
 }
 
-/// Reads once from the socket into the TLS connection. Returns `false` on end of stream.
-fn read_once(
-    io: &mut SessionIo,
-    reader: &mut TcpStream,
-    decoder: &mut FrameDecoder,
-    deadline: Instant,
-    stage: &'static str,
-) -> Result<bool, ChannelError> {
-    let mut buf = [0u8; 16 * 1024];
-    reader.set_read_timeout(Some(remaining(deadline, stage)?))?;
-    let n = match reader.read(&mut buf) {
-        Ok(n) => n,
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) =>
-        {
-            return Err(ChannelError::Timeout(stage))
-        }
-        Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
-        Err(e) => return Err(e.into()),
-    };
-    if n == 0 {
-        return Ok(false);
-    }
-    let peer_closed = io
-        .receive(&buf[..n], decoder)
-        .map_err(ChannelError::from_tls)?;
-    Ok(!peer_closed)
+#[derive(Debug, Default)]
+struct ListenerCounters {
+    accepted: AtomicU64,
+    established: AtomicU64,
+    refused: AtomicU64,
+    over_total_limit: AtomicU64,
+    over_source_limit: AtomicU64,
+    timed_out: AtomicU64,
+    failed: AtomicU64,
 }
 
-/// TLS handshake and hello exchange on a connected socket.
-fn establish(
-    config: &ChannelConfig,
-    sock: TcpStream,
-    remote: SocketAddr,
-    tls: rustls::Connection,
-    role: Role,
-    events: Sender<ChannelEvent>,
-) -> Result<(Established, session::PendingReader), ChannelError> {
-    let deadline = Instant::now() + config.timing.handshake_timeout;
-    sock.set_nodelay(true)?;
-    sock.set_write_timeout(Some(config.timing.handshake_timeout))?;
-    let mut reader = sock.try_clone()?;
-    let mut io = SessionIo { tls, sock };
-    let mut decoder = FrameDecoder::new();
-
-    let handshake = (|| {
-        while io.tls.is_handshaking() {
-            io.flush()?;
-            if !io.tls.is_handshaking() {
-                break;
-            }
-            if !read_once(
-                &mut io,
-                &mut reader,
-                &mut decoder,
-                deadline,
-                "TLS handshake",
-            )? {
-                return Err(ChannelError::ClosedEarly("TLS handshake"));
-            }
-        }
-        io.flush()?;
-        let peer = io
-            .tls
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .ok_or(Refusal::NoClientCertificate)?;
-        let peer = spiffe_id_of(peer).map_err(Refusal::NoSpiffeId)?;
-
-        io.send_frame(&Frame::Hello {
-            version: PROTOCOL_VERSION,
-            params: config.params.clone(),
-        })?;
-        let params = loop {
-            match decoder.next_frame().map_err(ChannelError::Frame)? {
-                Some(Frame::Hello { version, params }) => {
-                    if version != PROTOCOL_VERSION {
-                        return Err(ChannelError::Version(version));
-                    }
-                    break params;
-                }
-                Some(Frame::Close { reason }) => {
-                    return Err(ChannelError::PeerClosed(frame::printable(&reason)))
-                }
-                Some(_) => return Err(ChannelError::UnexpectedFrame),
-                None => {
-                    if !read_once(
-                        &mut io,
-                        &mut reader,
-                        &mut decoder,
-                        deadline,
-                        "hello exchange",
-                    )? {
-                        return Err(ChannelError::ClosedEarly("hello exchange"));
-                    }
-                }
-            }
-        };
-        let keys = keys::derive(&io.tls, role, 0, config.esp_key_len).map_err(ChannelError::Tls)?;
-        Ok((peer, params, keys))
-    })();
-
-    let (peer, params, keys) = match handshake {
-        Ok(parts) => parts,
-        Err(e) => {
-            abort(&mut io, &mut reader);
-            return Err(e);
-        }
-    };
-    let (session, reader) = session::prepare(SessionStart {
-        io,
-        read_sock: reader,
-        decoder,
-        peer: peer.clone(),
-        remote,
-        role,
-        timing: config.timing,
-        events,
-    });
-    Ok((
-        Established {
-            peer,
-            remote,
-            role,
-            params,
-            keys,
-            session,
-        },
-        reader,
-    ))
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Sends what is pending (e.g. the alert), then closes gracefully: half-close and drain
-/// briefly, so that the peer reads our alert instead of a connection reset.
-fn abort(io: &mut SessionIo, reader: &mut TcpStream) {
-    let _ = io.flush();
-    let _ = io.sock.shutdown(Shutdown::Write);
-    let until = Instant::now() + Duration::from_millis(250);
-    let mut sink = [0u8; 4096];
-    while let Some(left) = until.checked_duration_since(Instant::now()) {
-        if left.is_zero() || reader.set_read_timeout(Some(left)).is_err() {
-            break;
-        }
-        match reader.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(_) => {}
+/// What the accept loop and its handshake tasks share with the handle.
+#[derive(Debug)]
+struct ListenerShared {
+    config: Arc<ChannelConfig>,
+    tls: Arc<ServerConfig>,
+    allowed: Arc<RwLock<AllowedPeers>>,
+    slots: Arc<Mutex<HandshakeSlots>>,
+    counters: ListenerCounters,
+}
+
+impl ListenerShared {
+    fn stats(&self) -> ListenerStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ListenerStats {
+            accepted: get(&c.accepted),
+            established: get(&c.established),
+            refused: get(&c.refused),
+            over_total_limit: get(&c.over_total_limit),
+            over_source_limit: get(&c.over_source_limit),
+            timed_out: get(&c.timed_out),
+            failed: get(&c.failed),
+            in_flight: self
+                .slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .in_flight(),
         }
     }
-    let _ = io.sock.shutdown(Shutdown::Both);
+
+    fn set_allowed_peers(&self, peers: Vec<(SpiffeId, LinkParams)>) {
+        *self.allowed.write().unwrap_or_else(PoisonError::into_inner) = AllowedPeers::new(peers);
+    }
 }
 
 /// Accepting side of the channel.
 pub struct ChannelListener {
     listener: TcpListener,
-    config: Arc<ChannelConfig>,
-    tls: Arc<ServerConfig>,
-    allowed: Arc<RwLock<Vec<SpiffeId>>>,
+    shared: Arc<ListenerShared>,
 }
 
 impl fmt::Debug for ChannelListener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ChannelListener")
             .field("local_addr", &self.listener.local_addr().ok())
-            .field("local_id", &self.config.local_id.to_string())
+            .field("local_id", &self.shared.config.local_id.to_string())
             .finish_non_exhaustive()
     }
 }
 
 impl ChannelListener {
-    /// Binds `addr` and accepts the peers whose SPIFFE IDs are in `allowed_peers`.
+    /// Binds `addr` and accepts the peers whose SPIFFE IDs are listed in `allowed_peers`,
+    /// each with the link this gateway is configured with for it.
     pub fn bind(
         config: Arc<ChannelConfig>,
         addr: SocketAddr,
-        allowed_peers: Vec<SpiffeId>,
+        allowed_peers: Vec<(SpiffeId, LinkParams)>,
     ) -> Result<Self, ChannelError> {
-        let allowed = Arc::new(RwLock::new(allowed_peers));
+        let allowed = Arc::new(RwLock::new(AllowedPeers::new(allowed_peers)));
         let tls = config.server_config(allowed.clone())?;
         let listener = TcpListener::bind(addr)?;
         Ok(Self {
             listener,
-            config,
-            tls,
-            allowed,
+            shared: Arc::new(ListenerShared {
+                config,
+                tls,
+                allowed,
+                slots: Arc::new(Mutex::new(HandshakeSlots::new(ListenerLimits::default()))),
+                counters: ListenerCounters::default(),
+            }),
         })
+    }
+
+    /// Replaces the handshake limits (before [`ChannelListener::spawn`]).
+    pub fn with_limits(self, limits: ListenerLimits) -> Self {
+        *self
+            .shared
+            .slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = HandshakeSlots::new(limits);
+        self
     }
 
     /// The bound address.
@@ -641,120 +565,151 @@ impl ChannelListener {
     }
 
     /// Replaces the set of peers allowed to connect (takes effect for new handshakes).
-    pub fn set_allowed_peers(&self, peers: Vec<SpiffeId>) {
-        *self.allowed.write().unwrap_or_else(PoisonError::into_inner) = peers;
+    pub fn set_allowed_peers(&self, peers: Vec<(SpiffeId, LinkParams)>) {
+        self.shared.set_allowed_peers(peers);
     }
 
-    /// Accepts one connection and establishes it (blocking, handshake included).
+    /// Accepts one connection and establishes it (blocking, handshake included; never
+    /// call it from async code). No handshake limits apply here.
     pub fn accept(&self, events: Sender<ChannelEvent>) -> Result<Established, ChannelError> {
         let (sock, remote) = self.listener.accept()?;
-        let (established, reader) = accept_on(&self.config, &self.tls, sock, remote, events)?;
-        reader.spawn();
+        sock.set_nonblocking(true)?;
+        let shared = &self.shared;
+        let (established, driver) = runtime::block_on(async {
+            let sock = tokio::net::TcpStream::from_std(sock)?;
+            handshake::accept(
+                &shared.config,
+                shared.tls.clone(),
+                &shared.allowed,
+                sock,
+                remote,
+            )
+            .await
+        })??;
+        runtime::spawn(driver.run(events))?;
         Ok(established)
     }
 
-    /// Runs the accept loop on a background thread; each handshake runs on its own
-    /// thread. Sends [`ChannelEvent::Established`] and [`ChannelEvent::Refused`].
+    /// Runs the accept loop on the channel runtime; each handshake and then its session
+    /// is a task there. Sends [`ChannelEvent::Established`] and [`ChannelEvent::Refused`].
     pub fn spawn(self, events: Sender<ChannelEvent>) -> Result<ListenerHandle, ChannelError> {
         let local_addr = self.listener.local_addr()?;
         self.listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let allowed = self.allowed.clone();
-        let thread_stop = stop.clone();
-        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("isthmus-listen-{local_addr}"))
-            .spawn(move || {
-                tracing::dispatcher::with_default(&dispatch, || {
-                    accept_loop(self, &thread_stop, &events);
-                })
-            })?;
+        let handle = runtime::handle()?;
+        let listener = {
+            let _entered = handle.enter();
+            tokio::net::TcpListener::from_std(self.listener)?
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        let shared = self.shared.clone();
+        let done = runtime::spawn(accept_loop(listener, shared, events, stop_rx))?;
         Ok(ListenerHandle {
             local_addr,
+            shared: self.shared,
             stop,
-            allowed,
-            thread: Some(thread),
+            done: Some(done),
         })
     }
 }
 
-fn accept_on(
-    config: &ChannelConfig,
-    tls: &Arc<ServerConfig>,
-    sock: TcpStream,
-    remote: SocketAddr,
-    events: Sender<ChannelEvent>,
-) -> Result<(Established, session::PendingReader), ChannelError> {
-    let local = sock.local_addr().ok();
-    let result = (|| {
-        sock.set_nonblocking(false)?;
-        let conn = ServerConnection::new(tls.clone()).map_err(ChannelError::Tls)?;
-        establish(config, sock, remote, conn.into(), Role::Acceptor, events)
-    })();
-    log_outcome(Role::Acceptor, local, remote, "a configured peer", &result);
-    result
-}
+/// At most one warning per interval about connections closed over the limits.
+const OVERFLOW_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-fn accept_loop(listener: ChannelListener, stop: &AtomicBool, events: &Sender<ChannelEvent>) {
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    while !stop.load(Ordering::SeqCst) {
-        let (sock, remote) = match listener.listener.accept() {
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<ListenerShared>,
+    events: Sender<ChannelEvent>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut last_overflow_log: Option<Instant> = None;
+    let mut unlogged_overflows = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (sock, remote) = match accepted {
             Ok(conn) => conn,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(20));
-                continue;
-            }
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a peer channel failed");
-                std::thread::sleep(Duration::from_millis(100));
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
-        if in_flight.fetch_add(1, Ordering::SeqCst) >= MAX_CONCURRENT_HANDSHAKES {
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(%remote, "too many peer channel handshakes in flight; dropping connection");
-            continue;
-        }
-        let config = listener.config.clone();
-        let tls = listener.tls.clone();
-        let events = events.clone();
-        let in_flight_done = in_flight.clone();
-        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("isthmus-accept-{remote}"))
-            .spawn(move || {
-                tracing::dispatcher::with_default(&dispatch, || {
-                    match accept_on(&config, &tls, sock, remote, events.clone()) {
-                        Ok((established, reader)) => {
-                            let _ = events.send(ChannelEvent::Established(Box::new(established)));
-                            reader.spawn();
-                        }
-                        Err(ChannelError::Refused(refusal)) => {
-                            let _ = events.send(ChannelEvent::Refused {
-                                remote,
-                                role: Role::Acceptor,
-                                refusal,
-                            });
-                        }
-                        Err(_) => {}
+        bump(&shared.counters.accepted);
+        let slot = match Slot::take(&shared.slots, remote.ip()) {
+            Ok(slot) => slot,
+            Err(overflow) => {
+                // Closed at once: no TLS work for a connection over the limits.
+                drop(sock);
+                let limit = match overflow {
+                    Overflow::Total => {
+                        bump(&shared.counters.over_total_limit);
+                        "handshakes in flight"
                     }
-                });
-                in_flight_done.fetch_sub(1, Ordering::SeqCst);
-            });
-        if let Err(e) = spawned {
-            in_flight.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!(%remote, error = %e, "cannot start a handshake thread");
+                    Overflow::Source => {
+                        bump(&shared.counters.over_source_limit);
+                        "handshakes in flight from this address"
+                    }
+                };
+                unlogged_overflows += 1;
+                let now = Instant::now();
+                if last_overflow_log.is_none_or(|t| now.duration_since(t) >= OVERFLOW_LOG_INTERVAL)
+                {
+                    tracing::warn!(%remote, limit, dropped = unlogged_overflows, "too many peer channel handshakes; connection closed");
+                    last_overflow_log = Some(now);
+                    unlogged_overflows = 0;
+                }
+                continue;
+            }
+        };
+        let shared = shared.clone();
+        let events = events.clone();
+        let task = async move {
+            let result = handshake::accept(
+                &shared.config,
+                shared.tls.clone(),
+                &shared.allowed,
+                sock,
+                remote,
+            )
+            .await;
+            drop(slot);
+            match result {
+                Ok((established, driver)) => {
+                    bump(&shared.counters.established);
+                    let _ = events.send(ChannelEvent::Established(Box::new(established)));
+                    driver.run(events).await;
+                }
+                Err(ChannelError::Refused(refusal)) => {
+                    bump(&shared.counters.refused);
+                    let _ = events.send(ChannelEvent::Refused {
+                        remote,
+                        role: Role::Acceptor,
+                        refusal,
+                    });
+                }
+                Err(ChannelError::Timeout(_)) => bump(&shared.counters.timed_out),
+                Err(_) => bump(&shared.counters.failed),
+            }
+        };
+        if let Err(e) = runtime::spawn(task) {
+            tracing::warn!(%remote, error = %e, "cannot start a handshake task");
         }
     }
 }
 
-/// A running accept loop; stops when shut down or dropped (established sessions stay up).
+/// How long [`ListenerHandle::shutdown`] waits for the accept loop to end.
+const LISTENER_STOP_WAIT: Duration = Duration::from_secs(5);
+
+/// A running accept loop; stops when shut down or dropped (established sessions and
+/// handshakes already under way go on).
 #[derive(Debug)]
 pub struct ListenerHandle {
     local_addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    allowed: Arc<RwLock<Vec<SpiffeId>>>,
-    thread: Option<JoinHandle<()>>,
+    shared: Arc<ListenerShared>,
+    stop: watch::Sender<bool>,
+    done: Option<TaskDone>,
 }
 
 impl ListenerHandle {
@@ -763,20 +718,25 @@ impl ListenerHandle {
         self.local_addr
     }
 
-    /// Replaces the set of peers allowed to connect.
-    pub fn set_allowed_peers(&self, peers: Vec<SpiffeId>) {
-        *self.allowed.write().unwrap_or_else(PoisonError::into_inner) = peers;
+    /// Replaces the set of peers allowed to connect, each with its link.
+    pub fn set_allowed_peers(&self, peers: Vec<(SpiffeId, LinkParams)>) {
+        self.shared.set_allowed_peers(peers);
     }
 
-    /// Stops accepting and waits for the accept loop to end.
+    /// Connections, handshakes and drops so far.
+    pub fn stats(&self) -> ListenerStats {
+        self.shared.stats()
+    }
+
+    /// Stops accepting and waits for the accept loop to end (the socket is closed then).
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
 
     fn stop_and_join(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let _ = self.stop.send(true);
+        if let Some(done) = self.done.take() {
+            done.wait(LISTENER_STOP_WAIT);
         }
     }
 }
@@ -793,45 +753,43 @@ struct LinkState {
     current: Option<PeerSession>,
 }
 
-#[derive(Debug, Default)]
-struct LinkShared {
-    state: Mutex<LinkState>,
-    wake: Condvar,
-}
-
 /// Keeps a channel to one peer up: dials, and after a failure or a lost session dials
-/// again with capped exponential backoff (reset once a session is established). Sends
-/// [`ChannelEvent::Established`] for every session and [`ChannelEvent::Refused`] for every
-/// refused attempt.
+/// again with capped, jittered exponential backoff (reset once a session is
+/// established). Sends [`ChannelEvent::Established`] for every session and
+/// [`ChannelEvent::Refused`] for every refused attempt. A task on the channel runtime.
 #[derive(Debug)]
 pub struct PeerLink {
     peer: PeerEndpoint,
-    shared: Arc<LinkShared>,
-    thread: Option<JoinHandle<()>>,
+    state: Arc<Mutex<LinkState>>,
+    stop: watch::Sender<bool>,
+    stop_wait: Duration,
+    done: Option<TaskDone>,
 }
 
 impl PeerLink {
-    /// Starts dialing `peer` on a background thread.
+    /// Starts dialing `peer` in the background.
     pub fn spawn(
         config: Arc<ChannelConfig>,
         peer: PeerEndpoint,
         events: Sender<ChannelEvent>,
     ) -> Result<Self, ChannelError> {
-        let shared = Arc::new(LinkShared::default());
-        let thread_shared = shared.clone();
-        let thread_peer = peer.clone();
-        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
-        let thread = std::thread::Builder::new()
-            .name(format!("isthmus-link-{}", peer.addr))
-            .spawn(move || {
-                tracing::dispatcher::with_default(&dispatch, || {
-                    link_loop(&config, &thread_peer, &thread_shared, &events);
-                })
-            })?;
+        let state = Arc::new(Mutex::new(LinkState::default()));
+        let (stop, stop_rx) = watch::channel(false);
+        // Long enough for a session to flush its Close frame.
+        let stop_wait = config.timing.handshake_timeout + Duration::from_secs(2);
+        let done = runtime::spawn(link_loop(
+            config,
+            peer.clone(),
+            state.clone(),
+            events,
+            stop_rx,
+        ))?;
         Ok(Self {
             peer,
-            shared,
-            thread: Some(thread),
+            state,
+            stop,
+            stop_wait,
+            done: Some(done),
         })
     }
 
@@ -842,35 +800,30 @@ impl PeerLink {
 
     /// The current session, if one is established.
     pub fn current(&self) -> Option<PeerSession> {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .current
-            .clone()
+        self.lock().current.clone()
     }
 
-    /// Stops reconnecting, closes the current session and waits for the link thread.
+    /// Stops reconnecting, closes the current session and waits for the link task.
     pub fn shutdown(mut self) {
         self.stop_and_join();
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn stop_and_join(&mut self) {
         let current = {
-            let mut state = self
-                .shared
-                .state
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+            let mut state = self.lock();
             state.stopped = true;
             state.current.take()
         };
-        self.shared.wake.notify_all();
+        let _ = self.stop.send(true);
         if let Some(session) = current {
             session.close();
         }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        if let Some(done) = self.done.take() {
+            done.wait(self.stop_wait);
         }
     }
 }
@@ -890,35 +843,41 @@ fn jitter() -> u32 {
     }
 }
 
-fn link_loop(
-    config: &ChannelConfig,
-    peer: &PeerEndpoint,
-    shared: &LinkShared,
-    events: &Sender<ChannelEvent>,
+async fn link_loop(
+    config: Arc<ChannelConfig>,
+    peer: PeerEndpoint,
+    state: Arc<Mutex<LinkState>>,
+    events: Sender<ChannelEvent>,
+    mut stop: watch::Receiver<bool>,
 ) {
-    let lock = || shared.state.lock().unwrap_or_else(PoisonError::into_inner);
+    let lock = || state.lock().unwrap_or_else(PoisonError::into_inner);
     let mut backoff = Backoff::new(config.timing.backoff_initial, config.timing.backoff_max);
     loop {
         if lock().stopped {
             return;
         }
-        match dial(config, peer, events.clone()) {
-            Ok((established, reader)) => {
+        let attempt = tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            attempt = handshake::dial(&config, &peer) => attempt,
+        };
+        match attempt {
+            Ok((established, driver)) => {
                 backoff.reset();
                 let session = established.session.clone();
-                {
+                let stopped = {
                     let mut state = lock();
-                    if state.stopped {
-                        drop(state);
-                        reader.spawn();
-                        session.close();
-                        return;
+                    if !state.stopped {
+                        state.current = Some(session.clone());
                     }
-                    state.current = Some(session.clone());
+                    state.stopped
+                };
+                if stopped {
+                    session.close();
+                    driver.run(events.clone()).await;
+                    return;
                 }
                 let _ = events.send(ChannelEvent::Established(Box::new(established)));
-                reader.spawn();
-                session.wait_closed();
+                driver.run(events.clone()).await;
                 lock().current = None;
             }
             Err(ChannelError::Refused(refusal)) => {
@@ -932,13 +891,9 @@ fn link_loop(
         }
         let delay = backoff.next_delay(jitter());
         tracing::debug!(peer = %peer.id, remote = %peer.addr, delay_ms = delay.as_millis() as u64, "peer channel reconnect scheduled");
-        let state = lock();
-        let (state, _) = shared
-            .wake
-            .wait_timeout_while(state, delay, |s| !s.stopped)
-            .unwrap_or_else(PoisonError::into_inner);
-        if state.stopped {
-            return;
+        tokio::select! {
+            _ = stop.wait_for(|stopped| *stopped) => return,
+            () = tokio::time::sleep(delay) => {}
         }
     }
 }

@@ -1,22 +1,37 @@
-//! One established peer session: the TLS connection over its TCP socket, the thread that
-//! reads from it, and the handle the application keeps.
+//! One established peer session: the TLS connection, the task on the channel runtime
+//! that drives its socket, and the handle the application keeps.
 //!
-//! Socket reads happen without holding the connection lock; TLS processing and writes
-//! (from any thread) happen under it, so sends never wait for a read timeout.
+//! After the handshake the rustls connection is driven sans-IO: it lives behind a std
+//! mutex that is only ever held for short, non-blocking work (queueing a frame, feeding
+//! received bytes, exporting keys, a non-blocking socket write). Application threads
+//! ([`PeerSession::send`], [`PeerSession::close`], [`PeerSession::esp_keys`]) never touch
+//! the socket and never wait on the network: they queue TLS records and wake the session
+//! task, which writes them when the socket is writable, reads when it is readable, and
+//! runs the liveness timer.
 
 use std::fmt;
-use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::io::{self, IoSlice, Read, Write};
+use std::net::{Shutdown, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
 use super::frame::{encode_frame, ControlMessage, Frame, FrameDecoder, FrameError};
 use super::keys::{self, EspKeyBlock, Role, MAX_ESP_KEY_LEN};
 use super::timing::{ChannelTiming, Liveness, LivenessAction};
 use super::{ChannelError, ChannelEvent};
 use crate::spiffe::SpiffeId;
+
+/// Most TLS bytes queued for a slow peer before [`PeerSession::send`] fails.
+const SEND_BUFFER_LIMIT: usize = 1024 * 1024;
+/// Socket reads per wake-up before the session task yields to others.
+const READS_PER_WAKE: usize = 16;
+/// How long a closing session waits for its Close frame and close_notify to leave.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 
 /// Why an established session ended.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,83 +63,136 @@ pub enum LossReason {
     LocalClose,
 }
 
-/// The TLS state and the socket it writes to; always used under the lock.
-pub(crate) struct SessionIo {
-    pub(crate) tls: rustls::Connection,
-    pub(crate) sock: TcpStream,
+/// Non-blocking std I/O over a tokio socket, for rustls's `read_tls` / `write_tls`:
+/// `WouldBlock` means "wait for readiness".
+struct TryIo<'a>(&'a TcpStream);
+
+impl Read for TryIo<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.try_read(buf)
+    }
 }
 
-impl SessionIo {
-    /// Writes all pending TLS records to the socket.
-    pub(crate) fn flush(&mut self) -> io::Result<()> {
-        while self.tls.wants_write() {
-            self.tls.write_tls(&mut self.sock)?;
-        }
-        self.sock.flush()
+impl Write for TryIo<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
     }
 
-    pub(crate) fn send_frame(&mut self, frame: &Frame) -> Result<(), ChannelError> {
-        let bytes = encode_frame(frame).map_err(ChannelError::Frame)?;
-        self.tls.writer().write_all(&bytes)?;
-        self.flush()?;
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
 
-    /// Feeds received ciphertext to rustls and moves the plaintext into `decoder`.
-    /// Returns `Ok(true)` once the peer has sent close_notify.
-    pub(crate) fn receive(
-        &mut self,
-        mut ciphertext: &[u8],
-        decoder: &mut FrameDecoder,
-    ) -> Result<bool, rustls::Error> {
-        let mut peer_closed = false;
-        while !ciphertext.is_empty() {
-            let before = ciphertext.len();
-            // Fails only when rustls's buffers are full; processing below drains them.
-            let read = self.tls.read_tls(&mut ciphertext);
-            let state = match self.tls.process_new_packets() {
-                Ok(state) => state,
-                Err(e) => {
-                    // Send the alert rustls queued for the peer.
-                    let _ = self.flush();
-                    return Err(e);
-                }
-            };
-            let readable = state.plaintext_bytes_to_read();
-            if readable > 0 {
-                let mut plain = vec![0u8; readable];
-                match self.tls.reader().read_exact(&mut plain) {
-                    Ok(()) => decoder.push(&plain),
-                    Err(_) => peer_closed = true,
-                }
+/// Queues one frame on the connection (encrypted into TLS records, not yet written).
+fn queue_frame(conn: &mut rustls::Connection, frame: &Frame) -> Result<(), ChannelError> {
+    let bytes = encode_frame(frame).map_err(ChannelError::Frame)?;
+    conn.writer().write_all(&bytes)?;
+    Ok(())
+}
+
+/// Writes queued TLS records until done or the socket would block; `Ok(true)` if some are
+/// still waiting.
+fn write_pending(conn: &mut rustls::Connection, sock: &TcpStream) -> io::Result<bool> {
+    while conn.wants_write() {
+        match conn.write_tls(&mut TryIo(sock)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(false)
+}
+
+/// What one round of reading produced.
+struct Received {
+    /// Some bytes arrived (a sign of life).
+    any: bool,
+    /// The peer is done sending (close_notify or end of stream).
+    finished: bool,
+}
+
+/// Reads what the socket has, feeds it to rustls and moves the plaintext into `decoder`.
+fn receive(
+    conn: &mut rustls::Connection,
+    sock: &TcpStream,
+    decoder: &mut FrameDecoder,
+) -> Result<Received, LossReason> {
+    let mut any = false;
+    for _ in 0..READS_PER_WAKE {
+        match conn.read_tls(&mut TryIo(sock)) {
+            Ok(0) => {
+                return Ok(Received {
+                    any,
+                    finished: true,
+                })
             }
-            if state.peer_has_closed() {
-                peer_closed = true;
+            Ok(_) => any = true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(LossReason::Io(e.to_string())),
+        }
+        let state = match conn.process_new_packets() {
+            Ok(state) => state,
+            Err(e) => {
+                // Send the alert rustls queued for the peer.
+                let _ = write_pending(conn, sock);
+                return Err(LossReason::Tls(e.to_string()));
             }
-            if read.is_err() && ciphertext.len() == before && readable == 0 {
-                // No progress possible: never spin.
-                return Err(rustls::Error::General("TLS receive buffer stuck".into()));
+        };
+        let readable = state.plaintext_bytes_to_read();
+        if readable > 0 {
+            let mut plain = vec![0u8; readable];
+            match conn.reader().read_exact(&mut plain) {
+                Ok(()) => decoder.push(&plain),
+                Err(e) => return Err(LossReason::Tls(e.to_string())),
             }
         }
-        // Alerts, key updates and the like produced by processing.
-        let _ = self.flush();
-        Ok(peer_closed)
+        if state.peer_has_closed() {
+            return Ok(Received {
+                any,
+                finished: true,
+            });
+        }
     }
+    Ok(Received {
+        any,
+        finished: false,
+    })
 }
 
 pub(crate) struct SessionState {
-    pub(crate) io: Mutex<SessionIo>,
+    conn: Mutex<rustls::Connection>,
+    /// Wakes the session task: records to write, or closing.
+    wake: Notify,
     pub(crate) peer: SpiffeId,
     pub(crate) remote: SocketAddr,
     pub(crate) role: Role,
     closing: AtomicBool,
+    /// A frame could not be queued whole (the peer does not read): the stream is no
+    /// longer well framed and the session must end.
+    broken: AtomicBool,
     ended: Mutex<Option<LossReason>>,
     ended_cv: Condvar,
 }
 
 impl SessionState {
-    fn lock_io(&self) -> std::sync::MutexGuard<'_, SessionIo> {
-        self.io.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock_conn(&self) -> MutexGuard<'_, rustls::Connection> {
+        self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn queue(&self, frame: &Frame) -> Result<(), ChannelError> {
+        let queued = queue_frame(&mut self.lock_conn(), frame);
+        if queued.is_err() {
+            self.broken.store(true, Ordering::SeqCst);
+        }
+        self.wake.notify_one();
+        queued
     }
 
     fn finish(&self, reason: LossReason) {
@@ -175,31 +243,37 @@ impl PeerSession {
         if len == 0 || len > MAX_ESP_KEY_LEN {
             return Err(ChannelError::KeyLength(len));
         }
-        let io = self.state.lock_io();
-        keys::derive(&io.tls, self.state.role, generation, len).map_err(ChannelError::Tls)
+        let conn = self.state.lock_conn();
+        keys::derive(&conn, self.state.role, generation, len).map_err(ChannelError::Tls)
     }
 
-    /// Sends an application message to the peer.
+    /// Sends an application message to the peer. Never waits on the network: the message
+    /// is queued and the session task writes it; fails if more than a megabyte is already
+    /// waiting for a peer that does not read.
     pub fn send(&self, message: ControlMessage) -> Result<(), ChannelError> {
         if self.is_closed() {
             return Err(ChannelError::Closed);
         }
-        self.state.lock_io().send_frame(&Frame::Control(message))
+        self.state.queue(&Frame::Control(message))
     }
 
-    /// Closes the session: a Close frame and close_notify go to the peer, the reader
-    /// thread ends, and a [`ChannelEvent::Lost`] with [`LossReason::LocalClose`] follows.
+    /// Closes the session: a Close frame and close_notify go to the peer, the session
+    /// task ends, and a [`ChannelEvent::Lost`] with [`LossReason::LocalClose`] follows.
     pub fn close(&self) {
         if self.state.closing.swap(true, Ordering::SeqCst) {
             return;
         }
-        let mut io = self.state.lock_io();
-        let _ = io.send_frame(&Frame::Close {
-            reason: "session closed".into(),
-        });
-        io.tls.send_close_notify();
-        let _ = io.flush();
-        let _ = io.sock.shutdown(Shutdown::Both);
+        {
+            let mut conn = self.state.lock_conn();
+            let _ = queue_frame(
+                &mut conn,
+                &Frame::Close {
+                    reason: "session closed".into(),
+                },
+            );
+            conn.send_close_notify();
+        }
+        self.state.wake.notify_one();
     }
 
     /// Whether the session has ended (or is closing).
@@ -250,143 +324,115 @@ impl PeerSession {
 
 /// Everything a freshly established session is made of.
 pub(crate) struct SessionStart {
-    pub(crate) io: SessionIo,
-    pub(crate) read_sock: TcpStream,
+    pub(crate) conn: rustls::Connection,
+    pub(crate) sock: TcpStream,
     pub(crate) decoder: FrameDecoder,
     pub(crate) peer: SpiffeId,
     pub(crate) remote: SocketAddr,
     pub(crate) role: Role,
     pub(crate) timing: ChannelTiming,
-    pub(crate) events: Sender<ChannelEvent>,
 }
 
-/// A session whose reader thread has not started yet: the caller first hands out the
-/// [`PeerSession`] (e.g. in an `Established` event), so that the session's `Lost` event can
-/// never overtake it.
-pub(crate) struct PendingReader {
+/// The part of a session that runs on the channel runtime. It is started only after the
+/// caller has handed out the [`PeerSession`] (e.g. in an `Established` event), so that the
+/// session's `Lost` event can never overtake it.
+pub(crate) struct SessionDriver {
     state: Arc<SessionState>,
-    read_sock: TcpStream,
+    sock: TcpStream,
     decoder: FrameDecoder,
     timing: ChannelTiming,
-    events: Sender<ChannelEvent>,
 }
 
-/// Wraps a freshly established connection into a session handle and its pending reader.
-pub(crate) fn prepare(start: SessionStart) -> (PeerSession, PendingReader) {
+/// Wraps a freshly established connection into a session handle and its driver.
+pub(crate) fn prepare(start: SessionStart) -> (PeerSession, SessionDriver) {
     let SessionStart {
-        io,
-        read_sock,
+        mut conn,
+        sock,
         decoder,
         peer,
         remote,
         role,
         timing,
-        events,
     } = start;
+    conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
     let state = Arc::new(SessionState {
-        io: Mutex::new(io),
+        conn: Mutex::new(conn),
+        wake: Notify::new(),
         peer,
         remote,
         role,
         closing: AtomicBool::new(false),
+        broken: AtomicBool::new(false),
         ended: Mutex::new(None),
         ended_cv: Condvar::new(),
     });
     let session = PeerSession {
         state: state.clone(),
     };
-    let pending = PendingReader {
+    let driver = SessionDriver {
         state,
-        read_sock,
+        sock,
         decoder,
         timing,
-        events,
     };
-    (session, pending)
+    (session, driver)
 }
 
-impl PendingReader {
-    /// Starts the reader thread (liveness, incoming frames, the final `Lost` event).
-    pub(crate) fn spawn(self) {
-        let PendingReader {
+impl SessionDriver {
+    /// Runs the session until it ends, then reports [`ChannelEvent::Lost`].
+    pub(crate) async fn run(self, events: Sender<ChannelEvent>) {
+        let SessionDriver {
             state,
-            read_sock,
+            sock,
             decoder,
             timing,
-            events,
         } = self;
-        let dispatch = tracing::dispatcher::get_default(|d| d.clone());
-        let thread_state = state.clone();
-        let thread_events = events.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("isthmus-peer-{}", state.remote))
-            .spawn(move || {
-                tracing::dispatcher::with_default(&dispatch, || {
-                    let reason =
-                        read_loop(&thread_state, read_sock, decoder, timing, &thread_events);
-                    end_session(&thread_state, reason, &thread_events);
-                })
-            });
-        if let Err(e) = spawned {
-            end_session(
-                &state,
-                LossReason::Io(format!("cannot start the session thread: {e}")),
-                &events,
-            );
+        let reason = drive(&state, &sock, decoder, timing, &events).await;
+        state.finish(reason.clone());
+        if let Ok(sock) = sock.into_std() {
+            let _ = sock.shutdown(Shutdown::Both);
         }
+        match &reason {
+            LossReason::LocalClose | LossReason::PeerClosed { .. } => {
+                tracing::info!(peer = %state.peer, remote = %state.remote, reason = %reason, "peer session closed");
+            }
+            other => {
+                tracing::warn!(peer = %state.peer, remote = %state.remote, reason = %other, "peer session lost");
+            }
+        }
+        let _ = events.send(ChannelEvent::Lost {
+            peer: state.peer.clone(),
+            reason,
+        });
     }
 }
 
-fn end_session(state: &SessionState, reason: LossReason, events: &Sender<ChannelEvent>) {
-    state.finish(reason.clone());
-    {
-        let io = state.lock_io();
-        let _ = io.sock.shutdown(Shutdown::Both);
-    }
-    match &reason {
-        LossReason::LocalClose | LossReason::PeerClosed { .. } => {
-            tracing::info!(peer = %state.peer, remote = %state.remote, reason = %reason, "peer session closed");
-        }
-        other => {
-            tracing::warn!(peer = %state.peer, remote = %state.remote, reason = %other, "peer session lost");
-        }
-    }
-    let _ = events.send(ChannelEvent::Lost {
-        peer: state.peer.clone(),
-        reason,
-    });
-}
-
-fn read_loop(
+async fn drive(
     state: &SessionState,
-    mut sock: TcpStream,
+    sock: &TcpStream,
     mut decoder: FrameDecoder,
     timing: ChannelTiming,
     events: &Sender<ChannelEvent>,
 ) -> LossReason {
     let mut liveness = Liveness::new(Instant::now(), timing.ping_interval, timing.missed_pings);
-    let mut buf = vec![0u8; 16 * 1024];
     loop {
         // Frames already received (including any that arrived with the peer's hello).
-        loop {
-            match decoder.next_frame() {
-                Ok(Some(frame)) => {
-                    if let Some(reason) = handle_frame(state, frame, events) {
-                        return reason;
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => return LossReason::Protocol(e.to_string()),
-            }
+        if let Some(reason) = deliver(state, &mut decoder, events) {
+            return reason;
         }
         if state.closing.load(Ordering::SeqCst) {
+            flush_before_close(state, sock).await;
             return LossReason::LocalClose;
         }
-        let now = Instant::now();
-        match liveness.poll(now) {
+        if state.broken.load(Ordering::SeqCst) {
+            return LossReason::Io(format!(
+                "more than {SEND_BUFFER_LIMIT} bytes wait for a peer that does not read"
+            ));
+        }
+        match liveness.poll(Instant::now()) {
             LivenessAction::Wait => {}
             LivenessAction::SendPing(seq) => {
-                if let Err(e) = state.lock_io().send_frame(&Frame::Ping { seq }) {
+                if let Err(e) = state.queue(&Frame::Ping { seq }) {
                     return closing_or(state, LossReason::Io(e.to_string()));
                 }
             }
@@ -396,39 +442,76 @@ fn read_loop(
                 }
             }
         }
-        let wait = liveness
-            .next_deadline()
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        if let Err(e) = sock.set_read_timeout(Some(wait)) {
-            return closing_or(state, LossReason::Io(e.to_string()));
-        }
-        match sock.read(&mut buf) {
-            Ok(0) => return closing_or(state, LossReason::PeerClosed { reason: None }),
-            Ok(n) => {
-                liveness.on_frame(Instant::now());
-                let received = state.lock_io().receive(&buf[..n], &mut decoder);
+        let blocked = match write_pending(&mut state.lock_conn(), sock) {
+            Ok(blocked) => blocked,
+            Err(e) => return closing_or(state, LossReason::Io(e.to_string())),
+        };
+        let deadline = tokio::time::Instant::from_std(liveness.next_deadline());
+        tokio::select! {
+            ready = sock.readable() => {
+                if let Err(e) = ready {
+                    return closing_or(state, LossReason::Io(e.to_string()));
+                }
+                let received = receive(&mut state.lock_conn(), sock, &mut decoder);
                 match received {
-                    Ok(false) => {}
-                    Ok(true) => {
-                        // Deliver what came before close_notify, then stop.
-                        while let Ok(Some(frame)) = decoder.next_frame() {
-                            if let Some(reason) = handle_frame(state, frame, events) {
+                    Ok(Received { any, finished }) => {
+                        if any {
+                            liveness.on_frame(Instant::now());
+                        }
+                        if finished {
+                            // Deliver what came before close_notify / end of stream, then stop.
+                            if let Some(reason) = deliver(state, &mut decoder, events) {
                                 return reason;
                             }
+                            return closing_or(state, LossReason::PeerClosed { reason: None });
                         }
-                        return closing_or(state, LossReason::PeerClosed { reason: None });
                     }
-                    Err(e) => return closing_or(state, LossReason::Tls(e.to_string())),
+                    Err(reason) => return closing_or(state, reason),
                 }
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return closing_or(state, LossReason::Io(e.to_string())),
+            ready = sock.writable(), if blocked => {
+                if let Err(e) = ready {
+                    return closing_or(state, LossReason::Io(e.to_string()));
+                }
+            }
+            () = state.wake.notified() => {}
+            () = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+/// Handles every complete frame in `decoder`; the loss reason if one ends the session.
+fn deliver(
+    state: &SessionState,
+    decoder: &mut FrameDecoder,
+    events: &Sender<ChannelEvent>,
+) -> Option<LossReason> {
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => {
+                if let Some(reason) = handle_frame(state, frame, events) {
+                    return Some(reason);
+                }
+            }
+            Ok(None) => return None,
+            Err(e) => return Some(LossReason::Protocol(e.to_string())),
+        }
+    }
+}
+
+/// Gives the Close frame and close_notify a bounded chance to leave.
+async fn flush_before_close(state: &SessionState, sock: &TcpStream) {
+    let until = tokio::time::Instant::now() + CLOSE_FLUSH;
+    loop {
+        match write_pending(&mut state.lock_conn(), sock) {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return,
+        }
+        if tokio::time::timeout_at(until, sock.writable())
+            .await
+            .is_err()
+        {
+            return;
         }
     }
 }
@@ -449,7 +532,7 @@ fn handle_frame(
     match frame {
         Frame::Ping { seq } => {
             tracing::trace!(peer = %state.peer, seq, "ping");
-            if let Err(e) = state.lock_io().send_frame(&Frame::Pong { seq }) {
+            if let Err(e) = state.queue(&Frame::Pong { seq }) {
                 return Some(closing_or(state, LossReason::Io(e.to_string())));
             }
         }

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 /// Timeouts and intervals of the peer channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChannelTiming {
-    /// Limit for TCP connect + TLS handshake + hello exchange.
+    /// Deadline of a handshake: TCP connect (or from accept) + TLS handshake + hello
+    /// exchange. A connection that has not finished by then is dropped, so slow or
+    /// silent unauthenticated connections free their slot.
     pub handshake_timeout: Duration,
     /// A ping is sent this long after the last one.
     pub ping_interval: Duration,
@@ -20,7 +22,7 @@ pub struct ChannelTiming {
 impl Default for ChannelTiming {
     fn default() -> Self {
         Self {
-            handshake_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_secs(5),
             missed_pings: 3,
             backoff_initial: Duration::from_millis(250),

@@ -7,6 +7,7 @@
 //! EKU and CRL checks as rustls's own verifiers, with the name check replaced by the SPIFFE
 //! ID check.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -24,6 +25,7 @@ use webpki::{
     RevocationCheckDepth, RevocationOptionsBuilder, UnknownStatusPolicy,
 };
 
+use super::link::LinkParams;
 use crate::spiffe::SpiffeId;
 use crate::svid::{optional_spiffe_id, spiffe_id_of, SvidError};
 
@@ -110,6 +112,15 @@ pub enum Refusal {
     RejectedByPeer {
         /// The TLS alert the peer sent.
         alert: String,
+    },
+    /// The peer is authenticated, but its hello announces another tunnel for this link
+    /// (kind, ESP cipher or ESN) than we are configured with for it.
+    #[error("tunnel mismatch: we use {ours}, peer uses {theirs}")]
+    LinkMismatch {
+        /// What this gateway is configured with for the peer.
+        ours: LinkParams,
+        /// What the peer announced.
+        theirs: LinkParams,
     },
 }
 
@@ -431,12 +442,41 @@ impl ServerCertVerifier for PeerServerVerifier {
     }
 }
 
+/// The peers a listener accepts, each with the link it is configured with.
+#[derive(Debug, Default)]
+pub(crate) struct AllowedPeers {
+    ids: Vec<SpiffeId>,
+    links: HashMap<SpiffeId, LinkParams>,
+}
+
+impl AllowedPeers {
+    /// The last entry wins for an identity listed twice.
+    pub(crate) fn new(peers: Vec<(SpiffeId, LinkParams)>) -> Self {
+        let mut links = HashMap::with_capacity(peers.len());
+        let mut ids = Vec::with_capacity(peers.len());
+        for (id, link) in peers {
+            if links.insert(id.clone(), link).is_none() {
+                ids.push(id);
+            }
+        }
+        Self { ids, links }
+    }
+
+    pub(crate) fn ids(&self) -> &[SpiffeId] {
+        &self.ids
+    }
+
+    pub(crate) fn link(&self, id: &SpiffeId) -> Option<LinkParams> {
+        self.links.get(id).copied()
+    }
+}
+
 /// Verifies client certificates on the accepting side: mandatory, chain + one of the
 /// configured peers.
 #[derive(Debug)]
 pub(crate) struct PeerClientVerifier {
     pub(crate) trust: Arc<TrustCore>,
-    pub(crate) allowed: Arc<RwLock<Vec<SpiffeId>>>,
+    pub(crate) allowed: Arc<RwLock<AllowedPeers>>,
 }
 
 impl ClientCertVerifier for PeerClientVerifier {
@@ -463,7 +503,7 @@ impl ClientCertVerifier for PeerClientVerifier {
             .verify_chain(end_entity, intermediates, now, KeyUsage::client_auth())
             .map_err(Refusal::into_tls)?;
         let allowed = self.allowed.read().unwrap_or_else(PoisonError::into_inner);
-        check_identity(&presented, &allowed).map_err(Refusal::into_tls)?;
+        check_identity(&presented, allowed.ids()).map_err(Refusal::into_tls)?;
         Ok(ClientCertVerified::assertion())
     }
 

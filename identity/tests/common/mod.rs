@@ -11,8 +11,8 @@ use std::time::{Duration, SystemTime};
 use isthmus_certs::{ClusterCa, IssuedCertificate, MeshRootCa, Validity};
 use isthmus_identity::{
     ChannelConfig, ChannelError, ChannelEvent, ChannelListener, ChannelTiming, ClusterName,
-    Established, GatewayId, GatewayName, MeshTrust, PeerChannel, PeerEndpoint, SpiffeId,
-    TrustDomain, TunnelParams,
+    Established, GatewayId, GatewayName, LinkParams, MeshTrust, PeerChannel, PeerEndpoint,
+    SpiffeId, TrustDomain, TunnelParams,
 };
 
 pub const DAY: Duration = Duration::from_secs(86_400);
@@ -87,6 +87,22 @@ pub fn params(n: u8) -> TunnelParams {
     }
 }
 
+/// Allowed peers, all on WireGuard links.
+pub fn wg(ids: Vec<SpiffeId>) -> Vec<(SpiffeId, LinkParams)> {
+    ids.into_iter()
+        .map(|id| (id, LinkParams::Wireguard))
+        .collect()
+}
+
+/// A WireGuard link to `id` at `addr`.
+pub fn endpoint(id: SpiffeId, addr: SocketAddr) -> PeerEndpoint {
+    PeerEndpoint {
+        id,
+        addr,
+        link: LinkParams::Wireguard,
+    }
+}
+
 pub fn timing() -> ChannelTiming {
     ChannelTiming {
         handshake_timeout: Duration::from_secs(5),
@@ -122,7 +138,7 @@ pub fn attempt(
     expect_server: SpiffeId,
 ) -> Attempt {
     let (stx, srx) = mpsc::channel();
-    let listener = ChannelListener::bind(server, "127.0.0.1:0".parse().unwrap(), allowed)
+    let listener = ChannelListener::bind(server, "127.0.0.1:0".parse().unwrap(), wg(allowed))
         .unwrap()
         .spawn(stx)
         .unwrap();
@@ -133,6 +149,7 @@ pub fn attempt(
         &PeerEndpoint {
             id: expect_server,
             addr: listen_addr,
+            link: LinkParams::Wireguard,
         },
         ctx,
     );
