@@ -22,7 +22,9 @@ for arg in "$@"; do
     esac
 done
 
-PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod)
+# etcd-server: the real etcd the clustermesh tests start; protobuf-compiler: protoc for
+# the tonic/prost build of clustermesh-api.
+PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod etcd-server protobuf-compiler)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() {
