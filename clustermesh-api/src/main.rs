@@ -18,7 +18,7 @@ const EX_USAGE: u8 = 64;
 #[command(version, about, long_about = None)]
 struct Args {
     /// Path of the TOML configuration file (to serve).
-    #[arg(short, long, value_name = "FILE", required_unless_present = "command")]
+    #[arg(short, long, value_name = "FILE")]
     config: Option<std::path::PathBuf>,
     /// Log filter (tracing EnvFilter syntax); RUST_LOG overrides it.
     #[arg(long, default_value = "info", value_name = "FILTER", global = true)]

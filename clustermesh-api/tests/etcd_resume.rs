@@ -3,14 +3,16 @@
 //! snapshot; changes made while the server was down are beyond its history, so the
 //! watcher is told to resync (explicitly) and gets a snapshot.
 
-mod support;
 #[path = "support/etcd.rs"]
 mod etcd_support;
+mod support;
 
 use etcd_support::EtcdCluster;
 use isthmus_clustermesh_api::model::key;
 use isthmus_clustermesh_api::pb::Kind;
-use isthmus_clustermesh_api::source::etcd::{self, EtcdObjectWriter, EtcdSourceConfig, EtcdWriterConfig};
+use isthmus_clustermesh_api::source::etcd::{
+    self, EtcdObjectWriter, EtcdSourceConfig, EtcdWriterConfig,
+};
 use isthmus_clustermesh_api::source::Publisher;
 use isthmus_clustermesh_api::store::{Store, DEFAULT_HISTORY};
 use support::*;
@@ -26,7 +28,10 @@ fn etcd_publisher(etcd: &EtcdCluster) -> Publisher {
 }
 
 /// Events until (and including) one matching `last`, skipping disconnects.
-async fn until(rx: &mut tokio::sync::mpsc::Receiver<isthmus_clustermesh_api::client::ClientEvent>, last: &str) -> Vec<String> {
+async fn until(
+    rx: &mut tokio::sync::mpsc::Receiver<isthmus_clustermesh_api::client::ClientEvent>,
+    last: &str,
+) -> Vec<String> {
     let mut seen = Vec::new();
     loop {
         let d = describe(&next(rx, 20).await);
@@ -47,8 +52,14 @@ async fn restarts_resume_when_nothing_was_missed_and_resync_when_history_is_gone
     let writer = EtcdObjectWriter::connect(EtcdWriterConfig::new(cn("b"), etcd.endpoints()))
         .await
         .expect("writer");
-    writer.put(&cluster_obj("b", 2, "100.64.2.0/24")).await.expect("put");
-    writer.put(&service_obj("b", "web", "x")).await.expect("put");
+    writer
+        .put(&cluster_obj("b", 2, "100.64.2.0/24"))
+        .await
+        .expect("put");
+    writer
+        .put(&service_obj("b", "web", "x"))
+        .await
+        .expect("put");
     let pki = Pki::new("m.test");
 
     let server = TestServer::start(&pki, etcd_publisher(&etcd), None).await;
@@ -64,7 +75,11 @@ async fn restarts_resume_when_nothing_was_missed_and_resync_when_history_is_gone
     assert_eq!(until(&mut rx, "connected").await, ["connected"]);
     // A change after the restart arrives as a delta on the resumed stream.
     writer.put(&service_obj("b", "db", "y")).await.expect("put");
-    assert_eq!(until(&mut rx, "upsert").await, ["upsert db"], "resumed, no snapshot");
+    assert_eq!(
+        until(&mut rx, "upsert").await,
+        ["upsert db"],
+        "resumed, no snapshot"
+    );
 
     // Down again; etcd changes while no server runs: the new server cannot replay
     // them (its history starts at its sync point), so it says so and resyncs.
@@ -84,5 +99,8 @@ async fn restarts_resume_when_nothing_was_missed_and_resync_when_history_is_gone
         ],
         "{resynced:?}"
     );
-    assert!(!resynced.iter().any(|e| e == "upsert web"), "web was deleted: {resynced:?}");
+    assert!(
+        !resynced.iter().any(|e| e == "upsert web"),
+        "web was deleted: {resynced:?}"
+    );
 }

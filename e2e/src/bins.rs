@@ -39,6 +39,14 @@ pub fn gateway() -> PathBuf {
     require("isthmus-gateway", GATEWAY_ENV)
 }
 
+/// Environment variable that overrides the path of `isthmus-clustermesh-api`.
+pub const CLUSTERMESH_API_ENV: &str = "ISTHMUS_CLUSTERMESH_API_BIN";
+
+/// Path of `isthmus-clustermesh-api`; panics with instructions if it is missing.
+pub fn clustermesh_api() -> PathBuf {
+    require("isthmus-clustermesh-api", CLUSTERMESH_API_ENV)
+}
+
 /// Path of `isthmusctl`; panics with instructions if it is missing.
 pub fn ctl() -> PathBuf {
     require("isthmusctl", CTL_ENV)

@@ -23,8 +23,8 @@ pub mod spiffe;
 pub mod svid;
 
 pub use channel::{
-    peer_id, should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener, ChannelTiming,
-    ControlMessage, EspCipher, EspKeyBlock, Established, LinkParams, ListenerHandle,
+    peer_id, should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener,
+    ChannelTiming, ControlMessage, EspCipher, EspKeyBlock, Established, LinkParams, ListenerHandle,
     ListenerLimits, ListenerStats, LocalCredentials, LossReason, MeshTls, MeshTrust, PeerChannel,
     PeerEndpoint, PeerLink, PeerPolicy, PeerSession, Refusal, Role, TunnelParams,
 };
