@@ -34,6 +34,22 @@ pub struct Status {
     /// mTLS channels to the peers configured by identity.
     #[serde(default)]
     pub channels: Vec<crate::mesh::ChannelStatus>,
+    /// Remote clusters learnt from the clustermesh API (details: `isthmusctl mesh clusters`).
+    #[serde(default)]
+    pub clusters: Vec<ClusterSummary>,
+}
+
+/// One remote cluster in `isthmusctl status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClusterSummary {
+    pub name: String,
+    /// `connecting`, `connected`, `stale` or `withdrawn`.
+    pub state: String,
+    pub revision: u64,
+    /// Seconds in that state.
+    pub state_secs: f64,
+    pub gateways: usize,
+    pub refusals: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -276,6 +292,7 @@ mod tests {
             esp_drops: None,
             peers: vec![],
             channels: vec![],
+            clusters: vec![],
         }
     }
 

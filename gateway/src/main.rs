@@ -156,6 +156,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     };
 
     let device = Arc::new(GatewayDevice {
+        watch: std::sync::OnceLock::new(),
         core,
         esp,
         mesh,
@@ -184,6 +185,9 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         )),
         _ => None,
     };
+    if let Some(w) = &watch {
+        let _ = device.watch.set(w.clone());
+    }
     let status_device = device.clone();
     let admin_watch = watch.clone();
     let admin = AdminServer::bind_with(
@@ -294,6 +298,8 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 /// What the UAPI and the admin socket see of the running gateway.
 struct GatewayDevice {
+    /// The clustermesh watch, set once it has started.
+    watch: std::sync::OnceLock<Arc<MeshWatch>>,
     core: Arc<WgCore>,
     esp: Option<Arc<EspCore>>,
     mesh: Option<Arc<MeshLinks>>,
@@ -362,6 +368,23 @@ impl GatewayDevice {
             esp_drops: self.esp.as_ref().map(|e| e.counters.snapshot().into()),
             peers,
             channels: self.mesh.as_ref().map(|m| m.status()).unwrap_or_default(),
+            clusters: self
+                .watch
+                .get()
+                .map(|w| {
+                    w.clusters()
+                        .into_iter()
+                        .map(|c| admin::ClusterSummary {
+                            name: c.name,
+                            state: c.state.name().to_string(),
+                            revision: c.revision,
+                            state_secs: c.state_secs,
+                            gateways: c.gateways.len(),
+                            refusals: c.refusals.len(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }

@@ -400,6 +400,24 @@ fn render_table(s: &Status) -> String {
     if rows.is_empty() {
         out += "(no peers)\n";
     }
+    if !s.clusters.is_empty() {
+        out += "\nremote clusters (clustermesh API; details: isthmusctl mesh clusters):\n";
+        for c in &s.clusters {
+            out += &format!(
+                "  {:<16} {:<10} for {:<8} revision {:<8} gateways {}{}\n",
+                c.name,
+                c.state,
+                age(Some(c.state_secs)),
+                c.revision,
+                c.gateways,
+                if c.refusals > 0 {
+                    format!("  refusals {}", c.refusals)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
     if !s.channels.is_empty() {
         out += "\nmTLS peer channels:\n";
         let name_w = s
@@ -420,6 +438,12 @@ fn render_table(s: &Status) -> String {
                     "up {} ({})",
                     ago(Some(secs)).replace(" ago", ""),
                     c.role.as_deref().unwrap_or("-")
+                ),
+                ("down", _) => format!(
+                    "down, tunnel kept {}",
+                    c.tunnel_expires_secs
+                        .map(|t| format!("for {}", age(Some(t))))
+                        .unwrap_or_default()
                 ),
                 (state, _) => state.to_string(),
             };
