@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Isthmus demo: a mesh of three clusters on this machine, in network namespaces,
-# keyed by identity only, with both tunnel kinds.
+# learnt from clustermesh API servers (no gateway config lists a peer), keyed by
+# identity only, with both tunnel kinds.
 #
 #   bash scripts/demo.sh           # build, run the demo, tear everything down
 #   bash scripts/demo.sh --keep    # same, but leave the mesh running until Enter
@@ -12,11 +13,15 @@
 #   RUN-wlc 100.64.3.2 --- 100.64.3.1 RUN-gwc 192.0.2.3 ---+
 #
 # A mesh CA (isthmusctl certs) issues each gateway a certificate with its SPIFFE ID
-# (spiffe://demo.isthmus/cluster/<c>/gateway/gw). The gateway configs hold no keys:
-# each gateway opens an mTLS channel (TCP 7443) to every peer, checks the peer's
-# identity, and keys the tunnel from it: a<->b and b<->c WireGuard, a<->c ESP in UDP
-# (AES-256-GCM, keys from the TLS exporter). Workloads reach each other only
-# through these tunnels.
+# (spiffe://demo.isthmus/cluster/<c>/gateway/gw) and each cluster's clustermesh API
+# server one (.../gateway/clustermesh-api). Each cluster runs isthmus-clustermesh-api
+# (TCP 7444, mTLS) publishing its cluster file (the embedded defaults below: its
+# prefix, its gateway, and for c a service "default/web"). The gateway configs name
+# only the other clusters' API servers: each gateway learns the remote gateways from
+# them, opens an mTLS channel (TCP 7443) to each, checks its identity, and keys the
+# tunnel from it: a<->b and b<->c WireGuard, a<->c ESP in UDP (AES-256-GCM, keys from
+# the TLS exporter), as the clusters' announced tunnel kinds decide. Workloads reach
+# each other only through these tunnels.
 #
 # Environment (for developing the script itself):
 #   DEMO_NETNS_ONLY=1         build only the namespaces and underlay, ping gateway to
@@ -70,6 +75,7 @@ die() {
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 GATEWAY_BIN=$TARGET_DIR/release/isthmus-gateway
 CTL_BIN=$TARGET_DIR/release/isthmusctl
+API_BIN=$TARGET_DIR/release/isthmus-clustermesh-api
 
 # --- setup and build (as the invoking user) -----------------------------------
 if [[ ${DEMO_PREPARED:-0} != 1 ]]; then
@@ -98,6 +104,7 @@ SITES=(a b c)
 declare -A IDX=([a]=1 [b]=2 [c]=3)
 TRUST_DOMAIN=demo.isthmus
 CHANNEL_PORT=7443
+API_PORT=7444
 WG_PORT=51820
 ESP_PORT=4500
 
@@ -109,6 +116,16 @@ link_kind() {
     esac
 }
 spiffe_id() { echo "spiffe://$TRUST_DOMAIN/cluster/$1/gateway/gw"; }
+# Tunnel kinds each cluster's gateway offers, preferred first. Two gateways use the
+# first kind of the one whose SPIFFE ID sorts first that the other also offers:
+# a-b wireguard, a-c esp, b-c wireguard (what link_kind says).
+mesh_kinds() {
+    case "$1" in
+        a) echo '"esp", "wireguard"' ;;
+        b) echo '"wireguard"' ;;
+        c) echo '"wireguard", "esp"' ;;
+    esac
+}
 
 while :; do
     ID=$(od -An -N2 -tx1 /dev/urandom | tr -d ' \n')
@@ -125,6 +142,7 @@ chmod 700 "$WORK"
 CA_DIR=$WORK/ca
 CREATED_NS=()
 declare -A GW_PID=()
+declare -A API_PID=()
 CAP_PID=""
 DONE=0
 
@@ -138,6 +156,7 @@ cleanup() {
     [[ -n $CAP_PID ]] && kill "$CAP_PID" 2>/dev/null
     local s pid ns i
     for s in "${!GW_PID[@]}"; do kill -TERM "${GW_PID[$s]}" 2>/dev/null; done
+    for s in "${!API_PID[@]}"; do kill -TERM "${API_PID[$s]}" 2>/dev/null; done
     for i in $(seq 1 30); do
         pid=""
         for s in "${!GW_PID[@]}"; do kill -0 "${GW_PID[$s]}" 2>/dev/null && pid=1; done
@@ -152,7 +171,7 @@ cleanup() {
     for s in "${SITES[@]}"; do
         rm -f "/var/run/wireguard/$(ifname "$s").sock" "/var/run/isthmus/$(ifname "$s").sock"
     done
-    info "stopped ${#GW_PID[@]} gateways, deleted ${#CREATED_NS[@]} namespaces ($RUN-*)"
+    info "stopped ${#GW_PID[@]} gateways and ${#API_PID[@]} API servers, deleted ${#CREATED_NS[@]} namespaces ($RUN-*)"
     if ((rc == 0)); then
         rm -rf "$WORK"
     else
@@ -257,6 +276,8 @@ for s in "${SITES[@]}"; do
     ctl certs issue --dir "$CA_DIR" cluster --cluster "$s"
     info "\$ isthmusctl certs issue --dir $CA_DIR gateway --cluster $s --name gw"
     ctl certs issue --dir "$CA_DIR" gateway --cluster "$s" --name gw
+    info "\$ isthmusctl certs issue --dir $CA_DIR gateway --cluster $s --name clustermesh-api"
+    ctl certs issue --dir "$CA_DIR" gateway --cluster "$s" --name clustermesh-api
 done
 gw_chain() { echo "$CA_DIR/clusters/$1/gateways/gw.pem"; }
 gw_key() { echo "$CA_DIR/clusters/$1/gateways/gw.key"; }
@@ -271,8 +292,33 @@ info "trust bundle (mesh root CA): $CA_DIR/bundle.pem"
 printf '\n   $ isthmusctl certs show %s   (certificates only: it never prints keys)\n' "$(gw_chain a)"
 "$CTL_BIN" certs show "$(gw_chain a)" 2>&1 | indent "     " || die "isthmusctl certs show failed"
 
-# --- gateway configs ---------------------------------------------------------------------
-heading "Gateway configs in $WORK: peers by identity, no keys at all"
+# --- cluster files, API servers, gateway configs ----------------------------------------
+heading "Cluster files and API server configs in $WORK: what each cluster publishes"
+for s in "${SITES[@]}"; do
+    i=${IDX[$s]}
+    {
+        printf '[cluster]\nname = "%s"\nid = %d\npod_prefixes = ["100.64.%d.0/24"]\n' "$s" "$i" "$i"
+        printf '\n[[gateways]]\nname = "gw"\nspiffe_id = "%s"\n' "$(spiffe_id "$s")"
+        printf 'channel_endpoint = "192.0.2.%d:%d"\n' "$i" "$CHANNEL_PORT"
+        printf 'kinds = [%s]\nesp_cipher = "aes256-gcm"\nesn = true\n' "$(mesh_kinds "$s")"
+        if [[ $s == c ]]; then
+            printf '\n[[services]]\nnamespace = "default"\nname = "web"\nglobal = true\n'
+            printf 'ports = [{ name = "http", port = 80 }]\n'
+            printf 'endpoints = [{ addresses = ["100.64.3.2"], ready = true }]\n'
+        fi
+    } >"$WORK/cluster-$s.toml"
+    {
+        printf 'listen = "192.0.2.%d:%d"\n' "$i" "$API_PORT"
+        printf '\n[tls]\ntrust_bundle = "%s"\n' "$CA_DIR/bundle.pem"
+        printf 'certificate = "%s"\n' "$CA_DIR/clusters/$s/gateways/clustermesh-api.pem"
+        printf 'private_key = "%s"\n' "$CA_DIR/clusters/$s/gateways/clustermesh-api.key"
+        printf '\n[source]\nkind = "file"\npath = "%s"\n' "$WORK/cluster-$s.toml"
+    } >"$WORK/api-$s.toml"
+done
+info "cluster file of c ($WORK/cluster-c.toml):"
+indent "      " <"$WORK/cluster-c.toml"
+
+heading "Gateway configs in $WORK: no peers, no keys; only where the other clusters' APIs are"
 for s in "${SITES[@]}"; do
     i=${IDX[$s]}
     {
@@ -283,22 +329,11 @@ for s in "${SITES[@]}"; do
         printf 'certificate = "%s"\n' "$(gw_chain "$s")"
         printf 'private_key = "%s"\n' "$(gw_key "$s")"
         printf 'listen = "192.0.2.%d:%d"\n' "$i" "$CHANNEL_PORT"
+        printf '\n[mesh]\nlocal_prefixes = ["100.64.%d.0/24"]\n' "$i"
+        printf 'kinds = [%s]\nesp_cipher = "aes256-gcm"\npersistent_keepalive = 25\n' "$(mesh_kinds "$s")"
         for p in "${SITES[@]}"; do
             [[ $p == "$s" ]] && continue
-            j=${IDX[$p]}
-            kind=$(link_kind "$s" "$p")
-            printf '\n[[peers]]\n'
-            printf 'name = "cluster-%s"\n' "$p"
-            printf 'kind = "%s"\n' "$kind"
-            printf 'spiffe_id = "%s"\n' "$(spiffe_id "$p")"
-            printf 'channel_endpoint = "192.0.2.%d:%d"\n' "$j" "$CHANNEL_PORT"
-            printf 'allowed_prefixes = ["100.64.%d.0/24"]\n' "$j"
-            if [[ $kind == wireguard ]]; then
-                printf 'persistent_keepalive = 25\n'
-            else
-                printf '[peers.esp]\n'
-                printf 'cipher = "aes256-gcm"\n'
-            fi
+            printf '\n[[mesh.clusters]]\nname = "%s"\napi = "192.0.2.%d:%d"\n' "$p" "${IDX[$p]}" "$API_PORT"
         done
     } >"$WORK/$s.toml"
 done
@@ -346,6 +381,13 @@ wait_socket() { # site socket-path
     show_log_tails
     die "gateway $s: no $sock after 15 s"
 }
+
+heading "Start isthmus-clustermesh-api in each gateway namespace"
+for s in "${SITES[@]}"; do
+    ip netns exec "$(ns_gw "$s")" "$API_BIN" --config "$WORK/api-$s.toml" >"$WORK/api$s.log" 2>&1 &
+    API_PID[$s]=$!
+    info "cluster $s: $API_BIN --config $WORK/api-$s.toml (pid ${API_PID[$s]}, log $WORK/api$s.log)"
+done
 
 heading "Start isthmus-gateway in each gateway namespace"
 for s in "${SITES[@]}"; do
@@ -401,6 +443,15 @@ for s in "${SITES[@]}"; do
     sed -n '/^mTLS peer channels:/,$p' <<<"$out" | tail -n +2 | indent
 done
 
+# --- what the gateways learnt ------------------------------------------------------------------
+heading "What gateway a learnt from the clustermesh APIs of b and c"
+printf '   $ isthmusctl mesh clusters --interface %s\n' "$(ifname a)"
+"$CTL_BIN" mesh clusters --interface "$(ifname a)" 2>&1 | indent "     " || die "isthmusctl mesh clusters failed"
+printf '\n   $ isthmusctl mesh services --interface %s\n' "$(ifname a)"
+"$CTL_BIN" mesh services --interface "$(ifname a)" 2>&1 | indent "     " || die "isthmusctl mesh services failed"
+"$CTL_BIN" mesh services --interface "$(ifname a)" --output json | grep -q '"100.64.3.2"' ||
+    die "gateway a did not learn c's service default/web"
+
 # --- pings -------------------------------------------------------------------------------------
 heading "Ping every workload from every other workload (through the tunnels)"
 FAILED=0
@@ -453,27 +504,29 @@ kill -TERM "$CAP_PID" 2>/dev/null || true
 wait "$CAP_PID" 2>/dev/null || true
 CAP_PID=""
 # tshark decodes UDP 51820 as WireGuard and UDP 4500 as ESP in UDP (RFC 3948) by
-# default; "-d" has it decode the peer channel on TCP 7443 as TLS.
-TLS=(-d "tcp.port==$CHANNEL_PORT,tls")
+# default; "-d" has it decode the peer channel (TCP 7443) and the clustermesh API
+# (TCP 7444) as TLS.
+TLS=(-d "tcp.port==$CHANNEL_PORT,tls" -d "tcp.port==$API_PORT,tls")
 ts() { tshark -r "$CAP" "${TLS[@]}" "$@" 2>>"$WORK/tshark.log"; }
 ts_failed() { die "tshark failed: $(grep -v 'Running as user' "$WORK/tshark.log" | tail -n 3)"; }
 
 F_WG="udp.port == $WG_PORT and wg"
 F_ESP="udp.port == $ESP_PORT and esp"
-F_TLS="tcp.port == $CHANNEL_PORT"
+F_TLS="(tcp.port == $CHANNEL_PORT or tcp.port == $API_PORT)"
 F_OTHER="not (($F_WG) or ($F_ESP) or $F_TLS)"
 between() { echo "ip.addr == 192.0.2.${IDX[$1]} and ip.addr == 192.0.2.${IDX[$2]} and not icmp"; }
 
 # One tshark pass counts the packets that match each filter (io,stat over one interval).
 COUNTS=(
     total "frame"
-    icmp "(icmp or icmpv6) and (wg or esp or tcp.port == $CHANNEL_PORT)"
+    icmp "(icmp or icmpv6) and (wg or esp or $F_TLS)"
     wg1 "$F_WG and wg.type == 1 and not icmp"
     wg2 "$F_WG and wg.type == 2 and not icmp"
     wg3 "$F_WG and wg.type == 3 and not icmp"
     wg4 "$F_WG and wg.type == 4 and not icmp"
     esp "$F_ESP and not icmp"
-    tls "$F_TLS and not icmp"
+    tls "tcp.port == $CHANNEL_PORT and not icmp"
+    api "tcp.port == $API_PORT and not icmp"
     # The TLS version each channel handshake settled on (Server Hello, supported_versions).
     hello "tls.handshake.type == 2"
     tls13 "tls.handshake.type == 2 and tls.handshake.extensions.supported_version == 0x0304"
@@ -498,7 +551,8 @@ done
 info "IP packets captured on the underlay: ${N[total]}"
 info "WireGuard (udp $WG_PORT): handshake initiation ${N[wg1]}, handshake response ${N[wg2]}, cookie reply ${N[wg3]}, transport data ${N[wg4]}"
 info "ESP in UDP (udp $ESP_PORT): ${N[esp]} packets"
-info "TLS peer channel (tcp $CHANNEL_PORT): ${N[tls]} packets, ${N[hello]} handshakes, ${N[tls13]} of them TLS 1.3"
+info "TLS peer channel (tcp $CHANNEL_PORT): ${N[tls]} packets; clustermesh API (tcp $API_PORT, gRPC over mTLS): ${N[api]} packets"
+info "TLS handshakes on both: ${N[hello]}, ${N[tls13]} of them TLS 1.3"
 if ((N[icmp] > 0)); then
     info "ICMP errors: ${N[icmp]} (they quote a tunnel packet sent before its peer gateway was listening)"
 fi
@@ -513,11 +567,11 @@ done < <(awk '{
         d = $1 " " $2
         seen[d] = 1
         k = p ~ /:icmp/ ? "ICMP" : p ~ /:udp:wg$/ ? "WireGuard" : p ~ /:udp:udpencap:esp$/ ? "ESP" \
-            : p ~ /:tcp/ ? "TLS-channel" : "other"
+            : p ~ /:tcp/ ? "TLS" : "other"
         n[d, k]++
     }
     END {
-        split("WireGuard ESP TLS-channel ICMP other", order, " ")
+        split("WireGuard ESP TLS ICMP other", order, " ")
         for (d in seen) {
             s = d
             for (i = 1; i <= 5; i++) if ((d, order[i]) in n) s = s sprintf("  %-11s %5d", order[i], n[d, order[i]])
@@ -556,11 +610,11 @@ others=$(ts -Y "$F_OTHER") || ts_failed
 other=$(grep -c . <<<"$others" || true)
 info "\$ tshark -r underlay.pcap -Y '$F_OTHER' | wc -l   -> $other"
 if ((other != 0)); then
-    info "packets that are none of WireGuard, ESP in UDP, the TLS peer channel:"
+    info "packets that are none of WireGuard, ESP in UDP, the TLS peer channel or API:"
     head -n 10 <<<"$others" | indent "     "
-    die "the underlay carried $other packets that are not WireGuard, ESP or the TLS peer channel"
+    die "the underlay carried $other packets that are not WireGuard, ESP, the TLS peer channel or the TLS clustermesh API"
 fi
-info "=> between the gateways there was only WireGuard, ESP and TLS 1.3: nothing crossed the underlay in clear"
+info "=> between the gateways there was only WireGuard, ESP and TLS 1.3 (peer channel, clustermesh API): nothing crossed the underlay in clear"
 
 # --- status ---------------------------------------------------------------------------------------
 heading "Gateway status (isthmusctl): peers, ESP SPIs and sequence numbers, mTLS channels"
