@@ -53,6 +53,9 @@ impl Default for ClientOptions {
 }
 
 /// What a watch task reports, in order, for one cluster.
+// Almost every value is an `Event`: boxing it would add an allocation per event to
+// shrink the rare variants.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientEvent {
     /// A stream is open to the cluster's server (which presented `server`).
