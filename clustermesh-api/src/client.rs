@@ -19,6 +19,9 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
+/// Largest watch event a client decodes.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
 /// Where a remote cluster's API server is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WatchTarget {
@@ -258,7 +261,8 @@ async fn watch_once(
         .unwrap_or_else(|e| e.into_inner())
         .clone()
         .ok_or("the server presented no SPIFFE ID")?;
-    let mut client = ClusterMeshClient::new(channel);
+    // One event is one object (the reducer refuses objects over 64 KiB anyway).
+    let mut client = ClusterMeshClient::new(channel).max_decoding_message_size(MAX_EVENT_BYTES);
     let request = WatchRequest {
         epoch: resume.epoch,
         revision: resume.revision,

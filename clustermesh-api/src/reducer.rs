@@ -33,6 +33,29 @@ pub struct ReducerConfig {
     pub withdraw_after: Duration,
     /// Refusals remembered per cluster.
     pub max_refusals: usize,
+    /// The address space remote clusters may announce; a prefix outside every one of
+    /// these is refused. The default is the private, shared (CGNAT) and unique-local
+    /// ranges: a remote cluster can never claim public space, the default route,
+    /// loopback, link-local or multicast.
+    pub remote_space: Vec<IpPrefix>,
+    /// Objects held per remote cluster; further new keys are refused.
+    pub max_objects_per_cluster: usize,
+    /// Largest encoded object accepted.
+    pub max_object_bytes: usize,
+}
+
+/// The default [`ReducerConfig::remote_space`].
+pub fn default_remote_space() -> Vec<IpPrefix> {
+    [
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",
+        "fc00::/7",
+    ]
+    .iter()
+    .filter_map(|p| p.parse().ok())
+    .collect()
 }
 
 impl Default for ReducerConfig {
@@ -40,9 +63,33 @@ impl Default for ReducerConfig {
         Self {
             withdraw_after: Duration::from_secs(300),
             max_refusals: 16,
+            remote_space: default_remote_space(),
+            max_objects_per_cluster: 100_000,
+            max_object_bytes: 64 * 1024,
         }
     }
 }
+
+/// A refusal reason safe to store and print: control characters escaped, at most
+/// [`MAX_REASON_CHARS`] characters.
+pub fn sanitize_reason(reason: &str) -> String {
+    let mut out = String::new();
+    for c in reason.chars() {
+        if out.chars().count() >= MAX_REASON_CHARS {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Longest refusal reason kept.
+pub const MAX_REASON_CHARS: usize = 256;
 
 /// A remote cluster's liveness.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +138,9 @@ struct RemoteCluster {
     marks: Option<BTreeSet<ObjectKey>>,
     refusals: VecDeque<RefusalNote>,
     last_disconnect: Option<String>,
+    /// The uid of the latest refused version of a key whose older version is kept: a
+    /// delete of that uid removes the key.
+    refused_uids: BTreeMap<ObjectKey, String>,
 }
 
 impl RemoteCluster {
@@ -108,6 +158,7 @@ impl RemoteCluster {
             marks: None,
             refusals: VecDeque::new(),
             last_disconnect: None,
+            refused_uids: BTreeMap::new(),
         }
     }
 
@@ -187,6 +238,9 @@ pub struct ClusterStatus {
     pub refusals: Vec<RefusalNote>,
     /// Why the last stream ended.
     pub last_disconnect: Option<String>,
+    /// Why the cluster is not routed although it is synced (an overlap found now).
+    #[serde(default)]
+    pub conflict: Option<String>,
 }
 
 /// An endpoint of an imported service.
@@ -291,6 +345,7 @@ impl MeshView {
     }
 
     fn refuse(&mut self, cluster: &ClusterName, reason: String) {
+        let reason = sanitize_reason(&reason);
         tracing::warn!(%cluster, %reason, "clustermesh: refused");
         let max = self.config.max_refusals;
         if let Some(c) = self.clusters.get_mut(cluster) {
@@ -325,7 +380,7 @@ impl MeshView {
         let Some(c) = self.clusters.get_mut(cluster) else {
             return Applied::default();
         };
-        c.last_disconnect = Some(reason.to_string());
+        c.last_disconnect = Some(sanitize_reason(reason));
         // A snapshot that did not finish sweeps nothing.
         c.marks = None;
         if c.liveness == Liveness::Connected {
@@ -390,7 +445,10 @@ impl MeshView {
                     return Applied::default();
                 };
                 c.revision = c.revision.max(d.revision);
-                let matches = c.objects.get(&key).is_some_and(|o| o.uid == d.uid);
+                let refused_version = c.refused_uids.get(&key) == Some(&d.uid);
+                let matches =
+                    refused_version || c.objects.get(&key).is_some_and(|o| o.uid == d.uid);
+                c.refused_uids.remove(&key);
                 if !matches {
                     tracing::debug!(%cluster, key = %KeyDisplay(&key), "delete of another uid ignored");
                     return Applied::default();
@@ -450,6 +508,17 @@ impl MeshView {
     }
 
     fn upsert(&mut self, cluster: &ClusterName, epoch: u64, obj: Object, now: Instant) -> Applied {
+        let size = prost::Message::encoded_len(&obj);
+        if size > self.config.max_object_bytes {
+            self.refuse(
+                cluster,
+                format!(
+                    "an object of {size} bytes (limit {})",
+                    self.config.max_object_bytes
+                ),
+            );
+            return Applied::default();
+        }
         if let Err(e) = check_object(cluster, &obj) {
             self.refuse(cluster, e.to_string());
             return Applied::default();
@@ -457,10 +526,36 @@ impl MeshView {
         let Some(key) = obj.key.clone() else {
             return Applied::default();
         };
+        let held = self.clusters.get(cluster).map_or(0, |c| c.objects.len());
+        let known = self
+            .clusters
+            .get(cluster)
+            .is_some_and(|c| c.objects.contains_key(&key));
+        if !known && held >= self.config.max_objects_per_cluster {
+            let first = self.clusters.get(cluster).is_some_and(|c| {
+                !c.refusals
+                    .iter()
+                    .any(|r| r.reason.starts_with("object limit"))
+            });
+            if first {
+                self.refuse(
+                    cluster,
+                    format!(
+                        "object limit: the cluster holds {held} objects (limit {}); new ones are refused",
+                        self.config.max_objects_per_cluster
+                    ),
+                );
+            }
+            return Applied::default();
+        }
         if let Some(reason) = self.authorize(cluster, &obj) {
             self.refuse(cluster, reason);
-            // Still marked: a refused update must not sweep the accepted version.
+            // Still marked: a refused update must not sweep the accepted version; but a
+            // delete of the refused version's uid removes the key.
             if let Some(c) = self.clusters.get_mut(cluster) {
+                if c.objects.contains_key(&key) {
+                    c.refused_uids.insert(key.clone(), obj.uid.clone());
+                }
                 if let Some(m) = c.marks.as_mut() {
                     m.insert(key);
                 }
@@ -470,6 +565,7 @@ impl MeshView {
         let Some(c) = self.clusters.get_mut(cluster) else {
             return Applied::default();
         };
+        c.refused_uids.remove(&key);
         if epoch == c.epoch {
             c.revision = c.revision.max(obj.revision);
         }
@@ -494,6 +590,18 @@ impl MeshView {
             Body::Cluster(spec) => {
                 let mut prefixes = parse_prefixes(&spec.pod_prefixes).ok()?;
                 prefixes.extend(parse_prefixes(&spec.service_prefixes).ok()?);
+                for p in &prefixes {
+                    let inside = self
+                        .config
+                        .remote_space
+                        .iter()
+                        .any(|space| space.len() <= p.len() && space.contains(p.addr()));
+                    if !inside {
+                        return Some(format!(
+                            "cluster {cluster} announces {p}, outside the space remote clusters may use"
+                        ));
+                    }
+                }
                 for (other, oc) in &self.clusters {
                     let same_id = oc.spec(other).is_some_and(|os| os.id == spec.id);
                     if other != cluster && oc.liveness != Liveness::Withdrawn && same_id {
@@ -547,8 +655,18 @@ impl MeshView {
         }
     }
 
-    /// The routed remote clusters (synced, not withdrawn, with an accepted cluster object).
+    /// The routed remote clusters (synced, not withdrawn, with an accepted cluster
+    /// object), minus every cluster in conflict (see [`MeshView::conflicts`]).
     pub fn routes(&self) -> Vec<ClusterRoute> {
+        let candidates = self.candidates();
+        let conflicts = conflicts_of(&candidates, &self.local_prefixes);
+        candidates
+            .into_iter()
+            .filter(|r| !conflicts.contains_key(&r.name))
+            .collect()
+    }
+
+    fn candidates(&self) -> Vec<ClusterRoute> {
         let mut out = Vec::new();
         for (name, c) in &self.clusters {
             if !c.routed() {
@@ -568,9 +686,20 @@ impl MeshView {
         out
     }
 
+    /// Routed clusters that are left out of [`MeshView::routes`], with the reason: two
+    /// clusters whose prefixes or ids overlap (both are left out: traffic for contested
+    /// space is dropped rather than sent to whoever announced last or first), a prefix
+    /// overlapping this cluster's, or a prefix that holds a gateway's channel endpoint
+    /// (its tunnel would carry itself). Checked on every call, so a cluster that comes
+    /// back from `withdrawn` is checked against what was accepted meanwhile.
+    pub fn conflicts(&self) -> BTreeMap<String, String> {
+        conflicts_of(&self.candidates(), &self.local_prefixes)
+    }
+
     /// Every tracked cluster, for status output.
     pub fn clusters(&self, now: Instant) -> Vec<ClusterStatus> {
         let age = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_secs_f64());
+        let conflicts = self.conflicts();
         self.clusters
             .iter()
             .map(|(name, c)| {
@@ -581,6 +710,7 @@ impl MeshView {
                     prefixes.extend(s.service_prefixes.iter().cloned());
                 }
                 ClusterStatus {
+                    conflict: conflicts.get(name.as_str()).cloned(),
                     name: name.to_string(),
                     state: c.liveness,
                     state_secs: now.saturating_duration_since(c.since).as_secs_f64(),
@@ -604,8 +734,9 @@ impl MeshView {
     /// the clusters that share them.
     pub fn services(&self) -> Vec<ServiceImport> {
         let mut imports: BTreeMap<(String, String), ServiceImport> = BTreeMap::new();
+        let conflicts = self.conflicts();
         for (name, c) in &self.clusters {
-            if !c.routed() {
+            if !c.routed() || conflicts.contains_key(name.as_str()) {
                 continue;
             }
             for obj in c.objects.values() {
@@ -664,6 +795,84 @@ impl MeshView {
         }
         imports.into_values().collect()
     }
+}
+
+/// See [`MeshView::conflicts`].
+fn conflicts_of(candidates: &[ClusterRoute], local: &[IpPrefix]) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = BTreeMap::new();
+    let mut mark = |name: &str, why: String| {
+        out.entry(name.to_string()).or_insert(why);
+    };
+    // Sort every (prefix, owner) by family and address: a prefix overlaps another only
+    // if one contains the other, so a stack of the prefixes that contain the current
+    // one finds every overlap in one pass.
+    let mut all: Vec<(IpPrefix, Option<usize>)> = local.iter().map(|p| (*p, None)).collect();
+    for (i, r) in candidates.iter().enumerate() {
+        all.extend(r.prefixes.iter().map(|p| (*p, Some(i))));
+    }
+    let sort_key = |p: &IpPrefix| {
+        let (v6, bits) = match p.addr() {
+            std::net::IpAddr::V4(a) => (false, u128::from(u32::from(a))),
+            std::net::IpAddr::V6(a) => (true, u128::from(a)),
+        };
+        (v6, bits, p.len())
+    };
+    all.sort_by_key(|(p, _)| sort_key(p));
+    let name = |o: Option<usize>| {
+        o.map_or_else(
+            || "this cluster".to_string(),
+            |i| format!("cluster {}", candidates[i].name),
+        )
+    };
+    let mut open: Vec<(IpPrefix, Option<usize>)> = Vec::new();
+    for (p, owner) in all {
+        while open
+            .last()
+            .is_some_and(|(q, _)| !q.contains(p.addr()) || q.addr().is_ipv4() != p.addr().is_ipv4())
+        {
+            open.pop();
+        }
+        for (q, other) in &open {
+            if *other == owner {
+                continue;
+            }
+            let why = format!("{p} ({}) overlaps {q} ({})", name(owner), name(*other));
+            for o in [owner, *other].into_iter().flatten() {
+                mark(&candidates[o].name, why.clone());
+            }
+        }
+        open.push((p, owner));
+    }
+    for (i, a) in candidates.iter().enumerate() {
+        for b in &candidates[i + 1..] {
+            if a.id == b.id {
+                let why = format!(
+                    "clusters {} and {} both announce cluster id {}",
+                    a.name, b.name, a.id
+                );
+                mark(&a.name, why.clone());
+                mark(&b.name, why);
+            }
+        }
+        for r in candidates {
+            for g in &r.gateways {
+                if let Some(p) = a
+                    .prefixes
+                    .iter()
+                    .find(|p| p.contains(g.channel_endpoint.ip()))
+                {
+                    mark(
+                        &a.name,
+                        format!(
+                            "{p} of cluster {} holds the channel endpoint of {}",
+                            a.name, g.spiffe_id
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    out
 }
 
 fn routing_kind(key: &ObjectKey) -> bool {

@@ -80,6 +80,7 @@ impl Fixture {
                 ReducerConfig {
                     withdraw_after: Duration::from_secs(30),
                     max_refusals: 4,
+                    ..ReducerConfig::default()
                 },
             ),
             t0: Instant::now(),
@@ -451,5 +452,180 @@ fn services_carry_the_endpoints_of_sharing_clusters() {
     assert_eq!(
         backends,
         [("b", "100.64.2.10", true), ("c", "100.64.3.10", false)]
+    );
+}
+
+// ---- found by a security review (each failed before its fix) ----
+
+#[test]
+fn a_withdrawn_cluster_that_comes_back_is_checked_again() {
+    let mut f = Fixture::new();
+    f.snapshot(
+        "b",
+        1,
+        5,
+        vec![cluster_obj("b", 2, "100.64.2.0/24", "u")],
+        0,
+    );
+    let b = name("b");
+    f.view.disconnected(&b, "api down", f.at(1));
+    f.view.tick(f.at(40)); // stale for > 30 s: withdrawn
+    assert_eq!(f.status("b", 40).state, Liveness::Withdrawn);
+    // While b is withdrawn, c grabs a more specific part of b's prefix.
+    f.snapshot(
+        "c",
+        1,
+        5,
+        vec![cluster_obj("c", 3, "100.64.2.128/25", "u")],
+        41,
+    );
+    // b's API comes back and resumes (no snapshot): its old cluster object is
+    // routed again without being checked against c.
+    f.view.connected(&b, server("b"), f.at(42));
+    let routes = f.view.routes();
+    let mut all: Vec<(String, IpPrefix)> = Vec::new();
+    for r in &routes {
+        for p in &r.prefixes {
+            all.push((r.name.clone(), *p));
+        }
+    }
+    for (i, (n1, p1)) in all.iter().enumerate() {
+        for (n2, p2) in &all[i + 1..] {
+            assert!(
+                n1 == n2 || !(p1.contains(p2.addr()) || p2.contains(p1.addr())),
+                "two routed clusters overlap: {n1} {p1} and {n2} {p2}"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_delete_of_the_refused_uid_removes_the_key() {
+    let mut f = Fixture::new();
+    f.snapshot(
+        "b",
+        1,
+        5,
+        vec![cluster_obj("b", 2, "100.64.2.0/24", "u1")],
+        0,
+    );
+    let b = name("b");
+    // The server replaces b's cluster object (uid u2) with one the gateway refuses…
+    f.view.apply(
+        &b,
+        ev(1, Event::Upsert(cluster_obj("b", 2, "100.64.1.0/24", "u2"))),
+        f.at(1),
+    );
+    // …and then deletes it: the server holds no cluster object for b any more.
+    f.view.apply(
+        &b,
+        ev(
+            1,
+            Event::Delete(Delete {
+                key: Some(key("b", Kind::Cluster, "", "b")),
+                uid: "u2".into(),
+                revision: 7,
+            }),
+        ),
+        f.at(2),
+    );
+    assert!(
+        f.route_names().is_empty(),
+        "b's deleted cluster object still routes {:?}",
+        f.view.routes()
+    );
+}
+
+#[test]
+fn refusal_reasons_are_bounded_and_printable() {
+    let mut f = Fixture::new();
+    f.snapshot(
+        "b",
+        1,
+        5,
+        vec![cluster_obj("b", 2, "100.64.2.0/24", "u")],
+        0,
+    );
+    let b = name("b");
+    let mut evil = cluster_obj("b", 2, "100.64.2.0/24", "u");
+    evil.key = Some(key(
+        &format!(
+            "\u{1b}]52;c;cm0gLXJmIH4K\u{7}\u{1b}[2J{}",
+            "x".repeat(1 << 20)
+        ),
+        Kind::Cluster,
+        "",
+        "b",
+    ));
+    f.view.apply(&b, ev(1, Event::Upsert(evil)), f.at(1));
+    let s = f.status("b", 1);
+    let r = &s.refusals.last().expect("refused").reason;
+    assert!(
+        !r.chars().any(|c| c.is_control()),
+        "control characters in {:?}",
+        &r[..64]
+    );
+    assert!(r.len() <= 4096, "refusal reason of {} bytes", r.len());
+}
+
+#[test]
+fn objects_per_cluster_are_bounded() {
+    let mut f = Fixture::new();
+    f.snapshot(
+        "b",
+        1,
+        5,
+        vec![cluster_obj("b", 2, "100.64.2.0/24", "u")],
+        0,
+    );
+    let b = name("b");
+    for i in 0..300_000u64 {
+        f.view.apply(
+            &b,
+            ev(
+                1,
+                Event::Upsert(service_obj("b", &format!("s{i}"), "u", 10 + i)),
+            ),
+            f.at(1),
+        );
+    }
+    assert!(
+        f.status("b", 1).objects < 300_000,
+        "a server can make the gateway hold any number of objects"
+    );
+}
+
+#[test]
+fn a_remote_cluster_cannot_claim_non_mesh_space() {
+    // 128.0.0.0/1 overlaps neither the local prefix nor another cluster: today it is
+    // accepted and the gateway runs `ip route replace 128.0.0.0/1 dev <tun>`.
+    let mut f = Fixture::new();
+    f.snapshot("b", 1, 5, vec![cluster_obj("b", 2, "128.0.0.0/1", "u")], 0);
+    assert!(f.route_names().is_empty(), "{:?}", f.view.routes());
+}
+
+#[test]
+fn a_prefix_holding_a_gateway_channel_endpoint_is_not_routed() {
+    let mut f = Fixture::new();
+    // c announces the underlay range where b's gateway listens: its tunnel would carry
+    // b's channel (and itself).
+    f.snapshot(
+        "b",
+        1,
+        5,
+        vec![
+            cluster_obj("b", 2, "100.64.2.0/24", "u"),
+            gateway_obj("b", "gw1", "10.9.0.2:7443"),
+        ],
+        0,
+    );
+    f.snapshot("c", 1, 5, vec![cluster_obj("c", 3, "10.9.0.0/16", "u")], 1);
+    assert_eq!(f.route_names(), ["b"]);
+    let c = f.status("c", 1);
+    assert!(
+        c.conflict
+            .as_deref()
+            .is_some_and(|r| r.contains("channel endpoint")),
+        "{c:?}"
     );
 }

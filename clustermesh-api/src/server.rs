@@ -14,6 +14,7 @@ use crate::pb::{
 };
 use crate::source::Publisher;
 use crate::store::{Change, ResumeAnswer, Store};
+use isthmus_identity::channel::{HandshakeSlots, ListenerLimits};
 use isthmus_identity::{peer_id, SpiffeId};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,7 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc, watch, Semaphore};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
@@ -39,6 +40,12 @@ pub struct ServerOptions {
     pub handshake_timeout: Duration,
     /// Most TLS handshakes in progress at once.
     pub max_handshakes: usize,
+    /// Most TLS handshakes in progress from one source address.
+    pub max_handshakes_per_source: usize,
+    /// Most concurrent watch streams of one client identity.
+    pub max_watchers_per_identity: usize,
+    /// A stream whose client has not taken an event for this long is dropped.
+    pub send_timeout: Duration,
     /// Most concurrent watch streams.
     pub max_watchers: usize,
     /// Events buffered per stream before the server waits for the client.
@@ -51,6 +58,9 @@ impl Default for ServerOptions {
             bookmark_interval: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
             max_handshakes: 64,
+            max_handshakes_per_source: 8,
+            max_watchers_per_identity: 8,
+            send_timeout: Duration::from_secs(30),
             max_watchers: 4096,
             stream_buffer: 1024,
         }
@@ -136,6 +146,7 @@ pub struct ClusterMeshService {
     options: ServerOptions,
     stats: Arc<ServerStats>,
     stop: watch::Receiver<bool>,
+    per_identity: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
 }
 
 impl ClusterMeshService {
@@ -146,6 +157,7 @@ impl ClusterMeshService {
             options,
             stats: Arc::new(ServerStats::default()),
             stop: watch::channel(false).1,
+            per_identity: Arc::default(),
         }
     }
 
@@ -196,9 +208,18 @@ pub fn jittered(mean: Duration) -> Duration {
 
 type Tx = mpsc::Sender<Result<WatchEvent, Status>>;
 
-async fn send_all(tx: &Tx, events: Vec<WatchEvent>) -> bool {
+/// Sends one event; false when the client is gone or has not taken events for
+/// `timeout` (a stalled client must not hold its snapshot and slot forever).
+async fn send(tx: &Tx, event: WatchEvent, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, tx.send(Ok(event))).await,
+        Ok(Ok(()))
+    )
+}
+
+async fn send_all(tx: &Tx, events: Vec<WatchEvent>, timeout: Duration) -> bool {
     for e in events {
-        if tx.send(Ok(e)).await.is_err() {
+        if !send(tx, e, timeout).await {
             return false;
         }
     }
@@ -265,7 +286,7 @@ async fn stream_watch(
             }
             (out, live, store.epoch(), store.revision())
         };
-        if !send_all(&tx, initial).await {
+        if !send_all(&tx, initial, options.send_timeout).await {
             return;
         }
         loop {
@@ -278,7 +299,7 @@ async fn stream_watch(
                             continue;
                         }
                         last = change.revision();
-                        if tx.send(Ok(change_event(epoch, &change))).await.is_err() {
+                        if !send(&tx, change_event(epoch, &change), options.send_timeout).await {
                             return;
                         }
                     }
@@ -290,7 +311,7 @@ async fn stream_watch(
                 },
                 _ = bookmark => {
                     let b = event(epoch, Event::Bookmark(Bookmark { revision: last }));
-                    if tx.send(Ok(b)).await.is_err() {
+                    if !send(&tx, b, options.send_timeout).await {
                         return;
                     }
                 }
@@ -301,11 +322,22 @@ async fn stream_watch(
     }
 }
 
-struct WatcherGuard(Arc<ServerStats>);
+struct WatcherGuard {
+    stats: Arc<ServerStats>,
+    per_identity: Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>,
+    who: String,
+}
 
 impl Drop for WatcherGuard {
     fn drop(&mut self) {
-        self.0.watchers.fetch_sub(1, Ordering::Relaxed);
+        self.stats.watchers.fetch_sub(1, Ordering::Relaxed);
+        let mut map = self.per_identity.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.who);
+            }
+        }
     }
 }
 
@@ -323,9 +355,24 @@ impl ClusterMesh for ClusterMeshService {
             .and_then(|p| p.id.clone())
             .map_or_else(|| "unauthenticated".to_string(), |id| id.to_string());
         let open = self.stats.watchers.fetch_add(1, Ordering::Relaxed);
-        let guard = WatcherGuard(self.stats.clone());
+        let mine = {
+            let mut map = self.per_identity.lock().unwrap_or_else(|e| e.into_inner());
+            let n = map.entry(who.clone()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let guard = WatcherGuard {
+            stats: self.stats.clone(),
+            per_identity: self.per_identity.clone(),
+            who: who.clone(),
+        };
         if open >= self.options.max_watchers {
             return Err(Status::resource_exhausted("too many watch streams"));
+        }
+        if mine > self.options.max_watchers_per_identity {
+            return Err(Status::resource_exhausted(
+                "too many watch streams from this identity",
+            ));
         }
         self.stats.watches.fetch_add(1, Ordering::Relaxed);
         let req = request.into_inner();
@@ -344,8 +391,22 @@ impl ClusterMesh for ClusterMeshService {
     }
 }
 
+struct SlotGuard {
+    slots: Arc<std::sync::Mutex<HandshakeSlots>>,
+    source: std::net::IpAddr,
+}
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .release(self.source);
+    }
+}
+
 /// Accepts TCP connections, runs the TLS handshake under a deadline and a concurrency
-/// cap, and yields authenticated connections.
+/// cap (in total and per source address), and yields authenticated connections.
 pub fn mtls_incoming(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -355,7 +416,10 @@ pub fn mtls_incoming(
 ) -> ReceiverStream<Result<MtlsConn, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(options.max_handshakes.max(1)));
+    let slots = Arc::new(std::sync::Mutex::new(HandshakeSlots::new(ListenerLimits {
+        max_handshakes: options.max_handshakes.max(1),
+        max_handshakes_per_source: options.max_handshakes_per_source.max(1),
+    })));
     let timeout = options.handshake_timeout;
     tokio::spawn(async move {
         loop {
@@ -372,10 +436,18 @@ pub fn mtls_incoming(
                     continue;
                 }
             };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let admitted = slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(remote.ip());
+            if let Err(over) = admitted {
                 stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(%remote, "too many handshakes in progress; connection dropped");
+                tracing::warn!(%remote, ?over, "too many handshakes in progress; connection dropped");
                 continue;
+            }
+            let permit = SlotGuard {
+                slots: slots.clone(),
+                source: remote.ip(),
             };
             let acceptor = acceptor.clone();
             let tx = tx.clone();

@@ -202,3 +202,53 @@ async fn a_server_of_another_cluster_or_a_client_of_another_mesh_is_refused() {
         ClientEvent::Disconnected { .. }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_cannot_take_every_watch_slot() {
+    let pki = Pki::new("m.test");
+    let publisher = publisher("b", 61);
+    publisher
+        .upsert(cluster_obj("b", 2, "100.64.2.0/24"))
+        .expect("ok");
+    publisher.mark_synced(0);
+    let server = TestServer::start(&pki, publisher, None).await;
+    let tls = isthmus_identity::MeshTls::new(pki.gateway("a", "gw"), &pki.trust()).expect("tls");
+    let client_tls = tls
+        .client_config(
+            isthmus_identity::PeerPolicy::GatewayOfCluster(pki.td.clone(), cn("b")),
+            isthmus_clustermesh_api::ALPN,
+        )
+        .expect("client config");
+    let mut handles = Vec::new();
+    let mut refused = 0;
+    for _ in 0..10 {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        handles.push(isthmus_clustermesh_api::client::spawn_watch(
+            isthmus_clustermesh_api::client::WatchTarget {
+                cluster: cn("b"),
+                endpoint: server.addr,
+            },
+            client_tls.clone(),
+            Default::default(),
+            tx,
+        ));
+        match next(&mut rx, 10).await {
+            ClientEvent::Connected { .. } => {
+                // Keep it open: the receiver goes with the handle's stream.
+                std::mem::forget(rx);
+            }
+            ClientEvent::Disconnected { reason, .. } => {
+                assert!(reason.contains("from this identity"), "{reason}");
+                refused += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        refused, 2,
+        "8 streams per identity, the 9th and 10th refused"
+    );
+    // Another identity still gets in.
+    let (_w, mut rx) = watch(&pki, "c", "b", server.addr);
+    assert_eq!(take(&mut rx, 2).await, ["connected", "begin"]);
+}

@@ -255,10 +255,21 @@ fn wait_for<T>(
     }
 }
 
+/// Whether `prefix` is routed into the site's tunnel device.
 fn route_present(site: &Site, prefix: &str) -> Result<bool> {
-    Ok(!netns::ip(&site.gw_ns, &["route", "show", prefix])?
-        .trim()
-        .is_empty())
+    let routes = netns::ip(&site.gw_ns, &["route", "show", "exact", prefix])?;
+    Ok(routes.lines().any(|l| {
+        l.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .any(|w| w == ["dev", site.tunnel_if.as_str()])
+    }))
+}
+
+/// Whether `prefix` is blackholed (withdrawn: dropped, never sent by another route).
+fn blackholed(site: &Site, prefix: &str) -> Result<bool> {
+    let routes = netns::ip(&site.gw_ns, &["route", "show", "exact", prefix])?;
+    Ok(routes.lines().any(|l| l.starts_with("blackhole ")))
 }
 
 impl Lab {
@@ -517,6 +528,15 @@ fn gateways_learn_the_mesh_from_file_and_etcd_api_servers() {
     })
     .expect("route withdrawn within the bound");
     eprintln!("gateway withdrawal reflected in {:?}", t.elapsed());
+    let blackhole = wait_for("the blackhole", WITHDRAW_BOUND, || {
+        Ok(blackholed(s1, &s3.workload_prefix)?.then_some(()))
+    });
+    assert!(
+        blackhole.is_ok(),
+        "a withdrawn prefix is blackholed, not left to another route: {}\n{}",
+        netns::ip(&s1.gw_ns, &["route"]).unwrap_or_default(),
+        lab.logs()
+    );
     let status: Value = serde_json::from_str(
         &ctl(&["status", "--socket", &admin_socket(s1), "--output", "json"]).expect("status"),
     )

@@ -20,9 +20,11 @@ use tokio::sync::mpsc;
 
 /// Where kernel routes for remote prefixes go (the gateway routes them into its TUN).
 pub trait RouteSink: Send + Sync {
-    /// Routes `prefix` into the tunnel device.
+    /// Routes `prefix` into the tunnel device. Must refuse to replace a route it did
+    /// not install (other than its own blackhole for that prefix).
     fn add(&self, prefix: &IpPrefix) -> Result<(), String>;
-    /// Removes that route.
+    /// Takes the prefix out of the tunnel: replaces its route with a blackhole, so that
+    /// traffic for a withdrawn cluster is dropped, never sent in clear by another route.
     fn remove(&self, prefix: &IpPrefix) -> Result<(), String>;
 }
 
@@ -158,6 +160,7 @@ impl MeshWatch {
             mesh.local_prefixes.clone(),
             ReducerConfig {
                 withdraw_after: mesh.withdraw_after,
+                remote_space: mesh.remote_space.clone(),
                 ..ReducerConfig::default()
             },
         );
@@ -320,6 +323,7 @@ mod tests {
             clusters: vec![],
             local_prefixes: vec![],
             withdraw_after: Duration::from_secs(30),
+            remote_space: vec![],
             kinds: vec![TunnelKind::Esp],
             esp: EspSettings {
                 cipher: EspCipher::Aes128Gcm,

@@ -67,6 +67,7 @@ struct RawMesh {
     #[serde(default)]
     local_prefixes: Vec<String>,
     withdraw_after_secs: Option<u64>,
+    remote_space: Option<Vec<String>>,
     kinds: Option<Vec<String>>,
     esp_cipher: Option<String>,
     esn: Option<bool>,
@@ -194,6 +195,8 @@ pub struct MeshConfig {
     pub local_prefixes: Vec<IpPrefix>,
     /// A cluster whose API stream is lost keeps its routes (stale) this long.
     pub withdraw_after: std::time::Duration,
+    /// The address space remote clusters may announce.
+    pub remote_space: Vec<IpPrefix>,
     /// Tunnel kinds this gateway uses with mesh peers, preferred first.
     pub kinds: Vec<TunnelKind>,
     /// ESP settings for mesh peers (when ESP is chosen).
@@ -507,9 +510,41 @@ fn mesh(
             })
         })
         .collect::<Result<Vec<_>, _>>()?;
-    // Statically configured peers' prefixes are off limits to the mesh too.
+    // Statically configured peers' prefixes are off limits to the mesh too, and so
+    // are this gateway's own channel address and the API servers' addresses (a route
+    // for them into a tunnel would carry the control plane into itself).
     let mut local = local_prefixes;
     local.extend(configured.iter().copied());
+    let host = |ip: IpAddr| -> Option<IpPrefix> {
+        let ip = ip.to_canonical();
+        (!ip.is_unspecified()).then(|| {
+            format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 })
+                .parse()
+                .ok()
+        })?
+    };
+    local.extend(host(identity.listen.ip()));
+    local.extend(identity.advertise_address.and_then(host));
+    local.extend(clusters.iter().filter_map(|c| host(c.api.ip())));
+    let remote_space = match raw.remote_space {
+        None => isthmus_clustermesh_api::reducer::default_remote_space(),
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let prefix = p.parse::<IpPrefix>().map_err(|e| {
+                    ConfigError::new(format!("mesh.remote_space[{i}]"), format!("`{p}`: {e}"))
+                })?;
+                if prefix.len() == 0 {
+                    return Err(ConfigError::new(
+                        format!("mesh.remote_space[{i}]"),
+                        "a default prefix would let a remote cluster claim any address",
+                    ));
+                }
+                Ok(prefix)
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
     let withdraw = raw.withdraw_after_secs.unwrap_or(300);
     if !(1..=86_400).contains(&withdraw) {
         return Err(ConfigError::new(
@@ -560,6 +595,7 @@ fn mesh(
         clusters,
         local_prefixes: local,
         withdraw_after: std::time::Duration::from_secs(withdraw),
+        remote_space,
         kinds,
         esp: EspSettings {
             cipher,

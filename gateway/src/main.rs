@@ -272,13 +272,41 @@ impl RouteSink for IpRoutes {
         if prefix.len() == 0 {
             return Err("not routing a default prefix into the tunnel".into());
         }
-        ip(&["route", "replace", &prefix.to_string(), "dev", &self.dev])
-            .map_err(|e| format!("{e:#}"))
+        let p = prefix.to_string();
+        // Only our own routes (into the TUN, or the blackhole we left when the prefix
+        // was withdrawn) may be replaced; anything else is the host's and stays.
+        let existing = ip_output(&["route", "show", "exact", &p]).map_err(|e| format!("{e:#}"))?;
+        for line in existing.lines().filter(|l| !l.trim().is_empty()) {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let ours = words.first() == Some(&"blackhole")
+                || words.windows(2).any(|w| w == ["dev", self.dev.as_str()]);
+            if !ours {
+                return Err(format!(
+                    "a route for {p} exists that is not this gateway's: {line}"
+                ));
+            }
+        }
+        ip(&["route", "replace", &p, "dev", &self.dev]).map_err(|e| format!("{e:#}"))
     }
 
     fn remove(&self, prefix: &IpPrefix) -> Result<(), String> {
-        ip(&["route", "del", &prefix.to_string(), "dev", &self.dev]).map_err(|e| format!("{e:#}"))
+        ip(&["route", "replace", "blackhole", &prefix.to_string()]).map_err(|e| format!("{e:#}"))
     }
+}
+
+fn ip_output(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2)")?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "`ip {}` failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn ip(args: &[&str]) -> anyhow::Result<()> {

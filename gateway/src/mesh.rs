@@ -501,6 +501,17 @@ impl MeshLinks {
         };
         let cfg = &cfg;
         let mut links = self.links();
+        // The peer set may have changed between reading it and taking the links
+        // (set_mesh_peers): a removed or changed peer gets no tunnel.
+        let still = self
+            .peers()
+            .iter()
+            .any(|p| p.spiffe_id == e.peer && same_peer(p, cfg));
+        if !still {
+            tracing::info!(peer = %e.peer, "session for a peer removed or changed meanwhile; closing");
+            e.session.close();
+            return;
+        }
         let link = links.entry(e.peer.clone()).or_default();
         if let Some(old) = link.session.take() {
             old.close();

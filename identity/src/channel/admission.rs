@@ -28,7 +28,7 @@ impl Default for ListenerLimits {
 
 /// Why a connection was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Overflow {
+pub enum Overflow {
     /// [`ListenerLimits::max_handshakes`] reached.
     Total,
     /// [`ListenerLimits::max_handshakes_per_source`] reached for this source.
@@ -37,14 +37,14 @@ pub(crate) enum Overflow {
 
 /// Handshakes in flight, in total and per source address.
 #[derive(Debug)]
-pub(crate) struct HandshakeSlots {
+pub struct HandshakeSlots {
     limits: ListenerLimits,
     total: usize,
     per_source: HashMap<IpAddr, usize>,
 }
 
 impl HandshakeSlots {
-    pub(crate) fn new(limits: ListenerLimits) -> Self {
+    pub fn new(limits: ListenerLimits) -> Self {
         Self {
             limits,
             total: 0,
@@ -53,7 +53,7 @@ impl HandshakeSlots {
     }
 
     /// Takes a slot for a handshake from `source`, or says which limit is reached.
-    pub(crate) fn admit(&mut self, source: IpAddr) -> Result<(), Overflow> {
+    pub fn admit(&mut self, source: IpAddr) -> Result<(), Overflow> {
         let source = source.to_canonical();
         if self.total >= self.limits.max_handshakes {
             return Err(Overflow::Total);
@@ -68,7 +68,7 @@ impl HandshakeSlots {
     }
 
     /// Gives back a slot taken by [`HandshakeSlots::admit`].
-    pub(crate) fn release(&mut self, source: IpAddr) {
+    pub fn release(&mut self, source: IpAddr) {
         let source = source.to_canonical();
         if let Some(n) = self.per_source.get_mut(&source) {
             *n = n.saturating_sub(1);

@@ -72,7 +72,7 @@ use rustls::server::NoServerSessionStorage;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 
-pub use admission::ListenerLimits;
+pub use admission::{HandshakeSlots, ListenerLimits, Overflow};
 pub use frame::{
     encode_frame, ControlMessage, Frame, FrameDecoder, FrameError, TunnelParams, MAX_FRAME_LEN,
     PROTOCOL_VERSION,
@@ -87,7 +87,7 @@ pub use session::{LossReason, PeerSession};
 pub use timing::{Backoff, ChannelTiming};
 pub use verify::{MeshTrust, Refusal, TrustError};
 
-use admission::{HandshakeSlots, Overflow, Slot};
+use admission::Slot;
 use runtime::TaskDone;
 use session::SessionDriver;
 use verify::{AllowedPeers, PeerClientVerifier, PeerServerVerifier, TrustCore};
