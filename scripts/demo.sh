@@ -407,7 +407,8 @@ channels_up() {
     local json
     json=$("$CTL_BIN" status --interface "$(ifname "$1")" --output json 2>&1) || return 1
     printf '%s\n' "$json" >"$WORK/status-$1.json"
-    printf '%d %d\n' "$(grep -c '"state": "up"' <<<"$json")" "$(grep -c '"state": ' <<<"$json")"
+    # Only channel entries carry "spiffe_id" (peers and clusters have their own "state").
+    printf '%d %d\n' "$(grep -c '"state": "up"' <<<"$json")" "$(grep -c '"spiffe_id": ' <<<"$json")"
 }
 start=$SECONDS
 declare -A READY=()

@@ -1686,6 +1686,38 @@ mod tests {
     }
 
     #[test]
+    fn mesh_config_parses_and_its_errors_name_their_field() {
+        let pki = pki();
+        let mesh = "[mesh]\nlocal_prefixes = [\"100.64.1.0/24\"]\n\
+                    [[mesh.clusters]]\nname = \"b\"\napi = \"192.0.2.2:7444\"\n\
+                    [[mesh.clusters]]\nname = \"c\"\napi = \"192.0.2.3\"\n";
+        let cfg = parse(&identity_config(&pki, mesh)).expect("valid");
+        let m = cfg.mesh.expect("mesh");
+        assert_eq!(m.clusters.len(), 2);
+        assert_eq!(m.clusters[1].api.port(), DEFAULT_MESH_API_PORT);
+        assert_eq!(m.kinds, [TunnelKind::Wireguard]);
+        // The API servers' addresses are off limits to remote clusters.
+        assert!(m
+            .local_prefixes
+            .contains(&"192.0.2.2/32".parse().expect("prefix")));
+        assert!(!m.remote_space.is_empty());
+        let cases = [
+            (mesh.replace("\"b\"", "\"a\""), "mesh.clusters[0].name"),
+            (mesh.replace("\"c\"", "\"b\""), "mesh.clusters[1].name"),
+            (mesh.replace("192.0.2.2:7444", "nowhere"), "mesh.clusters[0].api"),
+            (mesh.replace("100.64.1.0/24", "100.64.1.0/33"), "mesh.local_prefixes[0]"),
+            (mesh.replace("[mesh]\n", "[mesh]\nkinds = [\"gre\"]\n"), "mesh.kinds[0]"),
+        ];
+        for (text, field) in cases {
+            let err = parse(&identity_config(&pki, &text)).expect_err(field);
+            assert_eq!(err.field, field, "{err}");
+        }
+        let remote_space = mesh.replace("[mesh]\n", "[mesh]\nremote_space = [\"0.0.0.0/0\"]\n");
+        let err = parse(&identity_config(&pki, &remote_space)).expect_err("default");
+        assert_eq!(err.field, "mesh.remote_space[0]");
+    }
+
+    #[test]
     fn identity_errors_name_their_field() {
         let pki = pki();
         let (key, _) = key_file(0o600);
