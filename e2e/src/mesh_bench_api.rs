@@ -300,8 +300,9 @@ pub struct StreamReport {
 /// Runs the benchmark on a runtime of its own and stops everything it started.
 pub fn run(opts: ApiBenchOptions) -> Result<ApiBenchReport> {
     opts.validate().map_err(anyhow::Error::msg)?;
-    // Listeners, both ends of every stream, and room for the rest.
-    let fd_limit = raise_fd_limit((opts.clusters + 2 * opts.watch_streams() + 1024) as u64)?;
+    // Listeners, both ends of every stream, and room for the rest (the runtime, stdio and
+    // the /proc reads need a few dozen).
+    let fd_limit = raise_fd_limit((opts.clusters + 2 * opts.watch_streams() + 256) as u64)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(opts.workers)
         .thread_name("mesh-bench")
@@ -1247,8 +1248,10 @@ fn raise_fd_limit(needed: u64) -> Result<u64> {
     // error return, not undefined behaviour.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
         bail!(
-            "this run needs {needed} file descriptors (limit {}): {} — run as root or with fewer clusters × gateways",
+            "this run needs {needed} file descriptors (soft limit {}, hard limit {}): {} — \
+             raising the hard limit needs CAP_SYS_RESOURCE; otherwise use fewer clusters × gateways",
             lim.rlim_cur,
+            lim.rlim_max,
             std::io::Error::last_os_error()
         );
     }
