@@ -14,6 +14,9 @@
 //!   the gateway;
 //! * the gateways share an underlay (a direct veth for two sites, a bridge namespace for more):
 //!   `192.0.2.i/24` or `2001:db8::i/64`.
+//!
+//! [`mesh_bench_api`] is the exception: the clustermesh API scale benchmark runs API servers
+//! and simulated gateways in one process on loopback and needs no namespaces.
 
 pub mod bins;
 pub mod capture;
@@ -23,6 +26,7 @@ pub mod esp;
 pub mod isthmus;
 pub mod keys;
 pub mod mesh;
+pub mod mesh_bench_api;
 pub mod netns;
 pub mod process;
 pub mod run;

@@ -2,6 +2,8 @@
 //!
 //! ```text
 //! isthmus-mesh-bench channels [--peers 1000] [--json]
+//! isthmus-mesh-bench api [--clusters 1000] [--services 100] [--gateways 10] [--changes 200]
+//!                        [--endpoints 3] [--interval-ms 20] [--workers 2] [--seed 1] [--json]
 //! ```
 //! `channels` starts one `isthmus-gateway` in a fresh network namespace with N peers
 //! configured by identity and runs the N peer ends in this process (the channel library,
@@ -9,12 +11,19 @@
 //! channel up, and the gateway's threads and resident memory before and after. The issue's
 //! goal: 1,000 peers under 256 MiB and a few dozen threads. Needs root; a command, not a
 //! timed test.
+//!
+//! `api` runs N clusters' clustermesh API servers and G simulated gateways, each watching
+//! every cluster through the real client and reducer, in this process over loopback mTLS
+//! (see `isthmus_e2e::mesh_bench_api`): time to full sync, time from a change until every
+//! gateway applied it (p50/p99/max), RSS and threads. Raises `RLIMIT_NOFILE` to about
+//! 2 × N × G (root for more than the hard limit).
 
 use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use isthmus_e2e::channel_scale::{ChannelScale, ScaleOptions, ScaleReport};
+use isthmus_e2e::mesh_bench_api::{self, ApiBenchOptions};
 
 /// Scale checks of the Isthmus mesh control plane.
 #[derive(Debug, Parser)]
@@ -38,6 +47,65 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Clustermesh API: N API servers, G gateways watching all of them: sync time, change
+    /// propagation to every gateway, memory and threads per remote cluster.
+    Api(ApiArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ApiArgs {
+    /// Clusters, each with its own API server.
+    #[arg(long, default_value_t = 1000)]
+    clusters: usize,
+    /// Services per cluster (each with one EndpointSlice).
+    #[arg(long, default_value_t = 100)]
+    services: usize,
+    /// Simulated gateways, each watching every cluster.
+    #[arg(long, default_value_t = 10)]
+    gateways: usize,
+    /// Changes published after the sync, on random clusters.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// Endpoints per EndpointSlice.
+    #[arg(long, default_value_t = 3)]
+    endpoints: usize,
+    /// Milliseconds between two changes.
+    #[arg(long, default_value_t = 20)]
+    interval_ms: u64,
+    /// Tokio worker threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Seed of the choice of clusters and kinds of the changes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_api(a: ApiArgs) -> Result<()> {
+    let opts = ApiBenchOptions {
+        clusters: a.clusters,
+        services: a.services,
+        endpoints: a.endpoints,
+        gateways: a.gateways,
+        changes: a.changes,
+        change_interval: Duration::from_millis(a.interval_ms),
+        workers: a.workers,
+        seed: a.seed,
+        ..ApiBenchOptions::default()
+    };
+    if let Err(e) = opts.validate() {
+        eprintln!("isthmus-mesh-bench api: {e}");
+        std::process::exit(64);
+    }
+    let report = mesh_bench_api::run(opts)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    Ok(())
 }
 
 fn mib(kib: u64) -> f64 {
@@ -86,6 +154,7 @@ fn main() -> Result<()> {
                 print_table(&report);
             }
         }
+        Command::Api(a) => run_api(a)?,
     }
     Ok(())
 }
