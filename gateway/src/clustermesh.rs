@@ -221,6 +221,27 @@ impl MeshWatch {
     }
 }
 
+fn apply_event(shared: &Shared, ev: ClientEvent) -> Applied {
+    let now = Instant::now();
+    let mut view = shared.view.lock().unwrap_or_else(|e| e.into_inner());
+    match ev {
+        ClientEvent::Connected { cluster, server } => {
+            tracing::info!(%cluster, %server, "clustermesh stream open");
+            view.connected(&cluster, server, now)
+        }
+        ClientEvent::Event { cluster, event } => view.apply(&cluster, event, now),
+        ClientEvent::Disconnected { cluster, reason } => {
+            tracing::warn!(%cluster, %reason, "clustermesh stream lost; its state keeps serving until the TTL");
+            view.disconnected(&cluster, &reason, now)
+        }
+    }
+}
+
+/// Most events applied before the peers and routes are reprogrammed: a burst (a
+/// snapshot of every cluster at start) is folded into one reprogramming instead of
+/// one per event.
+const MAX_BATCH: usize = 4096;
+
 async fn consume(
     mut rx: mpsc::Receiver<ClientEvent>,
     shared: Arc<Shared>,
@@ -231,31 +252,25 @@ async fn consume(
 ) {
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     loop {
-        let applied = tokio::select! {
+        let mut changed = tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { return };
-                let now = Instant::now();
-                let mut view = shared.view.lock().unwrap_or_else(|e| e.into_inner());
-                match ev {
-                    ClientEvent::Connected { cluster, server } => {
-                        tracing::info!(%cluster, %server, "clustermesh stream open");
-                        view.connected(&cluster, server, now)
-                    }
-                    ClientEvent::Event { cluster, event } => view.apply(&cluster, event, now),
-                    ClientEvent::Disconnected { cluster, reason } => {
-                        tracing::warn!(%cluster, %reason, "clustermesh stream lost; its state keeps serving until the TTL");
-                        view.disconnected(&cluster, &reason, now)
-                    }
-                }
+                apply_event(&shared, ev).routes_changed
             }
             _ = ticker.tick() => {
-                shared.view.lock().unwrap_or_else(|e| e.into_inner()).tick(Instant::now())
+                shared.view.lock().unwrap_or_else(|e| e.into_inner()).tick(Instant::now()).routes_changed
             }
         };
-        if applied.routes_changed {
+        // Whatever else is already queued goes into the same reprogramming.
+        for _ in 0..MAX_BATCH {
+            match rx.try_recv() {
+                Ok(ev) => changed |= apply_event(&shared, ev).routes_changed,
+                Err(_) => break,
+            }
+        }
+        if changed {
             reprogram(&shared, &mesh, &local_id, &links, &routes).await;
         }
-        let _: Applied = applied;
     }
 }
 

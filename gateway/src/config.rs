@@ -1704,9 +1704,18 @@ mod tests {
         let cases = [
             (mesh.replace("\"b\"", "\"a\""), "mesh.clusters[0].name"),
             (mesh.replace("\"c\"", "\"b\""), "mesh.clusters[1].name"),
-            (mesh.replace("192.0.2.2:7444", "nowhere"), "mesh.clusters[0].api"),
-            (mesh.replace("100.64.1.0/24", "100.64.1.0/33"), "mesh.local_prefixes[0]"),
-            (mesh.replace("[mesh]\n", "[mesh]\nkinds = [\"gre\"]\n"), "mesh.kinds[0]"),
+            (
+                mesh.replace("192.0.2.2:7444", "nowhere"),
+                "mesh.clusters[0].api",
+            ),
+            (
+                mesh.replace("100.64.1.0/24", "100.64.1.0/33"),
+                "mesh.local_prefixes[0]",
+            ),
+            (
+                mesh.replace("[mesh]\n", "[mesh]\nkinds = [\"gre\"]\n"),
+                "mesh.kinds[0]",
+            ),
         ];
         for (text, field) in cases {
             let err = parse(&identity_config(&pki, &text)).expect_err(field);
