@@ -412,7 +412,6 @@ impl MeshLinks {
         let listener = ChannelListener::bind(config.clone(), identity.listen, allowed)?
             .spawn(events_tx.clone())?;
         tracing::info!(listen = %identity.listen, id = %local, "peer channel listening");
-        let _ = local;
         let links = peers
             .iter()
             .map(|p| (p.spiffe_id.clone(), Link::default()))

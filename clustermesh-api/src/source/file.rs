@@ -164,8 +164,7 @@ fn uid(kind: &str, ns: &str, name: &str) -> String {
     format!("file:{kind}:{ns}:{name}")
 }
 
-fn ports(field: &str, raw: Vec<RawPort>) -> Vec<pb::ServicePort> {
-    let _ = field;
+fn ports(raw: Vec<RawPort>) -> Vec<pb::ServicePort> {
     raw.into_iter()
         .map(|p| pb::ServicePort {
             name: p.name,
@@ -267,7 +266,7 @@ pub fn parse(text: &str, cluster: &ClusterName) -> Result<Vec<Object>, FileError
                 ))
             }
         };
-        let port_list = ports(&field, s.ports);
+        let port_list = ports(s.ports);
         let v6 = s
             .endpoints
             .iter()

@@ -139,14 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket,
             output,
         } => {
-            let path = match (socket, interface) {
-                (Some(p), _) => p,
-                (None, Some(name)) => {
-                    validate_ifname(&name).map_err(|m| anyhow::anyhow!("--interface: {m}"))?;
-                    Path::new(ADMIN_SOCKET_DIR).join(format!("{name}.sock"))
-                }
-                (None, None) => bail!("give --interface NAME or --socket PATH"),
-            };
+            let path = admin_socket_path(socket, interface)?;
             let status = admin::fetch_status(&path)?;
             let text = match output {
                 Output::Json => serde_json::to_string_pretty(&status)? + "\n",
@@ -160,14 +153,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket,
             output,
         } => {
-            let path = match (socket, interface) {
-                (Some(p), _) => p,
-                (None, Some(name)) => {
-                    validate_ifname(&name).map_err(|m| anyhow::anyhow!("--interface: {m}"))?;
-                    Path::new(ADMIN_SOCKET_DIR).join(format!("{name}.sock"))
-                }
-                (None, None) => bail!("give --interface NAME or --socket PATH"),
-            };
+            let path = admin_socket_path(socket, interface)?;
             let text = match command {
                 MeshCmd::Clusters => {
                     let clusters: Vec<ClusterStatus> = admin::fetch(&path, "mesh-clusters")?;
@@ -463,6 +449,21 @@ fn render_table(s: &Status) -> String {
         }
     }
     out
+}
+
+/// The admin socket named by `--socket`, or by `--interface` in the default directory.
+fn admin_socket_path(
+    socket: Option<PathBuf>,
+    interface: Option<String>,
+) -> anyhow::Result<PathBuf> {
+    match (socket, interface) {
+        (Some(p), _) => Ok(p),
+        (None, Some(name)) => {
+            validate_ifname(&name).map_err(|m| anyhow::anyhow!("--interface: {m}"))?;
+            Ok(Path::new(ADMIN_SOCKET_DIR).join(format!("{name}.sock")))
+        }
+        (None, None) => bail!("give --interface NAME or --socket PATH"),
+    }
 }
 
 fn age(secs: Option<f64>) -> String {
