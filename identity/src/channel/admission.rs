@@ -35,6 +35,19 @@ pub enum Overflow {
     Source,
 }
 
+/// What counts as one source: an IPv4 address (IPv4-mapped IPv6 included), or an IPv6
+/// /64 — a single host usually holds a whole /64, so per-address counting would let it
+/// take every slot.
+fn source_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
 /// Handshakes in flight, in total and per source address.
 #[derive(Debug)]
 pub struct HandshakeSlots {
@@ -54,7 +67,7 @@ impl HandshakeSlots {
 
     /// Takes a slot for a handshake from `source`, or says which limit is reached.
     pub fn admit(&mut self, source: IpAddr) -> Result<(), Overflow> {
-        let source = source.to_canonical();
+        let source = source_key(source);
         if self.total >= self.limits.max_handshakes {
             return Err(Overflow::Total);
         }
@@ -69,7 +82,7 @@ impl HandshakeSlots {
 
     /// Gives back a slot taken by [`HandshakeSlots::admit`].
     pub fn release(&mut self, source: IpAddr) {
-        let source = source.to_canonical();
+        let source = source_key(source);
         if let Some(n) = self.per_source.get_mut(&source) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -123,6 +136,24 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn one_ipv6_64_is_one_source() {
+        // A host routinely holds a whole /64: addresses in it are one source.
+        let mut slots = HandshakeSlots::new(ListenerLimits {
+            max_handshakes: 5,
+            max_handshakes_per_source: 2,
+        });
+        assert_eq!(slots.admit(ip("2001:db8:1:2::1")), Ok(()));
+        assert_eq!(slots.admit(ip("2001:db8:1:2::2")), Ok(()));
+        assert_eq!(
+            slots.admit(ip("2001:db8:1:2:ffff::3")),
+            Err(Overflow::Source)
+        );
+        assert_eq!(slots.admit(ip("2001:db8:1:3::1")), Ok(()));
+        slots.release(ip("2001:db8:1:2::1"));
+        assert_eq!(slots.admit(ip("2001:db8:1:2::9")), Ok(()));
     }
 
     #[test]
