@@ -638,6 +638,26 @@ impl MeshView {
                 }
                 None
             }
+            Body::Identity(i) => {
+                // A numeric identity carries its cluster id in its upper bits: a cluster
+                // may publish only identities of its own id.
+                let c = self.clusters.get(cluster)?;
+                let own = c.spec(cluster).map(|s| s.id);
+                let claimed = isthmus_identity::SecurityIdentity::from_u64(i.id)
+                    .ok()
+                    .map(|s| s.cluster().get());
+                match (own, claimed) {
+                    (Some(own), Some(claimed)) if own == claimed => None,
+                    (None, _) => Some(format!(
+                        "cluster {cluster} publishes identity {} before its cluster object",
+                        i.id
+                    )),
+                    (Some(own), _) => Some(format!(
+                        "cluster {cluster} (id {own}) publishes identity {} of another cluster id",
+                        i.id
+                    )),
+                }
+            }
             Body::Gateway(g) => {
                 let c = self.clusters.get(cluster)?;
                 if c.server

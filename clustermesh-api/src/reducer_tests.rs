@@ -629,3 +629,36 @@ fn a_prefix_holding_a_gateway_channel_endpoint_is_not_routed() {
         "{c:?}"
     );
 }
+
+#[test]
+fn a_cluster_publishes_only_identities_of_its_own_cluster_id() {
+    let mut f = Fixture::new();
+    let identity = |id: u64| Object {
+        key: Some(key("b", Kind::Identity, "", &id.to_string())),
+        uid: format!("i{id}"),
+        revision: 3,
+        body: Some(Body::Identity(pb::Identity {
+            id,
+            labels: Default::default(),
+        })),
+    };
+    let own = (2u64 << 32) | 7;
+    let foreign = (3u64 << 32) | 7;
+    f.snapshot(
+        "b",
+        1,
+        5,
+        vec![
+            cluster_obj("b", 2, "100.64.2.0/24", "u"),
+            identity(own),
+            identity(foreign),
+        ],
+        0,
+    );
+    let b = f.status("b", 0);
+    assert_eq!(b.objects, 2, "the cluster and its own identity: {b:?}");
+    assert!(
+        b.refusals[0].reason.contains("of another cluster id"),
+        "{b:?}"
+    );
+}
