@@ -292,23 +292,30 @@ async fn reprogram(
         .flat_map(|p| p.allowed_prefixes.iter().copied())
         .collect();
     let links = links.clone();
-    // Stopping a dialer joins its thread: keep that off the async workers.
-    let _ = tokio::task::spawn_blocking(move || links.set_mesh_peers(peers)).await;
-    let mut routed = shared.routed.lock().unwrap_or_else(|e| e.into_inner());
-    for p in wanted.difference(&routed.clone()) {
-        match routes.add(p) {
-            Ok(()) => {
-                routed.insert(*p);
+    let routes = routes.clone();
+    let shared = shared.clone();
+    // Stopping a dialer joins its thread and routes are programmed by running `ip`:
+    // both block, so they run off the async workers (one reprogramming at a time: the
+    // consume loop awaits this).
+    let _ = tokio::task::spawn_blocking(move || {
+        links.set_mesh_peers(peers);
+        let mut routed = shared.routed.lock().unwrap_or_else(|e| e.into_inner());
+        for p in wanted.difference(&routed.clone()) {
+            match routes.add(p) {
+                Ok(()) => {
+                    routed.insert(*p);
+                }
+                Err(e) => tracing::warn!(prefix = %p, error = %e, "cannot add the route"),
             }
-            Err(e) => tracing::warn!(prefix = %p, error = %e, "cannot add the route"),
         }
-    }
-    for p in routed.clone().difference(&wanted) {
-        if let Err(e) = routes.remove(p) {
-            tracing::warn!(prefix = %p, error = %e, "cannot remove the route");
+        for p in routed.clone().difference(&wanted) {
+            if let Err(e) = routes.remove(p) {
+                tracing::warn!(prefix = %p, error = %e, "cannot remove the route");
+            }
+            routed.remove(p);
         }
-        routed.remove(p);
-    }
+    })
+    .await;
 }
 
 #[cfg(test)]
