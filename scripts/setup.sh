@@ -123,6 +123,48 @@ else
     }
 fi
 
+# --- eBPF toolchain (ebpf-redirect/: see its README) -------------------------
+# The TC programs are built on stable Rust for bpfel-unknown-none with
+# -Z build-std=core (RUSTC_BOOTSTRAP=1 for that build only), which needs the
+# rust-src component, and linked by bpf-linker against rustc's own LLVM.
+if [[ -d "$(rustc --print sysroot)/lib/rustlib/src/rust/library/core" ]]; then
+    say "rust component rust-src: present"
+else
+    say "rust component rust-src: installing"
+    command -v rustup >/dev/null 2>&1 || die "rust-src missing and rustup not found"
+    rustup component add rust-src >"$LOG" 2>&1 || {
+        tail -n 20 "$LOG" >&2
+        die "rustup component add rust-src failed"
+    }
+fi
+
+BPF_LINKER_VERSION=0.13.0
+if bpf-linker --version 2>/dev/null | grep -q "bpf-linker $BPF_LINKER_VERSION"; then
+    say "bpf-linker: present"
+else
+    # bpf-linker's LLVM major must equal rustc's. Link it against the libLLVM that
+    # rustc itself ships (sysroot/lib), found through a prefix folder whose lib/
+    # points at that file, and keep that folder on the binary's rpath.
+    sysroot=$(rustc --print sysroot)
+    llvm_lib=$(find "$sysroot/lib" -maxdepth 1 -name 'libLLVM*.so*' -print -quit)
+    [[ -n $llvm_lib ]] || die "no libLLVM in $sysroot/lib: cannot build bpf-linker"
+    llvm_major=$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+    prefix=$(mktemp -d -t isthmus-llvm.XXXXXX)
+    mkdir -p "$prefix/lib"
+    ln -s "$llvm_lib" "$prefix/lib/libLLVM.so"
+    ln -s "$llvm_lib" "$prefix/lib/libLLVM-$llvm_major.so"
+    say "bpf-linker: installing $BPF_LINKER_VERSION for LLVM $llvm_major into ~/.cargo/bin (about 90 s)"
+    if ! LLVM_PREFIX=$prefix RUSTFLAGS="-C link-arg=-Wl,-rpath,$sysroot/lib" \
+        cargo install --locked "bpf-linker@$BPF_LINKER_VERSION" --no-default-features \
+        --features "llvm-$llvm_major" >"$LOG" 2>&1; then
+        tail -n 20 "$LOG" >&2
+        rm -rf "$prefix"
+        die "cargo install bpf-linker failed"
+    fi
+    rm -rf "$prefix"
+    bpf-linker --version >/dev/null || die "bpf-linker installed but does not run"
+fi
+
 if ((BENCH)); then
     if command -v boringtun-cli >/dev/null 2>&1 || [[ -x "$HOME/.cargo/bin/boringtun-cli" ]]; then
         say "boringtun-cli: present"

@@ -37,6 +37,9 @@ pub struct Status {
     /// Remote clusters learnt from the clustermesh API (details: `isthmusctl mesh clusters`).
     #[serde(default)]
     pub clusters: Vec<ClusterSummary>,
+    /// Steering of workload traffic into the tunnel (`[steering]`), with counters.
+    #[serde(default)]
+    pub steering: Option<isthmus_ebpf_redirect::SteeringStatus>,
 }
 
 /// One remote cluster in `isthmusctl status`.
@@ -293,6 +296,7 @@ mod tests {
             peers: vec![],
             channels: vec![],
             clusters: vec![],
+            steering: None,
         }
     }
 

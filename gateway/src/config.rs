@@ -55,8 +55,20 @@ struct RawConfig {
     interface: Option<RawInterface>,
     identity: Option<RawIdentity>,
     mesh: Option<RawMesh>,
+    steering: Option<RawSteering>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSteering {
+    mode: Option<String>,
+    interfaces: Option<Vec<String>>,
+    fwmark: Option<u32>,
+    fwmark_mask: Option<u32>,
+    table: Option<u32>,
+    rule_priority: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -175,6 +187,8 @@ pub struct GatewayConfig {
     pub identity_peers: Vec<IdentityPeer>,
     /// The clustermesh API servers to learn remote clusters from.
     pub mesh: Option<MeshConfig>,
+    /// Steering of workload traffic into the tunnel (`[steering]`).
+    pub steering: Option<isthmus_ebpf_redirect::SteeringConfig>,
 }
 
 /// A remote cluster's API server.
@@ -438,6 +452,10 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
             "must differ from interface.listen_port",
         ));
     }
+    let steering = match raw.steering {
+        None => None,
+        Some(raw) => Some(steering(raw, &interface.name)?),
+    };
     Ok(GatewayConfig {
         interface,
         peers,
@@ -446,6 +464,93 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         identity,
         identity_peers,
         mesh,
+        steering,
+    })
+}
+
+/// `[steering]`: which workload interfaces' traffic is steered into the tunnel.
+fn steering(
+    raw: RawSteering,
+    tunnel: &str,
+) -> Result<isthmus_ebpf_redirect::SteeringConfig, ConfigError> {
+    use isthmus_ebpf_redirect::{Mode, PolicyNumbers};
+    let mode = match raw.mode.as_deref() {
+        None | Some("auto") => Mode::Auto,
+        Some("bpf") => Mode::Bpf,
+        Some("policy") => Mode::Policy,
+        Some(other) => {
+            return Err(ConfigError::new(
+                "steering.mode",
+                format!("`{other}`: expected \"auto\", \"bpf\" or \"policy\""),
+            ))
+        }
+    };
+    let interfaces = raw.interfaces.unwrap_or_default();
+    if interfaces.is_empty() {
+        return Err(ConfigError::new(
+            "steering.interfaces",
+            "required: the workload-facing interfaces whose traffic is steered",
+        ));
+    }
+    for (i, name) in interfaces.iter().enumerate() {
+        let field = format!("steering.interfaces[{i}]");
+        if name.is_empty()
+            || name.len() > 15
+            || name == "."
+            || name == ".."
+            || name.contains(|c: char| {
+                c == '/' || c == '"' || c == '\\' || c.is_whitespace() || c.is_control()
+            })
+        {
+            return Err(ConfigError::new(
+                field,
+                format!("`{name}` is not a valid interface name"),
+            ));
+        }
+        if name == tunnel {
+            return Err(ConfigError::new(field, "is the tunnel device itself"));
+        }
+        if interfaces[..i].contains(name) {
+            return Err(ConfigError::new(field, "listed twice"));
+        }
+    }
+    let defaults = PolicyNumbers::default();
+    let mask = raw.fwmark_mask.unwrap_or(defaults.mask);
+    let fwmark = raw.fwmark.unwrap_or(defaults.fwmark);
+    if mask == 0 {
+        return Err(ConfigError::new("steering.fwmark_mask", "must not be 0"));
+    }
+    if fwmark == 0 || fwmark & !mask != 0 {
+        return Err(ConfigError::new(
+            "steering.fwmark",
+            format!("{fwmark:#x} must be non-zero and inside steering.fwmark_mask ({mask:#x})"),
+        ));
+    }
+    let table = raw.table.unwrap_or(defaults.table);
+    // 0 is unspecified; 253–255 are the kernel's default, main and local tables.
+    if table == 0 || (253..=255).contains(&table) {
+        return Err(ConfigError::new(
+            "steering.table",
+            format!("{table} is reserved (0, default 253, main 254, local 255)"),
+        ));
+    }
+    let priority = raw.rule_priority.unwrap_or(defaults.priority);
+    if priority == 0 || priority >= 32766 {
+        return Err(ConfigError::new(
+            "steering.rule_priority",
+            format!("{priority} must be between 1 and 32765 (before the main table's rule)"),
+        ));
+    }
+    Ok(isthmus_ebpf_redirect::SteeringConfig {
+        mode,
+        tunnel: tunnel.to_string(),
+        interfaces,
+        policy: PolicyNumbers {
+            fwmark,
+            mask,
+            table,
+            priority,
+        },
     })
 }
 
@@ -1320,6 +1425,70 @@ mod tests {
 
     fn field_of(text: &str) -> String {
         parse(text).expect_err("config must be refused").field
+    }
+
+    #[test]
+    fn steering_parses_with_defaults_and_names_each_bad_field() {
+        use isthmus_ebpf_redirect::Mode;
+        let (file, _) = key_file(0o600);
+        let b = PrivateKey::generate().public_key();
+        let with = |steering: &str| {
+            config(
+                &file.0,
+                "",
+                &format!(
+                    "{}\n[steering]\n{steering}\n",
+                    peer_block(&b, "\"100.64.2.0/24\"")
+                ),
+            )
+        };
+        let cfg = parse(&with("interfaces = [\"veth-pods\"]")).unwrap();
+        let s = cfg.steering.expect("steering");
+        assert_eq!(s.mode, Mode::Auto);
+        assert_eq!(s.tunnel, "ist0");
+        assert_eq!(s.interfaces, vec!["veth-pods".to_string()]);
+        assert_eq!(s.policy, isthmus_ebpf_redirect::PolicyNumbers::default());
+        let s = parse(&with("mode = \"policy\"\ninterfaces = [\"a\", \"b\"]\ntable = 100\nfwmark = 256\nfwmark_mask = 65280"))
+            .unwrap()
+            .steering
+            .unwrap();
+        assert_eq!(
+            (s.mode, s.policy.table, s.policy.fwmark, s.policy.mask),
+            (Mode::Policy, 100, 256, 65280)
+        );
+        assert_eq!(field_of(&with("interfaces = []")), "steering.interfaces");
+        assert_eq!(
+            field_of(&with("mode = \"xdp\"\ninterfaces = [\"a\"]")),
+            "steering.mode"
+        );
+        assert_eq!(
+            field_of(&with("interfaces = [\"a\", \"a\"]")),
+            "steering.interfaces[1]"
+        );
+        assert_eq!(
+            field_of(&with("interfaces = [\"ist0\"]")),
+            "steering.interfaces[0]"
+        );
+        assert_eq!(
+            field_of(&with("interfaces = [\"a/b\"]")),
+            "steering.interfaces[0]"
+        );
+        assert_eq!(
+            field_of(&with("interfaces = [\"a\"]\ntable = 254")),
+            "steering.table"
+        );
+        assert_eq!(
+            field_of(&with("interfaces = [\"a\"]\nfwmark = 1")),
+            "steering.fwmark"
+        );
+        assert_eq!(
+            field_of(&with("interfaces = [\"a\"]\nrule_priority = 40000")),
+            "steering.rule_priority"
+        );
+        assert_eq!(
+            field_of(&with("interfaces = [\"a\"]\nextra = 1")),
+            "steering.extra"
+        );
     }
 
     #[test]

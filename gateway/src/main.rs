@@ -8,6 +8,9 @@
 
 use anyhow::Context as _;
 use clap::Parser;
+use isthmus_ebpf_redirect::netlink::{Netlink, Route, RouteKind};
+use isthmus_ebpf_redirect::policy::RTPROT_ISTHMUS;
+use isthmus_ebpf_redirect::Steering;
 use isthmus_gateway::admin::{self, AdminServer, PeerStatus, Status};
 use isthmus_gateway::clustermesh::{MeshWatch, RouteSink};
 use isthmus_gateway::config::{self, GatewayConfig, TunnelKind};
@@ -20,7 +23,7 @@ use isthmus_tunnel::driver::{Driver, DriverConfig};
 use isthmus_tunnel::esp::EspCore;
 use isthmus_tunnel::{IpPrefix, PeerConfig, PublicKey, WgCore};
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::process::{Command, ExitCode};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -120,6 +123,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         },
     )?;
     configure_device(&cfg)?;
+    let steering = start_steering(&cfg)?;
 
     let mesh = match &cfg.identity {
         Some(identity) if !cfg.identity_peers.is_empty() || cfg.mesh.is_some() => {
@@ -157,6 +161,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 
     let device = Arc::new(GatewayDevice {
         watch: std::sync::OnceLock::new(),
+        steering: steering.clone(),
         core,
         esp,
         mesh,
@@ -177,8 +182,9 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 mesh_cfg.clone(),
                 identity,
                 links.clone(),
-                Arc::new(IpRoutes {
+                Arc::new(MeshRoutes {
                     dev: iface.name.clone(),
+                    steering: steering.clone(),
                 }),
             )
             .context("starting the clustermesh watch")?,
@@ -226,6 +232,9 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     drop(admin);
     drop(watch);
     drop(uapi);
+    // Detach the program / remove the fallback's rules before the device goes.
+    drop(device);
+    drop(steering);
     drop(driver);
     // The TUN device is not persistent: it disappears with our descriptor
     // when the process exits right after this.
@@ -233,19 +242,19 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 }
 
 /// Puts the configured addresses on the device and routes every peer's
-/// allowed prefixes into it (like wg-quick, without touching default routes).
+/// allowed prefixes into it (like wg-quick, without touching default routes),
+/// through netlink.
 fn configure_device(cfg: &GatewayConfig) -> anyhow::Result<()> {
     let name = &cfg.interface.name;
+    let mut nl = Netlink::open().context("opening a netlink socket")?;
+    let index = nl
+        .link_index(name)
+        .with_context(|| format!("finding the tunnel device {name}"))?;
     for (addr, len) in &cfg.interface.addresses {
-        ip(&["addr", "replace", &format!("{addr}/{len}"), "dev", name])?;
+        nl.addr_replace(index, *addr, *len)
+            .with_context(|| format!("putting {addr}/{len} on {name}"))?;
     }
-    let prefixes = cfg
-        .peers
-        .iter()
-        .flat_map(|p| &p.allowed_prefixes)
-        .chain(cfg.esp_peers.iter().flat_map(|p| &p.allowed_prefixes))
-        .chain(cfg.identity_peers.iter().flat_map(|p| &p.allowed_prefixes));
-    for prefix in prefixes {
+    for prefix in static_prefixes(cfg) {
         if prefix.len() == 0 {
             tracing::warn!(
                 %prefix,
@@ -253,68 +262,123 @@ fn configure_device(cfg: &GatewayConfig) -> anyhow::Result<()> {
             );
             continue;
         }
-        ip(&["route", "replace", &prefix.to_string(), "dev", name])?;
+        nl.route_replace(&tunnel_route(prefix, index))
+            .with_context(|| format!("routing {prefix} into {name}"))?;
     }
     Ok(())
+}
+
+/// Every statically configured peer's allowed prefixes.
+fn static_prefixes(cfg: &GatewayConfig) -> impl Iterator<Item = &IpPrefix> {
+    cfg.peers
+        .iter()
+        .flat_map(|p| &p.allowed_prefixes)
+        .chain(cfg.esp_peers.iter().flat_map(|p| &p.allowed_prefixes))
+        .chain(cfg.identity_peers.iter().flat_map(|p| &p.allowed_prefixes))
+}
+
+/// Main-table route of `prefix` into the tunnel device, marked as ours.
+fn tunnel_route(prefix: &IpPrefix, oif: u32) -> Route {
+    Route {
+        dst: (prefix.addr(), prefix.len()),
+        table: MAIN_TABLE,
+        kind: RouteKind::Unicast,
+        oif: Some(oif),
+        mtu: None,
+        protocol: RTPROT_ISTHMUS,
+        priority: None,
+    }
+}
+
+/// The kernel's main routing table.
+const MAIN_TABLE: u32 = 254;
+
+/// Starts steering (`[steering]`) and steers every static peer's prefixes.
+fn start_steering(cfg: &GatewayConfig) -> anyhow::Result<Option<Arc<Steering>>> {
+    let Some(steer_cfg) = &cfg.steering else {
+        return Ok(None);
+    };
+    let steering = Steering::start(steer_cfg).context("starting [steering]")?;
+    for prefix in static_prefixes(cfg).filter(|p| p.len() > 0) {
+        steering
+            .add_remote((prefix.addr(), prefix.len()))
+            .with_context(|| format!("steering {prefix}"))?;
+    }
+    Ok(Some(Arc::new(steering)))
 }
 
 /// How long an identity peer's tunnel outlives its lost channel when no
 /// `[mesh]` TTL applies.
 const DEFAULT_KEEP_TUNNEL: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Kernel routes into the TUN device for prefixes learnt from the mesh.
-struct IpRoutes {
+/// Kernel routes (through netlink) and steering entries for prefixes learnt
+/// from the mesh.
+struct MeshRoutes {
     dev: String,
+    steering: Option<Arc<Steering>>,
 }
 
-impl RouteSink for IpRoutes {
+impl MeshRoutes {
+    fn netlink(&self) -> Result<(Netlink, u32), String> {
+        let mut nl = Netlink::open().map_err(|e| format!("netlink: {e}"))?;
+        let index = nl
+            .link_index(&self.dev)
+            .map_err(|e| format!("tunnel device {}: {e}", self.dev))?;
+        Ok((nl, index))
+    }
+}
+
+impl RouteSink for MeshRoutes {
     fn add(&self, prefix: &IpPrefix) -> Result<(), String> {
         if prefix.len() == 0 {
             return Err("not routing a default prefix into the tunnel".into());
         }
-        let p = prefix.to_string();
+        let (mut nl, index) = self.netlink()?;
         // Only our own routes (into the TUN, or the blackhole we left when the prefix
         // was withdrawn) may be replaced; anything else is the host's and stays.
-        let existing = ip_output(&["route", "show", "exact", &p]).map_err(|e| format!("{e:#}"))?;
-        for line in existing.lines().filter(|l| !l.trim().is_empty()) {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            let ours = words.first() == Some(&"blackhole")
-                || words.windows(2).any(|w| w == ["dev", self.dev.as_str()]);
+        let existing = nl
+            .routes_exact((prefix.addr(), prefix.len()), MAIN_TABLE)
+            .map_err(|e| format!("listing routes for {prefix}: {e}"))?;
+        for r in &existing {
+            let ours = r.kind == RouteKind::Blackhole || r.oif == Some(index);
             if !ours {
                 return Err(format!(
-                    "a route for {p} exists that is not this gateway's: {line}"
+                    "a route for {prefix} exists that is not this gateway's ({:?} via interface index {:?})",
+                    r.kind, r.oif
                 ));
             }
         }
-        ip(&["route", "replace", &p, "dev", &self.dev]).map_err(|e| format!("{e:#}"))
+        // Steering first, then the route: both lead into the tunnel.
+        if let Some(s) = &self.steering {
+            s.add_remote((prefix.addr(), prefix.len()))
+                .map_err(|e| format!("steering {prefix}: {e}"))?;
+        }
+        nl.route_replace(&tunnel_route(prefix, index))
+            .map_err(|e| format!("routing {prefix}: {e}"))
     }
 
     fn remove(&self, prefix: &IpPrefix) -> Result<(), String> {
-        ip(&["route", "replace", "blackhole", &prefix.to_string()]).map_err(|e| format!("{e:#}"))
+        // A withdrawn prefix is blackholed, never left to another route.
+        let (mut nl, _) = self.netlink()?;
+        let res = nl
+            .route_replace(&Route {
+                kind: RouteKind::Blackhole,
+                oif: None,
+                ..tunnel_route(prefix, 0)
+            })
+            .map_err(|e| format!("blackholing {prefix}: {e}"));
+        if let Some(s) = &self.steering {
+            s.remove_remote((prefix.addr(), prefix.len()))
+                .map_err(|e| format!("unsteering {prefix}: {e}"))?;
+        }
+        res
     }
-}
-
-fn ip_output(args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .context("running `ip` (iproute2)")?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    ip_output(args).map(drop)
 }
 
 /// What the UAPI and the admin socket see of the running gateway.
 struct GatewayDevice {
+    /// Steering of workload traffic, when `[steering]` is configured.
+    steering: Option<Arc<Steering>>,
     /// The clustermesh watch, set once it has started.
     watch: std::sync::OnceLock<Arc<MeshWatch>>,
     core: Arc<WgCore>,
@@ -402,6 +466,7 @@ impl GatewayDevice {
                         .collect()
                 })
                 .unwrap_or_default(),
+            steering: self.steering.as_ref().map(|s| s.status()),
         }
     }
 }

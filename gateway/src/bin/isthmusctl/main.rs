@@ -404,6 +404,9 @@ fn render_table(s: &Status) -> String {
             );
         }
     }
+    if let Some(st) = &s.steering {
+        out += &render_steering(st);
+    }
     if !s.channels.is_empty() {
         out += "\nmTLS peer channels:\n";
         let name_w = s
@@ -473,6 +476,36 @@ fn age(secs: Option<f64>) -> String {
         Some(s) if s < 3600.0 => format!("{}s", s as u64),
         Some(s) => format!("{}h{:02}m", s as u64 / 3600, (s as u64 % 3600) / 60),
     }
+}
+
+fn render_steering(st: &isthmus_ebpf_redirect::SteeringStatus) -> String {
+    use isthmus_ebpf_redirect::Entry;
+    let mut out = format!(
+        "\nsteering ({}) into {} from {}:\n",
+        match st.mode {
+            isthmus_ebpf_redirect::Mode::Bpf => "bpf, TCX",
+            _ => "policy routing fallback",
+        },
+        st.tunnel,
+        st.interfaces.join(", ")
+    );
+    let count =
+        |c: &isthmus_ebpf_redirect::Count| format!("{} pkts {}", c.packets, human_bytes(c.bytes));
+    out += &format!(
+        "  redirected {}  passed {}  redirect failed {}  malformed {}\n",
+        count(&st.redirected),
+        count(&st.passed),
+        st.redirect_failed.packets,
+        st.malformed.packets
+    );
+    for e in &st.entries {
+        let what = match &e.entry {
+            Entry::Remote { prefix } => format!("remote  {prefix}"),
+            Entry::Egress { policy, source } => format!("egress  policy {policy} from {source}"),
+        };
+        out += &format!("  {what:<44} {}\n", count(&e.steered));
+    }
+    out
 }
 
 fn render_clusters(clusters: &[ClusterStatus]) -> String {
