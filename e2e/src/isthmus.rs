@@ -53,6 +53,8 @@ pub struct GatewayConfig {
     pub interface_extra: Vec<String>,
     /// `[[peers]]`.
     pub peers: Vec<PeerConfig>,
+    /// Raw TOML appended after the peers (other tables, e.g. `[steering]`).
+    pub trailer: Vec<String>,
 }
 
 /// An ESP peer entry (`[[peers]]` with `kind = "esp"`, keyed by an SA file).
@@ -208,6 +210,9 @@ impl GatewayConfig {
         for peer in &esp.peers {
             s.push_str(&peer.to_toml());
         }
+        for line in &self.trailer {
+            let _ = writeln!(s, "{line}");
+        }
         s
     }
 
@@ -347,6 +352,9 @@ pub struct Status {
     pub esp_drops: Option<GatewayDrops>,
     /// Peers.
     pub peers: Vec<PeerStatus>,
+    /// Steering (`[steering]`), with its counters.
+    #[serde(default)]
+    pub steering: Option<isthmus_ebpf_redirect::SteeringStatus>,
 }
 
 impl Status {

@@ -46,6 +46,7 @@ fn base(env: &Env, name: &str) -> GatewayConfig {
             allowed_prefixes: vec!["100.64.2.0/24".into()],
             persistent_keepalive: Some(25),
         }],
+        trailer: vec![],
     }
 }
 
@@ -237,6 +238,20 @@ fn unknown_field() {
     let mut cfg = base(&env, &env.run.ifname("u").expect("ifname"));
     cfg.interface_extra = vec!["colour = \"blue\"".into()];
     expect_config_error(&env, "unknown", &cfg, "colour");
+}
+
+#[test]
+fn bad_steering() {
+    let env = env();
+    let mut cfg = base(&env, &env.run.ifname("s").expect("ifname"));
+    cfg.trailer = vec![
+        "[steering]".into(),
+        "mode = \"xdp\"".into(),
+        "interfaces = [\"eth0\"]".into(),
+    ];
+    expect_config_error(&env, "steering-mode", &cfg, "steering.mode");
+    cfg.trailer = vec!["[steering]".into(), "interfaces = []".into()];
+    expect_config_error(&env, "steering-interfaces", &cfg, "steering.interfaces");
 }
 
 fn base64_of(bytes: &[u8]) -> String {

@@ -6,6 +6,7 @@
 use anyhow::{bail, Context, Result};
 use isthmus_e2e::netns::{self, Netns};
 use isthmus_e2e::run::Run;
+use isthmus_e2e::{mesh, ping, wait_for_ping, IsthmusGateway, KeyPair, Topology, Underlay};
 use isthmus_ebpf_redirect::{Entry, Mode, PolicyNumbers, Prefix, Steering, SteeringConfig};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -299,4 +300,137 @@ fn bpf_steers_remote_and_egress_traffic_and_leaves_nothing_behind() -> Result<()
 #[test]
 fn policy_routing_fallback_passes_the_same_checks() -> Result<()> {
     steering_checks(Mode::Policy)
+}
+
+fn tcx_programs(ns: &str, iface: &str) -> Result<Vec<String>> {
+    let iface = iface.to_string();
+    netns::run_in(ns, move || {
+        Ok(isthmus_ebpf_redirect::tcx_ingress_programs(&iface)?)
+    })
+}
+
+fn steered_packets(gw: &IsthmusGateway, prefix: &str) -> Result<u64> {
+    let st = gw.status()?;
+    let steering = st.steering.context("isthmusctl status shows no steering")?;
+    Ok(steering
+        .entries
+        .iter()
+        .find(|e| {
+            e.entry
+                == Entry::Remote {
+                    prefix: prefix.into(),
+                }
+        })
+        .map_or(0, |e| e.steered.packets))
+}
+
+/// What a restarted gateway finds of the one that was killed: BPF leaves
+/// nothing (the TCX link died with the process); the fallback's table and
+/// rules are still there and must be replaced, not duplicated.
+fn leftovers(ns: &str, lan_if: &str, tun: &str) -> Result<(Vec<String>, usize, usize)> {
+    let programs = tcx_programs(ns, lan_if)?;
+    let table = format!(
+        "isthmus_{}",
+        tun.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+    );
+    let tables = netns::exec(ns, "nft", &["list", "tables"])?;
+    let n_tables = tables
+        .lines()
+        .filter(|l| l.split_whitespace().last() == Some(table.as_str()))
+        .count();
+    let rules = netns::ip(ns, &["rule", "show"])? + &netns::ip(ns, &["-6", "rule", "show"])?;
+    let n_rules = rules.lines().filter(|l| l.contains("lookup 4953")).count();
+    Ok((programs, n_tables, n_rules))
+}
+
+/// A gateway with `[steering]` in front of its workload: the workload reaches
+/// the far site through the tunnel, the steering counters show the packets,
+/// and after `kill -9` and a restart exactly one program (or one fallback
+/// table and rule pair) is in place.
+fn gateway_steering(mode: &str, expect: Mode) -> Result<()> {
+    let topo = Topology::two_sites(Underlay::V4)?;
+    let keys = [KeyPair::generate()?, KeyPair::generate()?];
+    let (s1, s2) = (topo.site(1).clone(), topo.site(2).clone());
+    let mut c1 = mesh::isthmus_config(&s1, mesh::peers_for(&topo, &keys, 1));
+    c1.trailer = vec![
+        "[steering]".into(),
+        format!("mode = \"{mode}\""),
+        format!("interfaces = [\"{}\"]", s1.lan_if),
+    ];
+    let c2 = mesh::isthmus_config(&s2, mesh::peers_for(&topo, &keys, 2));
+    let mut g1 = IsthmusGateway::start(topo.run(), &s1.gw_ns, &keys[0], &c1)?;
+    let _g2 = IsthmusGateway::start(topo.run(), &s2.gw_ns, &keys[1], &c2)?;
+    let far: IpAddr = s2.workload_addr.into();
+    assert!(
+        wait_for_ping(&s1.wl_ns, far, Duration::from_secs(10)),
+        "no ping through the tunnel"
+    );
+    let st = g1.status()?.steering.context("no steering in status")?;
+    assert_eq!(st.mode, expect, "{mode}: {st:?}");
+    let before = steered_packets(&g1, &s2.workload_prefix)?;
+    assert!(ping(&s1.wl_ns, far, 3), "ping failed");
+    let after = steered_packets(&g1, &s2.workload_prefix)?;
+    assert!(
+        after >= before + 3,
+        "{mode}: steering counted {before} then {after}"
+    );
+    let text = String::from_utf8_lossy(
+        &isthmus_e2e::isthmus::isthmusctl(&[
+            "status",
+            "--socket",
+            &g1.admin_socket.to_string_lossy(),
+        ])?
+        .stdout,
+    )
+    .into_owned();
+    assert!(
+        text.contains("steering ("),
+        "isthmusctl status shows no steering:\n{text}"
+    );
+    let (programs, tables, rules) = leftovers(&s1.gw_ns, &s1.lan_if, &s1.tunnel_if)?;
+    match expect {
+        Mode::Bpf => assert_eq!(
+            (programs, tables, rules),
+            (vec!["isthmus_steer".to_string()], 0, 0)
+        ),
+        _ => assert_eq!((programs.len(), tables, rules), (0, 1, 2)),
+    }
+
+    // kill -9: the BPF program goes with the process.
+    g1.process().signal(libc::SIGKILL);
+    g1.process()
+        .wait_timeout(Duration::from_secs(5))?
+        .context("gateway survived SIGKILL")?;
+    let (programs, _, _) = leftovers(&s1.gw_ns, &s1.lan_if, &s1.tunnel_if)?;
+    assert!(
+        programs.is_empty(),
+        "{mode}: program left attached after kill -9: {programs:?}"
+    );
+
+    // Restart: exactly one program / one table and rule pair again, and traffic flows.
+    let g1 = IsthmusGateway::start(topo.run(), &s1.gw_ns, &keys[0], &c1)?;
+    let (programs, tables, rules) = leftovers(&s1.gw_ns, &s1.lan_if, &s1.tunnel_if)?;
+    match expect {
+        Mode::Bpf => assert_eq!(
+            (programs, tables, rules),
+            (vec!["isthmus_steer".to_string()], 0, 0)
+        ),
+        _ => assert_eq!((programs.len(), tables, rules), (0, 1, 2)),
+    }
+    assert!(
+        wait_for_ping(&s1.wl_ns, far, Duration::from_secs(10)),
+        "no ping after restart"
+    );
+    assert!(steered_packets(&g1, &s2.workload_prefix)? >= 1);
+    Ok(())
+}
+
+#[test]
+fn gateway_bpf_steering_survives_kill_9_without_stale_programs() -> Result<()> {
+    gateway_steering("bpf", Mode::Bpf)
+}
+
+#[test]
+fn gateway_policy_fallback_survives_kill_9_without_duplicate_rules() -> Result<()> {
+    gateway_steering("policy", Mode::Policy)
 }
