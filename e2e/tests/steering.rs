@@ -221,6 +221,30 @@ fn steering_checks(mode: Mode) -> Result<()> {
             "{mode}: a removed prefix is still steered"
         );
 
+        // A local entry inside a steered prefix passes (a node's own pods
+        // inside the cluster's pod space); the rest of the prefix is steered.
+        steer.add_local(prefix("10.99.7.0/24"))?;
+        pod_send(&pod, "10.77.0.2", "10.99.7.5:7000", b"inside-local")?;
+        assert!(
+            !tun.saw(b"inside-local", short),
+            "{mode}: a local prefix was steered"
+        );
+        pod_send(&pod, "10.77.0.2", "10.99.8.5:7000", b"beside-local")?;
+        assert!(
+            tun.saw(b"beside-local", wait),
+            "{mode}: the covering prefix stopped steering"
+        );
+        assert!(
+            entry_packets(
+                &steer,
+                &Entry::Local {
+                    prefix: "10.99.7.0/24".into()
+                }
+            ) >= 1,
+            "{mode}: {:?}",
+            steer.status()
+        );
+
         // Egress steering: only the selected source goes to the tunnel.
         steer.set_egress(1, &[prefix("10.77.0.2/32")], &[prefix("203.0.113.0/24")])?;
         pod_send(&pod, "10.77.0.2", "203.0.113.9:443", b"egress-selected")?;

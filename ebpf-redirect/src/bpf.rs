@@ -66,6 +66,7 @@ pub struct BpfSteering {
     counters: PerCpuArray<MapData, Counter>,
     slots: Slots,
     remotes: BTreeMap<Prefix, u32>,
+    locals: BTreeMap<Prefix, u32>,
     egress: BTreeMap<u32, EgressPolicy>,
     _links: Vec<SchedClassifierLinkId>,
     // Declared last: dropped after the maps above, and with it the program and
@@ -162,6 +163,7 @@ impl BpfSteering {
             counters,
             slots: Slots::default(),
             remotes: BTreeMap::new(),
+            locals: BTreeMap::new(),
             egress: BTreeMap::new(),
             _links: links,
             _ebpf: ebpf,
@@ -193,14 +195,38 @@ impl BpfSteering {
     }
 
     pub(crate) fn add_remote(&mut self, prefix: Prefix) -> Result<(), SteerError> {
+        if self.locals.contains_key(&prefix) {
+            return Err(SteerError::Invalid(format!(
+                "{} is a local prefix",
+                prefix_str(prefix)
+            )));
+        }
+        self.insert_prefix(prefix, self.tun_ifindex)
+    }
+
+    pub(crate) fn add_local(&mut self, prefix: Prefix) -> Result<(), SteerError> {
         if self.remotes.contains_key(&prefix) {
+            return Err(SteerError::Invalid(format!(
+                "{} is a remote prefix",
+                prefix_str(prefix)
+            )));
+        }
+        self.insert_prefix(prefix, 0)
+    }
+
+    /// Writes a prefix entry: into the tunnel (`ifindex` of the tunnel) or
+    /// local (`0`).
+    fn insert_prefix(&mut self, prefix: Prefix, ifindex: u32) -> Result<(), SteerError> {
+        let book = if ifindex == 0 {
+            &self.locals
+        } else {
+            &self.remotes
+        };
+        if book.contains_key(&prefix) {
             return Ok(());
         }
         let slot = self.new_slot()?;
-        let target = Target {
-            ifindex: self.tun_ifindex,
-            slot,
-        };
+        let target = Target { ifindex, slot };
         let res = match prefix.0 {
             IpAddr::V4(a) => self
                 .remote4
@@ -213,7 +239,11 @@ impl BpfSteering {
             self.slots.free.push(slot);
             return Err(bpf_err(&format!("adding {}", prefix_str(prefix)), e));
         }
-        self.remotes.insert(prefix, slot);
+        if ifindex == 0 {
+            self.locals.insert(prefix, slot);
+        } else {
+            self.remotes.insert(prefix, slot);
+        }
         Ok(())
     }
 
@@ -411,6 +441,12 @@ impl BpfSteering {
                 steered: self.read(*slot),
             })
             .collect();
+        entries.extend(self.locals.iter().map(|(p, slot)| EntryStatus {
+            entry: Entry::Local {
+                prefix: prefix_str(*p),
+            },
+            steered: self.read(*slot),
+        }));
         for (policy, p) in &self.egress {
             for (src, slot) in &p.sources {
                 entries.push(EntryStatus {

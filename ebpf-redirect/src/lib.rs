@@ -119,6 +119,12 @@ pub enum Entry {
         /// Destination prefix.
         prefix: String,
     },
+    /// Packets to this prefix pass untouched even inside a steered prefix
+    /// (a node's own pods).
+    Local {
+        /// Destination prefix.
+        prefix: String,
+    },
     /// Egress policy: packets from `source` to any of the policy's
     /// destinations go into the tunnel.
     Egress {
@@ -280,6 +286,17 @@ impl Steering {
         self.with(|b| match b {
             Backend::Bpf(b) => b.remove_remote(prefix),
             Backend::Policy(p) => p.remove_remote(prefix),
+        })
+    }
+
+    /// Lets packets to `prefix` pass untouched even when a steered prefix
+    /// covers it (longest prefix wins), e.g. a node's own pod prefix inside the
+    /// cluster's pod space (idempotent).
+    pub fn add_local(&self, prefix: Prefix) -> Result<(), SteerError> {
+        let prefix = canonical(prefix)?;
+        self.with(|b| match b {
+            Backend::Bpf(b) => b.add_local(prefix),
+            Backend::Policy(p) => p.add_local(prefix),
         })
     }
 

@@ -52,6 +52,7 @@ pub struct PolicySteering {
     interfaces: Vec<String>,
     numbers: PolicyNumbers,
     remotes: BTreeSet<Prefix>,
+    locals: BTreeSet<Prefix>,
     egress: BTreeMap<u32, (BTreeSet<Prefix>, BTreeSet<Prefix>)>,
     /// Steered packets counted by rules deleted since (kept in the total).
     retired: Count,
@@ -101,6 +102,7 @@ impl PolicySteering {
             interfaces: cfg.interfaces.clone(),
             numbers: cfg.policy,
             remotes: BTreeSet::new(),
+            locals: BTreeSet::new(),
             egress: BTreeMap::new(),
             retired: Count::default(),
         };
@@ -267,6 +269,12 @@ impl PolicySteering {
     }
 
     pub(crate) fn add_remote(&mut self, prefix: Prefix) -> Result<(), SteerError> {
+        if self.locals.contains(&prefix) {
+            return Err(SteerError::Invalid(format!(
+                "{} is a local prefix",
+                prefix_str(prefix)
+            )));
+        }
         if self.remotes.contains(&prefix) {
             return Ok(());
         }
@@ -282,6 +290,28 @@ impl PolicySteering {
             Self::remote_comment(prefix)
         ))?;
         self.remotes.insert(prefix);
+        Ok(())
+    }
+
+    pub(crate) fn add_local(&mut self, prefix: Prefix) -> Result<(), SteerError> {
+        if self.remotes.contains(&prefix) {
+            return Err(SteerError::Invalid(format!(
+                "{} is a remote prefix",
+                prefix_str(prefix)
+            )));
+        }
+        if self.locals.contains(&prefix) {
+            return Ok(());
+        }
+        // At the top of the chain: a local prefix wins over any steered one.
+        let fam = Self::family(&prefix.0);
+        self.nft_script(&format!(
+            "insert rule inet {} {CHAIN} iifname @ifaces {fam} daddr {} counter accept comment \"local {}\"\n",
+            self.table,
+            prefix_str(prefix),
+            prefix_str(prefix)
+        ))?;
+        self.locals.insert(prefix);
         Ok(())
     }
 
@@ -378,6 +408,14 @@ impl PolicySteering {
                 Count::default(),
             );
         }
+        for p in &self.locals {
+            by_entry.insert(
+                Entry::Local {
+                    prefix: prefix_str(*p),
+                },
+                Count::default(),
+            );
+        }
         for (policy, (sources, _)) in &self.egress {
             for s in sources {
                 by_entry.insert(
@@ -393,12 +431,27 @@ impl PolicySteering {
             let mut words = comment.split_whitespace();
             let entry = match words.next() {
                 Some("pass") => {
-                    passed = count;
+                    passed.packets += count.packets;
+                    passed.bytes += count.bytes;
                     continue;
                 }
                 Some("remote") => words.next().map(|p| Entry::Remote {
                     prefix: p.to_string(),
                 }),
+                Some("local") => {
+                    // Passed, not steered: counted as passed and on its entry.
+                    if let Some(p) = words.next() {
+                        let e = Entry::Local {
+                            prefix: p.to_string(),
+                        };
+                        if let Some(c) = by_entry.get_mut(&e) {
+                            *c = count;
+                        }
+                    }
+                    passed.packets += count.packets;
+                    passed.bytes += count.bytes;
+                    continue;
+                }
                 Some("egress") => match (words.next().and_then(|p| p.parse().ok()), words.next()) {
                     (Some(policy), Some(src)) => Some(Entry::Egress {
                         policy,

@@ -56,8 +56,40 @@ struct RawConfig {
     identity: Option<RawIdentity>,
     mesh: Option<RawMesh>,
     steering: Option<RawSteering>,
+    node: Option<RawNode>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    pod_prefixes: Option<Vec<String>>,
+    cluster_prefixes: Option<Vec<String>>,
+    strict: Option<bool>,
+    nodes_file: Option<PathBuf>,
+}
+
+/// The nodes file of node mode: the cluster's nodes (this one may be listed
+/// too; it is skipped).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNodesFile {
+    #[serde(default)]
+    nodes: Vec<RawNodeEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNodeEntry {
+    name: Option<String>,
+    spiffe_id: Option<String>,
+    channel_endpoint: Option<String>,
+    #[serde(default)]
+    pod_prefixes: Vec<String>,
+    kind: Option<String>,
+    persistent_keepalive: Option<u16>,
+    esp: Option<RawEsp>,
 }
 
 #[derive(Deserialize)]
@@ -189,6 +221,25 @@ pub struct GatewayConfig {
     pub mesh: Option<MeshConfig>,
     /// Steering of workload traffic into the tunnel (`[steering]`).
     pub steering: Option<isthmus_ebpf_redirect::SteeringConfig>,
+    /// Node mode (`[node]`): transparent encryption between the nodes of a cluster.
+    pub node: Option<NodeConfig>,
+}
+
+/// `[node]`: this gateway runs on a node and encrypts pod traffic to the other
+/// nodes of its cluster, listed in `nodes_file`.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// This node's pod prefixes: traffic to them is never steered.
+    pub pod_prefixes: Vec<IpPrefix>,
+    /// The cluster's pod space.
+    pub cluster_prefixes: Vec<IpPrefix>,
+    /// Strict mode: pod traffic into `cluster_prefixes` that has no tunnel is
+    /// dropped (steered into the tunnel device, which has no peer for it).
+    pub strict: bool,
+    /// The nodes file (reloaded when it changes).
+    pub nodes_file: PathBuf,
+    /// The other nodes as read at start.
+    pub nodes: Vec<IdentityPeer>,
 }
 
 /// A remote cluster's API server.
@@ -456,6 +507,30 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         None => None,
         Some(raw) => Some(steering(raw, &interface.name)?),
     };
+    let node = match raw.node {
+        None => None,
+        Some(raw_node) => {
+            let Some(identity) = identity.as_ref() else {
+                return Err(ConfigError::new(
+                    "node",
+                    "requires the [identity] table (node tunnels are keyed over mTLS)",
+                ));
+            };
+            if steering.is_none() {
+                return Err(ConfigError::new(
+                    "node",
+                    "requires the [steering] table (the pod interfaces whose traffic is encrypted)",
+                ));
+            }
+            if mesh.is_some() {
+                return Err(ConfigError::new(
+                    "node",
+                    "cannot be combined with [mesh] yet: run node mode and the cluster gateway as separate gateways",
+                ));
+            }
+            Some(node(raw_node, identity)?)
+        }
+    };
     Ok(GatewayConfig {
         interface,
         peers,
@@ -465,7 +540,206 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         identity_peers,
         mesh,
         steering,
+        node,
     })
+}
+
+fn prefix_list(field: &str, list: &[String]) -> Result<Vec<IpPrefix>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for (j, p) in list.iter().enumerate() {
+        let prefix: IpPrefix = p
+            .parse()
+            .map_err(|e| ConfigError::new(format!("{field}[{j}]"), format!("`{p}`: {e}")))?;
+        if prefix.len() == 0 {
+            return Err(ConfigError::new(
+                format!("{field}[{j}]"),
+                "a default prefix cannot be a pod prefix",
+            ));
+        }
+        out.push(prefix);
+    }
+    Ok(out)
+}
+
+/// Whether two prefixes share any address.
+pub fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a.contains(b.addr()) || b.contains(a.addr()))
+}
+
+/// Whether `inner` lies inside `outer`.
+pub fn within(inner: &IpPrefix, outer: &IpPrefix) -> bool {
+    inner.is_ipv4() == outer.is_ipv4() && outer.len() <= inner.len() && outer.contains(inner.addr())
+}
+
+fn node(raw: RawNode, identity: &IdentityConfig) -> Result<NodeConfig, ConfigError> {
+    let pod_prefixes = prefix_list("node.pod_prefixes", &raw.pod_prefixes.unwrap_or_default())?;
+    if pod_prefixes.is_empty() {
+        return Err(ConfigError::new(
+            "node.pod_prefixes",
+            "required: this node's pod prefixes",
+        ));
+    }
+    let cluster_prefixes = prefix_list(
+        "node.cluster_prefixes",
+        &raw.cluster_prefixes.unwrap_or_default(),
+    )?;
+    if cluster_prefixes.is_empty() {
+        return Err(ConfigError::new(
+            "node.cluster_prefixes",
+            "required: the cluster's pod space (strict mode covers it)",
+        ));
+    }
+    for (j, p) in pod_prefixes.iter().enumerate() {
+        if !cluster_prefixes.iter().any(|c| within(p, c)) {
+            return Err(ConfigError::new(
+                format!("node.pod_prefixes[{j}]"),
+                format!("{p} is not inside node.cluster_prefixes"),
+            ));
+        }
+    }
+    let nodes_file = raw.nodes_file.ok_or_else(|| {
+        ConfigError::new(
+            "node.nodes_file",
+            "required: the file listing the cluster's nodes",
+        )
+    })?;
+    let mut cfg = NodeConfig {
+        pod_prefixes,
+        cluster_prefixes,
+        strict: raw.strict.unwrap_or(true),
+        nodes_file,
+        nodes: Vec::new(),
+    };
+    let own = own_id(identity)?;
+    cfg.nodes = load_nodes(&cfg, &own).map_err(|e| {
+        ConfigError::new(
+            "node.nodes_file",
+            format!("{}: {}: {}", cfg.nodes_file.display(), e.field, e.message),
+        )
+    })?;
+    Ok(cfg)
+}
+
+/// This gateway's own SPIFFE ID (from its certificate).
+pub fn own_id(identity: &IdentityConfig) -> Result<isthmus_identity::SpiffeId, ConfigError> {
+    let leaf = identity
+        .credentials
+        .chain
+        .first()
+        .ok_or_else(|| ConfigError::new("identity.certificate", "holds no certificate"))?;
+    isthmus_identity::spiffe_id_of(leaf)
+        .map_err(|e| ConfigError::new("identity.certificate", e.to_string()))
+}
+
+/// Reads and checks the nodes file of `cfg`: every other node of this
+/// gateway's cluster, as identity peers whose allowed prefixes are the node's
+/// pod prefixes. This node's own entry (same SPIFFE ID) is skipped.
+pub fn load_nodes(
+    cfg: &NodeConfig,
+    own: &isthmus_identity::SpiffeId,
+) -> Result<Vec<IdentityPeer>, ConfigError> {
+    let text = std::fs::read_to_string(&cfg.nodes_file)
+        .map_err(|e| ConfigError::new("nodes", format!("cannot read: {e}")))?;
+    parse_nodes(&text, cfg, own)
+}
+
+/// [`load_nodes`] on the file's text.
+pub fn parse_nodes(
+    text: &str,
+    cfg: &NodeConfig,
+    own: &isthmus_identity::SpiffeId,
+) -> Result<Vec<IdentityPeer>, ConfigError> {
+    let de = toml::Deserializer::new(text);
+    let raw: RawNodesFile = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        ConfigError::new(
+            if path == "." {
+                "nodes".to_string()
+            } else {
+                path
+            },
+            e.inner().message().to_string(),
+        )
+    })?;
+    let Some(own_gw) = own.as_gateway() else {
+        return Err(ConfigError::new(
+            "identity.certificate",
+            "this gateway's certificate is not a gateway identity",
+        ));
+    };
+    let mut nodes: Vec<IdentityPeer> = Vec::new();
+    for (i, entry) in raw.nodes.into_iter().enumerate() {
+        let field = |f: &str| format!("nodes[{i}].{f}");
+        let pods = prefix_list(&field("pod_prefixes"), &entry.pod_prefixes)?;
+        let raw_peer = RawPeer {
+            name: entry.name,
+            kind: entry.kind,
+            public_key: None,
+            endpoint: None,
+            allowed_prefixes: entry.pod_prefixes,
+            persistent_keepalive: entry.persistent_keepalive,
+            spiffe_id: entry.spiffe_id,
+            channel_endpoint: entry.channel_endpoint,
+            esp: entry.esp,
+        };
+        let mut peer = identity_peer(i, raw_peer).map_err(|e| ConfigError {
+            field: e
+                .field
+                .replacen("peers[", "nodes[", 1)
+                .replace("allowed_prefixes", "pod_prefixes"),
+            message: e.message,
+        })?;
+        peer.allowed_prefixes = pods;
+        if &peer.spiffe_id == own {
+            continue;
+        }
+        match peer.spiffe_id.as_gateway() {
+            Some(g) if g.trust_domain == own_gw.trust_domain && g.cluster == own_gw.cluster => {}
+            _ => {
+                return Err(ConfigError::new(
+                    field("spiffe_id"),
+                    format!(
+                        "{} is not a gateway of this node's cluster {}",
+                        peer.spiffe_id, own_gw.cluster
+                    ),
+                ))
+            }
+        }
+        if peer.allowed_prefixes.is_empty() {
+            return Err(ConfigError::new(
+                field("pod_prefixes"),
+                "required: the node's pod prefixes",
+            ));
+        }
+        for (j, p) in peer.allowed_prefixes.iter().enumerate() {
+            let f = format!("nodes[{i}].pod_prefixes[{j}]");
+            if !cfg.cluster_prefixes.iter().any(|c| within(p, c)) {
+                return Err(ConfigError::new(
+                    f,
+                    format!("{p} is not inside node.cluster_prefixes"),
+                ));
+            }
+            if let Some(mine) = cfg.pod_prefixes.iter().find(|m| overlaps(p, m)) {
+                return Err(ConfigError::new(
+                    f,
+                    format!("{p} overlaps this node's pod prefix {mine}"),
+                ));
+            }
+            for (k, other) in nodes.iter().enumerate() {
+                if let Some(q) = other.allowed_prefixes.iter().find(|q| overlaps(p, q)) {
+                    return Err(ConfigError::new(
+                        f,
+                        format!("{p} overlaps {q} of nodes[{k}]"),
+                    ));
+                }
+            }
+        }
+        if nodes.iter().any(|n| n.spiffe_id == peer.spiffe_id) {
+            return Err(ConfigError::new(field("spiffe_id"), "listed twice"));
+        }
+        nodes.push(peer);
+    }
+    Ok(nodes)
 }
 
 /// `[steering]`: which workload interfaces' traffic is steered into the tunnel.
@@ -1372,10 +1646,6 @@ fn check_esp_peers(peers: &[EspPeerConfig], index: &[usize]) -> Result<(), Confi
         }
         Err(e) => Err(ConfigError::new("peers", e.to_string())),
     }
-}
-
-fn overlaps(a: &IpPrefix, b: &IpPrefix) -> bool {
-    a.contains(b.addr()) || b.contains(a.addr())
 }
 
 #[cfg(test)]

@@ -28,7 +28,8 @@ pub const FIRST_ENTRY_SLOT: u32 = 8;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Target {
-    /// Interface index of the tunnel device the packet is redirected to.
+    /// Interface index of the tunnel device the packet is redirected to; 0
+    /// for a local entry (the packet passes untouched).
     pub ifindex: u32,
     /// Counter slot of this entry.
     pub slot: u32,

@@ -7,7 +7,9 @@
 //!    the packet is redirected into the tunnel device toward the egress gateway;
 //! 2. cross-cluster / node-to-node: if the destination lies in a mesh prefix,
 //!    the packet is redirected into the tunnel device;
-//! 3. anything else passes untouched.
+//! 3. anything else passes untouched. A mesh entry whose target interface is 0
+//!    is a *local* entry (a node's own pod prefix inside a steered cluster
+//!    prefix): it passes too.
 //!
 //! Every decision is counted per CPU, per verdict and per map entry.
 #![no_std]
@@ -115,6 +117,10 @@ fn steer_v6(ctx: &TcContext, len: u64) -> i32 {
 fn redirect(t: &Target, len: u64) -> i32 {
     let (ifindex, slot) = (t.ifindex, t.slot);
     count(slot, len);
+    if ifindex == 0 {
+        // A local entry (this node's own pods inside a steered prefix): pass.
+        return pass(len);
+    }
     // SAFETY: a BPF helper call with plain integer arguments.
     let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;
     if verdict == TC_ACT_REDIRECT as i32 {

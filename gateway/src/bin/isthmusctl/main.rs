@@ -501,6 +501,7 @@ fn render_steering(st: &isthmus_ebpf_redirect::SteeringStatus) -> String {
     for e in &st.entries {
         let what = match &e.entry {
             Entry::Remote { prefix } => format!("remote  {prefix}"),
+            Entry::Local { prefix } => format!("local   {prefix} (passes)"),
             Entry::Egress { policy, source } => format!("egress  policy {policy} from {source}"),
         };
         out += &format!("  {what:<44} {}\n", count(&e.steered));
