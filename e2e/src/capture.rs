@@ -87,6 +87,10 @@ pub struct Packet {
     pub udp_dst: Option<u16>,
     /// WireGuard message type (1 initiation, 2 response, 3 cookie, 4 data).
     pub wg_type: Option<u8>,
+    /// TCP source port.
+    pub tcp_src: Option<u16>,
+    /// TCP destination port.
+    pub tcp_dst: Option<u16>,
 }
 
 impl Packet {
@@ -173,6 +177,8 @@ impl Pcap {
                 "udp.srcport",
                 "udp.dstport",
                 "wg.type",
+                "tcp.srcport",
+                "tcp.dstport",
             ],
         )?;
         let mut packets = Vec::with_capacity(rows.len());
@@ -188,6 +194,8 @@ impl Pcap {
                 udp_src: get(7).parse().ok(),
                 udp_dst: get(8).parse().ok(),
                 wg_type: get(9).parse().ok(),
+                tcp_src: get(10).parse().ok(),
+                tcp_dst: get(11).parse().ok(),
             });
         }
         Ok(packets)

@@ -355,6 +355,9 @@ pub struct Status {
     /// Steering (`[steering]`), with its counters.
     #[serde(default)]
     pub steering: Option<isthmus_ebpf_redirect::SteeringStatus>,
+    /// Node mode (`[node]`), as the gateway reports it.
+    #[serde(default)]
+    pub node: Option<serde_json::Value>,
 }
 
 impl Status {

@@ -40,6 +40,9 @@ pub struct Status {
     /// Steering of workload traffic into the tunnel (`[steering]`), with counters.
     #[serde(default)]
     pub steering: Option<isthmus_ebpf_redirect::SteeringStatus>,
+    /// Node mode (`[node]`): the other nodes and strict mode.
+    #[serde(default)]
+    pub node: Option<crate::node::NodeStatus>,
 }
 
 /// One remote cluster in `isthmusctl status`.
@@ -297,6 +300,7 @@ mod tests {
             channels: vec![],
             clusters: vec![],
             steering: None,
+            node: None,
         }
     }
 

@@ -294,7 +294,7 @@ async fn reprogram(
     let links = links.clone();
     let routes = routes.clone();
     let shared = shared.clone();
-    // Stopping a dialer joins its thread and routes are programmed by running `ip`:
+    // Stopping a dialer joins its thread and routes are programmed over netlink:
     // both block, so they run off the async workers (one reprogramming at a time: the
     // consume loop awaits this).
     let _ = tokio::task::spawn_blocking(move || {

@@ -531,6 +531,13 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
             Some(node(raw_node, identity)?)
         }
     };
+    if node
+        .as_ref()
+        .is_some_and(|n| n.nodes.iter().any(|p| p.kind == TunnelKind::Esp))
+        && !interface.mtu_given
+    {
+        interface.mtu = DEFAULT_MTU_WITH_ESP;
+    }
     Ok(GatewayConfig {
         interface,
         peers,

@@ -9,4 +9,5 @@ pub mod admin;
 pub mod clustermesh;
 pub mod config;
 pub mod mesh;
+pub mod node;
 pub mod uapi;

@@ -15,6 +15,7 @@ use isthmus_gateway::admin::{self, AdminServer, PeerStatus, Status};
 use isthmus_gateway::clustermesh::{MeshWatch, RouteSink};
 use isthmus_gateway::config::{self, GatewayConfig, TunnelKind};
 use isthmus_gateway::mesh::MeshLinks;
+use isthmus_gateway::node::NodeWatch;
 use isthmus_gateway::uapi::{
     self, KeyUpdate, SetRequest, UapiDevice, UapiError, UapiPeer, UapiServer, UapiSnapshot,
 };
@@ -87,6 +88,10 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let wants_esp = !cfg.esp_peers.is_empty()
         || cfg.identity_peers.iter().any(|p| p.kind == TunnelKind::Esp)
         || cfg
+            .node
+            .as_ref()
+            .is_some_and(|n| n.nodes.iter().any(|p| p.kind == TunnelKind::Esp))
+        || cfg
             .mesh
             .as_ref()
             .is_some_and(|m| m.kinds.contains(&TunnelKind::Esp));
@@ -126,7 +131,9 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let steering = start_steering(&cfg)?;
 
     let mesh = match &cfg.identity {
-        Some(identity) if !cfg.identity_peers.is_empty() || cfg.mesh.is_some() => {
+        Some(identity)
+            if !cfg.identity_peers.is_empty() || cfg.mesh.is_some() || cfg.node.is_some() =>
+        {
             let advertise = identity
                 .advertise_address
                 .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
@@ -161,6 +168,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
 
     let device = Arc::new(GatewayDevice {
         watch: std::sync::OnceLock::new(),
+        node: std::sync::OnceLock::new(),
         steering: steering.clone(),
         core,
         esp,
@@ -184,6 +192,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 links.clone(),
                 Arc::new(MeshRoutes {
                     dev: iface.name.clone(),
+                    mtu: iface.mtu,
                     steering: steering.clone(),
                 }),
             )
@@ -193,6 +202,29 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     };
     if let Some(w) = &watch {
         let _ = device.watch.set(w.clone());
+    }
+    let node_watch = match (&cfg.node, &cfg.identity, &device.mesh, &steering) {
+        (Some(node_cfg), Some(identity), Some(links), Some(steering)) => {
+            let own = config::own_id(identity).map_err(|e| anyhow::anyhow!("{e}"))?;
+            Some(Arc::new(
+                NodeWatch::start(
+                    node_cfg.clone(),
+                    own,
+                    links.clone(),
+                    Arc::new(MeshRoutes {
+                        dev: iface.name.clone(),
+                        mtu: iface.mtu,
+                        steering: Some(steering.clone()),
+                    }),
+                    steering.clone(),
+                )
+                .context("starting node mode")?,
+            ))
+        }
+        _ => None,
+    };
+    if let Some(n) = &node_watch {
+        let _ = device.node.set(n.clone());
     }
     let status_device = device.clone();
     let admin_watch = watch.clone();
@@ -230,6 +262,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let signal = signals.forever().next();
     tracing::info!(?signal, "shutting down");
     drop(admin);
+    drop(node_watch);
     drop(watch);
     drop(uapi);
     // Detach the program / remove the fallback's rules before the device goes.
@@ -262,7 +295,7 @@ fn configure_device(cfg: &GatewayConfig) -> anyhow::Result<()> {
             );
             continue;
         }
-        nl.route_replace(&tunnel_route(prefix, index))
+        nl.route_replace(&tunnel_route(prefix, index, cfg.interface.mtu))
             .with_context(|| format!("routing {prefix} into {name}"))?;
     }
     Ok(())
@@ -277,14 +310,16 @@ fn static_prefixes(cfg: &GatewayConfig) -> impl Iterator<Item = &IpPrefix> {
         .chain(cfg.identity_peers.iter().flat_map(|p| &p.allowed_prefixes))
 }
 
-/// Main-table route of `prefix` into the tunnel device, marked as ours.
-fn tunnel_route(prefix: &IpPrefix, oif: u32) -> Route {
+/// Main-table route of `prefix` into the tunnel device, marked as ours. Its
+/// MTU is the tunnel's (the device MTU already leaves room for the tunnel
+/// overhead), so nothing routed into the tunnel needs fragmenting.
+fn tunnel_route(prefix: &IpPrefix, oif: u32, mtu: u16) -> Route {
     Route {
         dst: (prefix.addr(), prefix.len()),
         table: MAIN_TABLE,
         kind: RouteKind::Unicast,
         oif: Some(oif),
-        mtu: None,
+        mtu: Some(mtu.into()),
         protocol: RTPROT_ISTHMUS,
         priority: None,
     }
@@ -299,6 +334,23 @@ fn start_steering(cfg: &GatewayConfig) -> anyhow::Result<Option<Arc<Steering>>> 
         return Ok(None);
     };
     let steering = Steering::start(steer_cfg).context("starting [steering]")?;
+    // Steered packets skip routing, so the route MTU cannot shrink them: the
+    // workloads' own MTU must leave room for the tunnel.
+    if let Ok(mut nl) = Netlink::open() {
+        for name in &steer_cfg.interfaces {
+            let mtu = nl.link_index(name).and_then(|i| nl.link_mtu(i));
+            if let Ok(mtu) = mtu {
+                if mtu > u32::from(cfg.interface.mtu) {
+                    tracing::warn!(
+                        interface = %name,
+                        mtu,
+                        tunnel_mtu = cfg.interface.mtu,
+                        "workload interface MTU is above the tunnel's: set the workloads' MTU to at most the tunnel MTU, or their largest packets get fragmented or dropped on the underlay"
+                    );
+                }
+            }
+        }
+    }
     for prefix in static_prefixes(cfg).filter(|p| p.len() > 0) {
         steering
             .add_remote((prefix.addr(), prefix.len()))
@@ -315,6 +367,7 @@ const DEFAULT_KEEP_TUNNEL: std::time::Duration = std::time::Duration::from_secs(
 /// from the mesh.
 struct MeshRoutes {
     dev: String,
+    mtu: u16,
     steering: Option<Arc<Steering>>,
 }
 
@@ -353,7 +406,7 @@ impl RouteSink for MeshRoutes {
             s.add_remote((prefix.addr(), prefix.len()))
                 .map_err(|e| format!("steering {prefix}: {e}"))?;
         }
-        nl.route_replace(&tunnel_route(prefix, index))
+        nl.route_replace(&tunnel_route(prefix, index, self.mtu))
             .map_err(|e| format!("routing {prefix}: {e}"))
     }
 
@@ -364,7 +417,8 @@ impl RouteSink for MeshRoutes {
             .route_replace(&Route {
                 kind: RouteKind::Blackhole,
                 oif: None,
-                ..tunnel_route(prefix, 0)
+                mtu: None,
+                ..tunnel_route(prefix, 0, self.mtu)
             })
             .map_err(|e| format!("blackholing {prefix}: {e}"));
         if let Some(s) = &self.steering {
@@ -377,6 +431,8 @@ impl RouteSink for MeshRoutes {
 
 /// What the UAPI and the admin socket see of the running gateway.
 struct GatewayDevice {
+    /// Node mode, set once it has started.
+    node: std::sync::OnceLock<Arc<NodeWatch>>,
     /// Steering of workload traffic, when `[steering]` is configured.
     steering: Option<Arc<Steering>>,
     /// The clustermesh watch, set once it has started.
@@ -467,6 +523,7 @@ impl GatewayDevice {
                 })
                 .unwrap_or_default(),
             steering: self.steering.as_ref().map(|s| s.status()),
+            node: self.node.get().map(|n| n.status()),
         }
     }
 }

@@ -407,6 +407,29 @@ fn render_table(s: &Status) -> String {
     if let Some(st) = &s.steering {
         out += &render_steering(st);
     }
+    if let Some(n) = &s.node {
+        out += &format!(
+            "\nnode mode ({}): pods {} in cluster {}; nodes from {}\n",
+            if n.strict { "strict" } else { "not strict" },
+            n.pod_prefixes.join(", "),
+            n.cluster_prefixes.join(", "),
+            n.nodes_file
+        );
+        for node in &n.nodes {
+            out += &format!(
+                "  {:<20} {}  pods {}\n",
+                node.name.as_deref().unwrap_or("-"),
+                node.spiffe_id,
+                node.pod_prefixes.join(", ")
+            );
+        }
+        if n.nodes.is_empty() {
+            out += "  (no other nodes)\n";
+        }
+        if let Some(e) = &n.last_error {
+            out += &format!("  nodes file refused: {e} (last good list kept)\n");
+        }
+    }
     if !s.channels.is_empty() {
         out += "\nmTLS peer channels:\n";
         let name_w = s
