@@ -43,6 +43,12 @@ pub struct Status {
     /// Node mode (`[node]`): the other nodes and strict mode.
     #[serde(default)]
     pub node: Option<crate::node::NodeStatus>,
+    /// Egress policies (`[[egress]]`): gateways, health, pinned flows.
+    #[serde(default)]
+    pub egress: Vec<crate::egress::EgressPolicyView>,
+    /// This gateway as an egress gateway (`[egress_gateway]`).
+    #[serde(default)]
+    pub egress_gateway: Option<crate::egress::EgressGatewayStatus>,
 }
 
 /// One remote cluster in `isthmusctl status`.
@@ -301,6 +307,8 @@ mod tests {
             clusters: vec![],
             steering: None,
             node: None,
+            egress: vec![],
+            egress_gateway: None,
         }
     }
 

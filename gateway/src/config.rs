@@ -58,7 +58,44 @@ struct RawConfig {
     steering: Option<RawSteering>,
     node: Option<RawNode>,
     #[serde(default)]
+    egress: Vec<RawEgress>,
+    egress_gateway: Option<RawEgressGateway>,
+    #[serde(default)]
     peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgress {
+    name: Option<String>,
+    #[serde(default)]
+    sources: Vec<String>,
+    #[serde(default)]
+    destinations: Vec<String>,
+    #[serde(default)]
+    gateways: Vec<RawEgressRef>,
+    probe_interval_ms: Option<u64>,
+    probe_multiplier: Option<u32>,
+    probe_source: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgressRef {
+    peer: Option<String>,
+    probe: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEgressGateway {
+    uplink: Option<String>,
+    egress_ip: Option<String>,
+    #[serde(default)]
+    sources: Vec<String>,
+    #[serde(default)]
+    endpoint_probes: Vec<String>,
+    endpoint_probe_interval_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -223,6 +260,52 @@ pub struct GatewayConfig {
     pub steering: Option<isthmus_ebpf_redirect::SteeringConfig>,
     /// Node mode (`[node]`): transparent encryption between the nodes of a cluster.
     pub node: Option<NodeConfig>,
+    /// Egress policies (`[[egress]]`): selected workloads leave through egress gateways.
+    pub egress: Vec<EgressConfig>,
+    /// This gateway as an egress gateway (`[egress_gateway]`).
+    pub egress_gateway: Option<EgressGatewayConfig>,
+}
+
+/// UDP port of the egress health responder (reached through the tunnel only).
+pub const EGRESS_PROBE_PORT: u16 = 7445;
+
+/// One `[[egress]]` policy.
+#[derive(Debug, Clone)]
+pub struct EgressConfig {
+    pub name: String,
+    pub sources: Vec<IpPrefix>,
+    pub destinations: Vec<IpPrefix>,
+    /// Most preferred first.
+    pub gateways: Vec<EgressGatewayRef>,
+    pub probe_interval: std::time::Duration,
+    pub probe_multiplier: u32,
+    /// Source address of the probes (inside this gateway's prefixes as the
+    /// egress gateways know them).
+    pub probe_source: IpAddr,
+}
+
+/// An egress gateway of a policy: a WireGuard peer and the address its
+/// health responder answers on (inside that peer's allowed prefixes).
+#[derive(Debug, Clone)]
+pub struct EgressGatewayRef {
+    pub peer: String,
+    pub public_key: PublicKey,
+    pub probe: IpAddr,
+}
+
+/// `[egress_gateway]`.
+#[derive(Debug, Clone)]
+pub struct EgressGatewayConfig {
+    /// Interface toward the firewalled endpoints.
+    pub uplink: String,
+    /// The address selected traffic leaves with (SNAT); put on the uplink.
+    pub egress_ip: IpAddr,
+    /// Inner sources allowed to leave (others are not translated).
+    pub sources: Vec<IpPrefix>,
+    /// TCP endpoints probed through the uplink; when all fail three times in a
+    /// row this gateway reports its uplink down and sources stop using it.
+    pub endpoint_probes: Vec<SocketAddr>,
+    pub endpoint_probe_interval: std::time::Duration,
 }
 
 /// `[node]`: this gateway runs on a node and encrypts pod traffic to the other
@@ -538,6 +621,40 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
     {
         interface.mtu = DEFAULT_MTU_WITH_ESP;
     }
+    let mut egress = Vec::new();
+    for (i, raw_egress) in raw.egress.into_iter().enumerate() {
+        if steering.is_none() {
+            return Err(ConfigError::new(
+                format!("egress[{i}]"),
+                "requires the [steering] table (it selects the workloads' packets)",
+            ));
+        }
+        let e = egress_policy(i, raw_egress, &peers, &interface)?;
+        if let Some((j, d)) =
+            egress
+                .iter()
+                .enumerate()
+                .find_map(|(j, o): (usize, &EgressConfig)| {
+                    o.destinations
+                        .iter()
+                        .find(|d| e.destinations.iter().any(|x| overlaps(x, d)))
+                        .map(|d| (j, *d))
+                })
+        {
+            return Err(ConfigError::new(
+                format!("egress[{i}].destinations"),
+                format!("overlap {d} of egress[{j}]"),
+            ));
+        }
+        if egress.iter().any(|o: &EgressConfig| o.name == e.name) {
+            return Err(ConfigError::new(format!("egress[{i}].name"), "used twice"));
+        }
+        egress.push(e);
+    }
+    let egress_gateway = match raw.egress_gateway {
+        None => None,
+        Some(raw) => Some(egress_gateway(raw, &interface.name)?),
+    };
     Ok(GatewayConfig {
         interface,
         peers,
@@ -548,6 +665,158 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         mesh,
         steering,
         node,
+        egress,
+        egress_gateway,
+    })
+}
+
+fn egress_policy(
+    i: usize,
+    raw: RawEgress,
+    peers: &[PeerConfig],
+    interface: &InterfaceConfig,
+) -> Result<EgressConfig, ConfigError> {
+    let field = |f: &str| format!("egress[{i}].{f}");
+    let name = raw.name.unwrap_or_default();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(ConfigError::new(
+            field("name"),
+            "required: 1 to 64 letters, digits, '-' or '_'",
+        ));
+    }
+    let sources = prefix_list(&field("sources"), &raw.sources)?;
+    if sources.is_empty() {
+        return Err(ConfigError::new(
+            field("sources"),
+            "required: the selected workloads' prefixes",
+        ));
+    }
+    let destinations = prefix_list(&field("destinations"), &raw.destinations)?;
+    if destinations.is_empty() {
+        return Err(ConfigError::new(
+            field("destinations"),
+            "required: the firewalled endpoints' prefixes",
+        ));
+    }
+    if raw.gateways.is_empty() {
+        return Err(ConfigError::new(
+            field("gateways"),
+            "required: one or more egress gateways",
+        ));
+    }
+    let mut gateways: Vec<EgressGatewayRef> = Vec::new();
+    for (j, g) in raw.gateways.into_iter().enumerate() {
+        let gf = |f: &str| format!("egress[{i}].gateways[{j}].{f}");
+        let peer_name = g.peer.unwrap_or_default();
+        let Some(peer) = peers
+            .iter()
+            .find(|p| p.name.as_deref() == Some(peer_name.as_str()))
+        else {
+            return Err(ConfigError::new(
+                gf("peer"),
+                format!("`{peer_name}`: no WireGuard peer of that name in [[peers]]"),
+            ));
+        };
+        if gateways.iter().any(|o| o.peer == peer_name) {
+            return Err(ConfigError::new(gf("peer"), "listed twice"));
+        }
+        let probe_text = g.probe.unwrap_or_default();
+        let probe: IpAddr = probe_text.parse().map_err(|_| {
+            ConfigError::new(gf("probe"), format!("`{probe_text}`: required, the gateway's address for health probes (inside its allowed prefixes)"))
+        })?;
+        if !peer.allowed_prefixes.iter().any(|p| p.contains(probe)) {
+            return Err(ConfigError::new(
+                gf("probe"),
+                format!("{probe} is not inside the allowed prefixes of peer {peer_name}"),
+            ));
+        }
+        gateways.push(EgressGatewayRef {
+            peer: peer_name,
+            public_key: peer.public_key,
+            probe,
+        });
+    }
+    let interval = raw.probe_interval_ms.unwrap_or(200);
+    if !(50..=1000).contains(&interval) {
+        return Err(ConfigError::new(
+            field("probe_interval_ms"),
+            format!("{interval}: must be 50 to 1000"),
+        ));
+    }
+    let multiplier = raw.probe_multiplier.unwrap_or(3);
+    if !(2..=10).contains(&multiplier) {
+        return Err(ConfigError::new(
+            field("probe_multiplier"),
+            format!("{multiplier}: must be 2 to 10"),
+        ));
+    }
+    let probe_source = match raw.probe_source {
+        Some(t) => t.parse().map_err(|_| ConfigError::new(field("probe_source"), format!("`{t}` is not an IP address")))?,
+        None => interface.addresses.first().map(|(a, _)| *a).ok_or_else(|| {
+            ConfigError::new(field("probe_source"), "required when interface.addresses is empty (the probes' source address, inside this gateway's prefixes at the egress gateways)")
+        })?,
+    };
+    Ok(EgressConfig {
+        name,
+        sources,
+        destinations,
+        gateways,
+        probe_interval: std::time::Duration::from_millis(interval),
+        probe_multiplier: multiplier,
+        probe_source,
+    })
+}
+
+fn egress_gateway(raw: RawEgressGateway, tunnel: &str) -> Result<EgressGatewayConfig, ConfigError> {
+    let uplink = raw.uplink.unwrap_or_default();
+    if uplink.is_empty()
+        || uplink.len() > 15
+        || uplink == tunnel
+        || uplink.contains(|c: char| {
+            c == '/' || c == '"' || c == '\\' || c.is_whitespace() || c.is_control()
+        })
+    {
+        return Err(ConfigError::new("egress_gateway.uplink", format!("`{uplink}`: required, the interface toward the firewalled endpoints (not the tunnel)")));
+    }
+    let ip_text = raw.egress_ip.unwrap_or_default();
+    let egress_ip: IpAddr = ip_text.parse().map_err(|_| {
+        ConfigError::new(
+            "egress_gateway.egress_ip",
+            format!("`{ip_text}`: required, the address selected traffic leaves with"),
+        )
+    })?;
+    let sources = prefix_list("egress_gateway.sources", &raw.sources)?;
+    if sources.is_empty() {
+        return Err(ConfigError::new(
+            "egress_gateway.sources",
+            "required: the workload prefixes allowed to leave through this gateway",
+        ));
+    }
+    let mut endpoint_probes = Vec::new();
+    for (j, t) in raw.endpoint_probes.iter().enumerate() {
+        endpoint_probes.push(parse_endpoint(
+            format!("egress_gateway.endpoint_probes[{j}]"),
+            t,
+        )?);
+    }
+    let interval = raw.endpoint_probe_interval_ms.unwrap_or(1000);
+    if !(100..=60_000).contains(&interval) {
+        return Err(ConfigError::new(
+            "egress_gateway.endpoint_probe_interval_ms",
+            format!("{interval}: must be 100 to 60000"),
+        ));
+    }
+    Ok(EgressGatewayConfig {
+        uplink,
+        egress_ip,
+        sources,
+        endpoint_probes,
+        endpoint_probe_interval: std::time::Duration::from_millis(interval),
     })
 }
 

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod clustermesh;
 pub mod config;
+pub mod egress;
 pub mod mesh;
 pub mod node;
 pub mod uapi;

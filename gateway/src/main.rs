@@ -14,6 +14,7 @@ use isthmus_ebpf_redirect::Steering;
 use isthmus_gateway::admin::{self, AdminServer, PeerStatus, Status};
 use isthmus_gateway::clustermesh::{MeshWatch, RouteSink};
 use isthmus_gateway::config::{self, GatewayConfig, TunnelKind};
+use isthmus_gateway::egress::{EgressGateway, EgressPolicies};
 use isthmus_gateway::mesh::MeshLinks;
 use isthmus_gateway::node::NodeWatch;
 use isthmus_gateway::uapi::{
@@ -129,6 +130,19 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     )?;
     configure_device(&cfg)?;
     let steering = start_steering(&cfg)?;
+    let egress = match &steering {
+        Some(st) if !cfg.egress.is_empty() => Some(
+            EgressPolicies::start(&cfg.egress, &core, st)
+                .context("starting the egress policies")?,
+        ),
+        _ => None,
+    };
+    let egress_gateway = match &cfg.egress_gateway {
+        Some(eg) => Some(Arc::new(
+            EgressGateway::start(eg, &iface.name).context("starting [egress_gateway]")?,
+        )),
+        None => None,
+    };
 
     let mesh = match &cfg.identity {
         Some(identity)
@@ -167,6 +181,8 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     };
 
     let device = Arc::new(GatewayDevice {
+        egress,
+        egress_gateway: egress_gateway.clone(),
         watch: std::sync::OnceLock::new(),
         node: std::sync::OnceLock::new(),
         steering: steering.clone(),
@@ -228,6 +244,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     }
     let status_device = device.clone();
     let admin_watch = watch.clone();
+    let admin_egress = egress_gateway.clone();
     let admin = AdminServer::bind_with(
         &iface.admin_socket,
         Arc::new(move |command: &str| {
@@ -236,6 +253,13 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
             };
             match command {
                 "status" => Some(json(serde_json::to_string_pretty(&status_device.status()))),
+                "egress-drain" | "egress-resume" => Some(match &admin_egress {
+                    Some(e) => {
+                        e.set_draining(command == "egress-drain");
+                        json(serde_json::to_string_pretty(&e.status()))
+                    }
+                    None => "error: no [egress_gateway] in this gateway's config".into(),
+                }),
                 "mesh-clusters" => Some(match &admin_watch {
                     Some(w) => json(serde_json::to_string_pretty(&w.clusters())),
                     None => "error: no [mesh] in this gateway's config".into(),
@@ -267,6 +291,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     drop(uapi);
     // Detach the program / remove the fallback's rules before the device goes.
     drop(device);
+    drop(egress_gateway);
     drop(steering);
     drop(driver);
     // The TUN device is not persistent: it disappears with our descriptor
@@ -431,6 +456,10 @@ impl RouteSink for MeshRoutes {
 
 /// What the UAPI and the admin socket see of the running gateway.
 struct GatewayDevice {
+    /// Egress policies (`[[egress]]`).
+    egress: Option<EgressPolicies>,
+    /// This gateway as an egress gateway.
+    egress_gateway: Option<Arc<EgressGateway>>,
     /// Node mode, set once it has started.
     node: std::sync::OnceLock<Arc<NodeWatch>>,
     /// Steering of workload traffic, when `[steering]` is configured.
@@ -524,6 +553,8 @@ impl GatewayDevice {
                 .unwrap_or_default(),
             steering: self.steering.as_ref().map(|s| s.status()),
             node: self.node.get().map(|n| n.status()),
+            egress: self.egress.as_ref().map(|e| e.status()).unwrap_or_default(),
+            egress_gateway: self.egress_gateway.as_ref().map(|e| e.status()),
         }
     }
 }

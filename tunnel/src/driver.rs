@@ -501,6 +501,7 @@ fn outbound_loop(t: &Tunnels, tun: &SyncDevice, stop: &AtomicBool, mtu: u16) {
             }
         };
         let wg_set = t.wg.peers();
+        let egress = t.wg.egress();
         let esp_set = t.esp.as_ref().map(|(core, _)| core.peers());
         let esp_set = esp_set.as_deref().unwrap_or(&no_esp);
         let now = Instant::now();
@@ -508,7 +509,7 @@ fn outbound_loop(t: &Tunnels, tun: &SyncDevice, stop: &AtomicBool, mtu: u16) {
             let packet = &buf[..size];
             let needed = (size + overhead).max(WG_HANDSHAKE_INIT_LEN);
             let slot = batch.slot(t, needed);
-            let (via, outcome) = route_and_seal(t, &wg_set, esp_set, packet, slot, now);
+            let (via, outcome) = route_and_seal(t, &wg_set, &egress, esp_set, packet, slot, now);
             match outcome {
                 Outbound::Send {
                     to,
@@ -531,6 +532,7 @@ fn outbound_loop(t: &Tunnels, tun: &SyncDevice, stop: &AtomicBool, mtu: u16) {
 fn route_and_seal(
     t: &Tunnels,
     wg_set: &PeerSet,
+    egress: &crate::egress::EgressTable,
     esp_set: &EspPeerSet,
     packet: &[u8],
     out: &mut [u8],
@@ -545,6 +547,20 @@ fn route_and_seal(
     if let IpAddr::V6(v6) = dst {
         if v6.segments()[0] & 0xff0f == 0xff02 {
             return (Via::Wg, Outbound::Dropped(crate::DropReason::NoRoute));
+        }
+    }
+    if !egress.is_empty() {
+        if let Some(policy) =
+            crate::egress::FlowKey::of(packet).and_then(|f| egress.select(f.source(), dst))
+        {
+            return match policy.pick(packet, now) {
+                crate::egress::Pick::Gateway(key) => match wg_set.get(&key) {
+                    Some(peer) => (Via::Wg, t.wg.encapsulate_to(peer, packet, out)),
+                    None => (Via::Wg, t.wg.no_route()),
+                },
+                // Fail closed: no gateway takes the flow.
+                crate::egress::Pick::NoGateway => (Via::Wg, t.wg.no_route()),
+            };
         }
     }
     if let Some(peer) = wg_set.route(dst) {

@@ -18,6 +18,7 @@
 pub mod counters;
 #[cfg(target_os = "linux")]
 pub mod driver;
+pub mod egress;
 pub mod esp;
 pub mod fuzz_support;
 pub mod key;

@@ -209,6 +209,7 @@ pub struct WgCore {
     secret: boringtun::x25519::StaticSecret,
     public: boringtun::x25519::PublicKey,
     set: RwLock<Arc<PeerSet>>,
+    egress: RwLock<Arc<crate::egress::EgressTable>>,
     next_index: AtomicU32,
     pub counters: DeviceCounters,
 }
@@ -243,6 +244,7 @@ impl WgCore {
             secret,
             public,
             set: RwLock::new(Arc::default()),
+            egress: RwLock::new(Arc::default()),
             // A random base, so session indices on the wire say nothing
             // about how many peers a gateway has or had.
             next_index: AtomicU32::new(random_index_base()),
@@ -265,6 +267,20 @@ impl WgCore {
     /// The current peer snapshot.
     pub fn peers(&self) -> Arc<PeerSet> {
         self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The current egress policies.
+    pub fn egress(&self) -> Arc<crate::egress::EgressTable> {
+        self.egress
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces the egress policies (the data path picks the new table up
+    /// with its next batch).
+    pub fn set_egress(&self, table: crate::egress::EgressTable) {
+        *self.egress.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
     }
 
     /// The configuration of every current peer, with learned endpoints.
@@ -562,7 +578,10 @@ impl WgCore {
         match verdict {
             None => Inbound::Consumed,
             Some((offset, len, src)) => {
-                let allowed = set.route(src).is_some_and(|owner| Arc::ptr_eq(owner, peer));
+                // A firewalled endpoint's reply through an egress gateway
+                // has the endpoint's source: allowed from the policy's gateways.
+                let allowed = set.route(src).is_some_and(|owner| Arc::ptr_eq(owner, peer))
+                    || self.egress().allows_reply(src, &peer.public_key);
                 if allowed {
                     Inbound::Tun { offset, len }
                 } else {
@@ -571,6 +590,12 @@ impl WgCore {
                 }
             }
         }
+    }
+
+    /// Counts and reports an outbound packet without a route.
+    pub fn no_route(&self) -> Outbound {
+        self.counters.dropped(DropReason::NoRoute);
+        Outbound::Dropped(DropReason::NoRoute)
     }
 
     fn device_drop(&self, reason: DropReason) -> Inbound {

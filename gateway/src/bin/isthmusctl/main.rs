@@ -84,12 +84,34 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t = Output::Table, global = true)]
         output: Output,
     },
+    /// An egress gateway's admin state: `drain` keeps the flows pinned to it
+    /// and takes no new ones (sources move new flows to their next gateway);
+    /// `resume` takes new flows again.
+    Egress {
+        #[command(subcommand)]
+        command: EgressCmd,
+        /// The gateway's interface name (its admin socket is
+        /// /var/run/isthmus/NAME.sock).
+        #[arg(short, long, global = true, conflicts_with = "socket")]
+        interface: Option<String>,
+        /// Path of the gateway's admin socket.
+        #[arg(short, long, global = true)]
+        socket: Option<PathBuf>,
+    },
     /// Mesh PKI: create the root CA, issue cluster CAs and gateway
     /// certificates, show certificates, revoke.
     Certs {
         #[command(subcommand)]
         command: certs::CertsCmd,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum EgressCmd {
+    /// Keep existing flows, take no new ones (maintenance).
+    Drain,
+    /// Take new flows again.
+    Resume,
 }
 
 #[derive(Subcommand, Debug)]
@@ -171,6 +193,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             std::io::stdout().write_all(text.as_bytes())?;
+        }
+        Cmd::Egress {
+            command,
+            interface,
+            socket,
+        } => {
+            let path = admin_socket_path(socket, interface)?;
+            let request = match command {
+                EgressCmd::Drain => "egress-drain",
+                EgressCmd::Resume => "egress-resume",
+            };
+            let st: isthmus_gateway::egress::EgressGatewayStatus = admin::fetch(&path, request)?;
+            println!(
+                "egress gateway {} ({} on {}): {}",
+                st.egress_ip,
+                if st.uplink_ok {
+                    "uplink up"
+                } else {
+                    "uplink DOWN"
+                },
+                st.uplink,
+                st.state
+            );
         }
         Cmd::Keygen { private_key_file } => {
             let key = PrivateKey::generate();
@@ -406,6 +451,42 @@ fn render_table(s: &Status) -> String {
     }
     if let Some(st) = &s.steering {
         out += &render_steering(st);
+    }
+    for e in &s.egress {
+        out += &format!(
+            "\negress policy {}: {} -> {}{}\n",
+            e.name,
+            e.sources.join(", "),
+            e.destinations.join(", "),
+            if e.no_gateway_drops > 0 {
+                format!("  (dropped, no gateway: {})", e.no_gateway_drops)
+            } else {
+                String::new()
+            }
+        );
+        for g in &e.gateways {
+            out += &format!(
+                "  {:<20} {:<12} flows {:<6} packets {:<10} rtt {}\n",
+                g.peer,
+                g.health,
+                g.flows,
+                g.packets,
+                g.rtt_ms.map_or("-".to_string(), |r| format!("{r:.2} ms"))
+            );
+        }
+    }
+    if let Some(g) = &s.egress_gateway {
+        out += &format!(
+            "\negress gateway: {} via {} as {}{}\n",
+            g.state,
+            g.uplink,
+            g.egress_ip,
+            if g.uplink_ok {
+                ""
+            } else {
+                " (endpoint probes failing)"
+            }
+        );
     }
     if let Some(n) = &s.node {
         out += &format!(
