@@ -36,6 +36,8 @@ impl Implementation {
 
 /// A running gateway of any implementation.
 #[derive(Debug)]
+// A handful of these per test: the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Node {
     /// `isthmus-gateway`.
     Isthmus(IsthmusGateway),

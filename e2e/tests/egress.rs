@@ -110,9 +110,11 @@ impl Lab {
                 let mut buf = [0u8; 256];
                 while !stop.load(Ordering::Relaxed) {
                     if let Ok((n, from)) = sock.recv_from(&mut buf) {
-                        log.lock()
-                            .unwrap()
-                            .push((from.ip(), Instant::now(), buf[..n].to_vec()));
+                        log.lock().expect("receive log").push((
+                            from.ip(),
+                            Instant::now(),
+                            buf[..n].to_vec(),
+                        ));
                     }
                 }
                 Ok(())
@@ -212,7 +214,7 @@ impl Lab {
     fn received(&self, tag: &str) -> Vec<(IpAddr, Instant, Vec<u8>)> {
         self.log
             .lock()
-            .unwrap()
+            .expect("receive log")
             .iter()
             .filter(|(_, _, p)| p.starts_with(tag.as_bytes()))
             .cloned()
@@ -293,7 +295,7 @@ fn egress_gateway_selection_failover_and_drain() -> Result<()> {
         lab.received("unsel").is_empty(),
         "an unselected workload reached the endpoint"
     );
-    let all = lab.log.lock().unwrap().clone();
+    let all = lab.log.lock().expect("receive log").clone();
     assert!(
         all.iter().all(|(src, _, _)| *src == a || *src == b),
         "the endpoint saw a workload's own address: {all:?}"
