@@ -331,6 +331,9 @@ for s in "${SITES[@]}"; do
         printf 'listen = "192.0.2.%d:%d"\n' "$i" "$CHANNEL_PORT"
         printf '\n[mesh]\nlocal_prefixes = ["100.64.%d.0/24"]\n' "$i"
         printf 'kinds = [%s]\nesp_cipher = "aes256-gcm"\npersistent_keepalive = 25\n' "$(mesh_kinds "$s")"
+        printf '\n[steering]    # the workload link: its packets to mesh prefixes go into the tunnel (TC BPF, TCX)\n'
+        printf 'mode = "auto"\ninterfaces = ["wl0"]\n'
+
         for p in "${SITES[@]}"; do
             [[ $p == "$s" ]] && continue
             printf '\n[[mesh.clusters]]\nname = "%s"\napi = "192.0.2.%d:%d"\n' "$p" "${IDX[$p]}" "$API_PORT"
@@ -623,6 +626,14 @@ for s in "${SITES[@]}"; do
     printf '\n   $ isthmusctl status --interface %s\n' "$(ifname "$s")"
     out=$("$CTL_BIN" status --interface "$(ifname "$s")" 2>&1) || die "isthmusctl status failed for cluster $s: $out"
     indent <<<"$out"
+done
+for s in "${SITES[@]}"; do
+    json=$("$CTL_BIN" status --interface "$(ifname "$s")" --output json 2>&1) || die "isthmusctl status failed for cluster $s: $json"
+    steered=$(python3 -c 'import json,sys; d=json.load(sys.stdin)["steering"]; print(d["mode"], d["redirected"]["packets"])' <<<"$json") ||
+        die "no steering in the status of cluster $s"
+    read -r mode packets <<<"$steered"
+    ((packets > 0)) || die "cluster $s: steering ($mode) redirected no packet"
+    info "cluster $s: steering mode $mode, $packets workload packets redirected into the tunnel"
 done
 heading "wg show (standard WireGuard UAPI) for cluster b: both peers' keys came over the mTLS channels"
 printf '   $ wg show %s\n' "$(ifname b)"

@@ -22,6 +22,7 @@ pub mod bins;
 pub mod capture;
 pub mod channel_scale;
 pub mod cmd;
+pub mod egress_lab;
 pub mod esp;
 pub mod isthmus;
 pub mod keys;

@@ -22,6 +22,12 @@ const ESP_PORT: u16 = 4500;
 const TD: &str = "nodes.test";
 const CLUSTER: &str = "k";
 const CLUSTER_PREFIX: &str = "100.64.0.0/16";
+/// The cluster's IPv6 pod space; node i's pods are `fd64:i::/64` (pod `fd64:i::2`).
+const CLUSTER_PREFIX6: &str = "fd64::/16";
+
+fn pod6(i: usize) -> IpAddr {
+    format!("fd64:{i}::2").parse().expect("IPv6 pod address")
+}
 /// The second pod on node 1 (same node as the site's workload).
 const POD_1B: &str = "100.64.1.200";
 const CANARY: &[u8] = b"ISTHMUS-NODE-MODE-CLEARTEXT-CANARY-41c9";
@@ -84,7 +90,7 @@ fn nodes_file(sites: &[&Site], kind: &str) -> String {
     for site in sites {
         text += &format!(
             "[[nodes]]\nname = \"node{i}\"\nspiffe_id = \"spiffe://{TD}/cluster/{CLUSTER}/gateway/node{i}\"\n\
-             channel_endpoint = \"{}\"\npod_prefixes = [\"{}\"]\nkind = \"{kind}\"\n\n",
+             channel_endpoint = \"{}\"\npod_prefixes = [\"{}\", \"fd64:{i}::/64\"]\nkind = \"{kind}\"\n\n",
             site.endpoint(CHANNEL_PORT),
             site.workload_prefix,
             i = site.index,
@@ -169,6 +175,59 @@ impl Lab {
             ],
         )?;
 
+        // A CNI's own route toward node 2's pods, straight over the underlay
+        // (host-gw style): node mode's routing must win over it.
+        netns::ip(
+            &site1.gw_ns,
+            &[
+                "route",
+                "add",
+                &topo.site(2).workload_prefix,
+                "via",
+                &topo.site(2).underlay_addr.to_string(),
+            ],
+        )?;
+
+        // IPv6 pods too.
+        for site in topo.sites() {
+            let i = site.index;
+            netns::ip(
+                &site.gw_ns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("fd64:{i}::1/64"),
+                    "dev",
+                    &site.lan_if,
+                    "nodad",
+                ],
+            )?;
+            netns::ip(
+                &site.wl_ns,
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("fd64:{i}::2/64"),
+                    "dev",
+                    &site.wl_if,
+                    "nodad",
+                ],
+            )?;
+            netns::ip(
+                &site.wl_ns,
+                &[
+                    "-6",
+                    "route",
+                    "replace",
+                    "default",
+                    "via",
+                    &format!("fd64:{i}::1"),
+                ],
+            )?;
+        }
+
         let nodes_path = run.path("nodes.toml");
         let sites: Vec<&Site> = topo.sites().iter().collect();
         write_nodes(&nodes_path, &nodes_file(&sites, kind))?;
@@ -201,7 +260,8 @@ impl Lab {
                     interfaces.join(", ")
                 ),
                 format!(
-                    "[node]\npod_prefixes = [\"{}\"]\ncluster_prefixes = [\"{CLUSTER_PREFIX}\"]\nnodes_file = {:?}\n",
+                    "[node]\npod_prefixes = [\"{}\", \"fd64:{i}::/64\"]\n\
+                     cluster_prefixes = [\"{CLUSTER_PREFIX}\", \"{CLUSTER_PREFIX6}\"]\nnodes_file = {:?}\n",
                     site.workload_prefix,
                     s(&nodes_path)
                 ),
@@ -294,7 +354,13 @@ fn node_mode(kind: &'static str, steering_mode: &str) -> Result<()> {
         lab.topo.site(3).clone(),
     );
     let (w2, w3): (IpAddr, IpAddr) = (s2.workload_addr.into(), s3.workload_addr.into());
-    for (from, to) in [(&s1, w2), (&s1, w3), (&s2, w3)] {
+    for (from, to) in [
+        (&s1, w2),
+        (&s1, w3),
+        (&s2, w3),
+        (&s1, pod6(2)),
+        (&s1, pod6(3)),
+    ] {
         if !wait_for_ping(&from.wl_ns, to, Duration::from_secs(30)) {
             bail!(
                 "pod {} cannot reach {to} across nodes\n{}",
@@ -325,6 +391,43 @@ fn node_mode(kind: &'static str, steering_mode: &str) -> Result<()> {
     assert!(
         packets.iter().any(|p| p.udp_dst == Some(port)),
         "no tunnel datagram captured"
+    );
+
+    // The node's own traffic to a pod on another node (and traffic kube-proxy
+    // DNATs to one after steering) follows routing: node mode's table wins over
+    // the CNI's route, so it is encrypted too.
+    let cap = Capture::start(lab.topo.run(), &s1.gw_ns, &s1.underlay_if, None)?;
+    let host_ping = netns::exec_output(
+        &s1.gw_ns,
+        "ping",
+        &[
+            "-n",
+            "-q",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-I",
+            &s1.gw_lan_addr.to_string(),
+            &w2.to_string(),
+        ],
+    )?;
+    let pcap = cap.stop()?;
+    let clear: Vec<Packet> = pcap
+        .packets(WG_PORT)?
+        .into_iter()
+        .filter(|p| p.has("icmp"))
+        .collect();
+    assert!(
+        clear.is_empty(),
+        "the node's traffic to a remote pod crossed in clear: {clear:#?}"
+    );
+    assert!(
+        host_ping.status.success(),
+        "node 1 cannot reach a pod on node 2 through the tunnel: {}",
+        String::from_utf8_lossy(&host_ping.stdout)
     );
 
     // Same-node traffic is untouched: it reaches the other pod and is counted
@@ -376,9 +479,15 @@ fn node_mode(kind: &'static str, steering_mode: &str) -> Result<()> {
     let drops_before = gw1.status()?.drops.no_route;
     let cap = Capture::start(lab.topo.run(), &s1.gw_ns, &s1.underlay_if, None)?;
     canaries(&s1, w3, 30);
+    canaries(&s1, pod6(3), 30);
     let (_, received) = ping_stats(&s1.wl_ns, w3, 3)?;
+    let (_, received6) = ping_stats(&s1.wl_ns, pod6(3), 3)?;
     let pcap = cap.stop()?;
-    assert_eq!(received, 0, "node 3 still reachable after it left");
+    assert_eq!(
+        (received, received6),
+        (0, 0),
+        "node 3 still reachable after it left"
+    );
     assert!(
         !pcap.contains(CANARY)?,
         "strict mode leaked cleartext ({})",
@@ -396,14 +505,16 @@ fn node_mode(kind: &'static str, steering_mode: &str) -> Result<()> {
     );
     let drops_after = gw1.status()?.drops.no_route;
     assert!(
-        drops_after >= drops_before + 30,
+        drops_after >= drops_before + 60,
         "strict-mode drops not counted: {drops_before} -> {drops_after}"
     );
 
     // Node 3 joins again: traffic flows.
     let all: Vec<&Site> = lab.topo.sites().iter().collect();
     write_nodes(&lab.nodes_path, &nodes_file(&all, lab.kind))?;
-    if !wait_for_ping(&s1.wl_ns, w3, Duration::from_secs(30)) {
+    if !wait_for_ping(&s1.wl_ns, w3, Duration::from_secs(30))
+        || !wait_for_ping(&s1.wl_ns, pod6(3), Duration::from_secs(10))
+    {
         bail!("node 3 unreachable after re-joining\n{}", lab.logs());
     }
     let text = ctl(&["status", "--socket", &s(&gw1.admin_socket)])?;

@@ -288,6 +288,20 @@ fn steering_checks(mode: Mode) -> Result<()> {
         assert!(status.redirected.packets >= 4, "{mode}: {status:?}");
         assert!(status.passed.packets >= 1, "{mode}: {status:?}");
 
+        // Another TCX program after ours still runs for what ours passes (ours
+        // must not end the chain): here, a second steering instance that
+        // steers a prefix the first one does not know.
+        if mode == Mode::Bpf {
+            let second = Steering::start(&cfg).context("a second TCX program")?;
+            second.add_remote(prefix("10.97.0.0/16"))?;
+            pod_send(&pod, "10.77.0.2", "10.97.0.5:7000", b"chained")?;
+            assert!(
+                tun.saw(b"chained", wait),
+                "the next TCX program never saw a packet ours passed"
+            );
+            drop(second);
+        }
+
         // Shut down: nothing is left behind.
         drop(steer);
         let programs = isthmus_ebpf_redirect::tcx_ingress_programs(&workload_if)?;

@@ -56,6 +56,9 @@ pub struct PolicySteering {
     egress: BTreeMap<u32, (BTreeSet<Prefix>, BTreeSet<Prefix>)>,
     /// Steered packets counted by rules deleted since (kept in the total).
     retired: Count,
+    /// Whether the IPv6 route and rule are in place; without them IPv6
+    /// entries are refused (a marked packet must never fall through).
+    v6: bool,
 }
 
 fn rules_of(n: &PolicyNumbers) -> [Rule; 2] {
@@ -95,7 +98,7 @@ impl PolicySteering {
     /// the table, chain, rules and routes.
     pub fn start(cfg: &SteeringConfig) -> Result<Self, SteerError> {
         let nft = nft_binary()?;
-        let me = Self {
+        let mut me = Self {
             nft,
             table: table_name(&cfg.tunnel),
             tunnel: cfg.tunnel.clone(),
@@ -105,6 +108,7 @@ impl PolicySteering {
             locals: BTreeSet::new(),
             egress: BTreeMap::new(),
             retired: Count::default(),
+            v6: true,
         };
         me.cleanup();
         for name in &cfg.interfaces {
@@ -133,16 +137,24 @@ impl PolicySteering {
         for route in routes_of(&me.numbers, tun) {
             if let Err(e) = nl.route_replace(&route) {
                 if route.dst.0.is_ipv6() {
-                    tracing::warn!("policy routing: no IPv6 route into {}: {e}", cfg.tunnel);
+                    tracing::warn!(
+                        "policy routing: no IPv6 route into {} ({e}): IPv6 is not steered",
+                        cfg.tunnel
+                    );
+                    me.v6 = false;
                     continue;
                 }
                 return Err(e.into());
             }
         }
         for rule in rules_of(&me.numbers) {
+            if rule.v6 && !me.v6 {
+                continue;
+            }
             if let Err(e) = nl.rule_add(&rule) {
                 if rule.v6 {
-                    tracing::warn!("policy routing: no IPv6 rule: {e}");
+                    tracing::warn!("policy routing: no IPv6 rule ({e}): IPv6 is not steered");
+                    me.v6 = false;
                     continue;
                 }
                 return Err(e.into());
@@ -268,7 +280,18 @@ impl PolicySteering {
         format!("egress {policy} {} {}", prefix_str(src), prefix_str(dst))
     }
 
+    fn check_family(&self, prefix: Prefix) -> Result<(), SteerError> {
+        if prefix.0.is_ipv6() && !self.v6 {
+            return Err(SteerError::Policy(format!(
+                "{}: IPv6 policy routing could not be set up on this host",
+                prefix_str(prefix)
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) fn add_remote(&mut self, prefix: Prefix) -> Result<(), SteerError> {
+        self.check_family(prefix)?;
         if self.locals.contains(&prefix) {
             return Err(SteerError::Invalid(format!(
                 "{} is a local prefix",
@@ -347,6 +370,9 @@ impl PolicySteering {
         sources: &[Prefix],
         destinations: &[Prefix],
     ) -> Result<(), SteerError> {
+        for p in sources.iter().chain(destinations) {
+            self.check_family(*p)?;
+        }
         let sources: BTreeSet<Prefix> = sources.iter().copied().collect();
         let destinations: BTreeSet<Prefix> = destinations.iter().copied().collect();
         for (other, (_, d)) in &self.egress {

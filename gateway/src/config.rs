@@ -94,6 +94,8 @@ struct RawEgressGateway {
     #[serde(default)]
     sources: Vec<String>,
     #[serde(default)]
+    destinations: Vec<String>,
+    #[serde(default)]
     endpoint_probes: Vec<String>,
     endpoint_probe_interval_ms: Option<u64>,
 }
@@ -101,6 +103,8 @@ struct RawEgressGateway {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNode {
+    table: Option<u32>,
+    rule_priority: Option<u32>,
     pod_prefixes: Option<Vec<String>>,
     cluster_prefixes: Option<Vec<String>>,
     strict: Option<bool>,
@@ -266,6 +270,11 @@ pub struct GatewayConfig {
     pub egress_gateway: Option<EgressGatewayConfig>,
 }
 
+/// Routing table of node mode (`[node] table`).
+pub const DEFAULT_NODE_TABLE: u32 = 4954;
+/// Priority of node mode's first rule (`[node] rule_priority`).
+pub const DEFAULT_NODE_RULE_PRIORITY: u32 = 4950;
+
 /// UDP port of the egress health responder (reached through the tunnel only).
 pub const EGRESS_PROBE_PORT: u16 = 7445;
 
@@ -302,6 +311,9 @@ pub struct EgressGatewayConfig {
     pub egress_ip: IpAddr,
     /// Inner sources allowed to leave (others are not translated).
     pub sources: Vec<IpPrefix>,
+    /// The only destinations tunnel traffic may leave for through the uplink
+    /// (no open relay for a peer).
+    pub destinations: Vec<IpPrefix>,
     /// TCP endpoints probed through the uplink; when all fail three times in a
     /// row this gateway reports its uplink down and sources stop using it.
     pub endpoint_probes: Vec<SocketAddr>,
@@ -321,6 +333,10 @@ pub struct NodeConfig {
     pub strict: bool,
     /// The nodes file (reloaded when it changes).
     pub nodes_file: PathBuf,
+    /// Routing table of node mode.
+    pub table: u32,
+    /// Priority of its first rule (the second is one more).
+    pub rule_priority: u32,
     /// The other nodes as read at start.
     pub nodes: Vec<IdentityPeer>,
 }
@@ -611,7 +627,26 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
                     "cannot be combined with [mesh] yet: run node mode and the cluster gateway as separate gateways",
                 ));
             }
-            Some(node(raw_node, identity)?)
+            let n = node(raw_node, identity)?;
+            if let Some(st) = &steering {
+                if n.table == st.policy.table {
+                    return Err(ConfigError::new(
+                        "node.table",
+                        "must differ from steering.table",
+                    ));
+                }
+                let ours = [n.rule_priority, n.rule_priority + 1];
+                if ours.contains(&st.policy.priority) {
+                    return Err(ConfigError::new(
+                        "node.rule_priority",
+                        format!(
+                            "its rules ({} and {}) collide with steering.rule_priority",
+                            ours[0], ours[1]
+                        ),
+                    ));
+                }
+            }
+            Some(n)
         }
     };
     if node
@@ -630,6 +665,22 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
             ));
         }
         let e = egress_policy(i, raw_egress, &peers, &interface)?;
+        // A destination that is also a peer's prefix would let that peer's
+        // traffic pass as an endpoint's reply (and vice versa).
+        let peer_prefixes = peers
+            .iter()
+            .flat_map(|p| &p.allowed_prefixes)
+            .chain(esp_peers.iter().flat_map(|p| &p.allowed_prefixes))
+            .chain(identity_peers.iter().flat_map(|p| &p.allowed_prefixes))
+            .chain(node.iter().flat_map(|n| &n.cluster_prefixes));
+        for p in peer_prefixes {
+            if let Some(d) = e.destinations.iter().find(|d| overlaps(d, p)) {
+                return Err(ConfigError::new(
+                    format!("egress[{i}].destinations"),
+                    format!("{d} overlaps {p}, a prefix of a peer or node (endpoints must lie outside the mesh)"),
+                ));
+            }
+        }
         if let Some((j, d)) =
             egress
                 .iter()
@@ -729,10 +780,18 @@ fn egress_policy(
         let probe: IpAddr = probe_text.parse().map_err(|_| {
             ConfigError::new(gf("probe"), format!("`{probe_text}`: required, the gateway's address for health probes (inside its allowed prefixes)"))
         })?;
-        if !peer.allowed_prefixes.iter().any(|p| p.contains(probe)) {
+        // The probe must reach that peer: the longest allowed prefix holding
+        // it must be this peer's, not a more specific one of another peer.
+        let owner = peers
+            .iter()
+            .flat_map(|p| p.allowed_prefixes.iter().map(move |a| (a, p)))
+            .filter(|(a, _)| a.contains(probe))
+            .max_by_key(|(a, _)| a.len())
+            .map(|(_, p)| p.public_key);
+        if owner != Some(peer.public_key) {
             return Err(ConfigError::new(
                 gf("probe"),
-                format!("{probe} is not inside the allowed prefixes of peer {peer_name}"),
+                format!("{probe} is not routed to peer {peer_name} (not inside its allowed prefixes, or another peer's prefix is more specific)"),
             ));
         }
         gateways.push(EgressGatewayRef {
@@ -797,6 +856,13 @@ fn egress_gateway(raw: RawEgressGateway, tunnel: &str) -> Result<EgressGatewayCo
             "required: the workload prefixes allowed to leave through this gateway",
         ));
     }
+    let destinations = prefix_list("egress_gateway.destinations", &raw.destinations)?;
+    if destinations.is_empty() {
+        return Err(ConfigError::new(
+            "egress_gateway.destinations",
+            "required: the firewalled endpoints' prefixes (tunnel traffic to anything else is not forwarded)",
+        ));
+    }
     let mut endpoint_probes = Vec::new();
     for (j, t) in raw.endpoint_probes.iter().enumerate() {
         endpoint_probes.push(parse_endpoint(
@@ -815,6 +881,7 @@ fn egress_gateway(raw: RawEgressGateway, tunnel: &str) -> Result<EgressGatewayCo
         uplink,
         egress_ip,
         sources,
+        destinations,
         endpoint_probes,
         endpoint_probe_interval: std::time::Duration::from_millis(interval),
     })
@@ -879,11 +946,27 @@ fn node(raw: RawNode, identity: &IdentityConfig) -> Result<NodeConfig, ConfigErr
             "required: the file listing the cluster's nodes",
         )
     })?;
+    let table = raw.table.unwrap_or(DEFAULT_NODE_TABLE);
+    if table == 0 || (253..=255).contains(&table) {
+        return Err(ConfigError::new(
+            "node.table",
+            format!("{table} is reserved (0, default 253, main 254, local 255)"),
+        ));
+    }
+    let rule_priority = raw.rule_priority.unwrap_or(DEFAULT_NODE_RULE_PRIORITY);
+    if rule_priority == 0 || rule_priority >= 32765 {
+        return Err(ConfigError::new(
+            "node.rule_priority",
+            format!("{rule_priority} must be between 1 and 32764 (its rules come before the main table's)"),
+        ));
+    }
     let mut cfg = NodeConfig {
         pod_prefixes,
         cluster_prefixes,
         strict: raw.strict.unwrap_or(true),
         nodes_file,
+        table,
+        rule_priority,
         nodes: Vec::new(),
     };
     let own = own_id(identity)?;
@@ -914,6 +997,18 @@ pub fn load_nodes(
     cfg: &NodeConfig,
     own: &isthmus_identity::SpiffeId,
 ) -> Result<Vec<IdentityPeer>, ConfigError> {
+    // The file maps pod prefixes to identities: only its owner may write it.
+    let meta = std::fs::metadata(&cfg.nodes_file)
+        .map_err(|e| ConfigError::new("nodes", format!("cannot read: {e}")))?;
+    if meta.permissions().mode() & 0o022 != 0 {
+        return Err(ConfigError::new(
+            "nodes",
+            format!(
+                "writable by group or others (mode {:o}): chmod go-w",
+                meta.permissions().mode() & 0o777
+            ),
+        ));
+    }
     let text = std::fs::read_to_string(&cfg.nodes_file)
         .map_err(|e| ConfigError::new("nodes", format!("cannot read: {e}")))?;
     parse_nodes(&text, cfg, own)
@@ -1012,6 +1107,19 @@ pub fn parse_nodes(
         }
         if nodes.iter().any(|n| n.spiffe_id == peer.spiffe_id) {
             return Err(ConfigError::new(field("spiffe_id"), "listed twice"));
+        }
+        // The key channel runs outside the pod space (strict mode steers it).
+        let ep = peer.channel_endpoint.ip();
+        if cfg
+            .cluster_prefixes
+            .iter()
+            .chain(&cfg.pod_prefixes)
+            .any(|c| c.contains(ep))
+        {
+            return Err(ConfigError::new(
+                field("channel_endpoint"),
+                format!("{ep} is inside the pod space: a node's channel must use its node address"),
+            ));
         }
         nodes.push(peer);
     }
@@ -1971,6 +2079,146 @@ mod tests {
 
     fn field_of(text: &str) -> String {
         parse(text).expect_err("config must be refused").field
+    }
+
+    fn node_cfg(path: &Path) -> NodeConfig {
+        NodeConfig {
+            pod_prefixes: vec!["10.244.1.0/24".parse().unwrap()],
+            cluster_prefixes: vec!["10.244.0.0/16".parse().unwrap()],
+            strict: true,
+            nodes_file: path.to_path_buf(),
+            table: DEFAULT_NODE_TABLE,
+            rule_priority: DEFAULT_NODE_RULE_PRIORITY,
+            nodes: vec![],
+        }
+    }
+
+    fn node_entry(name: &str, endpoint: &str, pods: &str) -> String {
+        format!(
+            "[[nodes]]\nname = \"{name}\"\nspiffe_id = \"spiffe://td.test/cluster/k/gateway/{name}\"\n\
+             channel_endpoint = \"{endpoint}\"\npod_prefixes = [\"{pods}\"]\n"
+        )
+    }
+
+    #[test]
+    fn nodes_file_is_checked_entry_by_entry() {
+        let own: isthmus_identity::SpiffeId =
+            "spiffe://td.test/cluster/k/gateway/node1".parse().unwrap();
+        let cfg = node_cfg(Path::new("/nonexistent"));
+        let good = node_entry("node1", "192.0.2.1:7443", "10.244.1.0/24")
+            + &node_entry("node2", "192.0.2.2:7443", "10.244.2.0/24");
+        let nodes = parse_nodes(&good, &cfg, &own).unwrap();
+        // Its own entry is skipped.
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(
+            nodes[0].allowed_prefixes,
+            vec!["10.244.2.0/24".parse().unwrap()]
+        );
+        let field = |text: String| parse_nodes(&text, &cfg, &own).expect_err("refused").field;
+        // The key channel inside the pod space would be caught by strict mode.
+        assert_eq!(
+            field(node_entry("node2", "10.244.9.1:7443", "10.244.2.0/24")),
+            "nodes[0].channel_endpoint"
+        );
+        // Outside the cluster's pod space, overlapping this node's or another node's.
+        assert_eq!(
+            field(node_entry("node2", "192.0.2.2:7443", "10.99.0.0/24")),
+            "nodes[0].pod_prefixes[0]"
+        );
+        assert_eq!(
+            field(node_entry("node2", "192.0.2.2:7443", "10.244.1.128/25")),
+            "nodes[0].pod_prefixes[0]"
+        );
+        assert_eq!(
+            field(
+                node_entry("node2", "192.0.2.2:7443", "10.244.2.0/24")
+                    + &node_entry("node3", "192.0.2.3:7443", "10.244.2.0/25")
+            ),
+            "nodes[1].pod_prefixes[0]"
+        );
+        // Another cluster's gateway is not a node of this cluster.
+        let foreign = node_entry("node2", "192.0.2.2:7443", "10.244.2.0/24")
+            .replace("/cluster/k/", "/cluster/other/");
+        assert_eq!(field(foreign), "nodes[0].spiffe_id");
+        assert_eq!(field("[[nodes]]\nbogus = 1\n".into()), "nodes[0].bogus");
+    }
+
+    #[test]
+    fn a_nodes_file_writable_by_others_is_refused() {
+        let own: isthmus_identity::SpiffeId =
+            "spiffe://td.test/cluster/k/gateway/node1".parse().unwrap();
+        let text = node_entry("node2", "192.0.2.2:7443", "10.244.2.0/24");
+        let file = temp_file("nodes", &text, 0o644);
+        assert_eq!(load_nodes(&node_cfg(&file.0), &own).unwrap().len(), 1);
+        for mode in [0o664, 0o666, 0o646] {
+            std::fs::set_permissions(&file.0, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = load_nodes(&node_cfg(&file.0), &own).expect_err("group/world-writable");
+            assert!(e.message.contains("writable"), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn egress_policies_and_the_egress_gateway_name_each_bad_field() {
+        let (file, _) = key_file(0o600);
+        let (a, b) = (
+            PrivateKey::generate().public_key(),
+            PrivateKey::generate().public_key(),
+        );
+        let peers = format!(
+            "[[peers]]\nname = \"egress-a\"\npublic_key = \"{a}\"\nendpoint = \"192.0.2.2:51820\"\n\
+             allowed_prefixes = [\"100.64.2.0/24\"]\n\
+             [[peers]]\nname = \"other\"\npublic_key = \"{b}\"\nendpoint = \"192.0.2.3:51820\"\n\
+             allowed_prefixes = [\"100.64.2.128/25\"]\n\
+             [steering]\ninterfaces = [\"wl0\"]\n"
+        );
+        let policy = |dest: &str, probe: &str| {
+            config(
+                &file.0,
+                "addresses = [\"100.64.1.1/32\"]",
+                &format!(
+                    "{peers}[[egress]]\nname = \"partner\"\nsources = [\"100.64.1.2/32\"]\n\
+                     destinations = [\"{dest}\"]\ngateways = [{{ peer = \"egress-a\", probe = \"{probe}\" }}]\n"
+                ),
+            )
+        };
+        let cfg = parse(&policy("203.0.113.0/24", "100.64.2.1")).unwrap();
+        assert_eq!(cfg.egress.len(), 1);
+        assert_eq!(
+            cfg.egress[0].probe_source,
+            "100.64.1.1".parse::<IpAddr>().unwrap()
+        );
+        // A probe address that routes to another (more specific) peer, or none.
+        assert_eq!(
+            field_of(&policy("203.0.113.0/24", "100.64.2.200")),
+            "egress[0].gateways[0].probe"
+        );
+        assert_eq!(
+            field_of(&policy("203.0.113.0/24", "100.64.9.1")),
+            "egress[0].gateways[0].probe"
+        );
+        // Endpoints inside a peer's prefixes would turn that peer's traffic into "replies".
+        assert_eq!(
+            field_of(&policy("100.64.2.0/26", "100.64.2.1")),
+            "egress[0].destinations"
+        );
+        let gw = |extra: &str| {
+            config(
+                &file.0,
+                "",
+                &format!("[egress_gateway]\nuplink = \"eth1\"\negress_ip = \"198.51.100.1\"\nsources = [\"100.64.0.0/16\"]\n{extra}"),
+            )
+        };
+        assert!(parse(&gw("destinations = [\"203.0.113.0/24\"]"))
+            .unwrap()
+            .egress_gateway
+            .is_some());
+        assert_eq!(field_of(&gw("")), "egress_gateway.destinations");
+        assert_eq!(
+            field_of(&gw(
+                "destinations = [\"203.0.113.0/24\"]\nendpoint_probes = [\"nope\"]"
+            )),
+            "egress_gateway.endpoint_probes[0]"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use isthmus_gateway::clustermesh::{MeshWatch, RouteSink};
 use isthmus_gateway::config::{self, GatewayConfig, TunnelKind};
 use isthmus_gateway::egress::{EgressGateway, EgressPolicies};
 use isthmus_gateway::mesh::MeshLinks;
-use isthmus_gateway::node::NodeWatch;
+use isthmus_gateway::node::{NodeRouting, NodeWatch};
 use isthmus_gateway::uapi::{
     self, KeyUpdate, SetRequest, UapiDevice, UapiError, UapiPeer, UapiServer, UapiSnapshot,
 };
@@ -132,7 +132,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let steering = start_steering(&cfg)?;
     let egress = match &steering {
         Some(st) if !cfg.egress.is_empty() => Some(
-            EgressPolicies::start(&cfg.egress, &core, st)
+            EgressPolicies::start(&cfg.egress, &core, st, &iface.name)
                 .context("starting the egress policies")?,
         ),
         _ => None,
@@ -227,11 +227,16 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                     node_cfg.clone(),
                     own,
                     links.clone(),
-                    Arc::new(MeshRoutes {
+                    NodeRouting {
                         dev: iface.name.clone(),
                         mtu: iface.mtu,
+                        table: node_cfg.table,
+                        priority: node_cfg.rule_priority,
+                        pod_prefixes: node_cfg.pod_prefixes.clone(),
+                        cluster_prefixes: node_cfg.cluster_prefixes.clone(),
+                        strict: node_cfg.strict,
                         steering: Some(steering.clone()),
-                    }),
+                    },
                     steering.clone(),
                 )
                 .context("starting node mode")?,
@@ -426,13 +431,16 @@ impl RouteSink for MeshRoutes {
                 ));
             }
         }
-        // Steering first, then the route: both lead into the tunnel.
-        if let Some(s) = &self.steering {
-            s.add_remote((prefix.addr(), prefix.len()))
-                .map_err(|e| format!("steering {prefix}: {e}"))?;
-        }
+        // The route first: if steering then fails (a full map), the workloads'
+        // packets still reach the tunnel through routing.
         nl.route_replace(&tunnel_route(prefix, index, self.mtu))
-            .map_err(|e| format!("routing {prefix}: {e}"))
+            .map_err(|e| format!("routing {prefix}: {e}"))?;
+        if let Some(s) = &self.steering {
+            s.add_remote((prefix.addr(), prefix.len())).map_err(|e| {
+                format!("steering {prefix} (routed into the tunnel all the same): {e}")
+            })?;
+        }
+        Ok(())
     }
 
     fn remove(&self, prefix: &IpPrefix) -> Result<(), String> {
@@ -446,11 +454,13 @@ impl RouteSink for MeshRoutes {
                 ..tunnel_route(prefix, 0, self.mtu)
             })
             .map_err(|e| format!("blackholing {prefix}: {e}"));
+        // Unsteer only once the prefix is blackholed: never leave it to another route.
+        res?;
         if let Some(s) = &self.steering {
             s.remove_remote((prefix.addr(), prefix.len()))
                 .map_err(|e| format!("unsteering {prefix}: {e}"))?;
         }
-        res
+        Ok(())
     }
 }
 

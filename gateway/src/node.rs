@@ -17,6 +17,8 @@
 use crate::clustermesh::RouteSink;
 use crate::config::{self, IdentityPeer, NodeConfig};
 use crate::mesh::MeshLinks;
+use isthmus_ebpf_redirect::netlink::{Netlink, Route, RouteKind, Rule};
+use isthmus_ebpf_redirect::policy::RTPROT_ISTHMUS;
 use isthmus_ebpf_redirect::Steering;
 use isthmus_identity::SpiffeId;
 use isthmus_tunnel::IpPrefix;
@@ -24,6 +26,182 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
+
+/// Routing of node mode: a table of its own, consulted before the main table
+/// for the whole pod space, so a CNI's routes (host-gw, overlay devices) never
+/// carry pod traffic between nodes in clear, whether the packet was steered,
+/// DNATed to a pod by kube-proxy after steering, or sent by the node itself.
+///
+/// - rule `to <own pod prefix> lookup main` (priority `P`): same-node traffic
+///   and decrypted arrivals go to the local pods as before;
+/// - rule `to <cluster prefix> lookup T` (priority `P + 1`);
+/// - table `T`: each other node's pod prefix into the tunnel (route MTU = the
+///   tunnel's); in strict mode also the cluster prefix into the tunnel (a
+///   removed or unknown node's traffic reaches the device, which drops and
+///   counts it) and a blackhole for the cluster prefix behind everything
+///   (highest metric). The routes into the device vanish with it; the rules
+///   and the blackhole do not: after a crash, or a stop in strict mode, pod
+///   traffic between nodes is dropped, never routed in clear, until the
+///   gateway is back (its start replaces them). Without strict mode, traffic
+///   no node route covers falls through to the main table.
+#[derive(Debug, Clone)]
+pub struct NodeRouting {
+    /// The tunnel device.
+    pub dev: String,
+    /// Route MTU (the tunnel device's).
+    pub mtu: u16,
+    /// Table `T`.
+    pub table: u32,
+    /// Priority `P` of the first rule.
+    pub priority: u32,
+    /// This node's pod prefixes.
+    pub pod_prefixes: Vec<IpPrefix>,
+    /// The cluster's pod space.
+    pub cluster_prefixes: Vec<IpPrefix>,
+    /// Strict mode.
+    pub strict: bool,
+    /// Steering entries follow the routes.
+    pub steering: Option<Arc<Steering>>,
+}
+
+impl NodeRouting {
+    fn rules(&self) -> Vec<Rule> {
+        let rule = |priority, table, dst: &IpPrefix| Rule {
+            v6: !dst.is_ipv4(),
+            priority,
+            table,
+            fwmark: None,
+            iif: None,
+            src: None,
+            dst: Some((dst.addr(), dst.len())),
+        };
+        self.pod_prefixes
+            .iter()
+            .map(|p| rule(self.priority, MAIN_TABLE, p))
+            .chain(
+                self.cluster_prefixes
+                    .iter()
+                    .map(|p| rule(self.priority + 1, self.table, p)),
+            )
+            .collect()
+    }
+
+    fn route(&self, prefix: &IpPrefix, kind: RouteKind, oif: Option<u32>, last: bool) -> Route {
+        Route {
+            dst: (prefix.addr(), prefix.len()),
+            table: self.table,
+            kind,
+            oif,
+            mtu: oif.map(|_| u32::from(self.mtu)),
+            protocol: RTPROT_ISTHMUS,
+            priority: last.then_some(u32::MAX),
+        }
+    }
+
+    fn netlink(&self) -> Result<(Netlink, u32), String> {
+        let mut nl = Netlink::open().map_err(|e| format!("netlink: {e}"))?;
+        let index = nl
+            .link_index(&self.dev)
+            .map_err(|e| format!("tunnel device {}: {e}", self.dev))?;
+        Ok((nl, index))
+    }
+
+    /// Removes what an earlier run left (rules of these priorities, our routes
+    /// in the table), then installs the rules and the cluster routes.
+    pub fn install(&self) -> Result<(), String> {
+        let (mut nl, index) = self.netlink()?;
+        for v6 in [false, true] {
+            for r in nl.rules(v6).unwrap_or_default() {
+                if r.priority == self.priority || r.priority == self.priority + 1 {
+                    let _ = nl.rule_delete(&r);
+                }
+            }
+            for r in nl.routes_in_table(v6, self.table).unwrap_or_default() {
+                if r.protocol == RTPROT_ISTHMUS {
+                    let _ = nl.route_delete(&Route {
+                        dst: r.dst,
+                        table: r.table,
+                        kind: r.kind,
+                        oif: r.oif,
+                        mtu: None,
+                        protocol: r.protocol,
+                        priority: r.priority,
+                    });
+                }
+            }
+        }
+        // Routes before rules. Strict mode: the cluster prefix into the tunnel,
+        // and a blackhole behind it that outlives the device.
+        if self.strict {
+            for c in &self.cluster_prefixes {
+                nl.route_replace(&self.route(c, RouteKind::Blackhole, None, true))
+                    .map_err(|e| format!("blackhole for {c} in table {}: {e}", self.table))?;
+                nl.route_replace(&self.route(c, RouteKind::Unicast, Some(index), false))
+                    .map_err(|e| format!("routing {c} into {}: {e}", self.dev))?;
+            }
+        }
+        for rule in self.rules() {
+            nl.rule_add(&rule)
+                .map_err(|e| format!("ip rule {rule:?}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the rules and routes (a graceful stop without strict mode).
+    pub fn uninstall(&self) {
+        if let Ok(mut nl) = Netlink::open() {
+            for rule in self.rules() {
+                let _ = nl.rule_delete(&rule);
+            }
+            for v6 in [false, true] {
+                for r in nl.routes_in_table(v6, self.table).unwrap_or_default() {
+                    if r.protocol == RTPROT_ISTHMUS {
+                        let _ = nl.route_delete(&Route {
+                            dst: r.dst,
+                            table: r.table,
+                            kind: r.kind,
+                            oif: r.oif,
+                            mtu: None,
+                            protocol: r.protocol,
+                            priority: r.priority,
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The kernel's main routing table.
+const MAIN_TABLE: u32 = 254;
+
+impl RouteSink for NodeRouting {
+    fn add(&self, prefix: &IpPrefix) -> Result<(), String> {
+        let (mut nl, index) = self.netlink()?;
+        nl.route_replace(&self.route(prefix, RouteKind::Unicast, Some(index), false))
+            .map_err(|e| format!("routing {prefix}: {e}"))?;
+        if let Some(s) = &self.steering {
+            s.add_remote((prefix.addr(), prefix.len())).map_err(|e| {
+                format!("steering {prefix} (routed into the tunnel all the same): {e}")
+            })?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self, prefix: &IpPrefix) -> Result<(), String> {
+        // The node's own route goes: in strict mode the cluster prefix's route
+        // then takes its traffic into the tunnel device, which has no peer for
+        // it (dropped and counted); otherwise it follows the host's routes.
+        let (mut nl, _) = self.netlink()?;
+        nl.route_delete(&self.route(prefix, RouteKind::Unicast, None, false))
+            .map_err(|e| format!("removing the route of {prefix}: {e}"))?;
+        if let Some(s) = &self.steering {
+            s.remove_remote((prefix.addr(), prefix.len()))
+                .map_err(|e| format!("unsteering {prefix}: {e}"))?;
+        }
+        Ok(())
+    }
+}
 
 /// How often the nodes file is checked for changes.
 pub const RELOAD_INTERVAL: Duration = Duration::from_millis(500);
@@ -65,6 +243,7 @@ struct Shared {
 /// The running node mode. Dropping it stops the reload thread.
 pub struct NodeWatch {
     cfg: NodeConfig,
+    routing: Arc<NodeRouting>,
     shared: Arc<Mutex<Shared>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -81,6 +260,11 @@ impl Drop for NodeWatch {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+        // Strict mode keeps the rules and the blackhole: stopped, the node
+        // drops pod traffic to other nodes rather than route it in clear.
+        if !self.cfg.strict {
+            self.routing.uninstall();
         }
     }
 }
@@ -99,7 +283,7 @@ impl NodeWatch {
         cfg: NodeConfig,
         own: SpiffeId,
         links: Arc<MeshLinks>,
-        routes: Arc<dyn RouteSink>,
+        routing: NodeRouting,
         steering: Arc<Steering>,
     ) -> anyhow::Result<Self> {
         use anyhow::Context as _;
@@ -108,16 +292,18 @@ impl NodeWatch {
                 .add_local((p.addr(), p.len()))
                 .with_context(|| format!("steering: local pod prefix {p}"))?;
         }
+        routing
+            .install()
+            .map_err(|e| anyhow::anyhow!("node routing: {e}"))?;
         if cfg.strict {
             for p in &cfg.cluster_prefixes {
                 steering
                     .add_remote((p.addr(), p.len()))
                     .with_context(|| format!("steering: cluster prefix {p} (strict mode)"))?;
-                routes.add(p).map_err(|e| {
-                    anyhow::anyhow!("routing cluster prefix {p} (strict mode): {e}")
-                })?;
             }
         }
+        let routing = Arc::new(routing);
+        let routes: Arc<dyn RouteSink> = routing.clone();
         let shared = Arc::new(Mutex::new(Shared {
             nodes: Vec::new(),
             routed: BTreeSet::new(),
@@ -166,6 +352,7 @@ impl NodeWatch {
         };
         Ok(Self {
             cfg,
+            routing,
             shared,
             stop,
             thread: Some(thread),
@@ -205,9 +392,9 @@ impl NodeWatch {
 }
 
 /// Makes the node peers, routes and steering entries match `nodes`: new
-/// routes first, then the peer set, then stale routes go (blackholed; in
-/// strict mode the cluster prefix keeps steering them into the tunnel, where
-/// they are dropped).
+/// routes first, then the peer set, then stale routes go (in strict mode the
+/// cluster prefix keeps steering and routing them into the tunnel, where they
+/// are dropped and counted).
 fn apply(
     shared: &Mutex<Shared>,
     nodes: Vec<IdentityPeer>,

@@ -69,9 +69,10 @@ impl FlowKey {
                 let proto = *packet.get(9)?;
                 let src = IpAddr::from(<[u8; 4]>::try_from(packet.get(12..16)?).ok()?);
                 let dst = IpAddr::from(<[u8; 4]>::try_from(packet.get(16..20)?).ok()?);
-                // Later fragments carry no ports: they share the flow of port 0.
-                let frag_offset = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]) & 0x1fff;
-                let (sport, dport) = if frag_offset == 0 && matches!(proto, 6 | 17) {
+                // Fragments (the first one too: more-fragments set) use ports 0,
+                // so every fragment of a datagram is one flow, on one gateway.
+                let frag = u16::from_be_bytes([*packet.get(6)?, *packet.get(7)?]) & 0x3fff;
+                let (sport, dport) = if frag == 0 && matches!(proto, 6 | 17) {
                     ports(packet.get(ihl..)?)
                 } else {
                     (0, 0)
@@ -208,10 +209,12 @@ impl EgressPolicy {
             self.no_gateway.fetch_add(1, Ordering::Relaxed);
             return Pick::NoGateway;
         };
+        // A full table pins no more flows (the flow still goes to the first
+        // healthy gateway): no scan, and no pinned flow of another workload is
+        // evicted. Idle flows age out (`expire`).
         if flows.len() >= MAX_FLOWS && !flows.contains_key(&flow) {
-            if let Some(oldest) = flows.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k) {
-                flows.remove(&oldest);
-            }
+            drop(flows);
+            return self.chosen(idx);
         }
         flows.insert(flow, (idx, now));
         self.chosen(idx)
@@ -304,12 +307,34 @@ impl EgressTable {
         self.by_destination.lookup(dst).filter(|p| p.selects(src))
     }
 
-    /// Whether a packet from `src` (a firewalled endpoint's reply) may come
-    /// from gateway `key`: `src` is a destination of a policy `key` serves.
-    pub fn allows_reply(&self, src: IpAddr, key: &PublicKey) -> bool {
-        self.by_destination
-            .lookup(src)
-            .is_some_and(|p| p.config.gateways.contains(key))
+    /// Whether `packet`, decrypted from gateway `key`, is a firewalled
+    /// endpoint's reply to a flow this device sent through that gateway: its
+    /// source is a destination of a policy `key` serves, its destination a
+    /// source that policy selects, and the reversed flow is pinned to `key`
+    /// now. Anything else from an egress gateway with a source outside its
+    /// allowed prefixes is refused (an unsolicited packet, a spoofed source).
+    pub fn allows_reply(&self, packet: &[u8], key: &PublicKey) -> bool {
+        let Some(f) = FlowKey::of(packet) else {
+            return false;
+        };
+        let Some(policy) = self.by_destination.lookup(f.src) else {
+            return false;
+        };
+        let Some(idx) = policy.config.gateways.iter().position(|g| g == key) else {
+            return false;
+        };
+        if !policy.selects(f.dst) {
+            return false;
+        }
+        let forward = FlowKey {
+            proto: f.proto,
+            src: f.dst,
+            dst: f.src,
+            sport: f.dport,
+            dport: f.sport,
+        };
+        let flows = policy.flows.lock().unwrap_or_else(|e| e.into_inner());
+        flows.get(&forward).is_some_and(|(i, _)| *i == idx)
     }
 }
 
@@ -351,9 +376,59 @@ mod tests {
             .select("10.0.1.3".parse().unwrap(), "203.0.113.9".parse().unwrap())
             .is_none());
         assert!(t.select(src, "198.51.100.1".parse().unwrap()).is_none());
-        assert!(t.allows_reply("203.0.113.9".parse().unwrap(), &key(2)));
-        assert!(!t.allows_reply("203.0.113.9".parse().unwrap(), &key(3)));
-        assert!(!t.allows_reply("198.51.100.1".parse().unwrap(), &key(1)));
+    }
+
+    #[test]
+    fn only_replies_to_a_flow_pinned_to_that_gateway_are_accepted() {
+        let t = policy();
+        let p = &t.policies()[0];
+        let now = Instant::now();
+        p.set_admission(0, true, true);
+        p.set_admission(1, true, true);
+        let reply = udp4([203, 0, 113, 9], [10, 0, 1, 2], 443, 4000);
+        // Unsolicited: no flow was sent, so nothing comes back in.
+        assert!(!t.allows_reply(&reply, &key(1)));
+        assert_eq!(
+            p.pick(&udp4([10, 0, 1, 2], [203, 0, 113, 9], 4000, 443), now),
+            Pick::Gateway(key(1))
+        );
+        assert!(t.allows_reply(&reply, &key(1)));
+        // The other gateway, another port, or another (unselected) workload: refused.
+        assert!(!t.allows_reply(&reply, &key(2)));
+        assert!(!t.allows_reply(&udp4([203, 0, 113, 9], [10, 0, 1, 2], 443, 4001), &key(1)));
+        assert!(!t.allows_reply(&udp4([203, 0, 113, 9], [10, 0, 1, 3], 443, 4000), &key(1)));
+        // A source outside the policy's destinations: refused.
+        assert!(!t.allows_reply(&udp4([198, 51, 100, 1], [10, 0, 1, 2], 443, 4000), &key(1)));
+        assert!(!t.allows_reply(b"garbage", &key(1)));
+    }
+
+    #[test]
+    fn a_full_flow_table_evicts_nothing() {
+        let t = policy();
+        let p = &t.policies()[0];
+        let now = Instant::now();
+        p.set_admission(0, true, true);
+        p.set_admission(1, true, true);
+        let first = udp4([10, 0, 1, 2], [203, 0, 113, 9], 1, 443);
+        assert_eq!(p.pick(&first, now), Pick::Gateway(key(1)));
+        // Drain gateway 1 so new flows go to 2, then fill the table.
+        p.set_admission(0, false, true);
+        let mut n = 1;
+        'fill: for sport in 2..=u16::MAX {
+            for dport in [443u16, 444] {
+                if n >= MAX_FLOWS {
+                    break 'fill;
+                }
+                p.pick(&udp4([10, 0, 1, 2], [203, 0, 113, 9], sport, dport), now);
+                n += 1;
+            }
+        }
+        let extra = udp4([10, 0, 1, 2], [203, 0, 113, 10], 9, 9);
+        assert_eq!(p.pick(&extra, now), Pick::Gateway(key(2)));
+        // The first flow is still pinned to the draining gateway.
+        assert_eq!(p.pick(&first, now), Pick::Gateway(key(1)));
+        let total: usize = p.gateways().iter().map(|g| g.flows).sum();
+        assert_eq!(total, MAX_FLOWS);
     }
 
     #[test]
@@ -414,6 +489,18 @@ mod tests {
             let _ = FlowKey::of(&vec![0x46; len]);
             let _ = FlowKey::of(&vec![0x60; len]);
         }
+    }
+
+    #[test]
+    fn all_fragments_of_a_datagram_are_one_flow() {
+        let mut first = udp4([10, 0, 1, 2], [203, 0, 113, 9], 4000, 443);
+        first[6] = 0x20; // more fragments, offset 0
+        let mut later = udp4([10, 0, 1, 2], [203, 0, 113, 9], 0, 0);
+        later[6] = 0x00;
+        later[7] = 0xb9; // offset 185 (x 8 bytes), last fragment
+        assert_eq!(FlowKey::of(&first), FlowKey::of(&later));
+        let whole = udp4([10, 0, 1, 2], [203, 0, 113, 9], 4000, 443);
+        assert_ne!(FlowKey::of(&whole), FlowKey::of(&first));
     }
 
     #[test]

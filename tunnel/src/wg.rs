@@ -578,10 +578,13 @@ impl WgCore {
         match verdict {
             None => Inbound::Consumed,
             Some((offset, len, src)) => {
-                // A firewalled endpoint's reply through an egress gateway
-                // has the endpoint's source: allowed from the policy's gateways.
+                // A firewalled endpoint's reply through an egress gateway has
+                // the endpoint's source: allowed only as the reply to a flow
+                // this device pinned to that very gateway.
                 let allowed = set.route(src).is_some_and(|owner| Arc::ptr_eq(owner, peer))
-                    || self.egress().allows_reply(src, &peer.public_key);
+                    || out
+                        .get(offset..offset + len)
+                        .is_some_and(|p| self.egress().allows_reply(p, &peer.public_key));
                 if allowed {
                     Inbound::Tun { offset, len }
                 } else {

@@ -6,7 +6,13 @@
 //!
 //! ```text
 //! isthmus-bench [--seconds 10] [--runs 1] [--json]
-//!               [--only isthmus-wg,isthmus-esp-aes128,isthmus-esp-aes256,wireguard-go,boringtun-cli]
+//!               [--only isthmus-wg,isthmus-wg-bpf,isthmus-esp-aes128,isthmus-esp-aes256,
+//!                       wireguard-go,boringtun-cli]
+//! ```
+//! `isthmus-wg-bpf` is node mode's path: the same WireGuard tunnel, with the
+//! workloads' packets steered into it by the TC program instead of a route; its
+//! ratio to `isthmus-wg` is the cost of the redirect.
+//! ```text
 //! ```
 //! Needs root. Absolute numbers drift between machines; compare the ratios.
 
@@ -17,7 +23,10 @@ use clap::Parser;
 use isthmus_e2e::esp::{Cipher, EspPair};
 use isthmus_e2e::mesh::{self, Implementation, Mesh};
 use isthmus_e2e::process::ProcessGuard;
-use isthmus_e2e::{bins, netns, EspPeerConfig, Topology, Underlay, UserspaceImpl};
+use isthmus_e2e::{
+    bins, netns, wait_for_ping, EspPeerConfig, IsthmusGateway, KeyPair, Topology, Underlay,
+    UserspaceImpl,
+};
 
 /// Single-flow TCP throughput through Isthmus (WireGuard and ESP) and reference WireGuard
 /// implementations.
@@ -37,7 +46,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "isthmus-wg,isthmus-esp-aes128,isthmus-esp-aes256,wireguard-go,boringtun-cli"
+        default_value = "isthmus-wg,isthmus-wg-bpf,isthmus-esp-aes128,isthmus-esp-aes256,wireguard-go,boringtun-cli"
     )]
     only: Vec<String>,
 }
@@ -46,13 +55,17 @@ struct Args {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Variant {
     IsthmusWg,
+    /// Isthmus WireGuard with `[steering]` (BPF TC redirect) on both gateways:
+    /// the workloads' packets skip the routing table (node mode's path).
+    IsthmusWgBpf,
     IsthmusEsp(Cipher),
     WireguardGo,
     BoringtunCli,
 }
 
-const ALL: [Variant; 5] = [
+const ALL: [Variant; 6] = [
     Variant::IsthmusWg,
+    Variant::IsthmusWgBpf,
     Variant::IsthmusEsp(Cipher::Aes128Gcm),
     Variant::IsthmusEsp(Cipher::Aes256Gcm),
     Variant::WireguardGo,
@@ -63,6 +76,7 @@ impl Variant {
     fn label(self) -> &'static str {
         match self {
             Variant::IsthmusWg => "isthmus-wg",
+            Variant::IsthmusWgBpf => "isthmus-wg-bpf",
             Variant::IsthmusEsp(Cipher::Aes128Gcm) => "isthmus-esp-aes128",
             Variant::IsthmusEsp(Cipher::Aes256Gcm) => "isthmus-esp-aes256",
             Variant::WireguardGo => "wireguard-go",
@@ -96,7 +110,7 @@ impl Variant {
             })
         };
         match self {
-            Variant::IsthmusWg | Variant::IsthmusEsp(_) => isthmus(),
+            Variant::IsthmusWg | Variant::IsthmusWgBpf | Variant::IsthmusEsp(_) => isthmus(),
             Variant::WireguardGo => UserspaceImpl::WireguardGo
                 .find()
                 .is_none()
@@ -119,6 +133,7 @@ impl Variant {
 enum Gateways {
     Wg(Mesh),
     Esp(EspPair),
+    Steered(Vec<IsthmusGateway>),
 }
 
 impl Gateways {
@@ -126,8 +141,35 @@ impl Gateways {
         match self {
             Gateways::Wg(m) => m.logs(),
             Gateways::Esp(p) => p.logs(),
+            Gateways::Steered(g) => g.iter().map(IsthmusGateway::logs).collect(),
         }
     }
+}
+
+/// Two Isthmus gateways whose workload links are steered by the BPF program.
+fn steered(topo: &Topology) -> Result<Vec<IsthmusGateway>> {
+    let keys = [KeyPair::generate()?, KeyPair::generate()?];
+    let mut gateways = Vec::new();
+    for site in topo.sites() {
+        let mut config = mesh::isthmus_config(site, mesh::peers_for(topo, &keys, site.index));
+        config.trailer = vec![format!(
+            "[steering]\nmode = \"bpf\"\ninterfaces = [\"{}\"]",
+            site.lan_if
+        )];
+        gateways.push(IsthmusGateway::start(
+            topo.run(),
+            &site.gw_ns,
+            &keys[site.index - 1],
+            &config,
+        )?);
+    }
+    for (from, to) in [(1, 2), (2, 1)] {
+        let dst = topo.site(to).workload_addr.into();
+        if !wait_for_ping(&topo.site(from).wl_ns, dst, Duration::from_secs(10)) {
+            bail!("steered gateways not connected");
+        }
+    }
+    Ok(gateways)
 }
 
 /// A variant set up and ready: gateways connected, iperf3 server listening. Fields drop in
@@ -159,6 +201,7 @@ fn set_up(variant: Variant) -> Result<Bed> {
         Variant::IsthmusEsp(cipher) => {
             Gateways::Esp(EspPair::start(&topo, cipher, &EspPeerConfig::default())?)
         }
+        Variant::IsthmusWgBpf => Gateways::Steered(steered(&topo)?),
     };
     let b = topo.site(2);
     let server_addr = b.workload_addr.to_string();
@@ -249,6 +292,7 @@ fn median(values: &[f64]) -> Option<f64> {
 fn ratio_pairs(variants: &[Variant]) -> Vec<(Variant, Variant)> {
     let isthmus = [
         Variant::IsthmusWg,
+        Variant::IsthmusWgBpf,
         Variant::IsthmusEsp(Cipher::Aes128Gcm),
         Variant::IsthmusEsp(Cipher::Aes256Gcm),
     ];
@@ -258,6 +302,8 @@ fn ratio_pairs(variants: &[Variant]) -> Vec<(Variant, Variant)> {
             pairs.push((v, reference));
         }
     }
+    // What the BPF redirect costs against a plain route (the issue's bound: under 5 %).
+    pairs.push((Variant::IsthmusWgBpf, Variant::IsthmusWg));
     pairs.push((Variant::IsthmusEsp(Cipher::Aes128Gcm), Variant::IsthmusWg));
     pairs.push((Variant::IsthmusEsp(Cipher::Aes256Gcm), Variant::IsthmusWg));
     pairs.retain(|(a, b)| variants.contains(a) && variants.contains(b));

@@ -15,7 +15,7 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::{TC_ACT_OK, TC_ACT_REDIRECT};
+use aya_ebpf::bindings::TC_ACT_REDIRECT;
 use aya_ebpf::helpers::bpf_redirect;
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
@@ -42,6 +42,10 @@ static EGRESS_SRC6: LpmTrie<EgressSrc6, Target> = LpmTrie::with_max_entries(MAX_
 static COUNTERS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(MAX_COUNTER_SLOTS, 0);
 
 const ETH_HLEN: usize = 14;
+/// TCX verdict: continue with the next program on the interface (and the
+/// legacy tc filters after them). `TC_ACT_OK` would end the chain and skip
+/// every other program or filter there, e.g. another CNI's policy.
+const TCX_NEXT: i32 = -1;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
@@ -61,6 +65,12 @@ pub fn isthmus_steer(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn steer_v4(ctx: &TcContext, len: u64) -> i32 {
+    // The header must say IPv4 too (version 4, IHL >= 5): the data path
+    // routes by the version nibble, so a mismatch must not be steered.
+    match ctx.load::<u8>(ETH_HLEN) {
+        Ok(b) if b >> 4 == 4 && b & 0x0f >= 5 => {}
+        _ => return malformed(len),
+    }
     // Source at IP offset 12, destination at 16.
     let (src, dst) = match (
         ctx.load::<[u8; 4]>(ETH_HLEN + 12),
@@ -88,6 +98,10 @@ fn steer_v4(ctx: &TcContext, len: u64) -> i32 {
 
 #[inline(always)]
 fn steer_v6(ctx: &TcContext, len: u64) -> i32 {
+    match ctx.load::<u8>(ETH_HLEN) {
+        Ok(b) if b >> 4 == 6 => {}
+        _ => return malformed(len),
+    }
     // Source at IPv6 offset 8, destination at 24.
     let (src, dst) = match (
         ctx.load::<[u8; 16]>(ETH_HLEN + 8),
@@ -134,13 +148,13 @@ fn redirect(t: &Target, len: u64) -> i32 {
 #[inline(always)]
 fn pass(len: u64) -> i32 {
     count(SLOT_PASS, len);
-    TC_ACT_OK as i32
+    TCX_NEXT
 }
 
 #[inline(always)]
 fn malformed(len: u64) -> i32 {
     count(SLOT_MALFORMED, len);
-    TC_ACT_OK as i32
+    TCX_NEXT
 }
 
 #[inline(always)]

@@ -112,6 +112,7 @@ impl EgressPolicies {
         cfgs: &[EgressConfig],
         wg: &Arc<WgCore>,
         steering: &Steering,
+        tunnel: &str,
     ) -> anyhow::Result<Self> {
         let table = EgressTable::new(
             cfgs.iter()
@@ -138,9 +139,9 @@ impl EgressPolicies {
             steering
                 .set_egress(id, &prefixes(&cfg.sources), &prefixes(&cfg.destinations))
                 .with_context(|| format!("steering egress policy {}", cfg.name))?;
-            let socket = UdpSocket::bind(SocketAddr::new(cfg.probe_source, 0)).with_context(|| {
+            let socket = probe_socket(cfg.probe_source, tunnel).with_context(|| {
                 format!(
-                    "egress {}: binding the probe socket to {} (must be an address of this gateway)",
+                    "egress {}: the probe socket on {} (must be an address of this gateway)",
                     cfg.name, cfg.probe_source
                 )
             })?;
@@ -215,6 +216,21 @@ impl EgressPolicies {
             })
             .collect()
     }
+}
+
+/// A UDP socket on `source`, bound to the tunnel device: probes leave only
+/// through the tunnel, and only replies that came through it (authenticated,
+/// inner source checked) are read; a spoofed reply on the underlay is not.
+fn probe_socket(source: std::net::IpAddr, tunnel: &str) -> anyhow::Result<UdpSocket> {
+    let domain = if source.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let socket = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    socket.bind_device(Some(tunnel.as_bytes()))?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    Ok(socket.into())
 }
 
 fn apply(rt: &PolicyRuntime, t: probe::Transition) {
@@ -398,25 +414,39 @@ impl EgressGateway {
                 .collect::<String>()
         );
         let fam = if cfg.egress_ip.is_ipv4() { "ip" } else { "ip6" };
-        let sources: Vec<String> = cfg
-            .sources
-            .iter()
-            .filter(|p| p.is_ipv4() == cfg.egress_ip.is_ipv4())
-            .map(|p| p.to_string())
-            .collect();
-        if sources.is_empty() {
-            anyhow::bail!("egress_gateway.sources has no prefix of the egress IP's family");
+        let same_family = |list: &[isthmus_tunnel::IpPrefix]| -> Vec<String> {
+            list.iter()
+                .filter(|p| p.is_ipv4() == cfg.egress_ip.is_ipv4())
+                .map(|p| p.to_string())
+                .collect()
+        };
+        let (sources, destinations) = (same_family(&cfg.sources), same_family(&cfg.destinations));
+        if sources.is_empty() || destinations.is_empty() {
+            anyhow::bail!(
+                "egress_gateway.sources and egress_gateway.destinations need prefixes of the egress IP's family"
+            );
         }
         let _ = nft(&format!("delete table inet {table}\n"));
+        // Only tunnel traffic from the allowed sources to the allowed
+        // destinations leaves through the uplink, translated to the egress IP;
+        // anything else from the tunnel to the uplink is dropped (no open relay),
+        // and traffic from elsewhere is never translated to the egress IP.
         nft(&format!(
             "table inet {table} {{\n\
+             \tchain forward {{\n\
+             \t\ttype filter hook forward priority filter; policy accept;\n\
+             \t\tiifname \"{tun}\" oifname \"{uplink}\" {fam} saddr {{ {srcs} }} {fam} daddr {{ {dsts} }} accept\n\
+             \t\tiifname \"{tun}\" oifname \"{uplink}\" counter drop\n\
+             \t}}\n\
              \tchain post {{\n\
              \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-             \t\toifname \"{uplink}\" {fam} saddr {{ {srcs} }} counter snat {fam} to {ip}\n\
+             \t\tiifname \"{tun}\" oifname \"{uplink}\" {fam} saddr {{ {srcs} }} {fam} daddr {{ {dsts} }} counter snat {fam} to {ip}\n\
              \t}}\n\
              }}\n",
+            tun = tunnel,
             uplink = cfg.uplink,
             srcs = sources.join(", "),
+            dsts = destinations.join(", "),
             ip = cfg.egress_ip,
         ))
         .context("installing the egress SNAT table")?;
@@ -468,15 +498,16 @@ impl EgressGateway {
             );
         }
         if !cfg.endpoint_probes.is_empty() {
-            let (shared, probes, interval) = (
+            let (shared, probes, interval, from) = (
                 shared.clone(),
                 cfg.endpoint_probes.clone(),
                 cfg.endpoint_probe_interval,
+                cfg.egress_ip,
             );
             threads.push(
                 std::thread::Builder::new()
                     .name("egress-uplink".into())
-                    .spawn(move || run_endpoint_probes(&shared, &probes, interval))
+                    .spawn(move || run_endpoint_probes(&shared, &probes, interval, from))
                     .context("starting the endpoint prober")?,
             );
         }
@@ -516,14 +547,34 @@ impl EgressGateway {
 /// counts as down.
 const UPLINK_FAILURES: u32 = 3;
 
-fn run_endpoint_probes(shared: &GatewayShared, probes: &[SocketAddr], interval: Duration) {
+/// A TCP connection attempt to `to` from the egress IP (the path the
+/// translated traffic takes, through a firewall that admits only that IP).
+fn endpoint_reachable(from: std::net::IpAddr, to: &SocketAddr, timeout: Duration) -> bool {
+    let domain = if to.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let Ok(socket) =
+        socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))
+    else {
+        return false;
+    };
+    socket.bind(&SocketAddr::new(from, 0).into()).is_ok()
+        && socket.connect_timeout(&(*to).into(), timeout).is_ok()
+}
+
+fn run_endpoint_probes(
+    shared: &GatewayShared,
+    probes: &[SocketAddr],
+    interval: Duration,
+    from: std::net::IpAddr,
+) {
     let timeout = interval.min(Duration::from_secs(1));
     let mut failures = 0u32;
     while !shared.stop.load(Ordering::Relaxed) {
         let started = Instant::now();
-        let ok = probes
-            .iter()
-            .any(|p| std::net::TcpStream::connect_timeout(p, timeout).is_ok());
+        let ok = probes.iter().any(|p| endpoint_reachable(from, p, timeout));
         failures = if ok { 0 } else { failures.saturating_add(1) };
         let up = failures < UPLINK_FAILURES;
         if shared.uplink_ok.swap(up, Ordering::Relaxed) != up {
