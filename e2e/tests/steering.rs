@@ -405,9 +405,21 @@ fn gateway_steering(mode: &str, expect: Mode) -> Result<()> {
     );
     let st = g1.status()?.steering.context("no steering in status")?;
     assert_eq!(st.mode, expect, "{mode}: {st:?}");
+    let redirected = |g: &IsthmusGateway| -> Result<u64> {
+        Ok(g.status()?
+            .steering
+            .context("no steering")?
+            .redirected
+            .packets)
+    };
+    let redirected_before = redirected(&g1)?;
     let before = steered_packets(&g1, &s2.workload_prefix)?;
     assert!(ping(&s1.wl_ns, far, 3), "ping failed");
     let after = steered_packets(&g1, &s2.workload_prefix)?;
+    assert!(
+        redirected(&g1)? >= redirected_before + 3,
+        "{mode}: the pings were not redirected into the tunnel"
+    );
     assert!(
         after >= before + 3,
         "{mode}: steering counted {before} then {after}"
@@ -425,6 +437,29 @@ fn gateway_steering(mode: &str, expect: Mode) -> Result<()> {
         text.contains("steering ("),
         "isthmusctl status shows no steering:\n{text}"
     );
+    // Full-size TCP from a workload whose MTU (1500) is above the tunnel's
+    // (1420): the oversize packets are not redirected but handed to routing,
+    // whose route into the tunnel carries its MTU, so path MTU discovery works
+    // and the transfer completes (a redirect alone would stall it).
+    let report = isthmus_e2e::traffic::tcp_transfer(
+        &s1.wl_ns,
+        &s2.wl_ns,
+        far,
+        7311,
+        4_000_000,
+        isthmus_e2e::Payload::Random,
+    )?;
+    assert!(
+        report.intact(),
+        "{mode}: TCP through the steered tunnel: {report:?}"
+    );
+    if expect == Mode::Bpf {
+        let st = g1.status()?.steering.context("no steering")?;
+        assert!(
+            st.too_big.packets > 0,
+            "{mode}: no packet was too big for the tunnel? {st:?}"
+        );
+    }
     let (programs, tables, rules) = leftovers(&s1.gw_ns, &s1.lan_if, &s1.tunnel_if)?;
     match expect {
         Mode::Bpf => assert_eq!(

@@ -10,7 +10,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use aya::Ebpf;
 use isthmus_ebpf_common::{
     Counter, EgressDst, EgressSrc4, EgressSrc6, Target, FIRST_ENTRY_SLOT, MAX_COUNTER_SLOTS,
-    SLOT_MALFORMED, SLOT_PASS, SLOT_REDIRECT, SLOT_REDIRECT_FAILED,
+    SLOT_MALFORMED, SLOT_PASS, SLOT_REDIRECT, SLOT_REDIRECT_FAILED, SLOT_TOO_BIG,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -466,6 +466,7 @@ impl BpfSteering {
             passed: self.read(SLOT_PASS),
             redirect_failed: self.read(SLOT_REDIRECT_FAILED),
             malformed: self.read(SLOT_MALFORMED),
+            too_big: self.read(SLOT_TOO_BIG),
             entries,
         }
     }

@@ -171,6 +171,10 @@ pub struct SteeringStatus {
     pub redirect_failed: Count,
     /// IP packets too short to parse, passed to the kernel (BPF only).
     pub malformed: Count,
+    /// Packets too big for the tunnel device: mesh packets handed to routing
+    /// (path MTU discovery), egress packets dropped (BPF only).
+    #[serde(default)]
+    pub too_big: Count,
     /// Per-entry counters.
     pub entries: Vec<EntryStatus>,
 }

@@ -503,6 +503,7 @@ impl PolicySteering {
             passed,
             redirect_failed: Count::default(),
             malformed: Count::default(),
+            too_big: Count::default(),
             entries: by_entry
                 .into_iter()
                 .map(|(entry, steered)| EntryStatus { entry, steered })

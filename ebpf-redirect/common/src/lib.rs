@@ -21,6 +21,12 @@ pub const SLOT_REDIRECT_FAILED: u32 = 2;
 /// Counter slot: IP packets too short to parse (passed untouched, like any
 /// non-IP frame; the kernel's own IP input drops them).
 pub const SLOT_MALFORMED: u32 = 3;
+/// Counter slot: packets larger than the tunnel device's MTU (or GSO packets
+/// with larger segments). A mesh packet goes to the kernel's routing instead,
+/// whose route into the tunnel carries the tunnel MTU: the sender gets
+/// "fragmentation needed" / "packet too big" (path MTU discovery works) or the
+/// packet is fragmented into the tunnel. An egress packet is dropped.
+pub const SLOT_TOO_BIG: u32 = 4;
 /// First slot handed out to map entries.
 pub const FIRST_ENTRY_SLOT: u32 = 8;
 

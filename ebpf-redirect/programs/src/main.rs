@@ -15,15 +15,15 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::bindings::TC_ACT_REDIRECT;
-use aya_ebpf::helpers::bpf_redirect;
+use aya_ebpf::bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT};
+use aya_ebpf::helpers::{bpf_check_mtu, bpf_redirect};
 use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::lpm_trie::{Key, LpmTrie};
 use aya_ebpf::maps::PerCpuArray;
 use aya_ebpf::programs::TcContext;
 use isthmus_ebpf_common::{
     Counter, EgressDst, EgressSrc4, EgressSrc6, Target, MAX_COUNTER_SLOTS, MAX_PREFIXES,
-    SLOT_MALFORMED, SLOT_PASS, SLOT_REDIRECT, SLOT_REDIRECT_FAILED,
+    SLOT_MALFORMED, SLOT_PASS, SLOT_REDIRECT, SLOT_REDIRECT_FAILED, SLOT_TOO_BIG,
 };
 
 #[map]
@@ -46,6 +46,8 @@ const ETH_HLEN: usize = 14;
 /// legacy tc filters after them). `TC_ACT_OK` would end the chain and skip
 /// every other program or filter there, e.g. another CNI's policy.
 const TCX_NEXT: i32 = -1;
+/// `bpf_check_mtu` flag: check each GSO segment, not the whole super-packet.
+const BPF_MTU_CHK_SEGS: u64 = 1;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;
 
@@ -87,11 +89,11 @@ fn steer_v4(ctx: &TcContext, len: u64) -> i32 {
             addr: src,
         };
         if let Some(t) = EGRESS_SRC4.get(Key::new(64, key)) {
-            return redirect(t, len);
+            return redirect(ctx, t, len, true);
         }
     }
     match REMOTE4.get(Key::new(32, dst)) {
-        Some(t) => redirect(t, len),
+        Some(t) => redirect(ctx, t, len, false),
         None => pass(len),
     }
 }
@@ -118,22 +120,45 @@ fn steer_v6(ctx: &TcContext, len: u64) -> i32 {
             addr: src,
         };
         if let Some(t) = EGRESS_SRC6.get(Key::new(160, key)) {
-            return redirect(t, len);
+            return redirect(ctx, t, len, true);
         }
     }
     match REMOTE6.get(Key::new(128, dst)) {
-        Some(t) => redirect(t, len),
+        Some(t) => redirect(ctx, t, len, false),
         None => pass(len),
     }
 }
 
 #[inline(always)]
-fn redirect(t: &Target, len: u64) -> i32 {
+fn redirect(ctx: &TcContext, t: &Target, len: u64, egress: bool) -> i32 {
     let (ifindex, slot) = (t.ifindex, t.slot);
     count(slot, len);
     if ifindex == 0 {
         // A local entry (this node's own pods inside a steered prefix): pass.
         return pass(len);
+    }
+    // A redirect skips the forwarding path's MTU check: a packet the tunnel
+    // cannot carry in one piece goes to routing instead (its route into the
+    // tunnel carries the tunnel MTU, so the sender learns the path MTU), or is
+    // dropped for egress (which has no such route).
+    let skb = ctx.skb.skb;
+    // SAFETY: `skb` is this program's context pointer, valid for its run.
+    let gso = unsafe { (*skb).gso_size } != 0;
+    let mut mtu_len: u32 = 0;
+    // SAFETY: BPF helper calls on this program's own skb, with a pointer to a
+    // local the helper writes the MTU into. The kernel allows the segment
+    // check (GSO packets) only without a length adjustment; a plain packet is
+    // checked at its L3 length (the frame minus the Ethernet header).
+    let fits = unsafe {
+        if gso {
+            bpf_check_mtu(skb as *mut _, ifindex, &mut mtu_len, 0, BPF_MTU_CHK_SEGS)
+        } else {
+            bpf_check_mtu(skb as *mut _, ifindex, &mut mtu_len, -(ETH_HLEN as i32), 0)
+        }
+    } == 0;
+    if !fits {
+        count(SLOT_TOO_BIG, len);
+        return if egress { TC_ACT_SHOT as i32 } else { TCX_NEXT };
     }
     // SAFETY: a BPF helper call with plain integer arguments.
     let verdict = unsafe { bpf_redirect(ifindex, 0) } as i32;

@@ -596,11 +596,12 @@ fn render_steering(st: &isthmus_ebpf_redirect::SteeringStatus) -> String {
     let count =
         |c: &isthmus_ebpf_redirect::Count| format!("{} pkts {}", c.packets, human_bytes(c.bytes));
     out += &format!(
-        "  redirected {}  passed {}  redirect failed {}  malformed {}\n",
+        "  redirected {}  passed {}  redirect failed {}  malformed {}  too big for the tunnel {}\n",
         count(&st.redirected),
         count(&st.passed),
         st.redirect_failed.packets,
-        st.malformed.packets
+        st.malformed.packets,
+        st.too_big.packets
     );
     for e in &st.entries {
         let what = match &e.entry {
