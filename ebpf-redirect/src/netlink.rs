@@ -253,6 +253,14 @@ impl Netlink {
     /// Interface index of the link called `name`.
     ///
     /// Returns [`NetlinkError::NoSuchLink`] if there is no such interface.
+    /// Opens a socket and looks up `name`: the usual start of changing routes
+    /// into one device.
+    pub fn open_for(name: &str) -> Result<(Self, u32), NetlinkError> {
+        let mut nl = Self::open()?;
+        let index = nl.link_index(name)?;
+        Ok((nl, index))
+    }
+
     pub fn link_index(&mut self, name: &str) -> Result<u32, NetlinkError> {
         if name.is_empty() || name.len() >= IFNAMSIZ || name.contains('\0') {
             return Err(NetlinkError::NoSuchLink(name.to_string()));

@@ -43,6 +43,57 @@ fn nft_binary() -> Result<PathBuf, SteerError> {
         })
 }
 
+/// Runs an nftables script (`nft -f -`, nft from /usr/sbin, /sbin or /usr/bin,
+/// never looked up through PATH).
+pub fn nft(script: &str) -> Result<(), SteerError> {
+    run_nft(&nft_binary()?, script)
+}
+
+fn run_nft(bin: &std::path::Path, script: &str) -> Result<(), SteerError> {
+    let mut child = Command::new(bin)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| SteerError::Policy(format!("running {}: {e}", bin.display())))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .map_err(|e| SteerError::Policy(format!("writing to nft: {e}")))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| SteerError::Policy(format!("waiting for nft: {e}")))?;
+    if !out.status.success() {
+        return Err(SteerError::Policy(format!(
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Deletes every route Isthmus installed (protocol [`RTPROT_ISTHMUS`]) in
+/// `table`, both families; errors (already gone) are ignored.
+pub fn flush_own_routes(nl: &mut Netlink, table: u32) {
+    for v6 in [false, true] {
+        for r in nl.routes_in_table(v6, table).unwrap_or_default() {
+            if r.protocol == RTPROT_ISTHMUS {
+                let _ = nl.route_delete(&Route {
+                    dst: r.dst,
+                    table: r.table,
+                    kind: r.kind,
+                    oif: r.oif,
+                    mtu: None,
+                    protocol: r.protocol,
+                    priority: r.priority,
+                });
+            }
+        }
+    }
+}
+
 /// The running fallback.
 #[derive(Debug)]
 pub struct PolicySteering {
@@ -170,44 +221,12 @@ impl PolicySteering {
             for rule in rules_of(&self.numbers) {
                 let _ = nl.rule_delete(&rule);
             }
-            for route in routes_of(&self.numbers, 0) {
-                for found in nl.routes_exact(route.dst, route.table).unwrap_or_default() {
-                    if found.protocol == RTPROT_ISTHMUS {
-                        let _ = nl.route_delete(&Route {
-                            oif: found.oif,
-                            kind: found.kind,
-                            priority: found.priority,
-                            ..route.clone()
-                        });
-                    }
-                }
-            }
+            flush_own_routes(&mut nl, self.numbers.table);
         }
     }
 
     fn nft_script(&self, script: &str) -> Result<(), SteerError> {
-        let mut child = Command::new(&self.nft)
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| SteerError::Policy(format!("running {}: {e}", self.nft.display())))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(script.as_bytes())
-                .map_err(|e| SteerError::Policy(format!("writing to nft: {e}")))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| SteerError::Policy(format!("waiting for nft: {e}")))?;
-        if !out.status.success() {
-            return Err(SteerError::Policy(format!(
-                "nft: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        run_nft(&self.nft, script)
     }
 
     /// The chain's rules as (handle, comment, counter).

@@ -403,11 +403,7 @@ struct MeshRoutes {
 
 impl MeshRoutes {
     fn netlink(&self) -> Result<(Netlink, u32), String> {
-        let mut nl = Netlink::open().map_err(|e| format!("netlink: {e}"))?;
-        let index = nl
-            .link_index(&self.dev)
-            .map_err(|e| format!("tunnel device {}: {e}", self.dev))?;
-        Ok((nl, index))
+        Netlink::open_for(&self.dev).map_err(|e| format!("tunnel device {}: {e}", self.dev))
     }
 }
 

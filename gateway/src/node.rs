@@ -18,7 +18,7 @@ use crate::clustermesh::RouteSink;
 use crate::config::{self, IdentityPeer, NodeConfig};
 use crate::mesh::MeshLinks;
 use isthmus_ebpf_redirect::netlink::{Netlink, Route, RouteKind, Rule};
-use isthmus_ebpf_redirect::policy::RTPROT_ISTHMUS;
+use isthmus_ebpf_redirect::policy::{flush_own_routes, RTPROT_ISTHMUS};
 use isthmus_ebpf_redirect::Steering;
 use isthmus_identity::SpiffeId;
 use isthmus_tunnel::IpPrefix;
@@ -99,11 +99,7 @@ impl NodeRouting {
     }
 
     fn netlink(&self) -> Result<(Netlink, u32), String> {
-        let mut nl = Netlink::open().map_err(|e| format!("netlink: {e}"))?;
-        let index = nl
-            .link_index(&self.dev)
-            .map_err(|e| format!("tunnel device {}: {e}", self.dev))?;
-        Ok((nl, index))
+        Netlink::open_for(&self.dev).map_err(|e| format!("tunnel device {}: {e}", self.dev))
     }
 
     /// Removes what an earlier run left (rules of these priorities, our routes
@@ -116,20 +112,8 @@ impl NodeRouting {
                     let _ = nl.rule_delete(&r);
                 }
             }
-            for r in nl.routes_in_table(v6, self.table).unwrap_or_default() {
-                if r.protocol == RTPROT_ISTHMUS {
-                    let _ = nl.route_delete(&Route {
-                        dst: r.dst,
-                        table: r.table,
-                        kind: r.kind,
-                        oif: r.oif,
-                        mtu: None,
-                        protocol: r.protocol,
-                        priority: r.priority,
-                    });
-                }
-            }
         }
+        flush_own_routes(&mut nl, self.table);
         // Routes before rules. Strict mode: the cluster prefix into the tunnel,
         // and a blackhole behind it that outlives the device.
         if self.strict {
@@ -153,21 +137,7 @@ impl NodeRouting {
             for rule in self.rules() {
                 let _ = nl.rule_delete(&rule);
             }
-            for v6 in [false, true] {
-                for r in nl.routes_in_table(v6, self.table).unwrap_or_default() {
-                    if r.protocol == RTPROT_ISTHMUS {
-                        let _ = nl.route_delete(&Route {
-                            dst: r.dst,
-                            table: r.table,
-                            kind: r.kind,
-                            oif: r.oif,
-                            mtu: None,
-                            protocol: r.protocol,
-                            priority: r.priority,
-                        });
-                    }
-                }
-            }
+            flush_own_routes(&mut nl, self.table);
         }
     }
 }

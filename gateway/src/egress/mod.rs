@@ -365,28 +365,7 @@ impl Drop for EgressGateway {
 }
 
 fn nft(script: &str) -> anyhow::Result<()> {
-    use std::io::Write as _;
-    let bin = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
-        .iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .context("nft (nftables) not found in /usr/sbin, /sbin or /usr/bin")?;
-    let mut child = std::process::Command::new(bin)
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .context("running nft")?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .context("writing to nft")?;
-    }
-    let out = child.wait_with_output().context("waiting for nft")?;
-    if !out.status.success() {
-        anyhow::bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    isthmus_ebpf_redirect::policy::nft(script).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 impl EgressGateway {
