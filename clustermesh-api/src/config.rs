@@ -16,7 +16,9 @@
 //! [source]
 //! kind = "file"                            # file | etcd | kubernetes
 //! path = "/etc/isthmus/cluster.toml"       # file: everything; kubernetes: the cluster
-//!                                          # object and gateways (services come from the API)
+//!                                          # object and gateways (services come from the API;
+//!                                          # without a path, from the IsthmusCluster resource
+//!                                          # named after the cluster)
 //! # reload_interval_ms = 1000              # file
 //! # kubeconfig = "/root/.kube/config"      # kubernetes (default: $KUBECONFIG, ~/.kube/config,
 //! # context = "east"                       #  then the in-cluster service account)
@@ -110,8 +112,9 @@ pub enum SourceConfig {
     Kubernetes {
         /// The kube settings.
         config: crate::source::kubernetes::KubernetesSourceConfig,
-        /// The cluster object and gateways.
-        static_objects: Vec<Object>,
+        /// The cluster object and gateways from a file; `None`: from the cluster's
+        /// `IsthmusCluster` resource.
+        static_objects: Option<Vec<Object>>,
     },
 }
 
@@ -273,21 +276,23 @@ pub fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
             SourceConfig::Etcd(etcd)
         }
         "kubernetes" => {
-            let path = source.path.ok_or_else(|| {
-                ConfigError::new(
-                    "source.path",
-                    "required with kind = \"kubernetes\" (the cluster object and gateways)",
-                )
-            })?;
-            let static_objects: Vec<Object> = file::load(&path, &gateway.cluster)?
-                .into_iter()
-                .filter(|o| {
-                    o.key.as_ref().is_some_and(|k| {
-                        k.kind == crate::pb::Kind::Cluster as i32
-                            || k.kind == crate::pb::Kind::Gateway as i32
-                    })
-                })
-                .collect();
+            // With a path, the cluster object and gateways come from that file (read
+            // once); without one, from the IsthmusCluster resource named after the
+            // cluster, watched like the services.
+            let static_objects: Option<Vec<Object>> = match source.path {
+                Some(path) => Some(
+                    file::load(&path, &gateway.cluster)?
+                        .into_iter()
+                        .filter(|o| {
+                            o.key.as_ref().is_some_and(|k| {
+                                k.kind == crate::pb::Kind::Cluster as i32
+                                    || k.kind == crate::pb::Kind::Gateway as i32
+                            })
+                        })
+                        .collect(),
+                ),
+                None => None,
+            };
             SourceConfig::Kubernetes {
                 config: crate::source::kubernetes::KubernetesSourceConfig {
                     kubeconfig: source.kubeconfig,

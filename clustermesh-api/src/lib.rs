@@ -14,12 +14,15 @@
 //! - [`server`]: the tonic service and the mTLS listener.
 //! - [`client`]: one watch per remote cluster, reconnecting with jittered exponential
 //!   backoff and resuming with `(epoch, revision)`.
+//! - [`crd`]: the `IsthmusCluster` custom resource (a cluster's membership), read by the
+//!   Kubernetes source.
 //! - [`reducer`]: the gateway's view of the mesh (sans-IO, fake-clock testable): mark and
 //!   sweep at `SnapshotEnd`, uid-checked deletes, per-cluster liveness
 //!   (Connected → Stale → Withdrawn), prefix-overlap refusals.
 
 pub mod client;
 pub mod config;
+pub mod crd;
 pub mod model;
 pub mod reducer;
 pub mod server;

@@ -59,6 +59,8 @@ struct RawConfig {
     node: Option<RawNode>,
     #[serde(default)]
     egress: Vec<RawEgress>,
+    /// A file of IsthmusEgressPolicy resources (YAML), added to `egress`.
+    egress_policies: Option<PathBuf>,
     egress_gateway: Option<RawEgressGateway>,
     #[serde(default)]
     peers: Vec<RawPeer>,
@@ -657,14 +659,25 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         interface.mtu = DEFAULT_MTU_WITH_ESP;
     }
     let mut egress = Vec::new();
-    for (i, raw_egress) in raw.egress.into_iter().enumerate() {
+    // [[egress]] tables, then the resources of the egress_policies file; each
+    // with the label its errors name.
+    let mut all_egress: Vec<(String, RawEgress)> = raw
+        .egress
+        .into_iter()
+        .enumerate()
+        .map(|(i, e)| (format!("egress[{i}]"), e))
+        .collect();
+    if let Some(path) = &raw.egress_policies {
+        all_egress.extend(egress_policy_resources(path)?);
+    }
+    for (label, raw_egress) in all_egress {
         if steering.is_none() {
             return Err(ConfigError::new(
-                format!("egress[{i}]"),
+                label,
                 "requires the [steering] table (it selects the workloads' packets)",
             ));
         }
-        let e = egress_policy(i, raw_egress, &peers, &interface)?;
+        let e = egress_policy(&label, raw_egress, &peers, &interface)?;
         // A destination that is also a peer's prefix would let that peer's
         // traffic pass as an endpoint's reply (and vice versa).
         let peer_prefixes = peers
@@ -676,7 +689,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         for p in peer_prefixes {
             if let Some(d) = e.destinations.iter().find(|d| overlaps(d, p)) {
                 return Err(ConfigError::new(
-                    format!("egress[{i}].destinations"),
+                    format!("{label}.destinations"),
                     format!("{d} overlaps {p}, a prefix of a peer or node (endpoints must lie outside the mesh)"),
                 ));
             }
@@ -693,12 +706,12 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
                 })
         {
             return Err(ConfigError::new(
-                format!("egress[{i}].destinations"),
-                format!("overlap {d} of egress[{j}]"),
+                format!("{label}.destinations"),
+                format!("overlap {d} of policy {:?}", egress[j].name),
             ));
         }
         if egress.iter().any(|o: &EgressConfig| o.name == e.name) {
-            return Err(ConfigError::new(format!("egress[{i}].name"), "used twice"));
+            return Err(ConfigError::new(format!("{label}.name"), "used twice"));
         }
         egress.push(e);
     }
@@ -721,13 +734,63 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
     })
 }
 
+/// Reads a file of IsthmusEgressPolicy resources into `[[egress]]` tables, each
+/// labelled `egress_policies[<name>]` (its fields are named as in the resource).
+fn egress_policy_resources(path: &Path) -> Result<Vec<(String, RawEgress)>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new(
+            "egress_policies",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let policies = crate::crd::parse_egress_policies(&text)
+        .map_err(|e| ConfigError::new(format!("egress_policies{}", e.field), e.message))?;
+    Ok(policies
+        .into_iter()
+        .map(|p| {
+            let name = p.metadata.name.unwrap_or_default();
+            let s = p.spec;
+            (
+                format!("egress_policies[{name}]"),
+                RawEgress {
+                    name: Some(name),
+                    sources: s.sources,
+                    destinations: s.destinations,
+                    gateways: s
+                        .gateways
+                        .into_iter()
+                        .map(|g| RawEgressRef {
+                            peer: Some(g.peer),
+                            probe: Some(g.probe),
+                        })
+                        .collect(),
+                    probe_interval_ms: s.probe_interval_ms,
+                    probe_multiplier: s.probe_multiplier,
+                    probe_source: s.probe_source,
+                },
+            )
+        })
+        .collect())
+}
+
 fn egress_policy(
-    i: usize,
+    label: &str,
     raw: RawEgress,
     peers: &[PeerConfig],
     interface: &InterfaceConfig,
 ) -> Result<EgressConfig, ConfigError> {
-    let field = |f: &str| format!("egress[{i}].{f}");
+    // A resource's fields are named as in the resource (spec.probeIntervalMs).
+    let resource = label.starts_with("egress_policies");
+    let field = |f: &str| {
+        if resource {
+            format!(
+                "{label}.spec.{}",
+                isthmus_clustermesh_api::crd::camel_case(f)
+            )
+        } else {
+            format!("{label}.{f}")
+        }
+    };
     let name = raw.name.unwrap_or_default();
     if name.is_empty()
         || name.len() > 64
@@ -736,7 +799,11 @@ fn egress_policy(
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
     {
         return Err(ConfigError::new(
-            field("name"),
+            if resource {
+                format!("{label}.metadata.name")
+            } else {
+                field("name")
+            },
             "required: 1 to 64 letters, digits, '-' or '_'",
         ));
     }
@@ -762,7 +829,7 @@ fn egress_policy(
     }
     let mut gateways: Vec<EgressGatewayRef> = Vec::new();
     for (j, g) in raw.gateways.into_iter().enumerate() {
-        let gf = |f: &str| format!("egress[{i}].gateways[{j}].{f}");
+        let gf = |f: &str| field(&format!("gateways[{j}].{f}"));
         let peer_name = g.peer.unwrap_or_default();
         let Some(peer) = peers
             .iter()
@@ -2155,6 +2222,63 @@ mod tests {
             let e = load_nodes(&node_cfg(&file.0), &own).expect_err("group/world-writable");
             assert!(e.message.contains("writable"), "{e:?}");
         }
+    }
+
+    #[test]
+    fn egress_policy_resources_are_read_like_egress_tables() {
+        let (file, _) = key_file(0o600);
+        let a = PrivateKey::generate().public_key();
+        let peers = format!(
+            "[[peers]]\nname = \"egress-a\"\npublic_key = \"{a}\"\nendpoint = \"192.0.2.2:51820\"\n\
+             allowed_prefixes = [\"100.64.2.0/24\"]\n[steering]\ninterfaces = [\"wl0\"]\n"
+        );
+        let resource = |spec_extra: &str, peer: &str| {
+            format!(
+                "apiVersion: isthmus.dev/v1alpha1\nkind: IsthmusEgressPolicy\nmetadata:\n  name: to-db\n\
+                 spec:\n  sources: [\"100.64.1.0/24\"]\n  destinations: [\"203.0.113.0/24\"]\n  \
+                 gateways:\n    - peer: {peer}\n      probe: 100.64.2.1\n{spec_extra}"
+            )
+        };
+        let with = |yaml: &str| {
+            let policies = temp_file("policies.yaml", yaml, 0o644);
+            let text = format!(
+                "egress_policies = \"{}\"\n{}",
+                policies.0.display(),
+                config(&file.0, "addresses = [\"100.64.1.1/32\"]", &peers)
+            );
+            (parse(&text), policies)
+        };
+        let (cfg, _keep) = with(&resource("  probeIntervalMs: 100\n", "egress-a"));
+        let cfg = cfg.expect("a valid resource");
+        assert_eq!(cfg.egress.len(), 1);
+        assert_eq!(cfg.egress[0].name, "to-db");
+        assert_eq!(
+            cfg.egress[0].probe_interval,
+            std::time::Duration::from_millis(100)
+        );
+        // Errors name the resource and its field as spelled in the resource.
+        let (err, _keep) = with(&resource("  probeIntervalMs: 5\n", "egress-a"));
+        assert_eq!(
+            err.unwrap_err().field,
+            "egress_policies[to-db].spec.probeIntervalMs"
+        );
+        let (err, _keep) = with(&resource("", "nobody"));
+        assert_eq!(
+            err.unwrap_err().field,
+            "egress_policies[to-db].spec.gateways[0].peer"
+        );
+        let (err, _keep) = with(&resource("  probeEvery: 5\n", "egress-a"));
+        assert!(
+            err.unwrap_err()
+                .field
+                .starts_with("egress_policies[0].spec"),
+            "unknown fields are refused"
+        );
+        let missing = format!(
+            "egress_policies = \"/nonexistent/policies.yaml\"\n{}",
+            config(&file.0, "", "")
+        );
+        assert_eq!(field_of(&missing), "egress_policies");
     }
 
     #[test]

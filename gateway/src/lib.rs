@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod clustermesh;
 pub mod config;
+pub mod crd;
 pub mod egress;
 pub mod mesh;
 pub mod node;

@@ -61,47 +61,47 @@ impl FileError {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawFile {
-    cluster: RawCluster,
+pub(crate) struct RawFile {
+    pub(crate) cluster: RawCluster,
     #[serde(default)]
-    gateways: Vec<RawGateway>,
+    pub(crate) gateways: Vec<RawGateway>,
     #[serde(default)]
-    services: Vec<RawService>,
+    pub(crate) services: Vec<RawService>,
     #[serde(default)]
-    identities: Vec<RawIdentity>,
+    pub(crate) identities: Vec<RawIdentity>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawCluster {
-    name: String,
-    id: u32,
+pub(crate) struct RawCluster {
+    pub(crate) name: String,
+    pub(crate) id: u32,
     #[serde(default)]
-    pod_prefixes: Vec<String>,
+    pub(crate) pod_prefixes: Vec<String>,
     #[serde(default)]
-    service_prefixes: Vec<String>,
+    pub(crate) service_prefixes: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawGateway {
-    name: String,
-    spiffe_id: String,
-    channel_endpoint: String,
+pub(crate) struct RawGateway {
+    pub(crate) name: String,
+    pub(crate) spiffe_id: String,
+    pub(crate) channel_endpoint: String,
     #[serde(default)]
-    wireguard_endpoint: Option<String>,
+    pub(crate) wireguard_endpoint: Option<String>,
     #[serde(default)]
-    esp_endpoint: Option<String>,
-    kinds: Vec<String>,
+    pub(crate) esp_endpoint: Option<String>,
+    pub(crate) kinds: Vec<String>,
     #[serde(default)]
-    esp_cipher: Option<String>,
+    pub(crate) esp_cipher: Option<String>,
     #[serde(default)]
-    esn: Option<bool>,
+    pub(crate) esn: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawPort {
+pub(crate) struct RawPort {
     #[serde(default)]
     name: String,
     port: u32,
@@ -119,7 +119,7 @@ fn yes() -> bool {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawEndpoint {
+pub(crate) struct RawEndpoint {
     addresses: Vec<String>,
     #[serde(default = "yes")]
     ready: bool,
@@ -135,7 +135,7 @@ struct RawEndpoint {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawService {
+pub(crate) struct RawService {
     namespace: String,
     name: String,
     #[serde(default)]
@@ -154,7 +154,7 @@ struct RawService {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawIdentity {
+pub(crate) struct RawIdentity {
     id: u64,
     #[serde(default)]
     labels: BTreeMap<String, String>,
@@ -185,6 +185,12 @@ pub fn parse(text: &str, cluster: &ClusterName) -> Result<Vec<Object>, FileError
             inner.message().to_string(),
         )
     })?;
+    build(raw, cluster)
+}
+
+/// Turns a parsed cluster file (or an `IsthmusCluster` resource converted into one) into
+/// objects of `cluster`, checking each one as the server will.
+pub(crate) fn build(raw: RawFile, cluster: &ClusterName) -> Result<Vec<Object>, FileError> {
     if raw.cluster.name != cluster.as_str() {
         return Err(FileError::new(
             "cluster.name",

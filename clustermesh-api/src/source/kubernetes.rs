@@ -5,8 +5,10 @@
 //! - [`translate`] (sans-IO): Services, discovery/v1 EndpointSlices and MCS ServiceExports
 //!   in, protocol objects and typed [`Skipped`] reasons out. It decides everything and is
 //!   tested on recorded `kubectl get -o json` fixtures (`fixtures/kubernetes/`).
-//! - [`run`]: the thin driver that watches the three kinds with kube's reflectors and
-//!   hands every new translation to the [`Publisher`].
+//! - [`run`]: the thin driver that watches the three kinds (and, when the server's config
+//!   names no cluster file, the cluster's `IsthmusCluster` resource, translated by
+//!   [`translate_membership`]) with kube's reflectors and hands every new translation to
+//!   the [`Publisher`].
 //!
 //! # Which services are published
 //! A Service is published (as a global service) when either
@@ -33,11 +35,12 @@
 //! skipped: a gateway routes to addresses, not names).
 //!
 //! # What this source does not do
-//! It publishes services and endpoints only: the cluster object, gateways and identities
-//! come from `static_objects` (see [`run`]). It never writes to the Kubernetes API (no
-//! ServiceExport status conditions), and it does not define the ServiceExport CRD: it
-//! consumes the one the MCS API installs.
+//! It publishes services and endpoints; the cluster object and gateways come from a file
+//! or the cluster's `IsthmusCluster` resource (see [`run`]), identities from neither. It
+//! never writes to the Kubernetes API (no ServiceExport status conditions), and it does
+//! not define the ServiceExport CRD: it consumes the one the MCS API installs.
 
+use crate::crd::IsthmusCluster;
 use crate::model::{self, Invalid};
 use crate::pb::{self, object::Body, Kind};
 use crate::source::Publisher;
@@ -103,6 +106,8 @@ pub enum SourceKind {
     EndpointSlice,
     /// `multicluster.x-k8s.io/v1alpha1` ServiceExport.
     ServiceExport,
+    /// `isthmus.dev/v1alpha1` IsthmusCluster (the cluster's membership).
+    IsthmusCluster,
 }
 
 impl fmt::Display for SourceKind {
@@ -111,6 +116,7 @@ impl fmt::Display for SourceKind {
             SourceKind::Service => "Service",
             SourceKind::EndpointSlice => "EndpointSlice",
             SourceKind::ServiceExport => "ServiceExport",
+            SourceKind::IsthmusCluster => "IsthmusCluster",
         })
     }
 }
@@ -557,6 +563,41 @@ impl Default for KubernetesSourceConfig {
 
 /// Why the Kubernetes source stopped.
 #[non_exhaustive]
+/// Why the cluster's `IsthmusCluster` resource was not published.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    /// No `IsthmusCluster` named after the cluster exists.
+    #[error("no IsthmusCluster named {0:?}: the cluster and its gateways are not published")]
+    Missing(String),
+    /// The resource breaks a rule a cluster file would break too.
+    #[error("IsthmusCluster {name:?}: {error}")]
+    Invalid {
+        /// The resource's name.
+        name: String,
+        /// The field and what is wrong.
+        error: crate::source::file::FileError,
+    },
+}
+
+/// The cluster object and gateways from the `IsthmusCluster` resource named after
+/// `cluster` (sans-IO; resources of other names are ignored: a cluster publishes only
+/// itself).
+pub fn translate_membership<'a>(
+    cluster: &ClusterName,
+    resources: impl IntoIterator<Item = &'a IsthmusCluster>,
+) -> Result<Vec<pb::Object>, MembershipError> {
+    let own = resources
+        .into_iter()
+        .find(|r| r.metadata.name.as_deref() == Some(cluster.as_str()))
+        .ok_or_else(|| MembershipError::Missing(cluster.as_str().to_owned()))?;
+    own.spec
+        .objects(cluster)
+        .map_err(|error| MembershipError::Invalid {
+            name: cluster.as_str().to_owned(),
+            error,
+        })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesSourceError {
     /// No usable configuration was found (no kubeconfig, not in a cluster).
@@ -653,7 +694,7 @@ async fn connect(config: &KubernetesSourceConfig) -> Result<kube::Client, Kubern
 pub async fn run(
     publisher: Publisher,
     config: KubernetesSourceConfig,
-    static_objects: Vec<pb::Object>,
+    static_objects: Option<Vec<pb::Object>>,
 ) -> Result<(), KubernetesSourceError> {
     use futures_util::stream::{self, BoxStream, StreamExt};
     use kube::runtime::{reflector, watcher, WatchStreamExt};
@@ -709,11 +750,23 @@ pub async fn run(
     if config.service_exports {
         streams.push(watch(
             SourceKind::ServiceExport,
-            Api::all(client),
+            Api::all(client.clone()),
             exports_writer,
         ));
         kinds.push(SourceKind::ServiceExport);
     }
+    let (memberships, memberships_writer) = reflector::store::<IsthmusCluster>();
+    if static_objects.is_none() {
+        streams.push(watch(
+            SourceKind::IsthmusCluster,
+            Api::all(client),
+            memberships_writer,
+        ));
+        kinds.push(SourceKind::IsthmusCluster);
+    }
+    // The last good membership is kept while the resource is missing or invalid.
+    let mut membership: Vec<pb::Object> = static_objects.clone().unwrap_or_default();
+    let mut membership_error: Option<MembershipError> = None;
     let mut events = stream::select_all(streams);
     let mut progress = SyncProgress::new(kinds);
     let mut synced = false;
@@ -749,7 +802,24 @@ pub async fn run(
         }
         reported = translation.skipped;
         let published = translation.objects.len();
-        let mut all = static_objects.clone();
+        if static_objects.is_none() {
+            let resources = memberships.state();
+            match translate_membership(&cluster, resources.iter().map(|r| r.as_ref())) {
+                Ok(objects) => {
+                    if membership_error.take().is_some() {
+                        tracing::info!("IsthmusCluster usable again");
+                    }
+                    membership = objects;
+                }
+                Err(e) => {
+                    if membership_error.as_ref() != Some(&e) {
+                        tracing::warn!(error = %e, "IsthmusCluster not published; the last good one is kept");
+                    }
+                    membership_error = Some(e);
+                }
+            }
+        }
+        let mut all = membership.clone();
         all.extend(translation.objects);
         let refused = publisher.replace_all(all, 0);
         tracing::debug!(
@@ -773,6 +843,53 @@ mod tests {
 
     fn cluster() -> ClusterName {
         ClusterName::new("east").expect("cluster name")
+    }
+
+    fn membership(name: &str, id: u32) -> IsthmusCluster {
+        let mut r = IsthmusCluster::new(
+            name,
+            crate::crd::IsthmusClusterSpec {
+                id,
+                pod_prefixes: vec!["100.64.2.0/24".into()],
+                service_prefixes: vec![],
+                gateways: vec![crate::crd::ClusterGateway {
+                    name: "gw".into(),
+                    spiffe_id: format!("spiffe://mesh.example/cluster/{name}/gateway/gw"),
+                    channel_endpoint: "192.0.2.2:7443".into(),
+                    wireguard_endpoint: Some("192.0.2.2:51820".into()),
+                    esp_endpoint: None,
+                    kinds: vec![crate::crd::TunnelKindName::Wireguard],
+                    esp_cipher: None,
+                    esn: None,
+                }],
+            },
+        );
+        r.metadata.uid = Some(format!("u-{name}"));
+        r
+    }
+
+    #[test]
+    fn membership_comes_from_the_resource_named_after_the_cluster() {
+        let west = membership("west", 3);
+        let east = membership("east", 2);
+        let objects = translate_membership(&cluster(), [&west, &east]).expect("east is there");
+        assert_eq!(objects.len(), 2, "the cluster object and one gateway");
+        assert!(objects
+            .iter()
+            .all(|o| o.key.as_ref().is_some_and(|k| k.cluster == "east")));
+        assert_eq!(
+            translate_membership(&cluster(), [&west]),
+            Err(MembershipError::Missing("east".into())),
+            "another cluster's resource is never published as ours"
+        );
+        let mut bad = membership("east", 2);
+        bad.spec.pod_prefixes = vec!["not a prefix".into()];
+        match translate_membership(&cluster(), [&bad]) {
+            Err(MembershipError::Invalid { error, .. }) => {
+                assert!(error.field.starts_with("spec"), "{error}")
+            }
+            other => panic!("expected an invalid resource, got {other:?}"),
+        }
     }
 
     fn meta(name: &str, uid: Option<&str>, annotations: &[(&str, &str)]) -> ObjectMeta {
