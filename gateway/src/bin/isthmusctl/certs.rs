@@ -8,13 +8,16 @@
 //!   (gateways). The revoked serials and the CRL number live next to the CRL in
 //!   `*.revoked.json`, so repeated revokes accumulate and the CRL number grows.
 //!
+//! - `secrets` writes a cluster's certificates as Kubernetes Secret manifests.
+//!
 //! Nothing here prints key material: keys are only ever written (0600, by
 //! `isthmus-certs`), and `show` refuses a file holding a private key. Paths and public
-//! certificate fields are the only things printed.
+//! certificate fields are the only things printed. The one exception is `secrets --out -`,
+//! which writes its manifests (with keys) to a pipe, never to a terminal.
 
 use std::fmt::Write as _;
 use std::fs::{self, File};
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -85,6 +88,24 @@ pub enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write a cluster's certificates as Kubernetes Secret manifests: `isthmus-trust`
+    /// (the trust bundle and every CRL in DIR) and `isthmus-tls` (each gateway's chain
+    /// and key, as `<gateway>.pem` and `<gateway>.key`). For `kubectl apply -f`.
+    Secrets {
+        /// CA directory made by `isthmusctl certs init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The cluster whose gateway certificates go into `isthmus-tls`.
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        /// Namespace of the Secrets.
+        #[arg(long, value_name = "NS", default_value = "isthmus-system")]
+        namespace: String,
+        /// Where to write the manifests (created mode 0600, refused if it exists), or
+        /// `-` for standard output, refused on a terminal: they hold private keys.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 /// `isthmusctl certs issue --dir DIR ...`
@@ -147,10 +168,150 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
             days,
             force,
         } => revoke(&dir, &serial, cluster.as_deref(), days, force)?,
+        CertsCmd::Secrets {
+            dir,
+            cluster,
+            namespace,
+            out,
+        } => secrets(&dir, &cluster, &namespace, &out)?,
     };
     use std::io::Write as _;
     std::io::stdout().write_all(text.as_bytes())?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes Secrets
+
+/// One Secret manifest; `data` values are base64-encoded here.
+fn secret_manifest(
+    name: &str,
+    namespace: &str,
+    data: &[(String, Zeroizing<Vec<u8>>)],
+) -> Zeroizing<String> {
+    use base64::Engine as _;
+    let mut map = serde_json::Map::new();
+    for (key, value) in data {
+        map.insert(
+            key.clone(),
+            serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&**value)),
+        );
+    }
+    let doc = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {"app.kubernetes.io/part-of": "isthmus"},
+        },
+        "type": "Opaque",
+        "data": map,
+    });
+    Zeroizing::new(serde_saphyr::to_string(&doc).unwrap_or_default())
+}
+
+fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Result<String> {
+    let cluster = parse_cluster(cluster)?;
+    if namespace.is_empty()
+        || namespace.len() > 63
+        || !namespace
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        bail!("--namespace {namespace:?}: not a Kubernetes namespace name (a DNS label)");
+    }
+    let to_stdout = out.as_os_str() == "-";
+    if to_stdout && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        bail!(
+            "--out -: refusing to print private keys on a terminal \
+             (pipe it into `kubectl apply -f -`, or give --out FILE)"
+        );
+    }
+    let store = open_dir(dir)?;
+    if !store.cluster_cert_path(&cluster).is_file() {
+        bail!(
+            "unknown cluster \"{cluster}\": no cluster CA in {}",
+            dir.display()
+        );
+    }
+    let read = |path: &Path| -> anyhow::Result<Zeroizing<Vec<u8>>> {
+        Ok(Zeroizing::new(
+            fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+        ))
+    };
+    // The trust Secret: the bundle and every CRL (root's, each cluster CA's).
+    let mut trust = vec![("bundle.pem".to_owned(), read(&store.bundle_path())?)];
+    let root_crl = store.path().join("root-ca.crl.pem");
+    if root_crl.is_file() {
+        trust.push(("root-ca.crl.pem".to_owned(), read(&root_crl)?));
+    }
+    let mut clusters: Vec<PathBuf> = fs::read_dir(store.path().join("clusters"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    clusters.sort();
+    for c in clusters {
+        let crl = c.join("ca.crl.pem");
+        if let (true, Some(name)) = (crl.is_file(), c.file_name().and_then(|n| n.to_str())) {
+            trust.push((format!("{name}.crl.pem"), read(&crl)?));
+        }
+    }
+    // The TLS Secret: every gateway certificate of the cluster with its key.
+    let gateways_dir = store.cluster_cert_path(&cluster).with_file_name("gateways");
+    let mut names: Vec<String> = fs::read_dir(&gateways_dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_str()?.strip_suffix(".pem")?.to_owned();
+                    Some(name)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    if names.is_empty() {
+        bail!(
+            "cluster {cluster} has no gateway certificates in {} (issue them with \
+             `isthmusctl certs issue --dir {} gateway --cluster {cluster} --name NAME`)",
+            gateways_dir.display(),
+            dir.display()
+        );
+    }
+    let mut tls = Vec::new();
+    for name in &names {
+        let gw = parse_gateway(name)?;
+        let files = store.gateway_files(&cluster, &gw);
+        tls.push((format!("{name}.pem"), read(&files.chain)?));
+        // Checked as the gateway checks it (owner-only mode), on the open file.
+        let key = isthmus_certs::files::read_private_key_pem(&files.key)?;
+        tls.push((
+            format!("{name}.key"),
+            Zeroizing::new(key.as_bytes().to_vec()),
+        ));
+    }
+    let mut text = Zeroizing::new(String::new());
+    text.push_str(&secret_manifest("isthmus-trust", namespace, &trust));
+    text.push_str("---\n");
+    text.push_str(&secret_manifest("isthmus-tls", namespace, &tls));
+    if to_stdout {
+        use std::io::Write as _;
+        std::io::stdout().write_all(text.as_bytes())?;
+        return Ok(String::new());
+    }
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("creating {}", out.display()))?;
+    use std::io::Write as _;
+    file.write_all(text.as_bytes())?;
+    Ok(format!(
+        "wrote Secrets isthmus-trust ({} files) and isthmus-tls (gateways: {}) of namespace {namespace} to {} (mode 0600)\n",
+        trust.len(),
+        names.join(", "),
+        out.display()
+    ))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Admin CLI for Isthmus gateways")]
+#[command(name = "isthmusctl", version, about = "Admin CLI for Isthmus gateways")]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -98,8 +98,35 @@ enum Cmd {
         #[arg(short, long, global = true)]
         socket: Option<PathBuf>,
     },
+    /// Exit 0 when the gateway is ready (every channel up with a keyed tunnel,
+    /// every remote cluster heard from, an egress gateway's uplink up), 1 when
+    /// not (or the gateway does not answer), saying why in one line. The
+    /// Kubernetes readiness probe.
+    Ready {
+        /// The gateway's interface name (its admin socket is
+        /// /var/run/isthmus/NAME.sock).
+        #[arg(
+            short,
+            long,
+            conflicts_with = "socket",
+            required_unless_present = "socket"
+        )]
+        interface: Option<String>,
+        /// Path of the gateway's admin socket.
+        #[arg(short, long)]
+        socket: Option<PathBuf>,
+        /// Output format (json: the IsthmusGateway status).
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Print the Isthmus CustomResourceDefinitions (YAML), generated from the
+    /// Rust types; with --write, write one file per CRD into DIR instead.
+    Crds {
+        #[arg(long, value_name = "DIR")]
+        write: Option<PathBuf>,
+    },
     /// Mesh PKI: create the root CA, issue cluster CAs and gateway
-    /// certificates, show certificates, revoke.
+    /// certificates, show certificates, revoke, write Kubernetes Secrets.
     Certs {
         #[command(subcommand)]
         command: certs::CertsCmd,
@@ -148,6 +175,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
+                return ExitCode::from(*code);
+            }
             eprintln!("isthmusctl: {e:#}");
             ExitCode::FAILURE
         }
@@ -238,9 +268,58 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", key.public_key());
         }
         Cmd::Certs { command } => certs::run(command)?,
+        Cmd::Ready {
+            interface,
+            socket,
+            output,
+        } => {
+            let path = admin_socket_path(socket, interface)?;
+            let status = admin::fetch_status(&path)?;
+            let ready = isthmus_gateway::crd::readiness(&status);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&ready)?),
+                Output::Table => println!(
+                    "{}: {}",
+                    if ready.ready { "ready" } else { "NOT READY" },
+                    ready.reason
+                ),
+            }
+            if !ready.ready {
+                return Err(Exit(1).into());
+            }
+        }
+        Cmd::Crds { write } => {
+            let crds = isthmus_gateway::crd::rendered();
+            match write {
+                None => {
+                    let docs: Vec<&str> = crds.iter().map(|(_, y)| y.as_str()).collect();
+                    print!("{}", docs.join("---\n"));
+                }
+                Some(dir) => {
+                    for (name, yaml) in &crds {
+                        let path = dir.join(name);
+                        std::fs::write(&path, yaml)
+                            .with_context(|| format!("writing {}", path.display()))?;
+                        println!("wrote {}", path.display());
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }
+
+/// Ends the program with this exit code, printing nothing more.
+#[derive(Debug)]
+struct Exit(u8);
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {}", self.0)
+    }
+}
+
+impl std::error::Error for Exit {}
 
 fn write_secret(path: &Path, text: &str) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
