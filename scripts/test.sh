@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every check CI runs: setup, rustfmt, clippy, build, and the whole test
-# suite (unit, integration and the e2e tests on network namespaces).
+# Runs every check CI runs: setup, rustfmt, clippy, build, the container image,
+# the deploy/ checks, and the whole test suite (unit, integration and the e2e
+# tests on network namespaces).
 #
 #   bash scripts/test.sh
 #
@@ -82,6 +83,17 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # profile clippy and nextest use, so the target dir holds one build.
 step "cargo build (bins)"
 cargo build --workspace --bins --locked
+
+# The static binaries just built, in the image (deploy/image/Containerfile): built
+# with buildah, each binary's --version run in it with podman.
+step "container image"
+bash scripts/image.sh --bin-dir "${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu/debug"
+
+# deploy/: every overlay rendered (kustomize), every object validated offline
+# (Kubernetes schemas, the generated CRDs), the security rules checked.
+step "deploy checks"
+DEPLOY_VENV=${ISTHMUS_DEPLOY_VENV:-$HOME/.cache/isthmus/deploy-venv}
+"$DEPLOY_VENV/bin/python" deploy/check/check.py --kubectl "$DEPLOY_VENV/bin/kubectl"
 
 step "cargo nextest"
 cargo nextest run --workspace --locked --no-fail-fast

@@ -617,3 +617,155 @@ fn key_material_check_catches_a_leak() {
     }
     assert_no_key_material(&ctl.transcript, &key);
 }
+
+/// The Secrets of one cluster: the file is 0600 and holds, base64-decoded, exactly the
+/// bundle, the CRLs and each gateway's chain and key; `--out -` works into a pipe; what
+/// isthmusctl prints about it holds no key material; a second write is refused.
+#[test]
+fn certs_secrets_writes_kubernetes_secrets() {
+    let tmp = TempDir::new("secrets");
+    let ca = tmp.0.join("ca");
+    let mut ctl = Ctl {
+        transcript: String::new(),
+    };
+    ctl.ok(&["certs", "init", "--dir", s(&ca), "--trust-domain", TD]);
+    ctl.ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        s(&ca),
+        "cluster",
+        "--cluster",
+        "east",
+    ]);
+    for gw in ["isthmus-gateway-0", "clustermesh-api"] {
+        ctl.ok(&[
+            "certs",
+            "issue",
+            "--dir",
+            s(&ca),
+            "gateway",
+            "--cluster",
+            "east",
+            "--name",
+            gw,
+        ]);
+    }
+    // Another cluster's gateway stays out of east's Secret.
+    ctl.ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        s(&ca),
+        "cluster",
+        "--cluster",
+        "west",
+    ]);
+    ctl.ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        s(&ca),
+        "gateway",
+        "--cluster",
+        "west",
+        "--name",
+        "gw",
+    ]);
+
+    let out = tmp.0.join("secrets.yaml");
+    let said = ctl.ok(&[
+        "certs",
+        "secrets",
+        "--dir",
+        s(&ca),
+        "--cluster",
+        "east",
+        "--out",
+        s(&out),
+    ]);
+    assert!(said.contains("isthmus-tls"), "{said}");
+    assert_eq!(mode(&out), 0o600, "the manifests hold private keys");
+    let key_path = ca.join("clusters/east/gateways/isthmus-gateway-0.key");
+    let key_pem = fs::read_to_string(&key_path).unwrap();
+    assert_no_key_material(&ctl.transcript, &key_pem);
+
+    let text = fs::read_to_string(&out).unwrap();
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).unwrap();
+    assert_eq!(docs.len(), 2);
+    let data = |name: &str| -> serde_json::Map<String, serde_json::Value> {
+        let doc = docs
+            .iter()
+            .find(|d| d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no Secret {name}"));
+        assert_eq!(doc["kind"], "Secret");
+        assert_eq!(doc["metadata"]["namespace"], "isthmus-system");
+        doc["data"].as_object().unwrap().clone()
+    };
+    let decoded = |map: &serde_json::Map<String, serde_json::Value>, key: &str| {
+        base64_decode(map[key].as_str().unwrap())
+    };
+    let tls = data("isthmus-tls");
+    let mut keys: Vec<&String> = tls.keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "clustermesh-api.key",
+            "clustermesh-api.pem",
+            "isthmus-gateway-0.key",
+            "isthmus-gateway-0.pem"
+        ]
+    );
+    assert_eq!(decoded(&tls, "isthmus-gateway-0.key"), key_pem.as_bytes());
+    assert_eq!(
+        decoded(&tls, "isthmus-gateway-0.pem"),
+        fs::read(ca.join("clusters/east/gateways/isthmus-gateway-0.pem")).unwrap()
+    );
+    let trust = data("isthmus-trust");
+    assert_eq!(
+        decoded(&trust, "bundle.pem"),
+        fs::read(ca.join("bundle.pem")).unwrap()
+    );
+
+    // Into a pipe (as `| kubectl apply -f -`): the same manifests.
+    let piped = ctl.ok(&[
+        "certs",
+        "secrets",
+        "--dir",
+        s(&ca),
+        "--cluster",
+        "east",
+        "--out",
+        "-",
+    ]);
+    assert_eq!(piped, text);
+    ctl.fails(
+        1,
+        &[
+            "certs",
+            "secrets",
+            "--dir",
+            s(&ca),
+            "--cluster",
+            "east",
+            "--out",
+            s(&out),
+        ],
+        &["secrets.yaml"],
+    );
+    ctl.fails(
+        1,
+        &[
+            "certs",
+            "secrets",
+            "--dir",
+            s(&ca),
+            "--cluster",
+            "north",
+            "--out",
+            "-",
+        ],
+        &["north"],
+    );
+}
