@@ -28,6 +28,26 @@ fn ctl(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// `isthmusctl ready` on a site: (exit status 0, its one line).
+fn ready(site: &Site) -> (bool, String) {
+    let sock = admin_socket(site);
+    match std::process::Command::new(bins::ctl())
+        .args(["ready", "--socket"])
+        .arg(&sock)
+        .output()
+    {
+        Ok(out) => (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
 /// A mesh CA directory (`isthmusctl certs`) in the run's temp dir.
 struct Pki {
     dir: PathBuf,
@@ -286,11 +306,28 @@ fn certificates_and_identities_alone_bring_up_wireguard_and_esp() {
     // keyed afresh (a new WireGuard key, new ESP SPIs).
     let old_wg_key = peer(&before, "site-2").unwrap()["public_key"].clone();
     let old_spi = peer(&before, "site-3").unwrap()["esp"]["outbound"]["spi"].clone();
-    for (i, site) in [(1, s2), (2, s3)] {
+    // Site 1 is ready (its readiness probe, `isthmusctl ready`) while both
+    // channels are up with keyed tunnels, and not while a peer is away.
+    let (is_ready, reason) = ready(s1);
+    assert!(is_ready, "all channels up, yet: {reason}");
+    for i in [1, 2] {
         gws[i].stop().unwrap();
+    }
+    let (is_ready, reason) = ready(s1);
+    assert!(!is_ready, "ready with both peers stopped: {reason}");
+    assert!(
+        reason.contains(&spiffe(td, "two")) || reason.contains(&spiffe(td, "three")),
+        "{reason}"
+    );
+    for (i, site) in [(1, s2), (2, s3)] {
         gws[i] = start(run, site, &configs[i]).unwrap();
     }
     let after = wait_channels_up(s1, 2).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !ready(s1).0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ready(s1).0, "peers back, still not ready: {}", ready(s1).1);
     let new_wg_key = &peer(&after, "site-2").unwrap()["public_key"];
     let new_spi = &peer(&after, "site-3").unwrap()["esp"]["outbound"]["spi"];
     assert_ne!(&old_wg_key, new_wg_key, "fresh WireGuard key after restart");
