@@ -72,7 +72,9 @@ die() {
     exit 1
 }
 
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+CARGO_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+# .cargo/config.toml names the host triple as the build target (static binaries).
+TARGET_DIR=$CARGO_DIR/x86_64-unknown-linux-gnu
 GATEWAY_BIN=$TARGET_DIR/release/isthmus-gateway
 CTL_BIN=$TARGET_DIR/release/isthmusctl
 API_BIN=$TARGET_DIR/release/isthmus-clustermesh-api
@@ -96,7 +98,7 @@ fi
 if [[ $(id -u) -ne 0 ]]; then
     command -v sudo >/dev/null 2>&1 || die "network namespaces need root, and sudo is not available"
     exec sudo env DEMO_PREPARED=1 DEMO_STEP="$STEP" DEMO_NETNS_ONLY="$NETNS_ONLY" \
-        CARGO_TARGET_DIR="$TARGET_DIR" bash "$ROOT/scripts/demo.sh" "$@"
+        CARGO_TARGET_DIR="$CARGO_DIR" bash "$ROOT/scripts/demo.sh" "$@"
 fi
 
 # --- names, state and cleanup ---------------------------------------------------
