@@ -193,6 +193,28 @@ pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static
     parse_crls(&read_public(path)?, &path.display().to_string())
 }
 
+/// Loads every CRL of every `*.crl.pem` file in `dir` (in name order): the CRLs of a
+/// trust directory such as the `isthmus-trust` Secret that `isthmusctl certs secrets`
+/// writes (the root's and each cluster CA's). A directory without such files has none.
+pub fn load_crl_dir(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CertError> {
+    let mut paths: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| CertError::io(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(".crl.pem") && !n.starts_with('.'))
+        })
+        .collect();
+    paths.sort();
+    let mut crls = Vec::new();
+    for path in paths {
+        crls.extend(load_crls(&path)?);
+    }
+    Ok(crls)
+}
+
 /// Loads a gateway's certificate chain and (permission-checked) private key.
 pub fn load_credentials(chain: &Path, key: &Path) -> Result<LocalCredentials, CertError> {
     Ok(LocalCredentials {

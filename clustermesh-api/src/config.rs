@@ -12,6 +12,7 @@
 //!                                          # spiffe://<td>/cluster/<c>/gateway/<name>
 //! private_key = "/etc/isthmus/api.key"     # mode 0600
 //! # crls = ["/etc/isthmus/root.crl"]
+//! # crls_dir = "/etc/isthmus/trust"        # every *.crl.pem in it
 //!
 //! [source]
 //! kind = "file"                            # file | etcd | kubernetes
@@ -78,6 +79,8 @@ struct RawTls {
     private_key: Option<PathBuf>,
     #[serde(default)]
     crls: Vec<PathBuf>,
+    /// Every `*.crl.pem` in this directory is loaded too.
+    crls_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +206,12 @@ pub fn parse(text: &str) -> Result<ServerConfig, ConfigError> {
         crls.extend(
             isthmus_certs::files::load_crls(p)
                 .map_err(|e| ConfigError::new(format!("tls.crls[{i}]"), e.to_string()))?,
+        );
+    }
+    if let Some(dir) = &tls.crls_dir {
+        crls.extend(
+            isthmus_certs::files::load_crl_dir(dir)
+                .map_err(|e| ConfigError::new("tls.crls_dir", e.to_string()))?,
         );
     }
     let credentials = isthmus_certs::files::load_credentials(&cert, &key).map_err(|e| {

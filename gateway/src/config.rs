@@ -176,6 +176,8 @@ struct RawIdentity {
     private_key: Option<PathBuf>,
     #[serde(default)]
     crls: Vec<PathBuf>,
+    /// Every `*.crl.pem` in this directory is loaded too.
+    crls_dir: Option<PathBuf>,
     listen: Option<String>,
     advertise_address: Option<String>,
 }
@@ -1472,6 +1474,12 @@ fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
         crls.extend(
             isthmus_certs::files::load_crls(path)
                 .map_err(|e| ConfigError::new(format!("identity.crls[{i}]"), e.to_string()))?,
+        );
+    }
+    if let Some(dir) = &raw.crls_dir {
+        crls.extend(
+            isthmus_certs::files::load_crl_dir(dir)
+                .map_err(|e| ConfigError::new("identity.crls_dir", e.to_string()))?,
         );
     }
     let listen = match raw.listen {

@@ -217,6 +217,7 @@ pub fn readiness(status: &Status) -> GatewayReadiness {
             problems.push(format!("this egress gateway is {state}"));
         }
     }
+    let ready = problems.is_empty();
     let reason = match problems.len() {
         0 => format!(
             "all {} channels up with keyed tunnels, {} clusters heard from",
@@ -227,7 +228,7 @@ pub fn readiness(status: &Status) -> GatewayReadiness {
         n => format!("{} (and {} more)", problems.remove(0), n - 1),
     };
     GatewayReadiness {
-        ready: reason.starts_with("all "),
+        ready,
         reason,
         channels,
         clusters,

@@ -50,9 +50,8 @@ fn the_example_egress_policy_is_what_a_gateway_reads() {
     assert_eq!(policies.len(), 1);
     assert_eq!(policies[0].spec.gateways.len(), 2);
     // The overlay's (empty) policy file parses too.
-    let overlay =
-        std::fs::read_to_string(deploy().join("overlays/cluster-gateway/egress-policies.yaml"))
-            .expect("overlay policies");
+    let overlay = std::fs::read_to_string(deploy().join("overlays/node/egress-policies.yaml"))
+        .expect("overlay policies");
     assert!(isthmus_gateway::crd::parse_egress_policies(&overlay)
         .expect("valid")
         .is_empty());
