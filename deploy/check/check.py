@@ -38,6 +38,8 @@ CAPABILITIES = {
 }
 # Components that need the host's network namespace.
 HOST_NETWORK = {"isthmus-node", "isthmus-egress"}
+# The only component that talks to the Kubernetes API; the others mount no token.
+API_CLIENTS = {"isthmus-clustermesh-api"}
 # The only host path a workload may mount.
 HOST_PATHS = {"/dev/net/tun"}
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet"}
@@ -135,11 +137,15 @@ def security_problems(docs):
         pod_sc = pod.get("securityContext") or {}
         if pod_sc.get("seccompProfile", {}).get("type") != "RuntimeDefault":
             problems.append(f"{w}: no RuntimeDefault seccomp profile")
+        if name not in API_CLIENTS and pod.get("automountServiceAccountToken") is not False:
+            problems.append(f"{w}: mounts a service account token it never uses")
         for c in containers(pod):
             cw = f"{w} container {c['name']}"
             sc = c.get("securityContext") or {}
             if sc.get("privileged"):
                 problems.append(f"{cw}: privileged: true")
+            if sc.get("seccompProfile", {}).get("type", "RuntimeDefault") != "RuntimeDefault":
+                problems.append(f"{cw}: seccomp profile {sc['seccompProfile']['type']}")
             if sc.get("allowPrivilegeEscalation") is not False:
                 problems.append(f"{cw}: allowPrivilegeEscalation is not false")
             if sc.get("readOnlyRootFilesystem") is not True:
@@ -203,6 +209,10 @@ def self_test(docs, version):
         .pop("serviceAccountName"),
         "a host path": lambda ds: pod(workload(ds, "StatefulSet"))["volumes"].append(
             {"name": "root", "hostPath": {"path": "/"}}),
+        "an unconfined container": lambda ds: pod(workload(ds, "StatefulSet"))["containers"][0]
+        ["securityContext"].__setitem__("seccompProfile", {"type": "Unconfined"}),
+        "a mounted token": lambda ds: pod(workload(ds, "StatefulSet"))
+        .pop("automountServiceAccountToken"),
         "a rendered Secret": lambda ds: ds.append(
             {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "k"}}),
         "no network policy": lambda ds: [ds.remove(p) for p in

@@ -745,8 +745,13 @@ fn egress_policy_resources(path: &Path) -> Result<Vec<(String, RawEgress)>, Conf
             format!("cannot read {}: {e}", path.display()),
         )
     })?;
-    let policies = crate::crd::parse_egress_policies(&text)
-        .map_err(|e| ConfigError::new(format!("egress_policies{}", e.field), e.message))?;
+    let policies = crate::crd::parse_egress_policies(&text).map_err(|e| {
+        if e.field.starts_with('[') {
+            ConfigError::new(format!("egress_policies{}", e.field), e.message)
+        } else {
+            ConfigError::new("egress_policies", format!("{}: {}", e.field, e.message))
+        }
+    })?;
     Ok(policies
         .into_iter()
         .map(|p| {

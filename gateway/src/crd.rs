@@ -100,8 +100,8 @@ pub struct IsthmusGatewaySpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayReadiness {
-    /// True when every channel is up with its tunnel keyed, every remote cluster's
-    /// clustermesh API has been heard from, and an egress gateway's uplink works.
+    /// True when everything that depends on this gateway alone is up (see
+    /// [`readiness`]).
     pub ready: bool,
     /// One sentence: what is not up (or "all N channels up ...").
     pub reason: String,
@@ -154,12 +154,17 @@ pub struct PeerReadiness {
 
 /// Decides readiness from a gateway's status.
 ///
-/// Ready means the gateway carries traffic for everything it was told about: every mTLS
-/// channel (configured or learnt from the clustermesh API) is `up` and its tunnel keyed;
-/// every remote cluster's API has been heard from (`connected`, or `stale`: API
-/// unreachable but routes and tunnels kept); as an egress gateway, its uplink answers
-/// and it is not drained. Static peers do not count: WireGuard has no session without
-/// traffic. A gateway with nothing to wait for is ready.
+/// Ready means the gateway carries traffic for everything that depends on it alone:
+/// - every mTLS channel is `up` with its tunnel keyed — except a channel learnt from the
+///   clustermesh API of a remote cluster that is itself not `connected` (an outage of
+///   that cluster is not this gateway's fault, and making every gateway unready for it
+///   would stall rollouts everywhere); configured channels always count;
+/// - when remote clusters are configured, at least one has been heard from (`connected`
+///   or `stale`): none at all points at this gateway's own path;
+/// - as an egress gateway, its uplink answers and it is not drained.
+///
+/// Static WireGuard/ESP peers do not count (WireGuard has no session without traffic).
+/// What does not count is still listed, and named in the reason of a ready gateway.
 pub fn readiness(status: &Status) -> GatewayReadiness {
     let channels: Vec<ChannelReadiness> = status
         .channels
@@ -193,24 +198,50 @@ pub fn readiness(status: &Status) -> GatewayReadiness {
         .collect();
     let egress_gateway = status.egress_gateway.as_ref().map(|g| g.state.clone());
 
+    // The cluster of a learnt channel's peer, when that cluster is not connected.
+    let cluster_down = |c: &crate::mesh::ChannelStatus| -> Option<String> {
+        if !c.from_mesh {
+            return None;
+        }
+        let peer = isthmus_identity::SpiffeId::parse(&c.spiffe_id)
+            .ok()?
+            .as_gateway()?;
+        let name = peer.cluster.as_str();
+        let state = clusters.iter().find(|k| k.name == name)?;
+        (state.state != "connected").then(|| format!("{name} ({})", state.state))
+    };
     let mut problems: Vec<String> = Vec::new();
-    for c in &channels {
-        if c.state != "up" {
-            problems.push(format!("channel to {} is {}", c.spiffe_id, c.state));
+    let mut excused: Vec<String> = Vec::new();
+    for (c, status) in channels.iter().zip(&status.channels) {
+        let problem = if c.state != "up" {
+            format!("channel to {} is {}", c.spiffe_id, c.state)
         } else if !c.tunnel {
-            problems.push(format!(
+            format!(
                 "channel to {} is up but its tunnel has no keys yet",
                 c.spiffe_id
-            ));
+            )
+        } else {
+            continue;
+        };
+        match cluster_down(status) {
+            Some(cluster) if !excused.contains(&cluster) => excused.push(cluster),
+            Some(_) => {}
+            None => problems.push(problem),
         }
     }
-    for c in &clusters {
-        if c.state != "connected" && c.state != "stale" {
-            problems.push(format!(
-                "cluster {}'s clustermesh API is {}",
-                c.name, c.state
-            ));
-        }
+    if !clusters.is_empty()
+        && !clusters
+            .iter()
+            .any(|c| c.state == "connected" || c.state == "stale")
+    {
+        problems.push(format!(
+            "no remote cluster's clustermesh API has been heard from ({})",
+            clusters
+                .iter()
+                .map(|c| format!("{}: {}", c.name, c.state))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
     }
     if let Some(state) = &egress_gateway {
         if state != "healthy" {
@@ -219,10 +250,14 @@ pub fn readiness(status: &Status) -> GatewayReadiness {
     }
     let ready = problems.is_empty();
     let reason = match problems.len() {
-        0 => format!(
+        0 if excused.is_empty() => format!(
             "all {} channels up with keyed tunnels, {} clusters heard from",
             channels.len(),
             clusters.len()
+        ),
+        0 => format!(
+            "ready; not counted: channels to clusters that are down themselves: {}",
+            excused.join(", ")
         ),
         1 => problems.remove(0),
         n => format!("{} (and {} more)", problems.remove(0), n - 1),
@@ -304,27 +339,23 @@ pub fn parse_egress_policies(text: &str) -> Result<Vec<IsthmusEgressPolicy>, Res
 
 /// Every Isthmus CRD as `(file name, YAML)`, sorted by file name: the content of
 /// `deploy/base/crds/`.
-pub fn rendered() -> Vec<(String, String)> {
+pub fn rendered() -> Result<Vec<(String, String)>, serde_saphyr::ser::Error> {
     let crds = [
         isthmus_clustermesh_api::crd::IsthmusCluster::crd(),
         IsthmusEgressPolicy::crd(),
         IsthmusGateway::crd(),
     ];
-    let mut out: Vec<(String, String)> = crds
-        .iter()
-        .map(|crd| {
-            let name = crd.metadata.name.clone().unwrap_or_default();
-            let yaml = serde_saphyr::to_string(crd).unwrap_or_default();
-            (
-                format!("{name}.yaml"),
-                format!(
-                    "# Generated from the Rust types by `isthmusctl crds`: do not edit.\n{yaml}"
-                ),
-            )
-        })
-        .collect();
+    let mut out = Vec::new();
+    for crd in &crds {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        let yaml = serde_saphyr::to_string(crd)?;
+        out.push((
+            format!("{name}.yaml"),
+            format!("# Generated from the Rust types by `isthmusctl crds`: do not edit.\n{yaml}"),
+        ));
+    }
     out.sort();
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -333,7 +364,7 @@ mod tests {
 
     #[test]
     fn every_crd_renders_with_a_structural_schema() {
-        let all = rendered();
+        let all = rendered().expect("renders");
         let names: Vec<&str> = all.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -367,6 +398,12 @@ mod tests {
             "channel_endpoint": "192.0.2.1:7443", "state": state, "tunnel": tunnel,
             "role": "dialer", "up_secs": 1.0, "sessions": 1, "last_refusal": null
         })
+    }
+
+    fn learnt(id: &str, state: &str) -> serde_json::Value {
+        let mut c = channel(id, state, state == "up");
+        c["from_mesh"] = true.into();
+        c
     }
 
     fn cluster(name: &str, state: &str) -> serde_json::Value {
@@ -409,6 +446,33 @@ mod tests {
         let r = readiness(&api_down);
         assert!(!r.ready);
         assert!(r.reason.ends_with("(and 1 more)"), "{}", r.reason);
+
+        // A learnt channel to a cluster that is down itself does not count; one to a
+        // connected cluster does.
+        let w = "spiffe://m/cluster/west/gateway/gw";
+        let n = "spiffe://m/cluster/north/gateway/gw";
+        let remote_outage = status(
+            serde_json::json!([learnt(w, "connecting"), learnt(n, "up")]),
+            serde_json::json!([cluster("west", "stale"), cluster("north", "connected")]),
+        );
+        let r = readiness(&remote_outage);
+        assert!(r.ready, "{}", r.reason);
+        assert!(r.reason.contains("west (stale)"), "{}", r.reason);
+        let path_broken = status(
+            serde_json::json!([learnt(w, "connecting")]),
+            serde_json::json!([cluster("west", "connected")]),
+        );
+        assert!(!readiness(&path_broken).ready);
+        let nothing_heard = status(
+            serde_json::json!([]),
+            serde_json::json!([cluster("west", "connecting"), cluster("north", "withdrawn")]),
+        );
+        let r = readiness(&nothing_heard);
+        assert!(
+            !r.ready && r.reason.contains("no remote cluster"),
+            "{}",
+            r.reason
+        );
 
         let mut egress = status(serde_json::json!([]), serde_json::json!([]));
         egress.egress_gateway = Some(crate::egress::EgressGatewayStatus {

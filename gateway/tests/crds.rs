@@ -13,7 +13,7 @@ fn deploy() -> PathBuf {
 fn deploy_crds_match_the_rust_types() {
     let dir = deploy().join("base/crds");
     let mut stale = Vec::new();
-    for (name, yaml) in isthmus_gateway::crd::rendered() {
+    for (name, yaml) in isthmus_gateway::crd::rendered().expect("renders") {
         let path = dir.join(&name);
         match std::fs::read_to_string(&path) {
             Ok(text) if text == yaml => {}
@@ -28,6 +28,7 @@ fn deploy_crds_match_the_rust_types() {
         .collect();
     on_disk.sort();
     let generated: Vec<String> = isthmus_gateway::crd::rendered()
+        .expect("renders")
         .into_iter()
         .map(|(n, _)| n)
         .collect();

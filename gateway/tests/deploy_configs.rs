@@ -52,8 +52,11 @@ fn ctl(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The Secrets' files, decoded: Secret name → (key → bytes).
-fn secrets(yaml: &str) -> Vec<(String, Vec<(String, Vec<u8>)>)> {
+/// A Secret's files, decoded: (key, bytes).
+type Files = Vec<(String, Vec<u8>)>;
+
+/// The Secrets of a manifest stream: (name, files).
+fn secrets(yaml: &str) -> Vec<(String, Files)> {
     use base64::Engine as _;
     let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(yaml).unwrap();
     docs.iter()

@@ -768,4 +768,29 @@ fn certs_secrets_writes_kubernetes_secrets() {
         ],
         &["north"],
     );
+    // `--out -` redirected into a file others can read (umask 022) is refused; into an
+    // owner-only file it works.
+    for (mode, works) in [(0o644, false), (0o600, true)] {
+        let path = tmp.0.join(format!("redirected-{mode:o}.yaml"));
+        let file = fs::File::create(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        let status = Command::new(env!("CARGO_BIN_EXE_isthmusctl"))
+            .args([
+                "certs",
+                "secrets",
+                "--dir",
+                s(&ca),
+                "--cluster",
+                "east",
+                "--out",
+                "-",
+            ])
+            .stdout(file)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.success(), works, "stdout file mode {mode:o}");
+        let written = fs::read_to_string(&path).unwrap();
+        assert_eq!(written.is_empty(), !works, "mode {mode:o}");
+    }
 }

@@ -598,6 +598,54 @@ pub fn translate_membership<'a>(
         })
 }
 
+/// The membership a source publishes (sans-IO): the last good translation of the
+/// cluster's `IsthmusCluster`. Until a first good one is seen, nothing is published and
+/// the source does not report itself synced: a server that starts while the resource is
+/// missing or invalid must not tell every gateway that the cluster has no gateways.
+#[derive(Debug, Default)]
+struct MembershipState {
+    last_good: Option<Vec<pb::Object>>,
+    error: Option<MembershipError>,
+}
+
+/// What one translation changed, for the log.
+#[derive(Debug, PartialEq, Eq)]
+enum MembershipChange {
+    /// Usable (as before, or for the first time).
+    Usable,
+    /// Usable again after an error.
+    Recovered,
+    /// A new error (the last good membership, if any, stays).
+    Failed,
+    /// The same error as last time.
+    StillFailing,
+}
+
+impl MembershipState {
+    fn observe(&mut self, result: Result<Vec<pb::Object>, MembershipError>) -> MembershipChange {
+        match result {
+            Ok(objects) => {
+                self.last_good = Some(objects);
+                if self.error.take().is_some() {
+                    MembershipChange::Recovered
+                } else {
+                    MembershipChange::Usable
+                }
+            }
+            Err(e) if self.error.as_ref() == Some(&e) => MembershipChange::StillFailing,
+            Err(e) => {
+                self.error = Some(e);
+                MembershipChange::Failed
+            }
+        }
+    }
+
+    /// The objects to publish; `None`: hold (no good membership yet).
+    fn objects(&self) -> Option<&Vec<pb::Object>> {
+        self.last_good.as_ref()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesSourceError {
     /// No usable configuration was found (no kubeconfig, not in a cluster).
@@ -708,6 +756,7 @@ pub async fn run(
         kind: SourceKind,
         api: Api<K>,
         writer: reflector::store::Writer<K>,
+        config: watcher::Config,
     ) -> BoxStream<'static, (SourceKind, Result<WatchStep, watcher::Error>)>
     where
         K: kube::Resource<DynamicType = ()>
@@ -718,7 +767,7 @@ pub async fn run(
             + Sync
             + 'static,
     {
-        reflector(writer, watcher(api, watcher::Config::default()))
+        reflector(writer, watcher(api, config))
             .default_backoff()
             .map(move |event| {
                 let step = event.map(|e| match e {
@@ -739,11 +788,13 @@ pub async fn run(
             SourceKind::Service,
             Api::all(client.clone()),
             services_writer,
+            watcher::Config::default(),
         ),
         watch(
             SourceKind::EndpointSlice,
             Api::all(client.clone()),
             slices_writer,
+            watcher::Config::default(),
         ),
     ];
     let mut kinds = vec![SourceKind::Service, SourceKind::EndpointSlice];
@@ -752,6 +803,7 @@ pub async fn run(
             SourceKind::ServiceExport,
             Api::all(client.clone()),
             exports_writer,
+            watcher::Config::default(),
         ));
         kinds.push(SourceKind::ServiceExport);
     }
@@ -761,12 +813,17 @@ pub async fn run(
             SourceKind::IsthmusCluster,
             Api::all(client),
             memberships_writer,
+            // Only our own resource: another cluster's (which we never publish) cannot
+            // break the listing, e.g. with a field a newer CRD added.
+            watcher::Config::default().fields(&format!("metadata.name={}", cluster.as_str())),
         ));
         kinds.push(SourceKind::IsthmusCluster);
     }
     // The last good membership is kept while the resource is missing or invalid.
-    let mut membership: Vec<pb::Object> = static_objects.clone().unwrap_or_default();
-    let mut membership_error: Option<MembershipError> = None;
+    let mut membership = MembershipState::default();
+    if let Some(objects) = &static_objects {
+        membership.observe(Ok(objects.clone()));
+    }
     let mut events = stream::select_all(streams);
     let mut progress = SyncProgress::new(kinds);
     let mut synced = false;
@@ -804,22 +861,22 @@ pub async fn run(
         let published = translation.objects.len();
         if static_objects.is_none() {
             let resources = memberships.state();
-            match translate_membership(&cluster, resources.iter().map(|r| r.as_ref())) {
-                Ok(objects) => {
-                    if membership_error.take().is_some() {
-                        tracing::info!("IsthmusCluster usable again");
-                    }
-                    membership = objects;
-                }
-                Err(e) => {
-                    if membership_error.as_ref() != Some(&e) {
-                        tracing::warn!(error = %e, "IsthmusCluster not published; the last good one is kept");
-                    }
-                    membership_error = Some(e);
-                }
+            let result = translate_membership(&cluster, resources.iter().map(|r| r.as_ref()));
+            let error = result.as_ref().err().map(ToString::to_string);
+            match membership.observe(result) {
+                MembershipChange::Recovered => tracing::info!("IsthmusCluster usable again"),
+                MembershipChange::Failed => tracing::warn!(
+                    error = error.as_deref().unwrap_or_default(),
+                    "IsthmusCluster not published (the last good one, if any, is kept)"
+                ),
+                MembershipChange::Usable | MembershipChange::StillFailing => {}
             }
         }
-        let mut all = membership.clone();
+        let Some(own) = membership.objects() else {
+            // Never had a good membership: publish nothing, stay unsynced.
+            continue;
+        };
+        let mut all = own.clone();
         all.extend(translation.objects);
         let refused = publisher.replace_all(all, 0);
         tracing::debug!(
@@ -866,6 +923,26 @@ mod tests {
         );
         r.metadata.uid = Some(format!("u-{name}"));
         r
+    }
+
+    #[test]
+    fn no_membership_is_published_before_a_good_one_and_the_last_good_one_stays() {
+        let mut state = MembershipState::default();
+        let missing = || Err(MembershipError::Missing("east".into()));
+        assert_eq!(state.observe(missing()), MembershipChange::Failed);
+        assert_eq!(state.objects(), None, "a fresh server holds");
+        assert_eq!(state.observe(missing()), MembershipChange::StillFailing);
+        let good = translate_membership(&cluster(), [&membership("east", 2)]).expect("good");
+        assert_eq!(state.observe(Ok(good.clone())), MembershipChange::Recovered);
+        assert_eq!(state.objects(), Some(&good));
+        assert_eq!(state.observe(missing()), MembershipChange::Failed);
+        assert_eq!(
+            state.objects(),
+            Some(&good),
+            "deleted: the last good one stays"
+        );
+        assert_eq!(state.observe(Ok(good.clone())), MembershipChange::Recovered);
+        assert_eq!(state.observe(Ok(good)), MembershipChange::Usable);
     }
 
     #[test]

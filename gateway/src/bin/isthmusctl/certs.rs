@@ -188,7 +188,7 @@ fn secret_manifest(
     name: &str,
     namespace: &str,
     data: &[(String, Zeroizing<Vec<u8>>)],
-) -> Zeroizing<String> {
+) -> anyhow::Result<Zeroizing<String>> {
     use base64::Engine as _;
     let mut map = serde_json::Map::new();
     for (key, value) in data {
@@ -208,13 +208,17 @@ fn secret_manifest(
         "type": "Opaque",
         "data": map,
     });
-    Zeroizing::new(serde_saphyr::to_string(&doc).unwrap_or_default())
+    Ok(Zeroizing::new(
+        serde_saphyr::to_string(&doc).context("writing a Secret manifest")?,
+    ))
 }
 
 fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Result<String> {
     let cluster = parse_cluster(cluster)?;
     if namespace.is_empty()
         || namespace.len() > 63
+        || namespace.starts_with('-')
+        || namespace.ends_with('-')
         || !namespace
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
@@ -222,11 +226,8 @@ fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Re
         bail!("--namespace {namespace:?}: not a Kubernetes namespace name (a DNS label)");
     }
     let to_stdout = out.as_os_str() == "-";
-    if to_stdout && std::io::IsTerminal::is_terminal(&std::io::stdout()) {
-        bail!(
-            "--out -: refusing to print private keys on a terminal \
-             (pipe it into `kubectl apply -f -`, or give --out FILE)"
-        );
+    if to_stdout {
+        check_stdout_for_secrets()?;
     }
     let store = open_dir(dir)?;
     if !store.cluster_cert_path(&cluster).is_file() {
@@ -290,9 +291,9 @@ fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Re
         ));
     }
     let mut text = Zeroizing::new(String::new());
-    text.push_str(&secret_manifest("isthmus-trust", namespace, &trust));
+    text.push_str(&secret_manifest("isthmus-trust", namespace, &trust)?);
     text.push_str("---\n");
-    text.push_str(&secret_manifest("isthmus-tls", namespace, &tls));
+    text.push_str(&secret_manifest("isthmus-tls", namespace, &tls)?);
     if to_stdout {
         use std::io::Write as _;
         std::io::stdout().write_all(text.as_bytes())?;
@@ -312,6 +313,30 @@ fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Re
         names.join(", "),
         out.display()
     ))
+}
+
+/// `--out -` writes private keys to standard output: only into a pipe or socket, or a
+/// file nobody else can read; never onto a terminal.
+fn check_stdout_for_secrets() -> anyhow::Result<()> {
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::FileTypeExt as _;
+    let stdout = std::io::stdout();
+    if std::io::IsTerminal::is_terminal(&stdout) {
+        bail!(
+            "--out -: refusing to print private keys on a terminal \
+             (pipe it into `kubectl apply -f -`, or give --out FILE)"
+        );
+    }
+    let meta = File::from(stdout.as_fd().try_clone_to_owned()?).metadata()?;
+    let kind = meta.file_type();
+    if !(kind.is_fifo() || kind.is_socket()) && meta.permissions().mode() & 0o077 != 0 {
+        bail!(
+            "--out -: standard output is a file that group or others can read (mode {:o}); \
+             refusing to write private keys into it (use --out FILE, created 0600)",
+            meta.permissions().mode() & 0o777
+        );
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -289,7 +289,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Cmd::Crds { write } => {
-            let crds = isthmus_gateway::crd::rendered();
+            let crds = isthmus_gateway::crd::rendered().context("rendering the CRDs")?;
             match write {
                 None => {
                     let docs: Vec<&str> = crds.iter().map(|(_, y)| y.as_str()).collect();
