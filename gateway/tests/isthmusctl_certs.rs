@@ -8,39 +8,17 @@
 // Helpers outside #[test] functions unwrap too (clippy.toml covers only the tests).
 #![allow(clippy::unwrap_used)]
 
+mod common;
+use common::TempDir;
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use isthmus_certs::{Crl, Serial};
 
 const TD: &str = "mesh.test";
-
-/// A temporary directory removed when dropped, also when a test panics.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let dir = std::env::temp_dir().join(format!(
-            "isthmusctl-certs-{name}-{}-{nanos}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs isthmusctl and records its output for the key-material check.
 struct Ctl {

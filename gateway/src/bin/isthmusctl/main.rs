@@ -29,18 +29,8 @@ struct Cli {
 enum Cmd {
     /// Show a gateway's peers, handshakes, traffic and drop counters.
     Status {
-        /// The gateway's interface name (its admin socket is
-        /// /var/run/isthmus/NAME.sock).
-        #[arg(
-            short,
-            long,
-            conflicts_with = "socket",
-            required_unless_present = "socket"
-        )]
-        interface: Option<String>,
-        /// Path of the gateway's admin socket.
-        #[arg(short, long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        gateway: Gateway,
         /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -98,23 +88,14 @@ enum Cmd {
         #[arg(short, long, global = true)]
         socket: Option<PathBuf>,
     },
-    /// Exit 0 when the gateway is ready (every channel up with a keyed tunnel,
-    /// every remote cluster heard from, an egress gateway's uplink up), 1 when
-    /// not (or the gateway does not answer), saying why in one line. The
-    /// Kubernetes readiness probe.
+    /// Exit 0 when the gateway is ready (every peer channel up with a keyed
+    /// tunnel, except channels to a remote cluster that is down itself; a
+    /// remote cluster heard from; an egress gateway's uplink up, not drained),
+    /// 1 when not (or the gateway does not answer), saying why in one line.
+    /// The Kubernetes readiness probe.
     Ready {
-        /// The gateway's interface name (its admin socket is
-        /// /var/run/isthmus/NAME.sock).
-        #[arg(
-            short,
-            long,
-            conflicts_with = "socket",
-            required_unless_present = "socket"
-        )]
-        interface: Option<String>,
-        /// Path of the gateway's admin socket.
-        #[arg(short, long)]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        gateway: Gateway,
         /// Output format (json: the IsthmusGateway status).
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
@@ -131,6 +112,23 @@ enum Cmd {
         #[command(subcommand)]
         command: certs::CertsCmd,
     },
+}
+
+/// Which gateway: by interface name or admin socket path.
+#[derive(clap::Args, Debug)]
+struct Gateway {
+    /// The gateway's interface name (its admin socket is
+    /// /var/run/isthmus/NAME.sock).
+    #[arg(
+        short,
+        long,
+        conflicts_with = "socket",
+        required_unless_present = "socket"
+    )]
+    interface: Option<String>,
+    /// Path of the gateway's admin socket.
+    #[arg(short, long)]
+    socket: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,12 +184,8 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Status {
-            interface,
-            socket,
-            output,
-        } => {
-            let path = admin_socket_path(socket, interface)?;
+        Cmd::Status { gateway, output } => {
+            let path = admin_socket_path(gateway.socket, gateway.interface)?;
             let status = admin::fetch_status(&path)?;
             let text = match output {
                 Output::Json => serde_json::to_string_pretty(&status)? + "\n",
@@ -268,12 +262,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", key.public_key());
         }
         Cmd::Certs { command } => certs::run(command)?,
-        Cmd::Ready {
-            interface,
-            socket,
-            output,
-        } => {
-            let path = admin_socket_path(socket, interface)?;
+        Cmd::Ready { gateway, output } => {
+            let path = admin_socket_path(gateway.socket, gateway.interface)?;
             let status = admin::fetch_status(&path)?;
             let ready = isthmus_gateway::crd::readiness(&status);
             match output {
