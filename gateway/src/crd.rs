@@ -100,8 +100,8 @@ pub struct IsthmusGatewaySpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GatewayReadiness {
-    /// True when everything that depends on this gateway alone is up (see
-    /// [`readiness`]).
+    /// True when everything that depends on this gateway alone is up (the rule:
+    /// `isthmusctl ready --help`).
     pub ready: bool,
     /// One sentence: what is not up (or "all N channels up ...").
     pub reason: String,
@@ -155,12 +155,13 @@ pub struct PeerReadiness {
 /// Decides readiness from a gateway's status.
 ///
 /// Ready means the gateway carries traffic for everything that depends on it alone:
-/// - every mTLS channel is `up` with its tunnel keyed — except a channel learnt from the
-///   clustermesh API of a remote cluster that is itself not `connected` (an outage of
-///   that cluster is not this gateway's fault, and making every gateway unready for it
-///   would stall rollouts everywhere); configured channels always count;
-/// - when remote clusters are configured, at least one has been heard from (`connected`
-///   or `stale`): none at all points at this gateway's own path;
+/// - when remote clusters are configured, at least one is `connected` now (`stale` means
+///   this gateway's own stream to that API broke, which may be this gateway's fault);
+/// - every mTLS channel is `up` with its tunnel keyed — except, while some remote
+///   cluster is `connected`, a channel learnt from the clustermesh API of a remote
+///   cluster that is itself not `connected` (an outage of that one cluster is not this
+///   gateway's fault, and making every gateway unready for it would stall rollouts
+///   everywhere); configured channels always count;
 /// - as an egress gateway, its uplink answers and it is not drained.
 ///
 /// Static WireGuard/ESP peers do not count (WireGuard has no session without traffic).
@@ -210,6 +211,7 @@ pub fn readiness(status: &Status) -> GatewayReadiness {
         let state = clusters.iter().find(|k| k.name == name)?;
         (state.state != "connected").then(|| format!("{name} ({})", state.state))
     };
+    let any_connected = clusters.iter().any(|c| c.state == "connected");
     let mut problems: Vec<String> = Vec::new();
     let mut excused: Vec<String> = Vec::new();
     for (c, status) in channels.iter().zip(&status.channels) {
@@ -223,25 +225,24 @@ pub fn readiness(status: &Status) -> GatewayReadiness {
         } else {
             continue;
         };
-        match cluster_down(status) {
+        match cluster_down(status).filter(|_| any_connected) {
             Some(cluster) if !excused.contains(&cluster) => excused.push(cluster),
             Some(_) => {}
             None => problems.push(problem),
         }
     }
-    if !clusters.is_empty()
-        && !clusters
-            .iter()
-            .any(|c| c.state == "connected" || c.state == "stale")
-    {
-        problems.push(format!(
-            "no remote cluster's clustermesh API has been heard from ({})",
-            clusters
-                .iter()
-                .map(|c| format!("{}: {}", c.name, c.state))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+    if !clusters.is_empty() && !any_connected {
+        problems.insert(
+            0,
+            format!(
+                "no remote cluster's clustermesh API is connected ({})",
+                clusters
+                    .iter()
+                    .map(|c| format!("{}: {}", c.name, c.state))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
     }
     if let Some(state) = &egress_gateway {
         if state != "healthy" {
@@ -473,6 +474,13 @@ mod tests {
             "{}",
             r.reason
         );
+        // This gateway's own path broken: every stream stale, every channel lost.
+        let own_path_broken = status(
+            serde_json::json!([learnt(w, "down"), learnt(n, "connecting")]),
+            serde_json::json!([cluster("west", "stale"), cluster("north", "stale")]),
+        );
+        let r = readiness(&own_path_broken);
+        assert!(!r.ready, "stale everywhere is not an excuse: {}", r.reason);
 
         let mut egress = status(serde_json::json!([]), serde_json::json!([]));
         egress.egress_gateway = Some(crate::egress::EgressGatewayStatus {

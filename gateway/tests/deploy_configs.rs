@@ -73,9 +73,15 @@ struct Pod {
 
 impl Pod {
     fn new(root: &Path, trust: &[(String, Vec<u8>)]) -> Self {
+        // As the kubelet lays out a Secret volume: the files in a timestamped folder,
+        // `..data` pointing at it, and one symlink per key through `..data`.
+        let dir = root.join("trust");
+        let stamped = "..2026_11_30_12_00_00.000000001";
         for (k, v) in trust {
-            put(&root.join("trust"), k, v, 0o644);
+            put(&dir.join(stamped), k, v, 0o644);
+            std::os::unix::fs::symlink(format!("..data/{k}"), dir.join(k)).unwrap();
         }
+        std::os::unix::fs::symlink(stamped, dir.join("..data")).unwrap();
         Self {
             root: root.to_owned(),
         }
@@ -191,7 +197,7 @@ fn every_deploy_config_is_accepted_with_the_secrets_isthmusctl_writes() {
     let trust = &all.iter().find(|(n, _)| n == "isthmus-trust").unwrap().1;
     let tls = &all.iter().find(|(n, _)| n == "isthmus-tls").unwrap().1;
     assert!(
-        trust.iter().any(|(k, _)| k == "east.crl.pem"),
+        trust.iter().any(|(k, _)| k == "cluster-east.crl.pem"),
         "the trust Secret carries east's CRL"
     );
 

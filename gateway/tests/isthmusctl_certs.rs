@@ -746,6 +746,28 @@ fn certs_secrets_writes_kubernetes_secrets() {
         ],
         &["north"],
     );
+    // Another user's owner-only file is refused too.
+    let theirs = tmp.0.join("theirs.yaml");
+    let file = fs::File::create(&theirs).unwrap();
+    fs::set_permissions(&theirs, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_isthmusctl"))
+        .args([
+            "certs",
+            "secrets",
+            "--dir",
+            s(&ca),
+            "--cluster",
+            "east",
+            "--out",
+            "-",
+        ])
+        .stdout(file)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "wrote keys into another user's file");
+    assert_eq!(fs::metadata(&theirs).unwrap().len(), 0);
     // `--out -` redirected into a file others can read (umask 022) is refused; into an
     // owner-only file it works.
     for (mode, works) in [(0o644, false), (0o600, true)] {
@@ -771,4 +793,89 @@ fn certs_secrets_writes_kubernetes_secrets() {
         let written = fs::read_to_string(&path).unwrap();
         assert_eq!(written.is_empty(), !works, "mode {mode:o}");
     }
+}
+
+/// Every CRL reaches the trust Secret under its own key, also for a cluster named like
+/// the root's CRL file (`root-ca`): the root's revocation of a whole cluster CA must not
+/// be shadowed by a cluster's CRL.
+#[test]
+fn certs_secrets_keeps_every_crl_apart() {
+    let tmp = TempDir::new("crls");
+    let ca = tmp.0.join("ca");
+    let mut ctl = Ctl {
+        transcript: String::new(),
+    };
+    ctl.ok(&["certs", "init", "--dir", s(&ca), "--trust-domain", TD]);
+    for c in ["east", "root-ca"] {
+        ctl.ok(&["certs", "issue", "--dir", s(&ca), "cluster", "--cluster", c]);
+        ctl.ok(&[
+            "certs",
+            "issue",
+            "--dir",
+            s(&ca),
+            "gateway",
+            "--cluster",
+            c,
+            "--name",
+            "gw",
+        ]);
+    }
+    let serial = |path: &Path, i: usize| -> String {
+        let doc = json(&ctl_show(path));
+        doc["certificates"][i]["serial"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    // The root revokes east's cluster CA; root-ca's CA revokes its gateway.
+    let east_ca = serial(&ca.join("clusters/east/gateways/gw.pem"), 1);
+    ctl.ok(&["certs", "revoke", "--dir", s(&ca), "--serial", &east_ca]);
+    let gw = serial(&ca.join("clusters/root-ca/gateways/gw.pem"), 0);
+    ctl.ok(&[
+        "certs",
+        "revoke",
+        "--dir",
+        s(&ca),
+        "--cluster",
+        "root-ca",
+        "--serial",
+        &gw,
+    ]);
+    let out = tmp.0.join("secrets.yaml");
+    ctl.ok(&[
+        "certs",
+        "secrets",
+        "--dir",
+        s(&ca),
+        "--cluster",
+        "east",
+        "--out",
+        s(&out),
+    ]);
+    let docs: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&fs::read_to_string(&out).unwrap()).unwrap();
+    let trust = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == "isthmus-trust")
+        .unwrap();
+    let mut keys: Vec<&String> = trust["data"].as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["bundle.pem", "cluster-root-ca.crl.pem", "root-ca.crl.pem"]
+    );
+    assert_eq!(
+        base64_decode(trust["data"]["root-ca.crl.pem"].as_str().unwrap()),
+        fs::read(ca.join("root-ca.crl.pem")).unwrap(),
+        "the root's CRL, not the cluster's"
+    );
+}
+
+fn ctl_show(path: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_isthmusctl"))
+        .args(["certs", "show", "-o", "json", s(path)])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
 }

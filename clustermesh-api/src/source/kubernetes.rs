@@ -561,8 +561,6 @@ impl Default for KubernetesSourceConfig {
     }
 }
 
-/// Why the Kubernetes source stopped.
-#[non_exhaustive]
 /// Why the cluster's `IsthmusCluster` resource was not published.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MembershipError {
@@ -646,6 +644,8 @@ impl MembershipState {
     }
 }
 
+/// Why the Kubernetes source stopped.
+#[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub enum KubernetesSourceError {
     /// No usable configuration was found (no kubeconfig, not in a cluster).
@@ -731,14 +731,17 @@ async fn connect(config: &KubernetesSourceConfig) -> Result<kube::Client, Kubern
 }
 
 /// Runs the Kubernetes source: watches Services, EndpointSlices and (unless turned off)
-/// ServiceExports in all namespaces, and after every change (debounced) publishes
-/// `static_objects` followed by the [`translate`]d objects with
-/// [`Publisher::replace_all`]. Marks the publisher synced once every watched kind has
-/// been listed. Skip reasons are logged when they first appear.
+/// ServiceExports in all namespaces — and, without `static_objects`, the cluster's own
+/// `IsthmusCluster` — and after every change (debounced) publishes the membership
+/// (`static_objects`, or the last good [`translate_membership`]) followed by the
+/// [`translate`]d objects with [`Publisher::replace_all`]. Marks the publisher synced once
+/// every watched kind has been listed and a good membership exists; until then it
+/// publishes nothing. Skip reasons are logged when they first appear.
 ///
 /// Not tested here: no Kubernetes API server runs on the build machines. It is kept to
 /// wiring (kube's reflectors, which retry with backoff and relist after a desync); every
-/// decision is in [`translate`], which is tested.
+/// decision is in [`translate`], [`translate_membership`] and `MembershipState`, which
+/// are tested.
 pub async fn run(
     publisher: Publisher,
     config: KubernetesSourceConfig,

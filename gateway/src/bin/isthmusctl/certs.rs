@@ -185,13 +185,26 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
 
 /// One Secret manifest, written by hand into one pre-sized buffer that is zeroed when
 /// dropped (a serializer would leave base64 copies of the keys in freed memory). Names
-/// and keys are checked DNS labels with fixed suffixes: nothing to escape.
+/// are checked DNS labels; every data key is checked here to be a Secret key (letters,
+/// digits, `-`, `_`, `.`) used once, so nothing needs escaping.
 fn secret_manifest(
     name: &str,
     namespace: &str,
     data: &[(String, Zeroizing<Vec<u8>>)],
-) -> Zeroizing<String> {
+) -> anyhow::Result<Zeroizing<String>> {
     use base64::Engine as _;
+    for (i, (key, _)) in data.iter().enumerate() {
+        if key.is_empty()
+            || !key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            bail!("Secret {name}: {key:?} is not a valid Secret key");
+        }
+        if data[..i].iter().any(|(k, _)| k == key) {
+            bail!("Secret {name}: key {key:?} twice");
+        }
+    }
     let size: usize = data
         .iter()
         .map(|(k, v)| k.len() + v.len().div_ceil(3) * 4 + 16)
@@ -207,7 +220,7 @@ fn secret_manifest(
         base64::engine::general_purpose::STANDARD.encode_string(&**value, &mut out);
         out.push('\n');
     }
-    out
+    Ok(out)
 }
 
 fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Result<String> {
@@ -238,21 +251,34 @@ fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Re
             fs::read(path).with_context(|| format!("reading {}", path.display()))?,
         ))
     };
-    // The trust Secret: the bundle and every CRL (root's, each cluster CA's).
+    // The trust Secret: the bundle and every CRL, the root's as `root-ca.crl.pem` and
+    // each cluster CA's as `cluster-<name>.crl.pem` (distinct whatever the names).
     let mut trust = vec![("bundle.pem".to_owned(), read(&store.bundle_path())?)];
     let root_crl = store.path().join("root-ca.crl.pem");
     if root_crl.is_file() {
         trust.push(("root-ca.crl.pem".to_owned(), read(&root_crl)?));
     }
-    let mut clusters: Vec<PathBuf> = fs::read_dir(store.path().join("clusters"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
+    let clusters_dir = store.path().join("clusters");
+    let mut clusters: Vec<PathBuf> = Vec::new();
+    for entry in fs::read_dir(&clusters_dir)
+        .with_context(|| format!("reading {}", clusters_dir.display()))?
+    {
+        clusters.push(
+            entry
+                .with_context(|| format!("reading {}", clusters_dir.display()))?
+                .path(),
+        );
+    }
     clusters.sort();
     for c in clusters {
         let crl = c.join("ca.crl.pem");
-        if let (true, Some(name)) = (crl.is_file(), c.file_name().and_then(|n| n.to_str())) {
-            trust.push((format!("{name}.crl.pem"), read(&crl)?));
+        if !crl.is_file() {
+            continue;
         }
+        let name = c.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = ClusterName::new(name)
+            .map_err(|e| anyhow!("{}: not a cluster's folder: {e}", c.display()))?;
+        trust.push((format!("cluster-{name}.crl.pem"), read(&crl)?));
     }
     // The TLS Secret: every gateway certificate of the cluster with its key.
     let gateways_dir = store.cluster_cert_path(&cluster).with_file_name("gateways");
@@ -288,8 +314,8 @@ fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Re
         ));
     }
     let docs = [
-        secret_manifest("isthmus-trust", namespace, &trust),
-        secret_manifest("isthmus-tls", namespace, &tls),
+        secret_manifest("isthmus-trust", namespace, &trust)?,
+        secret_manifest("isthmus-tls", namespace, &tls)?,
     ];
     let write = |sink: &mut dyn std::io::Write| -> std::io::Result<()> {
         sink.write_all(docs[0].as_bytes())?;
@@ -330,11 +356,24 @@ fn check_stdout_for_secrets() -> anyhow::Result<()> {
     }
     let meta = File::from(stdout.as_fd().try_clone_to_owned()?).metadata()?;
     let kind = meta.file_type();
-    if !(kind.is_fifo() || kind.is_socket()) && meta.permissions().mode() & 0o077 != 0 {
+    if kind.is_fifo() || kind.is_socket() {
+        return Ok(());
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
         bail!(
             "--out -: standard output is a file that group or others can read (mode {:o}); \
              refusing to write private keys into it (use --out FILE, created 0600)",
             meta.permissions().mode() & 0o777
+        );
+    }
+    // Someone else's owner-only file is theirs to read.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let owner = std::os::unix::fs::MetadataExt::uid(&meta);
+    if owner != euid {
+        bail!(
+            "--out -: standard output is a file owned by uid {owner}, not by this user; \
+             refusing to write private keys into it (use --out FILE, created 0600)"
         );
     }
     Ok(())

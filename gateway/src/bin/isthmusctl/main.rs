@@ -88,11 +88,12 @@ enum Cmd {
         #[arg(short, long, global = true)]
         socket: Option<PathBuf>,
     },
-    /// Exit 0 when the gateway is ready (every peer channel up with a keyed
-    /// tunnel, except channels to a remote cluster that is down itself; a
-    /// remote cluster heard from; an egress gateway's uplink up, not drained),
-    /// 1 when not (or the gateway does not answer), saying why in one line.
-    /// The Kubernetes readiness probe.
+    /// Exit 0 when the gateway is ready (a remote cluster's API connected, if
+    /// any is configured; every peer channel up with a keyed tunnel, except,
+    /// while some cluster is connected, channels to a remote cluster that is
+    /// down itself; an egress gateway's uplink up, not drained), 1 when not (or
+    /// the gateway does not answer), saying why in one line. The Kubernetes
+    /// readiness probe.
     Ready {
         #[command(flatten)]
         gateway: Gateway,
