@@ -746,34 +746,21 @@ fn certs_secrets_writes_kubernetes_secrets() {
         ],
         &["north"],
     );
-    // Another user's owner-only file is refused too.
-    let theirs = tmp.0.join("theirs.yaml");
-    let file = fs::File::create(&theirs).unwrap();
-    fs::set_permissions(&theirs, fs::Permissions::from_mode(0o600)).unwrap();
-    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_isthmusctl"))
-        .args([
-            "certs",
-            "secrets",
-            "--dir",
-            s(&ca),
-            "--cluster",
-            "east",
-            "--out",
-            "-",
-        ])
-        .stdout(file)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(!status.success(), "wrote keys into another user's file");
-    assert_eq!(fs::metadata(&theirs).unwrap().len(), 0);
-    // `--out -` redirected into a file others can read (umask 022) is refused; into an
-    // owner-only file it works.
-    for (mode, works) in [(0o644, false), (0o600, true)] {
-        let path = tmp.0.join(format!("redirected-{mode:o}.yaml"));
+    // `--out -` redirected into a file: refused when others can read it (umask 022) or
+    // it is another user's owner-only file; works into this user's owner-only file.
+    for (case, mode, owner, works) in [
+        ("a file others can read", 0o644, None, false),
+        ("another user's owner-only file", 0o600, Some(65534), false),
+        ("this user's owner-only file", 0o600, None, true),
+    ] {
+        let path = tmp
+            .0
+            .join(format!("redirected-{mode:o}-{}.yaml", owner.is_some()));
         let file = fs::File::create(&path).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        if let Some(uid) = owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(uid)).unwrap();
+        }
         let status = Command::new(env!("CARGO_BIN_EXE_isthmusctl"))
             .args([
                 "certs",
@@ -789,9 +776,9 @@ fn certs_secrets_writes_kubernetes_secrets() {
             .stderr(std::process::Stdio::null())
             .status()
             .unwrap();
-        assert_eq!(status.success(), works, "stdout file mode {mode:o}");
+        assert_eq!(status.success(), works, "stdout into {case}");
         let written = fs::read_to_string(&path).unwrap();
-        assert_eq!(written.is_empty(), !works, "mode {mode:o}");
+        assert_eq!(written.is_empty(), !works, "stdout into {case}");
     }
 }
 
