@@ -97,9 +97,17 @@ pub fn write_public_file(path: &Path, contents: &str) -> Result<(), CertError> {
     replace(path, contents.as_bytes(), PUBLIC_FILE_MODE)
 }
 
-/// Reads a private key file after checking that only its owner may access it.
-pub fn read_private_key_pem(path: &Path) -> Result<Zeroizing<String>, CertError> {
-    let mut file = File::open(path).map_err(|e| CertError::io(path, e))?;
+/// Reads a file holding secrets (a private key, an SA file, a WireGuard key):
+/// the file is opened once and its type and mode are checked on that open
+/// file, so what is read is exactly what was checked (no check-then-open
+/// race). Refuses anything but a regular file (opened non-blocking, so a
+/// FIFO cannot stall the caller) and a file its group or others may access.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| CertError::io(path, e))?;
     let meta = file.metadata().map_err(|e| CertError::io(path, e))?;
     if !meta.is_file() {
         return Err(CertError::NotAFile {
@@ -113,9 +121,15 @@ pub fn read_private_key_pem(path: &Path) -> Result<Zeroizing<String>, CertError>
             mode,
         });
     }
-    let mut bytes = Zeroizing::new(Vec::new());
+    let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len().min(1 << 20) as usize));
     file.read_to_end(&mut bytes)
         .map_err(|e| CertError::io(path, e))?;
+    Ok(bytes)
+}
+
+/// Reads a private key file after checking that only its owner may access it.
+pub fn read_private_key_pem(path: &Path) -> Result<Zeroizing<String>, CertError> {
+    let bytes = read_secret_file(path)?;
     let text = std::str::from_utf8(&bytes).map_err(|_| CertError::BadPem {
         what: path.display().to_string(),
     })?;

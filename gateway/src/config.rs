@@ -1072,8 +1072,10 @@ pub fn load_nodes(
     own: &isthmus_identity::SpiffeId,
 ) -> Result<Vec<IdentityPeer>, ConfigError> {
     // The file maps pod prefixes to identities: only its owner may write it.
-    let meta = std::fs::metadata(&cfg.nodes_file)
-        .map_err(|e| ConfigError::new("nodes", format!("cannot read: {e}")))?;
+    // Checked on the open file, which is then what is read.
+    let cannot = |e: std::io::Error| ConfigError::new("nodes", format!("cannot read: {e}"));
+    let mut file = std::fs::File::open(&cfg.nodes_file).map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
     if meta.permissions().mode() & 0o022 != 0 {
         return Err(ConfigError::new(
             "nodes",
@@ -1083,8 +1085,8 @@ pub fn load_nodes(
             ),
         ));
     }
-    let text = std::fs::read_to_string(&cfg.nodes_file)
-        .map_err(|e| ConfigError::new("nodes", format!("cannot read: {e}")))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut file, &mut text).map_err(cannot)?;
     parse_nodes(&text, cfg, own)
 }
 
@@ -1747,22 +1749,20 @@ fn read_private_key(path: &Path) -> Result<PrivateKey, String> {
     PrivateKey::from_base64(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// Reads a file holding key material, refusing one that others may read.
+/// Reads a file holding key material, refusing one that others may read
+/// (checked on the open file: see [`isthmus_certs::files::read_secret_file`]).
 fn read_secret_file(path: &Path) -> Result<zeroize::Zeroizing<String>, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} has mode {mode:04o}: key material must not be readable by group or others (chmod 600 it)",
-            path.display()
-        ));
-    }
-    Ok(zeroize::Zeroizing::new(
-        std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
-    ))
+    let bytes = isthmus_certs::files::read_secret_file(path).map_err(|e| match e {
+        isthmus_certs::CertError::KeyFileTooOpen { mode, .. } => format!(
+            "{} has mode {:04o}: key material must not be readable by group or others (chmod 600 it)",
+            path.display(),
+            mode & 0o777
+        ),
+        other => other.to_string(),
+    })?;
+    let text =
+        std::str::from_utf8(&bytes).map_err(|_| format!("{} is not UTF-8 text", path.display()))?;
+    Ok(zeroize::Zeroizing::new(text.to_owned()))
 }
 
 /// An interface address: `ADDRESS/LENGTH` (host bits allowed) or a bare
@@ -2009,6 +2009,20 @@ fn read_sa_file(path: &Path) -> Result<Arc<dyn EspKeying>, (String, String)> {
         return Err((
             ".inbound_spi".into(),
             "must differ from outbound_spi".into(),
+        ));
+    }
+    // One key (or salt) for both directions would have both gateways encrypt
+    // under the same key and nonce sequence: AES-GCM nonce reuse.
+    if *pair.outbound.key == *pair.inbound.key {
+        return Err((
+            ".inbound_key".into(),
+            "uses the same key as outbound_key; each direction needs its own key".into(),
+        ));
+    }
+    if pair.outbound.salt == pair.inbound.salt {
+        return Err((
+            ".inbound_key".into(),
+            "ends in the same salt as outbound_key; each direction needs its own salt".into(),
         ));
     }
     Ok(Arc::new(ManualKeying::new(cipher, pair)))
@@ -2545,6 +2559,54 @@ mod tests {
         )
     }
 
+    /// The mode is checked on the file that is read, not on whatever the path
+    /// named a moment before: a path flipped between a 0600 and a 0644 file
+    /// never yields the 0644 file's contents.
+    #[test]
+    fn secret_files_are_checked_on_the_file_that_is_read() {
+        let secret = temp_file("flip-secret", "SECRET", 0o600);
+        let open = temp_file("flip-open", "OPEN", 0o644);
+        let link = secret.0.with_extension("link");
+        let _cleanup = TempFile(link.clone());
+        let tmp = secret.0.with_extension("tmp");
+        let _cleanup_tmp = TempFile(tmp.clone());
+        std::os::unix::fs::symlink(&secret.0, &link).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flipper = {
+            let (stop, link, tmp) = (stop.clone(), link.clone(), tmp.clone());
+            let targets = [secret.0.clone(), open.0.clone()];
+            std::thread::spawn(move || {
+                let mut i = 0usize;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    let _ = std::fs::remove_file(&tmp);
+                    std::os::unix::fs::symlink(&targets[i % 2], &tmp).unwrap();
+                    std::fs::rename(&tmp, &link).unwrap();
+                }
+            })
+        };
+        let started = std::time::Instant::now();
+        let (mut accepted, mut refused) = (0u32, 0u32);
+        while started.elapsed() < Duration::from_secs(3) {
+            match read_secret_file(&link) {
+                Ok(text) => {
+                    assert_eq!(text.as_str(), "SECRET", "read a 0644 file as a secret");
+                    accepted += 1;
+                }
+                Err(e) => {
+                    assert!(e.contains("mode 0644"), "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        flipper.join().unwrap();
+        assert!(
+            accepted > 0 && refused > 0,
+            "{accepted} accepted, {refused} refused"
+        );
+    }
+
     #[test]
     fn esp_peers_parse_with_manual_keying() {
         let (key, _) = key_file(0o600);
@@ -2598,8 +2660,30 @@ mod tests {
             &sa_text("aes128-gcm", 16).replace("0x1000abcd", "0x10"),
             0o600,
         );
+        // The same key (or salt) in both directions: both gateways would encrypt
+        // under one key with one nonce sequence (AES-GCM nonce reuse).
+        let same_key = temp_file(
+            "sa",
+            &sa_text("aes128-gcm", 16).replace(&"22".repeat(20), &"11".repeat(20)),
+            0o600,
+        );
+        let same_salt = temp_file(
+            "sa",
+            &sa_text("aes128-gcm", 16)
+                .replace(&"11".repeat(20), &format!("{}a1b2c3d4", "11".repeat(16)))
+                .replace(&"22".repeat(20), &format!("{}a1b2c3d4", "22".repeat(16))),
+            0o600,
+        );
         let wg_peer = peer_block(&PrivateKey::generate().public_key(), "\"100.64.0.0/16\"");
         let cases: Vec<(String, &str)> = vec![
+            (
+                config(&key.0, "", &esp_block(&same_key.0, "100.64.2.0/24", "")),
+                "peers[0].esp.sa_file.inbound_key",
+            ),
+            (
+                config(&key.0, "", &esp_block(&same_salt.0, "100.64.2.0/24", "")),
+                "peers[0].esp.sa_file.inbound_key",
+            ),
             (
                 config(
                     &key.0,
