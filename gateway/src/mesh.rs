@@ -42,7 +42,50 @@ use zeroize::Zeroizing;
 pub struct ChannelKeying {
     session: PeerSession,
     cipher: EspCipher,
-    cache: Mutex<HashMap<u64, SaPair>>,
+    cache: Mutex<GenerationCache>,
+}
+
+/// The SA pairs of the generations derived so far. Generations are asked
+/// for in rising order (the data path keeps a lookahead of two past the
+/// one in use), so anything more than two below the newest request is
+/// never asked for again and is dropped; everything above it is kept,
+/// including the generations precomputed when the channel came up.
+#[derive(Default)]
+struct GenerationCache {
+    pairs: std::collections::BTreeMap<u64, SaPair>,
+}
+
+impl GenerationCache {
+    /// Derives generations `0..count` ahead of use.
+    fn precompute(
+        &mut self,
+        count: u64,
+        mut derive: impl FnMut(u64) -> Result<SaPair, KeyingError>,
+    ) -> Result<(), KeyingError> {
+        for generation in 0..count {
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.pairs.entry(generation) {
+                slot.insert(derive(generation)?);
+            }
+        }
+        Ok(())
+    }
+
+    fn get(
+        &mut self,
+        generation: u64,
+        derive: impl FnOnce(u64) -> Result<SaPair, KeyingError>,
+    ) -> Result<SaPair, KeyingError> {
+        let pair = match self.pairs.get(&generation) {
+            Some(pair) => pair.clone(),
+            None => {
+                let pair = derive(generation)?;
+                self.pairs.insert(generation, pair.clone());
+                pair
+            }
+        };
+        self.pairs.retain(|g, _| *g + 2 >= generation);
+        Ok(pair)
+    }
 }
 
 impl std::fmt::Debug for ChannelKeying {
@@ -64,12 +107,25 @@ impl ChannelKeying {
         let keying = Self {
             session,
             cipher,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(GenerationCache::default()),
         };
-        for generation in 0..PRECOMPUTED_GENERATIONS {
-            keying.sa_pair(generation)?;
-        }
+        keying
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .precompute(PRECOMPUTED_GENERATIONS, |g| keying.derive(g))?;
         Ok(keying)
+    }
+
+    fn derive(&self, generation: u64) -> Result<SaPair, KeyingError> {
+        let block = self
+            .session
+            .esp_keys(generation, self.cipher.key_len() + 8)
+            .map_err(|_| KeyingError::Unavailable(generation))?;
+        Ok(SaPair {
+            outbound: self.split(&block.outbound),
+            inbound: self.split(&block.inbound),
+        })
     }
 
     fn split(&self, block: &[u8]) -> SaKeys {
@@ -101,21 +157,7 @@ impl EspKeying for ChannelKeying {
 
     fn sa_pair(&self, generation: u64) -> Result<SaPair, KeyingError> {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(pair) = cache.get(&generation) {
-            return Ok(pair.clone());
-        }
-        let block = self
-            .session
-            .esp_keys(generation, self.cipher.key_len() + 8)
-            .map_err(|_| KeyingError::Unavailable(generation))?;
-        let pair = SaPair {
-            outbound: self.split(&block.outbound),
-            inbound: self.split(&block.inbound),
-        };
-        // Old generations are never asked for again.
-        cache.retain(|g, _| *g + 2 >= generation);
-        cache.insert(generation, pair.clone());
-        Ok(pair)
+        cache.get(generation, |g| self.derive(g))
     }
 }
 
@@ -565,14 +607,14 @@ impl MeshLinks {
         let endpoint = resolve(e.params.wireguard_endpoint, e.remote)
             .ok_or("the peer offered no WireGuard endpoint")?;
         let key = PublicKey(key);
-        let mut taken = false;
+        let own = self.wg.public_key();
+        let mut refused = None;
         self.wg
             .update_peers(|all| {
-                // A key that already belongs to another peer (configured, or
-                // another identity's) is refused: one authenticated peer must
-                // not be able to take over another peer's tunnel.
-                if all.iter().any(|c| c.public_key == key) {
-                    taken = true;
+                // One authenticated peer must not be able to take over
+                // another peer's tunnel (or this gateway's own key).
+                if let Err(why) = crate::rules::check_wireguard_claim(&key, &own, all) {
+                    refused = Some(why);
                     return;
                 }
                 all.push(PeerConfig {
@@ -585,10 +627,8 @@ impl MeshLinks {
                 });
             })
             .map_err(|e| e.to_string())?;
-        if taken {
-            return Err(format!(
-                "WireGuard key {key} already belongs to another peer"
-            ));
+        if let Some(why) = refused {
+            return Err(why.to_string());
         }
         link.wg_key = Some(key);
         Ok(())
@@ -686,5 +726,60 @@ impl MeshLinks {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(generation: u64) -> SaPair {
+        let keys = |spi: u32| SaKeys {
+            spi,
+            key: Zeroizing::new(vec![generation as u8; 16]),
+            salt: [0; 4],
+        };
+        SaPair {
+            outbound: keys(0x0100_0000 + generation as u32 * 2),
+            inbound: keys(0x0100_0001 + generation as u32 * 2),
+        }
+    }
+
+    /// The generations derived when the channel comes up serve the data
+    /// path's later rekeys without deriving anything again (the review found
+    /// all but the last three thrown away); old ones are still dropped.
+    #[test]
+    fn precomputed_generations_serve_later_rekeys() {
+        let derived = std::cell::Cell::new(0u64);
+        let derive = |g: u64| {
+            derived.set(derived.get() + 1);
+            Ok(pair(g))
+        };
+        let mut cache = GenerationCache::default();
+        cache.precompute(PRECOMPUTED_GENERATIONS, derive).unwrap();
+        assert_eq!(derived.get(), PRECOMPUTED_GENERATIONS);
+        // As the ESP core asks: generations 0..=2 at setup, then one more
+        // lookahead generation at every rekey.
+        for g in 0..PRECOMPUTED_GENERATIONS {
+            let got = cache.get(g, derive).unwrap();
+            assert_eq!(got.outbound.spi, pair(g).outbound.spi);
+        }
+        assert_eq!(
+            derived.get(),
+            PRECOMPUTED_GENERATIONS,
+            "a precomputed generation was derived again"
+        );
+        // Past the precomputed ones, generations are derived on demand and
+        // the cache stays small.
+        cache.get(PRECOMPUTED_GENERATIONS + 40, derive).unwrap();
+        assert_eq!(derived.get(), PRECOMPUTED_GENERATIONS + 1);
+        assert!(
+            cache
+                .pairs
+                .keys()
+                .all(|g| *g + 2 >= PRECOMPUTED_GENERATIONS + 40),
+            "{:?}",
+            cache.pairs.keys().collect::<Vec<_>>()
+        );
     }
 }
