@@ -104,6 +104,15 @@ pub enum Refusal {
         /// The leaf's SPIFFE ID.
         presented: SpiffeId,
     },
+    /// A CA between the leaf and the root is not a cluster's CA: its SPIFFE ID is
+    /// missing, does not parse, or names no cluster. Only cluster CAs may issue.
+    #[error("the chain holds a CA that is not a cluster CA ({subject}): {reason}")]
+    IssuerNotClusterCa {
+        /// The CA's subject, as text.
+        subject: String,
+        /// What is wrong with its identity.
+        reason: String,
+    },
     /// Any other certificate defect (bad signature, wrong key usage, malformed, ...).
     #[error("invalid certificate: {0}")]
     InvalidCertificate(String),
@@ -291,27 +300,42 @@ impl TrustCore {
                 None,
             )
             .map_err(webpki_refusal)?;
-        let issuer_der: Option<Vec<u8>> = path
-            .intermediate_certificates()
-            .next()
-            .map(|issuer| issuer.der().to_vec());
         let presented = spiffe_id_of(end_entity).map_err(Refusal::NoSpiffeId)?;
-        if let Some(issuer_der) = issuer_der {
-            // A cluster CA carries spiffe://<td>/cluster/<c>: it may only vouch for that
-            // cluster's gateways.
-            if let Ok(Some(issuer)) = optional_spiffe_id(&issuer_der) {
-                if let Some(cluster) = issuer.as_cluster() {
-                    let leaf_cluster = presented.as_gateway().map(|g| g.cluster);
-                    if issuer.trust_domain() != presented.trust_domain()
-                        || leaf_cluster.as_ref() != Some(&cluster)
-                    {
-                        return Err(Refusal::IssuerClusterMismatch { issuer, presented });
-                    }
-                }
+        // Every CA between the leaf and the root is a cluster CA
+        // (spiffe://<td>/cluster/<c>) and may only vouch for that cluster's
+        // gateways: one whose identity is missing or unreadable is refused,
+        // not skipped.
+        for ca in path.intermediate_certificates() {
+            let ca_cert = ca.der();
+            let ca_der: &[u8] = &ca_cert;
+            let not_cluster_ca = |reason: String| Refusal::IssuerNotClusterCa {
+                subject: subject_of(ca_der),
+                reason,
+            };
+            let issuer = match optional_spiffe_id(ca_der) {
+                Ok(Some(id)) => id,
+                Ok(None) => return Err(not_cluster_ca("it carries no SPIFFE ID".into())),
+                Err(e) => return Err(not_cluster_ca(e.to_string())),
+            };
+            let Some(cluster) = issuer.as_cluster() else {
+                return Err(not_cluster_ca(format!("{issuer} names no cluster")));
+            };
+            let leaf_cluster = presented.as_gateway().map(|g| g.cluster);
+            if issuer.trust_domain() != presented.trust_domain()
+                || leaf_cluster.as_ref() != Some(&cluster)
+            {
+                return Err(Refusal::IssuerClusterMismatch { issuer, presented });
             }
         }
         Ok(presented)
     }
+}
+
+/// A certificate's subject for error messages.
+fn subject_of(der: &[u8]) -> String {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, cert)| cert.subject().to_string())
+        .unwrap_or_else(|_| "an unparseable certificate".into())
 }
 
 fn describe(candidates: &[String]) -> String {
@@ -533,6 +557,119 @@ impl ClientCertVerifier for PeerClientVerifier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A CA (`san`: its URI SAN, if any) signed by `issuer`, or self-signed.
+    fn ca(
+        san: Option<&str>,
+        issuer: Option<&(rcgen::Certificate, rcgen::KeyPair)>,
+    ) -> (rcgen::Certificate, rcgen::KeyPair) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        if let Some(san) = san {
+            params.subject_alt_names = vec![rcgen::SanType::URI(san.try_into().unwrap())];
+        }
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, san.unwrap_or("no SAN"));
+        let cert = match issuer {
+            Some((cert, key_of)) => {
+                let issuer = rcgen::Issuer::from_ca_cert_der(cert.der(), key_of).unwrap();
+                params.signed_by(&key, &issuer).unwrap()
+            }
+            None => params.self_signed(&key).unwrap(),
+        };
+        (cert, key)
+    }
+
+    fn leaf(id: &str, issuer: &(rcgen::Certificate, rcgen::KeyPair)) -> rcgen::Certificate {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let issuer = rcgen::Issuer::from_ca_cert_der(issuer.0.der(), &issuer.1).unwrap();
+        params.signed_by(&key, &issuer).unwrap()
+    }
+
+    /// Every CA between the leaf and the root must be the CA of the leaf's own
+    /// cluster: one whose SPIFFE ID is missing, does not parse, or is not a
+    /// cluster's is refused, and so is another cluster's CA anywhere in the
+    /// path (the review found only the first intermediate looked at, and an
+    /// unparseable one skipped).
+    #[test]
+    fn every_intermediate_must_be_the_leafs_cluster_ca() {
+        let root = ca(None, None);
+        let trust = MeshTrust {
+            roots: vec![root.0.der().clone()],
+            crls: vec![],
+        };
+        let core = TrustCore::new(
+            &trust,
+            rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        )
+        .unwrap();
+        let gateway = "spiffe://td/cluster/a/gateway/gw1";
+        let sign = |issuer: &(rcgen::Certificate, rcgen::KeyPair),
+                    chain: &[&(rcgen::Certificate, rcgen::KeyPair)]| {
+            let leaf = leaf(gateway, issuer);
+            let intermediates: Vec<CertificateDer<'_>> =
+                chain.iter().map(|c| c.0.der().clone()).collect();
+            core.verify_chain(
+                leaf.der(),
+                &intermediates,
+                UnixTime::now(),
+                KeyUsage::server_auth(),
+            )
+        };
+
+        let a = ca(Some("spiffe://td/cluster/a"), Some(&root));
+        assert_eq!(sign(&a, &[&a]).unwrap().to_string(), gateway);
+
+        let b = ca(Some("spiffe://td/cluster/b"), Some(&root));
+        assert!(matches!(
+            sign(&b, &[&b]),
+            Err(Refusal::IssuerClusterMismatch { .. })
+        ));
+        // Cluster b's CA signs a CA for cluster a: the first intermediate
+        // matches, the second does not.
+        let a_under_b = ca(Some("spiffe://td/cluster/a"), Some(&b));
+        assert!(
+            matches!(
+                sign(&a_under_b, &[&a_under_b, &b]),
+                Err(Refusal::IssuerClusterMismatch { ref issuer, .. })
+                    if issuer.to_string() == "spiffe://td/cluster/b"
+            ),
+            "{:?}",
+            sign(&a_under_b, &[&a_under_b, &b])
+        );
+        for (what, san) in [
+            (
+                "a URI SAN that is no SPIFFE ID",
+                Some("https://example.com/ca"),
+            ),
+            (
+                "a SPIFFE ID with a path no cluster has",
+                Some("spiffe://td/cluster"),
+            ),
+            ("no URI SAN", None),
+            ("a gateway's ID", Some("spiffe://td/cluster/a/gateway/gw9")),
+        ] {
+            let odd = ca(san, Some(&root));
+            let got = sign(&odd, &[&odd]);
+            assert!(
+                matches!(got, Err(Refusal::IssuerNotClusterCa { .. })),
+                "an intermediate with {what}: {got:?}"
+            );
+        }
+    }
 
     fn id(s: &str) -> SpiffeId {
         s.parse().unwrap()
