@@ -12,4 +12,5 @@ pub mod crd;
 pub mod egress;
 pub mod mesh;
 pub mod node;
+pub mod rules;
 pub mod uapi;

@@ -17,13 +17,14 @@ use isthmus_gateway::config::{self, GatewayConfig, TunnelKind};
 use isthmus_gateway::egress::{EgressGateway, EgressPolicies};
 use isthmus_gateway::mesh::MeshLinks;
 use isthmus_gateway::node::{NodeRouting, NodeWatch};
+use isthmus_gateway::rules;
 use isthmus_gateway::uapi::{
-    self, KeyUpdate, SetRequest, UapiDevice, UapiError, UapiPeer, UapiServer, UapiSnapshot,
+    SetRequest, UapiDevice, UapiError, UapiPeer, UapiServer, UapiSnapshot,
 };
 use isthmus_identity::TunnelParams;
 use isthmus_tunnel::driver::{Driver, DriverConfig};
 use isthmus_tunnel::esp::EspCore;
-use isthmus_tunnel::{IpPrefix, PeerConfig, PublicKey, WgCore};
+use isthmus_tunnel::{IpPrefix, WgCore};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -598,132 +599,29 @@ impl UapiDevice for GatewayDevice {
     }
 
     fn apply(&self, req: SetRequest) -> Result<(), UapiError> {
-        let restated = match req.private_key {
-            None => true,
-            Some(KeyUpdate::Set(k)) => self
-                .core
-                .is_own_private_key(&isthmus_tunnel::PrivateKey::from_bytes(k)),
-            Some(KeyUpdate::Clear) => false,
-        };
-        if !restated {
-            return Err(UapiError::Rejected(
-                "changing the private key at run time is not supported; set private_key_file and restart".into(),
-            ));
-        }
-        if req.listen_port.is_some_and(|p| p != self.listen_port) {
-            return Err(UapiError::Rejected(
-                "changing the listen port at run time is not supported; set listen_port and restart".into(),
-            ));
-        }
-        if req.fwmark.is_some_and(|m| m != 0) {
-            return Err(UapiError::Rejected("fwmark is not supported".into()));
-        }
         let owned = self
             .mesh
             .as_ref()
             .map(|m| m.owned_wireguard_keys())
             .unwrap_or_default();
-        if let Some(update) = req
-            .peers
-            .iter()
-            .find(|u| owned.contains(&PublicKey(u.public_key)))
-        {
-            return Err(UapiError::Rejected(format!(
-                "peer {} is configured by its mTLS channel; change it in the config",
-                PublicKey(update.public_key)
-            )));
-        }
+        let facts = rules::UapiFacts {
+            listen_port: self.listen_port,
+            owned: &owned,
+        };
         let mut result = Ok(());
+        let mut req = Some(req);
         self.core
             .update_peers(|current| {
-                // Peers brought up by identity stay, even with replace_peers.
-                let mut peers = if req.replace_peers {
-                    current
-                        .iter()
-                        .filter(|c| owned.contains(&c.public_key))
-                        .cloned()
-                        .collect()
-                } else {
-                    current.clone()
-                };
-                if let Err(e) = apply_updates(&mut peers, req.peers) {
-                    result = Err(e);
-                    return;
+                let Some(req) = req.take() else { return };
+                match rules::apply_uapi(current, req, facts, |k| {
+                    self.core
+                        .is_own_private_key(&isthmus_tunnel::PrivateKey::from_bytes(*k))
+                }) {
+                    Ok(peers) => *current = peers,
+                    Err(e) => result = Err(e),
                 }
-                *current = peers;
             })
             .map_err(|e| UapiError::Rejected(e.to_string()))?;
         result
     }
-}
-
-/// Applies UAPI peer updates to a peer list (WireGuard semantics).
-fn apply_updates(
-    peers: &mut Vec<PeerConfig>,
-    updates: Vec<uapi::PeerUpdate>,
-) -> Result<(), UapiError> {
-    for update in updates {
-        let key = PublicKey(update.public_key);
-        let pos = peers.iter().position(|p| p.public_key == key);
-        if update.remove {
-            if let Some(i) = pos {
-                peers.remove(i);
-            }
-            continue;
-        }
-        let i = match pos {
-            Some(i) => i,
-            None if update.update_only => continue,
-            None => {
-                peers.push(PeerConfig {
-                    name: None,
-                    public_key: key,
-                    preshared_key: None,
-                    endpoint: None,
-                    allowed_prefixes: Vec::new(),
-                    persistent_keepalive: None,
-                });
-                peers.len() - 1
-            }
-        };
-        let to_prefix = |(addr, len): &(std::net::IpAddr, u8)| {
-            IpPrefix::new_truncating(*addr, *len).map_err(|e| UapiError::Rejected(e.to_string()))
-        };
-        let added = update
-            .allowed_ips
-            .iter()
-            .map(to_prefix)
-            .collect::<Result<Vec<_>, _>>()?;
-        let removed = update
-            .remove_allowed_ips
-            .iter()
-            .map(to_prefix)
-            .collect::<Result<Vec<_>, _>>()?;
-        // WireGuard semantics: a prefix moves to the peer that claims it last.
-        for other in peers.iter_mut().filter(|p| p.public_key != key) {
-            other.allowed_prefixes.retain(|p| !added.contains(p));
-        }
-        let peer = &mut peers[i];
-        match update.preshared_key {
-            Some(KeyUpdate::Set(k)) => peer.preshared_key = Some(k),
-            Some(KeyUpdate::Clear) => peer.preshared_key = None,
-            None => {}
-        }
-        if let Some(ep) = update.endpoint {
-            peer.endpoint = Some(ep);
-        }
-        if let Some(k) = update.persistent_keepalive_interval {
-            peer.persistent_keepalive = (k > 0).then_some(k);
-        }
-        if update.replace_allowed_ips {
-            peer.allowed_prefixes.clear();
-        }
-        for p in added {
-            if !peer.allowed_prefixes.contains(&p) {
-                peer.allowed_prefixes.push(p);
-            }
-        }
-        peer.allowed_prefixes.retain(|p| !removed.contains(p));
-    }
-    Ok(())
 }

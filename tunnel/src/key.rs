@@ -47,6 +47,15 @@ impl PublicKey {
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
+    /// Whether Diffie-Hellman with this key gives no shared secret (a
+    /// low-order point, e.g. all zeros): such a key must not be accepted
+    /// from a peer.
+    pub fn is_low_order(&self) -> bool {
+        let probe = PrivateKey::generate().to_secret();
+        !probe
+            .diffie_hellman(&boringtun::x25519::PublicKey::from(self.0))
+            .was_contributory()
+    }
 }
 
 impl fmt::Display for PublicKey {
