@@ -67,8 +67,9 @@ use std::time::{Duration, Instant};
 
 use rustls::client::Resumption;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::NoServerSessionStorage;
+use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::sync::watch;
 
@@ -90,7 +91,7 @@ pub use verify::{MeshTrust, Refusal, TrustError};
 use admission::Slot;
 use runtime::TaskDone;
 use session::SessionDriver;
-use verify::{AllowedPeers, PeerClientVerifier, PeerServerVerifier, TrustCore};
+use verify::{AllowedPeers, PeerClientVerifier, PeerServerVerifier, SharedTrust, TrustCore};
 
 use crate::spiffe::SpiffeId;
 use crate::svid::{spiffe_id_of, SvidError};
@@ -253,9 +254,10 @@ pub struct Established {
 /// Everything a gateway needs to dial or accept peer channels.
 pub struct ChannelConfig {
     local_id: SpiffeId,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
-    trust: Arc<TrustCore>,
+    /// This gateway's chain and key: replaced as a whole by
+    /// [`ChannelConfig::reload_credentials`]; every handshake uses the one in force.
+    credentials: CurrentCredentials,
+    trust: SharedTrust,
     provider: Arc<CryptoProvider>,
     params: TunnelParams,
     timing: ChannelTiming,
@@ -267,8 +269,8 @@ impl fmt::Debug for ChannelConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ChannelConfig")
             .field("local_id", &self.local_id.to_string())
-            .field("chain_len", &self.chain.len())
-            .field("trust", &self.trust)
+            .field("chain_len", &self.credentials.current().cert.len())
+            .field("trust", &self.trust.current())
             .field("params", &self.params)
             .field("timing", &self.timing)
             .field("esp_key_len", &self.esp_key_len)
@@ -291,14 +293,14 @@ impl ChannelConfig {
             .ok_or_else(|| ChannelError::Credentials("the certificate chain is empty".into()))?;
         let local_id = spiffe_id_of(leaf)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let trust = Arc::new(TrustCore::new(
+        let trust = SharedTrust::new(TrustCore::new(
             trust,
             provider.signature_verification_algorithms,
         )?);
+        let certified = certified_key(credentials, &provider)?;
         let config = Self {
             local_id,
-            chain: credentials.chain,
-            key: credentials.key,
+            credentials: CurrentCredentials(Arc::new(RwLock::new(Arc::new(certified)))),
             trust,
             provider,
             params,
@@ -353,6 +355,73 @@ impl ChannelConfig {
         self.esp_key_len
     }
 
+    /// Replaces the trust bundle and CRLs for every later handshake and
+    /// [`ChannelConfig::verify_session`]. On error the trust in force stays.
+    pub fn reload_trust(&self, trust: &MeshTrust) -> Result<(), ChannelError> {
+        let core = TrustCore::new(trust, self.provider.signature_verification_algorithms)?;
+        self.trust.replace(core);
+        Ok(())
+    }
+
+    /// Replaces this gateway's certificate chain and key for every later handshake
+    /// (sessions up now keep theirs). The new leaf must carry this gateway's SPIFFE ID
+    /// and match the key; otherwise nothing changes.
+    pub fn reload_credentials(&self, credentials: LocalCredentials) -> Result<(), ChannelError> {
+        let leaf = credentials
+            .chain
+            .first()
+            .ok_or_else(|| ChannelError::Credentials("the certificate chain is empty".into()))?;
+        let id = spiffe_id_of(leaf)?;
+        if id != self.local_id {
+            return Err(ChannelError::Credentials(format!(
+                "the new certificate is for {id}, this gateway is {}",
+                self.local_id
+            )));
+        }
+        let certified = certified_key(credentials, &self.provider)?;
+        self.credentials.replace(certified);
+        Ok(())
+    }
+
+    /// The leaf certificate in use now (for status: serial, validity).
+    pub fn current_leaf(&self) -> Option<CertificateDer<'static>> {
+        self.credentials.current().cert.first().cloned()
+    }
+
+    /// Checks a live session's peer again, as a new handshake would be checked now: its
+    /// chain against the trust in force (CRLs, validity at `now`, cluster CAs) and its
+    /// SPIFFE ID. A revoked or expired peer gets its [`Refusal`].
+    pub fn verify_session(
+        &self,
+        session: &PeerSession,
+        now: std::time::SystemTime,
+    ) -> Result<(), Refusal> {
+        self.verify_peer(&session.peer_chain(), session.role(), session.peer(), now)
+    }
+
+    /// [`ChannelConfig::verify_session`] on a chain kept from a session that may be gone
+    /// (`role`: ours in that session).
+    pub fn verify_peer(
+        &self,
+        chain: &[CertificateDer<'static>],
+        role: Role,
+        peer: &SpiffeId,
+        now: std::time::SystemTime,
+    ) -> Result<(), Refusal> {
+        let (leaf, intermediates) = chain.split_first().ok_or(Refusal::NoClientCertificate)?;
+        // The dialer verified the acceptor as a TLS server and vice versa.
+        let usage = match role {
+            Role::Dialer => webpki::KeyUsage::server_auth(),
+            Role::Acceptor => webpki::KeyUsage::client_auth(),
+        };
+        let now = UnixTime::since_unix_epoch(
+            now.duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        let presented = self.trust.verify_chain(leaf, intermediates, now, usage)?;
+        verify::check_identity(&presented, std::slice::from_ref(peer))
+    }
+
     fn client_config(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, ChannelError> {
         let verifier = Arc::new(PeerServerVerifier {
             trust: self.trust.clone(),
@@ -363,8 +432,7 @@ impl ChannelConfig {
             .map_err(ChannelError::Tls)?
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| ChannelError::Credentials(e.to_string()))?;
+            .with_client_cert_resolver(Arc::new(self.credentials.clone()));
         config.alpn_protocols = vec![ALPN.to_vec()];
         config.resumption = Resumption::disabled();
         config.enable_sni = false;
@@ -383,12 +451,60 @@ impl ChannelConfig {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(ChannelError::Tls)?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())
-            .map_err(|e| ChannelError::Credentials(e.to_string()))?;
+            .with_cert_resolver(Arc::new(self.credentials.clone()));
         config.alpn_protocols = vec![ALPN.to_vec()];
         config.session_storage = Arc::new(NoServerSessionStorage {});
         config.send_tls13_tickets = 0;
         Ok(Arc::new(config))
+    }
+}
+
+fn certified_key(
+    credentials: LocalCredentials,
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, ChannelError> {
+    let certified = CertifiedKey::from_der(credentials.chain, credentials.key, provider)
+        .map_err(|e| ChannelError::Credentials(e.to_string()))?;
+    certified
+        .keys_match()
+        .map_err(|e| ChannelError::Credentials(format!("the key does not match the leaf: {e}")))?;
+    Ok(certified)
+}
+
+/// This gateway's chain and key in force, for both TLS roles.
+#[derive(Debug, Clone)]
+struct CurrentCredentials(Arc<RwLock<Arc<CertifiedKey>>>);
+
+impl CurrentCredentials {
+    fn current(&self) -> Arc<CertifiedKey> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn replace(&self, certified: CertifiedKey) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(certified);
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentCredentials {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CurrentCredentials {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
     }
 }
 

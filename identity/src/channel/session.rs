@@ -237,6 +237,26 @@ impl PeerSession {
         self.state.role
     }
 
+    /// The certificate chain the peer presented (leaf first).
+    pub fn peer_chain(&self) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+        self.state
+            .lock_conn()
+            .peer_certificates()
+            .map(|c| c.to_vec())
+            .unwrap_or_default()
+    }
+
+    /// When the first certificate of the peer's chain expires (its leaf or a CA above
+    /// it): the session must be checked again then.
+    pub fn peer_not_after(&self) -> Option<std::time::SystemTime> {
+        self.peer_chain()
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .min()
+            .map(|t| std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64))
+    }
+
     /// ESP keys of `generation`, `len` bytes per direction (1..=[`MAX_ESP_KEY_LEN`]).
     /// The peer derives the mirror image: its `inbound` is our `outbound`.
     pub fn esp_keys(&self, generation: u64, len: usize) -> Result<EspKeyBlock, ChannelError> {

@@ -418,10 +418,50 @@ pub(crate) fn check_identity(presented: &SpiffeId, expected: &[SpiffeId]) -> Res
     })
 }
 
+/// The trust in force now, shared by a configuration's verifiers and replaced as a whole
+/// when the bundle or the CRLs change (handshakes that started before keep the one they
+/// read).
+#[derive(Debug, Clone)]
+pub(crate) struct SharedTrust {
+    current: Arc<RwLock<Arc<TrustCore>>>,
+    pub(crate) algs: WebPkiSupportedAlgorithms,
+}
+
+impl SharedTrust {
+    pub(crate) fn new(core: TrustCore) -> Self {
+        Self {
+            algs: core.algs,
+            current: Arc::new(RwLock::new(Arc::new(core))),
+        }
+    }
+
+    pub(crate) fn current(&self) -> Arc<TrustCore> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    pub(crate) fn replace(&self, core: TrustCore) {
+        *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(core);
+    }
+
+    pub(crate) fn verify_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<SpiffeId, Refusal> {
+        self.current()
+            .verify_chain(end_entity, intermediates, now, usage)
+    }
+}
+
 /// Verifies the server's certificate on the dialing side: chain + exactly `expected`.
 #[derive(Debug)]
 pub(crate) struct PeerServerVerifier {
-    pub(crate) trust: Arc<TrustCore>,
+    pub(crate) trust: SharedTrust,
     pub(crate) expected: SpiffeId,
 }
 
@@ -499,7 +539,7 @@ impl AllowedPeers {
 /// configured peers.
 #[derive(Debug)]
 pub(crate) struct PeerClientVerifier {
-    pub(crate) trust: Arc<TrustCore>,
+    pub(crate) trust: SharedTrust,
     pub(crate) allowed: Arc<RwLock<AllowedPeers>>,
 }
 
