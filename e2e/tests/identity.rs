@@ -383,24 +383,7 @@ fn refused_identities_bring_up_no_tunnel() {
             }
             _ => {
                 let c2 = pki.gateway("two", "gw").unwrap();
-                let shown =
-                    ctl(&["certs", "show", &c2.0.to_string_lossy(), "--output", "json"]).unwrap();
-                let shown: Value = serde_json::from_str(&shown).unwrap();
-                let serial = shown["certificates"][0]["serial"]
-                    .as_str()
-                    .unwrap()
-                    .to_string();
-                ctl(&[
-                    "certs",
-                    "revoke",
-                    "--dir",
-                    &pki.d(),
-                    "--serial",
-                    &serial,
-                    "--cluster",
-                    "two",
-                ])
-                .unwrap();
+                revoke(&pki, "two", &serial_of(&c2.0).unwrap(), false).unwrap();
                 crls.push(pki.dir.join("clusters/two/ca.crl.pem"));
                 c2
             }
@@ -553,4 +536,181 @@ fn mismatched_esp_cipher_is_refused_on_both_gateways() {
         assert!(g.logs().contains(expected), "refusal not logged");
     }
     drop((g1, g2));
+}
+
+/// The serial of the first certificate in a PEM file, as `certs show` prints it.
+fn serial_of(pem: &Path) -> Result<String> {
+    let shown = ctl(&["certs", "show", &pem.to_string_lossy(), "--output", "json"])?;
+    let shown: Value = serde_json::from_str(&shown)?;
+    Ok(shown["certificates"][0]["serial"]
+        .as_str()
+        .context("no serial")?
+        .to_string())
+}
+
+/// Revokes a gateway certificate of `cluster` (`force`: even one not on file).
+fn revoke(pki: &Pki, cluster: &str, serial: &str, force: bool) -> Result<()> {
+    let dir = pki.d();
+    let mut args = vec![
+        "certs",
+        "revoke",
+        "--dir",
+        &dir,
+        "--serial",
+        serial,
+        "--cluster",
+        cluster,
+    ];
+    if force {
+        args.push("--force");
+    }
+    ctl(&args).map(drop)
+}
+
+/// Waits until `site`'s channel to `peer` records a refusal containing `why` and its
+/// tunnel is gone; returns how long that took since `since`.
+fn wait_cut(site: &Site, peer: &str, why: &str, since: Instant) -> Result<Duration> {
+    let deadline = since + Duration::from_secs(15);
+    loop {
+        let s = status(site)?;
+        let ch = s["channels"]
+            .as_array()
+            .and_then(|chs| chs.iter().find(|c| c["name"] == peer))
+            .cloned()
+            .context("no such channel")?;
+        let refused = ch["last_refusal"]
+            .as_str()
+            .is_some_and(|r| r.to_lowercase().contains(why));
+        if refused && ch["tunnel"] == false && self::peer(&s, peer).is_none() {
+            return Ok(since.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("{peer} not cut: {s:#}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live revocation: a peer whose certificate is revoked while its channel and tunnel
+/// are up loses both within the documented bound (reload interval + one check tick),
+/// WireGuard and ESP alike, without a restart; the other peer is untouched until it is
+/// revoked in turn; afterwards site 1 sends nothing to either (no tunnel packet, nothing
+/// in clear: capture) and the revoked peers cannot come back.
+#[test]
+fn revoking_a_live_peer_cuts_its_channel_and_tunnel_within_the_bound() {
+    let topo = Topology::new(3, Underlay::V4).expect("topology");
+    let run = topo.run();
+    let td = "mesh.test";
+    let pki = Pki::init(run, "ca", td).unwrap();
+    let names = ["", "one", "two", "three"];
+    let mut creds = Vec::new();
+    for name in &names[1..] {
+        pki.cluster(name).unwrap();
+        creds.push(pki.gateway(name, "gw").unwrap());
+    }
+    // CRL files exist from the start (revoking a serial nobody has).
+    for c in ["two", "three"] {
+        revoke(&pki, c, "7f", true).unwrap();
+    }
+    let crls: Vec<PathBuf> = ["two", "three"]
+        .iter()
+        .map(|c| pki.dir.join(format!("clusters/{c}/ca.crl.pem")))
+        .collect();
+    let (s1, s2, s3) = (topo.site(1), topo.site(2), topo.site(3));
+    let reload_ms = 200;
+    let mut gws = Vec::new();
+    for (me, peers) in [
+        (s1, vec![("wireguard", s2), ("esp", s3)]),
+        (s2, vec![("wireguard", s1)]),
+        (s3, vec![("esp", s1)]),
+    ] {
+        let peers: Vec<IdPeer<'_>> = peers
+            .into_iter()
+            .map(|(kind, site)| IdPeer {
+                site,
+                kind,
+                spiffe_id: spiffe(td, names[site.index]),
+                esp: None,
+            })
+            .collect();
+        let (chain, key) = &creds[me.index - 1];
+        let own_crls = if me.index == 1 { &crls[..] } else { &[] };
+        let cfg = write_config(run, me, &pki.bundle(), chain, key, own_crls, &peers).unwrap();
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "[identity]\n",
+            &format!("[identity]\nreload_interval_ms = {reload_ms}\n"),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        gws.push(start(run, me, &cfg).unwrap());
+    }
+    wait_channels_up(s1, 1).unwrap();
+    for to in [s2, s3] {
+        assert!(wait_for_ping(
+            &s1.wl_ns,
+            to.workload_addr.into(),
+            Duration::from_secs(10)
+        ));
+    }
+
+    // The documented bound: one reload interval plus one check tick.
+    // (The tick is isthmus_gateway::mesh::CHECK_TICK.)
+    let bound = Duration::from_millis(reload_ms + 500);
+    let t0 = Instant::now();
+    revoke(&pki, "two", &serial_of(&creds[1].0).unwrap(), false).unwrap();
+    let took = wait_cut(s1, "site-2", "revoked", t0).unwrap();
+    eprintln!("WireGuard peer cut {took:?} after its revocation (bound {bound:?})");
+    // The check runs on a 2-core machine next to other tests: allow scheduling slack.
+    assert!(took <= bound + Duration::from_secs(2), "took {took:?}");
+    // The ESP peer is untouched.
+    assert!(ping(&s1.wl_ns, s3.workload_addr.into(), 3));
+    let t0 = Instant::now();
+    revoke(&pki, "three", &serial_of(&creds[2].0).unwrap(), false).unwrap();
+    let took = wait_cut(s1, "site-3", "revoked", t0).unwrap();
+    eprintln!("ESP peer cut {took:?} after its revocation (bound {bound:?})");
+    assert!(took <= bound + Duration::from_secs(2), "took {took:?}");
+
+    // From now on nothing goes out towards the revoked peers: no WireGuard data or ESP
+    // from site 1, no workload packet in clear; the packets are dropped and counted.
+    let no_route = |s: &Value| {
+        s["drops"]["no_route"].as_u64().unwrap() + s["esp_drops"]["no_route"].as_u64().unwrap_or(0)
+    };
+    let drops_before = no_route(&status(s1).unwrap());
+    let cap = isthmus_e2e::Capture::start(run, &s1.gw_ns, &s1.underlay_if, None).unwrap();
+    for to in [s2, s3] {
+        assert!(
+            !ping(&s1.wl_ns, to.workload_addr.into(), 3),
+            "traffic to {}",
+            to.index
+        );
+    }
+    let pcap = cap.stop().unwrap();
+    let packets = pcap.packets(51820).unwrap();
+    let from_s1: Vec<_> = packets
+        .iter()
+        .filter(|p| p.src == Some(s1.underlay_addr) && !p.is_link_housekeeping())
+        .filter(|p| p.has("wg") || p.has("esp") || p.has("udpencap") || p.has("icmp"))
+        .collect();
+    assert!(from_s1.is_empty(), "site 1 still sent: {from_s1:#?}");
+    for p in &packets {
+        assert!(
+            ![s1.workload_addr, s2.workload_addr, s3.workload_addr]
+                .iter()
+                .any(|w| p.src == Some((*w).into()) || p.dst == Some((*w).into())),
+            "workload packet in clear: {p:?}"
+        );
+    }
+    let s = status(s1).unwrap();
+    assert!(no_route(&s) >= drops_before + 6, "drops not counted: {s:#}");
+    // The revoked peers keep being refused when they dial again.
+    std::thread::sleep(Duration::from_secs(1));
+    let s = status(s1).unwrap();
+    for c in s["channels"].as_array().unwrap() {
+        assert_ne!(c["state"], "up", "{c:#}");
+        assert!(
+            c["last_refusal"].as_str().unwrap().contains("revoked"),
+            "{c:#}"
+        );
+    }
+    assert_eq!(s["identity_reload"]["trust_reloads"], 2, "{s:#}");
+    drop(gws);
 }

@@ -34,6 +34,9 @@ pub struct Status {
     /// mTLS channels to the peers configured by identity.
     #[serde(default)]
     pub channels: Vec<crate::mesh::ChannelStatus>,
+    /// Reloading of the `[identity]` files (certificate, key, trust bundle, CRLs).
+    #[serde(default)]
+    pub identity_reload: Option<crate::reload::ReloadStatus>,
     /// Remote clusters learnt from the clustermesh API (details: `isthmusctl mesh clusters`).
     #[serde(default)]
     pub clusters: Vec<ClusterSummary>,
@@ -304,6 +307,7 @@ mod tests {
             esp_drops: None,
             peers: vec![],
             channels: vec![],
+            identity_reload: None,
             clusters: vec![],
             steering: None,
             node: None,

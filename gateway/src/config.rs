@@ -180,6 +180,7 @@ struct RawIdentity {
     crls_dir: Option<PathBuf>,
     listen: Option<String>,
     advertise_address: Option<String>,
+    reload_interval_ms: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -382,6 +383,11 @@ pub const DEFAULT_CHANNEL_PORT: u16 = 7443;
 pub struct IdentityConfig {
     pub credentials: isthmus_identity::LocalCredentials,
     pub trust: isthmus_identity::MeshTrust,
+    /// Where credentials and trust come from; read again while running
+    /// (see [`crate::reload`]).
+    pub files: IdentityFiles,
+    /// How often the files are checked for changes.
+    pub reload_interval: Duration,
     /// Where the peer channel listens (TCP).
     pub listen: SocketAddr,
     /// The underlay address peers should send tunnel traffic to; by
@@ -398,6 +404,57 @@ impl std::fmt::Debug for IdentityConfig {
             .field("listen", &self.listen)
             .field("advertise_address", &self.advertise_address)
             .finish_non_exhaustive()
+    }
+}
+
+/// Default of `[identity] reload_interval_ms`.
+pub const DEFAULT_RELOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The files of `[identity]`: this gateway's certificate and key, the trust
+/// bundle and the CRLs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityFiles {
+    pub trust_bundle: PathBuf,
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub crls: Vec<PathBuf>,
+    pub crls_dir: Option<PathBuf>,
+}
+
+impl IdentityFiles {
+    /// Reads the trust bundle and every CRL; errors name the field.
+    pub fn load_trust(&self) -> Result<isthmus_identity::MeshTrust, ConfigError> {
+        let roots = isthmus_certs::files::load_certificates(&self.trust_bundle)
+            .map_err(|e| ConfigError::new("identity.trust_bundle", e.to_string()))?;
+        if roots.is_empty() {
+            return Err(ConfigError::new(
+                "identity.trust_bundle",
+                "holds no certificate",
+            ));
+        }
+        let mut crls = Vec::new();
+        for (i, path) in self.crls.iter().enumerate() {
+            crls.extend(
+                isthmus_certs::files::load_crls(path)
+                    .map_err(|e| ConfigError::new(format!("identity.crls[{i}]"), e.to_string()))?,
+            );
+        }
+        if let Some(dir) = &self.crls_dir {
+            crls.extend(
+                isthmus_certs::files::load_crl_dir(dir)
+                    .map_err(|e| ConfigError::new("identity.crls_dir", e.to_string()))?,
+            );
+        }
+        Ok(isthmus_identity::MeshTrust { roots, crls })
+    }
+
+    /// Reads this gateway's certificate chain and private key (mode 0600).
+    pub fn load_credentials(&self) -> Result<isthmus_identity::LocalCredentials, ConfigError> {
+        let chain = isthmus_certs::files::load_certificates(&self.certificate)
+            .map_err(|e| ConfigError::new("identity.certificate", e.to_string()))?;
+        let key = isthmus_certs::files::load_private_key(&self.private_key)
+            .map_err(|e| ConfigError::new("identity.private_key", e.to_string()))?;
+        Ok(isthmus_identity::LocalCredentials { chain, key })
     }
 }
 
@@ -1464,31 +1521,25 @@ fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
         "private_key",
         "PEM private key of the certificate, mode 0600",
     )?;
-    let roots = isthmus_certs::files::load_certificates(&bundle)
-        .map_err(|e| ConfigError::new("identity.trust_bundle", e.to_string()))?;
-    if roots.is_empty() {
-        return Err(ConfigError::new(
-            "identity.trust_bundle",
-            "holds no certificate",
-        ));
-    }
-    let chain = isthmus_certs::files::load_certificates(&cert)
-        .map_err(|e| ConfigError::new("identity.certificate", e.to_string()))?;
-    let private_key = isthmus_certs::files::load_private_key(&key)
-        .map_err(|e| ConfigError::new("identity.private_key", e.to_string()))?;
-    let mut crls = Vec::new();
-    for (i, path) in raw.crls.iter().enumerate() {
-        crls.extend(
-            isthmus_certs::files::load_crls(path)
-                .map_err(|e| ConfigError::new(format!("identity.crls[{i}]"), e.to_string()))?,
-        );
-    }
-    if let Some(dir) = &raw.crls_dir {
-        crls.extend(
-            isthmus_certs::files::load_crl_dir(dir)
-                .map_err(|e| ConfigError::new("identity.crls_dir", e.to_string()))?,
-        );
-    }
+    let files = IdentityFiles {
+        trust_bundle: bundle,
+        certificate: cert,
+        private_key: key,
+        crls: raw.crls,
+        crls_dir: raw.crls_dir,
+    };
+    let trust = files.load_trust()?;
+    let credentials = files.load_credentials()?;
+    let reload_interval = match raw.reload_interval_ms {
+        None => DEFAULT_RELOAD_INTERVAL,
+        Some(ms @ 100..=60_000) => Duration::from_millis(ms as u64),
+        Some(ms) => {
+            return Err(ConfigError::new(
+                "identity.reload_interval_ms",
+                format!("{ms} is out of range (100 to 60000)"),
+            ))
+        }
+    };
     let listen = match raw.listen {
         None => SocketAddr::new(IpAddr::from([0, 0, 0, 0]), DEFAULT_CHANNEL_PORT),
         Some(text) => text
@@ -1506,11 +1557,6 @@ fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
             })
         })
         .transpose()?;
-    let credentials = isthmus_identity::LocalCredentials {
-        chain,
-        key: private_key,
-    };
-    let trust = isthmus_identity::MeshTrust { roots, crls };
     // Check the certificate, key and trust now, before any socket exists.
     isthmus_identity::ChannelConfig::new(
         isthmus_identity::LocalCredentials {
@@ -1530,6 +1576,8 @@ fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
     Ok(IdentityConfig {
         credentials,
         trust,
+        files,
+        reload_interval,
         listen,
         advertise_address,
     })

@@ -12,5 +12,6 @@ pub mod crd;
 pub mod egress;
 pub mod mesh;
 pub mod node;
+pub mod reload;
 pub mod rules;
 pub mod uapi;

@@ -541,6 +541,7 @@ impl GatewayDevice {
             esp_drops: self.esp.as_ref().map(|e| e.counters.snapshot().into()),
             peers,
             channels: self.mesh.as_ref().map(|m| m.status()).unwrap_or_default(),
+            identity_reload: self.mesh.as_ref().map(|m| m.reload_status()),
             clusters: self
                 .watch
                 .get()

@@ -97,6 +97,9 @@ impl std::fmt::Debug for ChannelKeying {
     }
 }
 
+/// How often lost channels and expiring peer certificates are looked at.
+pub const CHECK_TICK: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Generations derived when the channel comes up (at the default soft
 /// lifetime, 53 hours' worth), so the data path's rekeys do not wait on the
 /// channel; later ones are derived on demand.
@@ -200,6 +203,14 @@ struct Link {
     last_refusal: Option<String>,
     wg_key: Option<PublicKey>,
     esp_peer: Option<Arc<EspPeer>>,
+    /// What the peer presented in the session its tunnel came from, and our
+    /// role in it: checked again when the trust changes
+    /// ([`MeshLinks::recheck`]), even after the session is gone while the
+    /// tunnel is kept.
+    peer_chain: Vec<rustls_pki_types::CertificateDer<'static>>,
+    our_role: Option<isthmus_identity::Role>,
+    /// When the first certificate of that chain expires.
+    not_after: Option<std::time::SystemTime>,
 }
 
 fn same_peer(a: &IdentityPeer, b: &IdentityPeer) -> bool {
@@ -225,6 +236,7 @@ pub struct MeshLinks {
     keep_tunnel: std::time::Duration,
     dialers: Mutex<HashMap<SpiffeId, PeerLink>>,
     listener: Mutex<Option<ListenerHandle>>,
+    reloader: Mutex<crate::reload::IdentityReloader>,
 }
 
 /// What [`MeshLinks::set_mesh_peers`] changed.
@@ -430,6 +442,61 @@ impl MeshLinks {
         }
     }
 
+    /// Checks the peers with a tunnel against the trust in force at `now`:
+    /// every one when `all` (the trust changed), else those whose
+    /// certificate chain has expired by now. A peer that fails (revoked,
+    /// expired, no longer chaining to the bundle) loses its session and its
+    /// tunnel at once, without the grace a lost channel gets: its packets
+    /// are dropped and counted from then on. Returns the peers cut.
+    pub fn recheck(&self, now: std::time::SystemTime, all: bool) -> Vec<SpiffeId> {
+        let mut cut = Vec::new();
+        let mut links = self.links();
+        for (id, link) in links.iter_mut() {
+            let has_tunnel = link.wg_key.is_some() || link.esp_peer.is_some();
+            if !(has_tunnel || link.session.is_some()) {
+                continue;
+            }
+            if !(all || link.not_after.is_some_and(|t| now >= t)) {
+                continue;
+            }
+            let Some(role) = link.our_role else { continue };
+            if let Err(refusal) = self.config.verify_peer(&link.peer_chain, role, id, now) {
+                tracing::warn!(peer = %id, %refusal, "peer no longer trusted: channel closed, tunnel torn down");
+                if let Some(session) = link.session.take() {
+                    session.close();
+                }
+                self.teardown(link);
+                link.peer_chain.clear();
+                link.not_after = None;
+                link.last_refusal = Some(refusal.to_string());
+                cut.push(id.clone());
+            }
+        }
+        cut
+    }
+
+    /// Reads the `[identity]` files again if they changed (trust, then
+    /// certificate and key) and re-checks every peer when the trust did.
+    pub fn reload(&self, now: std::time::SystemTime) -> crate::reload::Reloaded {
+        let done = self
+            .reloader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .poll(&self.config, now);
+        if done.trust {
+            self.recheck(now, true);
+        }
+        done
+    }
+
+    /// Reloading as `isthmusctl status` shows it.
+    pub fn reload_status(&self) -> crate::reload::ReloadStatus {
+        self.reloader
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .status()
+    }
+
     /// Starts the listener, the dialers and the thread that turns channel
     /// events into tunnels.
     pub fn start(
@@ -469,18 +536,27 @@ impl MeshLinks {
             keep_tunnel,
             dialers: Mutex::new(HashMap::new()),
             listener: Mutex::new(Some(listener)),
+            reloader: Mutex::new(crate::reload::IdentityReloader::new(identity.files.clone())),
         });
         for peer in &peers {
             mesh.start_dialer(peer)?;
         }
         let ticker = Arc::downgrade(&mesh);
+        let reload_every = identity.reload_interval;
         std::thread::Builder::new()
             .name("mesh-expiry".into())
-            .spawn(move || loop {
-                std::thread::sleep(std::time::Duration::from_millis(500));
-                match ticker.upgrade() {
-                    Some(m) => m.expire_lost(Instant::now()),
-                    None => return,
+            .spawn(move || {
+                let mut next_reload = Instant::now() + reload_every;
+                loop {
+                    std::thread::sleep(CHECK_TICK);
+                    let Some(m) = ticker.upgrade() else { return };
+                    let now = Instant::now();
+                    m.expire_lost(now);
+                    m.recheck(std::time::SystemTime::now(), false);
+                    if now >= next_reload {
+                        m.reload(std::time::SystemTime::now());
+                        next_reload = now + reload_every;
+                    }
                 }
             })?;
         let worker = mesh.clone();
@@ -574,6 +650,9 @@ impl MeshLinks {
         match result {
             Ok(()) => {
                 link.lost_at = None;
+                link.peer_chain = e.session.peer_chain();
+                link.our_role = Some(e.role);
+                link.not_after = e.session.peer_not_after();
                 link.session = Some(e.session);
                 link.role = Some(e.role.to_string());
                 link.since = Some(Instant::now());

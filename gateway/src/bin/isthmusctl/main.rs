@@ -625,6 +625,24 @@ fn render_table(s: &Status) -> String {
             );
         }
     }
+    if let Some(r) = &s.identity_reload {
+        out += &format!(
+            "
+identity files: {} trust reload(s), {} certificate reload(s){}
+",
+            r.trust_reloads,
+            r.credential_reloads,
+            r.last_reload_unix
+                .map(|t| format!(", last at unix time {t}"))
+                .unwrap_or_default()
+        );
+        if let Some(e) = &r.last_error {
+            out += &format!(
+                "  not in force: {e} (the previous files stay in use)
+"
+            );
+        }
+    }
     out
 }
 
