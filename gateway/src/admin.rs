@@ -9,8 +9,7 @@ use isthmus_tunnel::esp::EspPeerStatus;
 use isthmus_tunnel::{DeviceDrops, IpPrefix, PeerDrops};
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -171,14 +170,15 @@ pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path, command: &str) -> Resu
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(io_err)?;
-    stream
-        .write_all(format!("{command}\n").as_bytes())
-        .map_err(io_err)?;
+    // A server that refuses this client answers before it reads, then
+    // closes: its answer is read even when our write found it gone.
+    let written = stream.write_all(format!("{command}\n").as_bytes());
     let mut answer = String::new();
-    stream
-        .take(16 << 20)
-        .read_to_string(&mut answer)
-        .map_err(io_err)?;
+    let read = (&mut stream).take(16 << 20).read_to_string(&mut answer);
+    if !answer.starts_with("error: ") {
+        written.map_err(io_err)?;
+        read.map_err(io_err)?;
+    }
     if let Some(message) = answer.strip_prefix("error: ") {
         return Err(AdminError::Refused {
             path: path.to_path_buf(),
@@ -191,15 +191,21 @@ pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path, command: &str) -> Resu
     })
 }
 
-/// Serves the admin socket until dropped; the socket file is removed then.
+/// Connections the admin socket serves at once; further ones are closed.
+pub const MAX_ADMIN_CONNECTIONS: usize = 8;
+
+/// Serves the admin socket until dropped; the socket file is removed then
+/// (if it is still ours). A [`crate::socket::PrivateSocket`]: mode 0600 from
+/// the start, root or the gateway's user only, at most
+/// [`MAX_ADMIN_CONNECTIONS`] at once.
 #[derive(Debug)]
 pub struct AdminServer {
-    path: PathBuf,
+    socket: crate::socket::PrivateSocket,
 }
 
 impl AdminServer {
-    /// Binds `path` (mode 0600, parent created 0755) and answers requests
-    /// on a background thread with what `status` returns.
+    /// Binds `path` (parent created 0755) and answers requests on a
+    /// background thread with what `status` returns.
     pub fn bind(
         path: &Path,
         status: Arc<dyn Fn() -> Status + Send + Sync>,
@@ -219,50 +225,19 @@ impl AdminServer {
     /// Like [`AdminServer::bind`], with a handler that answers each command
     /// line (`None`: unknown command).
     pub fn bind_with(path: &Path, handler: Arc<Handler>) -> std::io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o755)
-                .create(dir)?;
-        }
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", path.display()),
-                ));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("{} is served by another running gateway", path.display()),
-                ));
-            }
-            std::fs::remove_file(path)?;
-        }
-        let listener = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        std::thread::Builder::new()
-            .name("admin".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let handler = handler.clone();
-                    // One short-lived thread per client: a stuck client
-                    // cannot block the next one.
-                    let _ = std::thread::Builder::new()
-                        .name("admin-conn".into())
-                        .spawn(move || serve(stream, &*handler));
-                }
-            })?;
-        Ok(Self {
-            path: path.to_path_buf(),
-        })
+        let socket = crate::socket::PrivateSocket::bind(
+            path,
+            "admin",
+            MAX_ADMIN_CONNECTIONS,
+            "error: refused: only root or the gateway's own user may use this socket\n",
+            Arc::new(move |stream| serve(stream, &*handler)),
+        )?;
+        Ok(Self { socket })
     }
-}
 
-impl Drop for AdminServer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        self.socket.path()
     }
 }
 
@@ -290,6 +265,7 @@ fn serve(stream: UnixStream, handler: &Handler) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn sample() -> Status {
         Status {

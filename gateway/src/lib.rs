@@ -14,4 +14,5 @@ pub mod mesh;
 pub mod node;
 pub mod reload;
 pub mod rules;
+pub mod socket;
 pub mod uapi;

@@ -64,12 +64,9 @@
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Directory holding the per-interface sockets (`wg` looks here).
@@ -854,18 +851,12 @@ fn serve_connection_with_timeout<D: UapiDevice + ?Sized>(
 /// a background thread; each connection gets its own short-lived thread (at
 /// most 16 at once), bounded by [`REQUEST_TIMEOUT`] per request.
 ///
-/// The socket file has mode 0600 from the moment it becomes visible (it is
-/// bound in a private 0700 staging directory, chmod-ed, then hard-linked
-/// into place, which also fails rather than replace a socket another process
-/// created meanwhile). It is removed on [`UapiServer::shutdown`] / drop,
-/// unless the path has meanwhile been replaced by another file.
+/// The socket is a [`crate::socket::PrivateSocket`]: mode 0600 from the
+/// moment it becomes visible, only root or the gateway's user served, never
+/// replacing or removing a file another process created.
 #[derive(Debug)]
 pub struct UapiServer {
-    path: PathBuf,
-    /// (st_dev, st_ino) of our socket file.
-    ident: (u64, u64),
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    socket: crate::socket::PrivateSocket,
 }
 
 impl UapiServer {
@@ -891,95 +882,33 @@ impl UapiServer {
         device: Arc<D>,
     ) -> io::Result<Self> {
         validate_ifname(ifname)?;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(dir)
-            .map_err(|e| annotate(e, format!("cannot create {}", dir.display())))?;
         let path = dir.join(format!("{ifname}.sock"));
-        remove_stale_socket(&path)?;
-
-        let (listener, ident) = bind_private(dir, ifname, &path)?;
-
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let stop = Arc::clone(&stop);
-            std::thread::Builder::new()
-                .name(format!("uapi-{ifname}"))
-                .spawn(move || accept_loop(listener, device, stop))
-        };
-        let thread = match thread {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                return Err(e);
-            }
-        };
+        let socket = crate::socket::PrivateSocket::bind(
+            &path,
+            "uapi",
+            MAX_CONCURRENT_CONNECTIONS,
+            // EACCES, as the protocol reports errors.
+            "errno=13\n\n",
+            Arc::new(move |stream| {
+                if let Err(e) = serve_connection(stream, &*device) {
+                    tracing::debug!(error = %e, "UAPI connection ended with an error");
+                }
+            }),
+        )?;
         tracing::info!(path = %path.display(), "UAPI socket listening");
-        Ok(UapiServer {
-            path,
-            ident,
-            stop,
-            thread: Some(thread),
-        })
+        Ok(UapiServer { socket })
     }
 
     /// The socket's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        self.socket.path()
     }
 
     /// Stops accepting connections and removes the socket file (same as
     /// dropping). Connections in progress finish on their own threads.
     pub fn shutdown(mut self) {
-        self.stop_inner();
+        self.socket.shutdown();
     }
-
-    fn socket_is_ours(&self) -> bool {
-        std::fs::symlink_metadata(&self.path)
-            .is_ok_and(|md| md.file_type().is_socket() && (md.dev(), md.ino()) == self.ident)
-    }
-
-    fn stop_inner(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        self.stop.store(true, Ordering::SeqCst);
-        if !self.socket_is_ours() {
-            // Nothing reaches our listener any more; leave the thread parked
-            // in accept() rather than hang, and never delete a foreign file.
-            tracing::warn!(
-                path = %self.path.display(),
-                "UAPI socket path was removed or replaced; not removing it"
-            );
-            return;
-        }
-        // Wake the accept loop so that it sees the stop flag.
-        match UnixStream::connect(&self.path) {
-            Ok(conn) => {
-                drop(conn);
-                if thread.join().is_err() {
-                    tracing::warn!("UAPI accept thread panicked");
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot wake the UAPI accept thread"),
-        }
-        if self.socket_is_ours() {
-            if let Err(e) = std::fs::remove_file(&self.path) {
-                tracing::warn!(error = %e, path = %self.path.display(), "cannot remove UAPI socket");
-            }
-        }
-    }
-}
-
-impl Drop for UapiServer {
-    fn drop(&mut self) {
-        self.stop_inner();
-    }
-}
-
-fn annotate(e: io::Error, context: String) -> io::Error {
-    io::Error::new(e.kind(), format!("{context}: {e}"))
 }
 
 fn validate_ifname(ifname: &str) -> io::Result<()> {
@@ -1000,150 +929,6 @@ fn validate_ifname(ifname: &str) -> io::Result<()> {
     }
 }
 
-/// Removes a socket nobody listens on; refuses if someone does, or if the
-/// path is not a socket.
-fn remove_stale_socket(path: &Path) -> io::Result<()> {
-    let md = match std::fs::symlink_metadata(path) {
-        Ok(md) => md,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(annotate(e, format!("cannot inspect {}", path.display()))),
-    };
-    if !md.file_type().is_socket() {
-        return Err(io::Error::new(
-            io::ErrorKind::AlreadyExists,
-            format!(
-                "{} exists and is not a socket; refusing to replace it",
-                path.display()
-            ),
-        ));
-    }
-    match UnixStream::connect(path) {
-        Ok(_) => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!(
-                "{} is in use: another process is listening on it (is another WireGuard \
-                 implementation running for this interface?)",
-                path.display()
-            ),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            tracing::info!(path = %path.display(), "removing stale UAPI socket");
-            match std::fs::remove_file(path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(annotate(
-                    e,
-                    format!("cannot remove stale socket {}", path.display()),
-                )),
-                _ => Ok(()),
-            }
-        }
-        Err(e) => Err(annotate(
-            e,
-            format!("cannot probe existing socket {}", path.display()),
-        )),
-    }
-}
-
-/// Removes the staging directory (and the socket name in it) on every exit.
-struct Staging {
-    dir: PathBuf,
-    sock: PathBuf,
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.sock);
-        let _ = std::fs::remove_dir(&self.dir);
-    }
-}
-
-/// Binds the listener in a private staging directory, sets mode 0600, then
-/// hard-links it to `path` (failing if `path` exists). Returns the listener
-/// and the socket file's (st_dev, st_ino).
-fn bind_private(dir: &Path, ifname: &str, path: &Path) -> io::Result<(UnixListener, (u64, u64))> {
-    static SEQ: AtomicUsize = AtomicUsize::new(0);
-    let staging_dir = dir.join(format!(
-        ".{ifname}.sock.{}.{}.tmp",
-        std::process::id(),
-        SEQ.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&staging_dir)
-        .map_err(|e| annotate(e, format!("cannot create {}", staging_dir.display())))?;
-    let staging = Staging {
-        sock: staging_dir.join("s"),
-        dir: staging_dir,
-    };
-    let listener = UnixListener::bind(&staging.sock)
-        .map_err(|e| annotate(e, format!("cannot bind {}", staging.sock.display())))?;
-    std::fs::set_permissions(&staging.sock, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::hard_link(&staging.sock, path).map_err(|e| {
-        if e.kind() == io::ErrorKind::AlreadyExists {
-            io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!(
-                    "{} was created by another process meanwhile",
-                    path.display()
-                ),
-            )
-        } else {
-            annotate(e, format!("cannot create {}", path.display()))
-        }
-    })?;
-    let md = std::fs::symlink_metadata(path)?;
-    drop(staging);
-    Ok((listener, (md.dev(), md.ino())))
-}
-
-/// Decrements the active-connection count when a connection ends.
-struct ActiveGuard(Arc<AtomicUsize>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-fn accept_loop<D: UapiDevice + ?Sized + 'static>(
-    listener: UnixListener,
-    device: Arc<D>,
-    stop: Arc<AtomicBool>,
-) {
-    let active = Arc::new(AtomicUsize::new(0));
-    for conn in listener.incoming() {
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        let stream = match conn {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "UAPI accept failed");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
-            }
-        };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONCURRENT_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            tracing::warn!("too many UAPI connections; closing a new one");
-            continue;
-        }
-        let guard = ActiveGuard(Arc::clone(&active));
-        let device = Arc::clone(&device);
-        let spawned = std::thread::Builder::new()
-            .name("uapi-conn".into())
-            .spawn(move || {
-                let _guard = guard;
-                if let Err(e) = serve_connection(stream, &*device) {
-                    tracing::debug!(error = %e, "UAPI connection ended with an error");
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot spawn a UAPI connection thread");
-        }
-    }
-    tracing::debug!("UAPI accept loop stopped");
-}
-
 // ---------------------------------------------------------------------------
 // Tests
 // ---------------------------------------------------------------------------
@@ -1155,7 +940,11 @@ mod tests {
     use std::hash::{BuildHasher, RandomState};
     use std::io::BufRead;
     use std::net::{Ipv4Addr, SocketAddrV4};
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
     use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Mutex;
 
     const PUB1: [u8; 32] = [0x11; 32];
