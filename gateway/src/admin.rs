@@ -125,6 +125,60 @@ impl From<PeerDrops> for PeerDropsDoc {
     }
 }
 
+/// What `sa-rotate` answers: the ESP peers asked to move to a new SA
+/// generation, each with the generation in use when asked.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SaRotation {
+    pub peers: Vec<SaRotated>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SaRotated {
+    pub peer: String,
+    pub generation: u64,
+}
+
+/// Asks ESP peers for a new outbound SA generation (`selector`: a peer's
+/// name, or `*` for all). The new generation is already installed inbound
+/// at the peer; it is used from the next packet on.
+pub fn rotate_sas(
+    esp: Option<&isthmus_tunnel::esp::EspCore>,
+    selector: &str,
+) -> Result<SaRotation, String> {
+    let set = esp.map(|e| e.peers());
+    let peers = set.as_ref().map(|s| s.peers()).unwrap_or_default();
+    if peers.is_empty() {
+        return Err("this gateway has no ESP peers".into());
+    }
+    let name = |p: &isthmus_tunnel::esp::EspPeer| {
+        p.config()
+            .name
+            .clone()
+            .unwrap_or_else(|| p.config().endpoint.to_string())
+    };
+    let chosen: Vec<_> = peers
+        .iter()
+        .filter(|p| selector == "*" || name(p) == selector)
+        .collect();
+    if chosen.is_empty() {
+        let known: Vec<String> = peers.iter().map(|p| name(p)).collect();
+        return Err(format!(
+            "no ESP peer named `{}` (known: {})",
+            selector.escape_debug(),
+            known.join(", ")
+        ));
+    }
+    Ok(SaRotation {
+        peers: chosen
+            .into_iter()
+            .map(|p| SaRotated {
+                peer: name(p),
+                generation: p.request_rotation(),
+            })
+            .collect(),
+    })
+}
+
 /// Formats allowed prefixes for the status document.
 pub fn prefixes(list: &[IpPrefix]) -> Vec<String> {
     list.iter().map(ToString::to_string).collect()
@@ -255,7 +309,7 @@ fn serve(stream: UnixStream, handler: &Handler) {
     let command = line.trim();
     let answer = handler(command).unwrap_or_else(|| {
         format!(
-            "error: unknown command `{}` (known: status, mesh-clusters, mesh-services)",
+            "error: unknown command `{}` (known: status, sa-rotate, mesh-clusters, mesh-services, egress-drain, egress-resume)",
             command.escape_debug()
         )
     });

@@ -266,6 +266,15 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                     }
                     None => "error: no [egress_gateway] in this gateway's config".into(),
                 }),
+                _ if command.starts_with("sa-rotate ") => {
+                    let selector = command["sa-rotate ".len()..].trim();
+                    Some(
+                        match admin::rotate_sas(status_device.esp.as_deref(), selector) {
+                            Ok(r) => json(serde_json::to_string_pretty(&r)),
+                            Err(e) => format!("error: {e}"),
+                        },
+                    )
+                }
                 "mesh-clusters" => Some(match &admin_watch {
                     Some(w) => json(serde_json::to_string_pretty(&w.clusters())),
                     None => "error: no [mesh] in this gateway's config".into(),

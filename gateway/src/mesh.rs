@@ -45,11 +45,9 @@ pub struct ChannelKeying {
     cache: Mutex<GenerationCache>,
 }
 
-/// The SA pairs of the generations derived so far. Generations are asked
-/// for in rising order (the data path keeps a lookahead of two past the
-/// one in use), so anything more than two below the newest request is
-/// never asked for again and is dropped; everything above it is kept,
-/// including the generations precomputed when the channel came up.
+/// The SA pairs of the generations derived so far: the ones precomputed
+/// when the channel came up, and later ones down to two below the newest
+/// request (the data path keeps a lookahead of two past the one in use).
 #[derive(Default)]
 struct GenerationCache {
     pairs: std::collections::BTreeMap<u64, SaPair>,
@@ -83,7 +81,11 @@ impl GenerationCache {
                 pair
             }
         };
-        self.pairs.retain(|g, _| *g + 2 >= generation);
+        // The precomputed generations stay: the two directions move through
+        // generations independently (an operator may rotate one far ahead),
+        // and a tunnel kept after its channel is lost can only use those.
+        self.pairs
+            .retain(|g, _| *g + 2 >= generation || *g < PRECOMPUTED_GENERATIONS);
         Ok(pair)
     }
 }
@@ -852,13 +854,19 @@ mod tests {
         // the cache stays small.
         cache.get(PRECOMPUTED_GENERATIONS + 40, derive).unwrap();
         assert_eq!(derived.get(), PRECOMPUTED_GENERATIONS + 1);
+        let newest = PRECOMPUTED_GENERATIONS + 40;
+        cache.get(newest + 3, derive).unwrap();
         assert!(
             cache
                 .pairs
                 .keys()
-                .all(|g| *g + 2 >= PRECOMPUTED_GENERATIONS + 40),
+                .all(|g| *g < PRECOMPUTED_GENERATIONS || *g + 2 >= newest + 3),
             "{:?}",
             cache.pairs.keys().collect::<Vec<_>>()
         );
+        // The other direction, far behind, still finds its generations.
+        cache
+            .get(5, |_| panic!("generation 5 was dropped"))
+            .unwrap();
     }
 }

@@ -66,6 +66,11 @@ pub enum EspError {
 struct TxState {
     sa: OutboundSa,
     rekeys: u64,
+    /// An operator asked for a new generation ([`EspPeer::request_rotation`]):
+    /// the next packet goes out on it.
+    rotation_pending: bool,
+    /// Rotations asked for by an operator and applied.
+    rotations: u64,
 }
 
 struct RxState {
@@ -102,7 +107,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct EspPeerStatus {
     pub cipher: String,
     pub esn: bool,
+    /// Outbound SA replacements, at the soft lifetime or asked for.
     pub rekeys: u64,
+    /// Replacements asked for by an operator (`isthmusctl sa rotate`).
+    #[serde(default)]
+    pub rotations: u64,
+    /// A rotation asked for waits for the next packet to this peer.
+    #[serde(default)]
+    pub rotation_pending: bool,
     pub outbound: OutboundSaStatus,
     pub inbound: Vec<InboundSaStatus>,
 }
@@ -133,6 +145,19 @@ impl EspPeer {
     pub fn stats(&self) -> PeerStats {
         self.counters.snapshot()
     }
+    /// Asks for the outbound SA to be replaced by the next generation now
+    /// (instead of at its soft lifetime): the next packet to this peer goes
+    /// out on it. The peer accepts it already: its inbound SAs for the next
+    /// two generations are installed ahead of use. Asking again before that
+    /// packet changes nothing (one generation per request and packet, so the
+    /// sender never runs more than the peer's lookahead ahead of what it
+    /// sent). Returns the generation in use now.
+    pub fn request_rotation(&self) -> u64 {
+        let mut tx = lock(&self.tx);
+        tx.rotation_pending = true;
+        tx.sa.generation
+    }
+
     pub fn status(&self, now: Instant) -> EspPeerStatus {
         let tx = lock(&self.tx);
         let rx = lock(&self.rx);
@@ -140,6 +165,8 @@ impl EspPeer {
             cipher: self.config.keying.cipher().name().to_string(),
             esn: self.config.esn,
             rekeys: tx.rekeys,
+            rotations: tx.rotations,
+            rotation_pending: tx.rotation_pending,
             outbound: OutboundSaStatus {
                 spi: format!("{:#010x}", tx.sa.spi),
                 generation: tx.sa.generation,
@@ -242,7 +269,12 @@ impl EspCore {
             sas.push(InboundSa::new(cipher, &pair.inbound, cfg.esn, generation).map_err(sa_err)?);
         }
         let peer = Arc::new(EspPeer {
-            tx: Mutex::new(TxState { sa: tx, rekeys: 0 }),
+            tx: Mutex::new(TxState {
+                sa: tx,
+                rekeys: 0,
+                rotation_pending: false,
+                rotations: 0,
+            }),
             rx: Mutex::new(RxState { sas, active: 0 }),
             counters: PeerCounters::default(),
             config: cfg,
@@ -335,7 +367,8 @@ impl EspCore {
     ) -> Outbound {
         let lifetimes = &peer.config.lifetimes;
         let mut tx = lock(&peer.tx);
-        if tx.sa.reached(&lifetimes.soft, now) {
+        let rotating = tx.rotation_pending;
+        if rotating || tx.sa.reached(&lifetimes.soft, now) {
             let next = tx.sa.generation + 1;
             let cipher = peer.config.keying.cipher();
             match peer
@@ -353,10 +386,15 @@ impl EspCore {
                         old_spi = format_args!("{:#010x}", tx.sa.spi),
                         new_spi = format_args!("{:#010x}", sa.spi),
                         generation = next,
-                        "ESP outbound SA replaced at its soft lifetime"
+                        "ESP outbound SA replaced {}",
+                        if rotating { "as asked" } else { "at its soft lifetime" }
                     );
                     tx.sa = sa;
                     tx.rekeys += 1;
+                    if rotating {
+                        tx.rotation_pending = false;
+                        tx.rotations += 1;
+                    }
                 }
                 // Keep using the old SA until its hard limit.
                 Err(e) => tracing::warn!(peer = ?peer.config.name, error = %e, "ESP rekey failed"),

@@ -333,3 +333,50 @@ fn sas_installed_ahead_do_not_age_before_they_are_used() {
     let wire = seal(&p.a, &a_to_b(2), much_later).unwrap();
     assert_eq!(open(&p.b, &wire, much_later), Ok(Some(a_to_b(2))));
 }
+
+/// `sa rotate`: each request moves the sender to the next generation with its next
+/// packet (repeated requests before that packet count once); 20 rotations in a row with
+/// a packet each, some reordered across a rotation, all open exactly once at the peer,
+/// whose inbound SAs follow.
+#[test]
+fn requested_rotations_apply_with_the_next_packet_and_lose_nothing() {
+    let now = Instant::now();
+    let p = pair(EspCipher::Aes256Gcm, true, Lifetimes::default(), now);
+    let peer_a = p.a.peers().peers()[0].clone();
+    assert_eq!(peer_a.request_rotation(), 0);
+    assert_eq!(
+        peer_a.request_rotation(),
+        0,
+        "a second request before a packet"
+    );
+    assert!(peer_a.status(now).rotation_pending);
+    let mut delivered = Vec::new();
+    let mut held_back = None;
+    for n in 0..20u32 {
+        let d = seal(&p.a, &a_to_b(n), now).unwrap();
+        let st = peer_a.status(now);
+        assert_eq!(st.outbound.generation, u64::from(n) + 1);
+        assert!(!st.rotation_pending);
+        // Every fifth packet arrives after the next rotation's first packet.
+        if n % 5 == 2 {
+            held_back = Some(d);
+        } else {
+            delivered.push(open(&p.b, &d, now).unwrap().unwrap());
+            if let Some(late) = held_back.take() {
+                delivered.push(open(&p.b, &late, now).unwrap().unwrap());
+            }
+        }
+        assert_eq!(peer_a.request_rotation(), u64::from(n) + 1);
+    }
+    let mut got: Vec<u32> = delivered
+        .iter()
+        .map(|pkt| u32::from_be_bytes(pkt[20..24].try_into().unwrap()))
+        .collect();
+    got.sort_unstable();
+    assert_eq!(got, (0..20).collect::<Vec<_>>());
+    let st = peer_a.status(now);
+    assert_eq!((st.rotations, st.rekeys), (20, 20));
+    let b_status = p.b.peers().peers()[0].status(now);
+    let newest = b_status.inbound.iter().map(|s| s.generation).max();
+    assert_eq!(newest, Some(22), "{b_status:#?}");
+}

@@ -6,6 +6,7 @@
 //! see `certs.rs`). No command ever prints a private key.
 
 mod certs;
+mod sa;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -101,6 +102,11 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// ESP security associations (`sa rotate`).
+    Sa {
+        #[command(subcommand)]
+        command: sa::SaCmd,
+    },
     /// Print the Isthmus CustomResourceDefinitions (YAML), generated from the
     /// Rust types; with --write, write one file per CRD into DIR instead.
     Crds {
@@ -117,7 +123,7 @@ enum Cmd {
 
 /// Which gateway: by interface name or admin socket path.
 #[derive(clap::Args, Debug)]
-struct Gateway {
+pub(crate) struct Gateway {
     /// The gateway's interface name (its admin socket is
     /// /var/run/isthmus/NAME.sock).
     #[arg(
@@ -158,7 +164,7 @@ enum Cipher {
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     Table,
     Json,
 }
@@ -263,6 +269,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", key.public_key());
         }
         Cmd::Certs { command } => certs::run(command)?,
+        Cmd::Sa { command } => sa::run(command)?,
         Cmd::Ready { gateway, output } => {
             let path = admin_socket_path(gateway.socket, gateway.interface)?;
             let status = admin::fetch_status(&path)?;
@@ -302,7 +309,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Ends the program with this exit code, printing nothing more.
 #[derive(Debug)]
-struct Exit(u8);
+pub(crate) struct Exit(u8);
 
 impl std::fmt::Display for Exit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -647,7 +654,7 @@ identity files: {} trust reload(s), {} certificate reload(s){}
 }
 
 /// The admin socket named by `--socket`, or by `--interface` in the default directory.
-fn admin_socket_path(
+pub(crate) fn admin_socket_path(
     socket: Option<PathBuf>,
     interface: Option<String>,
 ) -> anyhow::Result<PathBuf> {
