@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use isthmus_e2e::esp::{self, split_gso_frames, Cipher, EspPair, ESP_PORT};
-use isthmus_e2e::isthmus::{EspPeerConfig, EspSettings, PeerStatus, Status};
+use isthmus_e2e::isthmus::{EspPeerConfig, EspSettings, GatewayConfig, PeerStatus, Status};
 use isthmus_e2e::mesh::isthmus_config;
 use isthmus_e2e::traffic::{self, ping_all, tcp_transfer, transfer_between, udp_sequence, Payload};
 use isthmus_e2e::{netns, Capture, IsthmusGateway, KeyPair, Pcap, PeerConfig, Topology};
@@ -849,14 +849,20 @@ fn mixed_gateway_wireguard_and_esp_peers() {
         &esp_to(s1, &sa3),
     )
     .expect("gateway 3 (ESP)");
+    // Site 1 also serves Prometheus metrics on its underlay address.
+    let metrics_at = s1.endpoint(9586);
     let gw1 = IsthmusGateway::start_with_esp(
         run,
         &s1.gw_ns,
         &k1,
-        &isthmus_config(s1, vec![wg_peer(s2, &k2)]),
+        &GatewayConfig {
+            trailer: vec!["[metrics]".into(), format!("listen = \"{metrics_at}\"")],
+            ..isthmus_config(s1, vec![wg_peer(s2, &k2)])
+        },
         &esp_to(s3, &sa1),
     )
     .expect("gateway 1 (WireGuard + ESP)");
+    let before = scrape(&s2.gw_ns, metrics_at);
     let logs = || [&gw1, &gw2, &gw3].map(IsthmusGateway::logs).join("\n");
     for (x, y) in [(1, 2), (2, 1), (1, 3), (3, 1)] {
         assert!(
@@ -893,6 +899,44 @@ fn mixed_gateway_wireguard_and_esp_peers() {
     for p in [wg, ep] {
         assert_eq!(p.drops, Default::default(), "{p:#?}");
     }
+    // /metrics, scraped from another host and parsed by an independent parser, agrees with
+    // the status and its counters moved with the traffic; no key appears in it.
+    let after = scrape(&s2.gw_ns, metrics_at);
+    let value = |m: &Metrics, name: &str, peer: &str| -> f64 {
+        m.samples
+            .iter()
+            .find(|x| x.metric == name && x.labels.get("peer") == Some(peer))
+            .map(|x| match x.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .unwrap_or_else(|| panic!("no {name} for {peer} in /metrics"))
+    };
+    for (peer, kind) in [("site-2", "wireguard"), ("site-3", "esp")] {
+        let sample = after
+            .samples
+            .iter()
+            .find(|x| {
+                x.metric == "isthmus_peer_rx_bytes_total" && x.labels.get("peer") == Some(peer)
+            })
+            .expect("rx bytes");
+        assert_eq!(sample.labels.get("kind"), Some(kind));
+        for name in ["isthmus_peer_rx_bytes_total", "isthmus_peer_tx_bytes_total"] {
+            assert!(
+                value(&after, name, peer) > value(&before, name, peer),
+                "{name} of {peer} did not move"
+            );
+        }
+    }
+    assert!(value(&after, "isthmus_peer_rx_bytes_total", "site-2") >= wg.rx_bytes as f64);
+    assert!(value(&after, "isthmus_peer_handshakes_total", "site-2") >= 1.0);
+    assert_eq!(value(&after, "isthmus_esp_sa_generation", "site-3"), 0.0);
+    assert!(
+        !after.text.contains(&k1.private),
+        "the private key in /metrics"
+    );
     // Each single-kind gateway sees its one peer.
     let st2 = gw2.status().expect("status 2");
     assert_eq!(st2.peers.len(), 1);
@@ -900,6 +944,38 @@ fn mixed_gateway_wireguard_and_esp_peers() {
     assert!(st2.require_peer(&k1.public).expect("peer").handshakes >= 1);
     let st3 = gw3.status().expect("status 3");
     assert!(esp_peer(&st3, 1).rx_bytes >= 2_000_000);
+}
+
+/// One scrape of `/metrics` from namespace `ns`, parsed.
+struct Metrics {
+    text: String,
+    samples: Vec<prometheus_parse::Sample>,
+}
+
+fn scrape(ns: &str, at: SocketAddr) -> Metrics {
+    use std::io::{Read, Write};
+    let text = netns::join(netns::spawn_in(ns, move || {
+        let mut conn = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(5))?;
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")?;
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer)?;
+        Ok(answer)
+    }))
+    .expect("scrape /metrics");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    let lines: Vec<String> = body.lines().map(str::to_string).collect();
+    let parsed = prometheus_parse::Scrape::parse(lines.clone().into_iter().map(Ok))
+        .expect("/metrics parses as Prometheus text");
+    // The parser skips what it does not understand: every sample line must be one it took.
+    let sample_lines = lines.iter().filter(|l| !l.starts_with('#')).count();
+    assert_eq!(parsed.samples.len(), sample_lines, "{body}");
+    Metrics {
+        text: body.to_string(),
+        samples: parsed.samples,
+    }
 }
 
 /// `isthmusctl sa rotate` is hitless: while a sequence-numbered UDP stream (bounded rate and

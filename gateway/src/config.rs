@@ -62,8 +62,15 @@ struct RawConfig {
     /// A file of IsthmusEgressPolicy resources (YAML), added to `egress`.
     egress_policies: Option<PathBuf>,
     egress_gateway: Option<RawEgressGateway>,
+    metrics: Option<RawMetrics>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -273,6 +280,8 @@ pub struct GatewayConfig {
     pub egress: Vec<EgressConfig>,
     /// This gateway as an egress gateway (`[egress_gateway]`).
     pub egress_gateway: Option<EgressGatewayConfig>,
+    /// Where Prometheus metrics are served (`[metrics] listen`); off when absent.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Routing table of node mode (`[node] table`).
@@ -778,6 +787,16 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         None => None,
         Some(raw) => Some(egress_gateway(raw, &interface.name)?),
     };
+    let metrics = raw
+        .metrics
+        .map(|m| {
+            let text = m.listen.ok_or_else(|| {
+                ConfigError::new("metrics.listen", "required (IP:PORT to serve /metrics on)")
+            })?;
+            text.parse::<SocketAddr>()
+                .map_err(|_| ConfigError::new("metrics.listen", format!("`{text}` is not IP:PORT")))
+        })
+        .transpose()?;
     Ok(GatewayConfig {
         interface,
         peers,
@@ -790,6 +809,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         node,
         egress,
         egress_gateway,
+        metrics,
     })
 }
 

@@ -11,6 +11,7 @@ pub mod config;
 pub mod crd;
 pub mod egress;
 pub mod mesh;
+pub mod metrics;
 pub mod node;
 pub mod reload;
 pub mod rules;

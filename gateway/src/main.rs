@@ -288,6 +288,20 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         }),
     )
     .with_context(|| format!("serving the admin socket {}", iface.admin_socket.display()))?;
+    // Serves until the process exits.
+    let _metrics = match cfg.metrics {
+        Some(addr) => {
+            let status_device = device.clone();
+            Some(
+                isthmus_gateway::metrics::MetricsServer::start(
+                    addr,
+                    Arc::new(move || status_device.status()),
+                )
+                .with_context(|| format!("serving metrics on {addr}"))?,
+            )
+        }
+        None => None,
+    };
     tracing::info!(
         interface = %iface.name,
         public_key = %device.core.public_key(),

@@ -71,6 +71,8 @@ struct TxState {
     rotation_pending: bool,
     /// Rotations asked for by an operator and applied.
     rotations: u64,
+    /// When the last one was applied.
+    last_rotation: Option<std::time::SystemTime>,
 }
 
 struct RxState {
@@ -115,6 +117,9 @@ pub struct EspPeerStatus {
     /// A rotation asked for waits for the next packet to this peer.
     #[serde(default)]
     pub rotation_pending: bool,
+    /// When the last rotation asked for was applied (Unix seconds).
+    #[serde(default)]
+    pub last_rotation_unix: Option<f64>,
     pub outbound: OutboundSaStatus,
     pub inbound: Vec<InboundSaStatus>,
 }
@@ -167,6 +172,11 @@ impl EspPeer {
             rekeys: tx.rekeys,
             rotations: tx.rotations,
             rotation_pending: tx.rotation_pending,
+            last_rotation_unix: tx.last_rotation.and_then(|t| {
+                t.duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs_f64())
+            }),
             outbound: OutboundSaStatus {
                 spi: format!("{:#010x}", tx.sa.spi),
                 generation: tx.sa.generation,
@@ -274,6 +284,7 @@ impl EspCore {
                 rekeys: 0,
                 rotation_pending: false,
                 rotations: 0,
+                last_rotation: None,
             }),
             rx: Mutex::new(RxState { sas, active: 0 }),
             counters: PeerCounters::default(),
@@ -394,6 +405,7 @@ impl EspCore {
                     if rotating {
                         tx.rotation_pending = false;
                         tx.rotations += 1;
+                        tx.last_rotation = Some(std::time::SystemTime::now());
                     }
                 }
                 // Keep using the old SA until its hard limit.
