@@ -566,6 +566,14 @@ impl IssuedCertificate {
         files::write_private_key(key_path, &self.key_pem)?;
         files::write_public_file(chain_path, &self.chain_pem())
     }
+
+    /// Replaces an existing certificate and key, each file atomically (key first;
+    /// a reader that sees the new key with the old chain finds them mismatched and
+    /// reads again).
+    pub fn replace(&self, chain_path: &Path, key_path: &Path) -> Result<(), CertError> {
+        files::replace_private_key(key_path, &self.key_pem)?;
+        files::write_public_file(chain_path, &self.chain_pem())
+    }
 }
 
 fn short(serial: &SerialNumber) -> String {

@@ -177,4 +177,24 @@ impl CaDirectory {
         issued.save(&files.chain, &files.key)?;
         Ok(files)
     }
+
+    /// Issues a new certificate and key for gateway `name` in `cluster`, which must
+    /// have one already, and replaces its files atomically. The old certificate is
+    /// not revoked (it stays valid until it expires or is revoked).
+    pub fn rotate_gateway(
+        &self,
+        cluster: &ClusterName,
+        name: &GatewayName,
+        validity: Validity,
+    ) -> Result<GatewayFiles, CertError> {
+        let files = self.gateway_files(cluster, name);
+        if !files.chain.is_file() {
+            return Err(CertError::NotAFile {
+                path: files.chain.clone(),
+            });
+        }
+        let issued = self.cluster_ca(cluster)?.issue_gateway(name, validity)?;
+        issued.replace(&files.chain, &files.key)?;
+        Ok(files)
+    }
 }

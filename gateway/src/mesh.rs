@@ -192,6 +192,13 @@ pub struct ChannelStatus {
     pub sessions: u64,
     /// Why the last refused connection attempt was refused, if any.
     pub last_refusal: Option<String>,
+    /// Serial of the certificate the peer presented in the session its
+    /// tunnel came from.
+    #[serde(default)]
+    pub peer_serial: Option<String>,
+    /// When the first certificate of that chain expires (Unix seconds).
+    #[serde(default)]
+    pub peer_cert_expires_unix: Option<u64>,
 }
 
 #[derive(Default)]
@@ -804,6 +811,15 @@ impl MeshLinks {
                         .map(|t| t.elapsed().as_secs_f64()),
                     sessions: link.map_or(0, |l| l.sessions),
                     last_refusal: link.and_then(|l| l.last_refusal.clone()),
+                    peer_serial: link
+                        .and_then(|l| l.peer_chain.first())
+                        .and_then(|c| isthmus_certs::CertificateSummary::from_der(c).ok())
+                        .map(|s| s.serial.to_string()),
+                    peer_cert_expires_unix: link.and_then(|l| l.not_after).and_then(|t| {
+                        t.duration_since(std::time::UNIX_EPOCH)
+                            .ok()
+                            .map(|d| d.as_secs())
+                    }),
                 }
             })
             .collect()

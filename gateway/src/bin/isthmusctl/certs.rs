@@ -56,6 +56,26 @@ pub enum CertsCmd {
         #[command(subcommand)]
         what: IssueCmd,
     },
+    /// Replace a gateway's certificate and key with new ones (new serial, new key),
+    /// each file atomically. A running gateway picks them up without a restart
+    /// (`[identity] reload_interval_ms`); its tunnels are untouched and later
+    /// handshakes present the new certificate. The old one stays valid until it
+    /// expires; revoke it (`certs revoke`) once every gateway uses the new one.
+    Rotate {
+        /// CA directory made by `isthmusctl certs init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Cluster of the gateway.
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        /// Gateway name; it must have a certificate in DIR.
+        #[arg(long, value_name = "GW")]
+        name: String,
+        /// Validity in days (clamped to the cluster CA's).
+        #[arg(long, value_name = "N", default_value_t = 90,
+              value_parser = clap::value_parser!(u32).range(1..=MAX_DAYS))]
+        days: u32,
+    },
     /// Print subject, issuer, SPIFFE ID, validity, serial and SHA-256 fingerprint of
     /// every certificate in a PEM file. Refuses private key files.
     Show {
@@ -152,6 +172,12 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
             trust_domain,
             days,
         } => init(&dir, &trust_domain, days)?,
+        CertsCmd::Rotate {
+            dir,
+            cluster,
+            name,
+            days,
+        } => rotate_gateway(&dir, &cluster, &name, days)?,
         CertsCmd::Issue { dir, what } => match what {
             IssueCmd::Cluster { cluster, days } => issue_cluster(&dir, &cluster, days)?,
             IssueCmd::Gateway {
@@ -640,6 +666,37 @@ fn issue_gateway(dir: &Path, cluster: &str, name: &str, days: u32) -> anyhow::Re
     );
     describe_key(&mut out, &files.key)?;
     let _ = writeln!(out, "  trust bundle: {}", store.bundle_path().display());
+    Ok(out)
+}
+
+fn rotate_gateway(dir: &Path, cluster: &str, name: &str, days: u32) -> anyhow::Result<String> {
+    let cluster = parse_cluster(cluster)?;
+    let name = parse_gateway(name)?;
+    let store = open_dir(dir)?;
+    let files = store.gateway_files(&cluster, &name);
+    let old = summary_of(&files.chain).with_context(|| {
+        format!(
+            "gateway {name} of cluster {cluster} has no certificate to rotate (issue one with \
+             `isthmusctl certs issue --dir {} gateway --cluster {cluster} --name {name}`)",
+            dir.display()
+        )
+    })?;
+    store.rotate_gateway(&cluster, &name, validity_days(days))?;
+    let leaf = summary_of(&files.chain)?;
+    let mut out = format!(
+        "rotated the certificate of gateway {name} in cluster {cluster} (was serial {})\n",
+        old.serial
+    );
+    describe_new(&mut out, &leaf, days);
+    let _ = writeln!(out, "  chain:        {}", files.chain.display());
+    describe_key(&mut out, &files.key)?;
+    let _ = writeln!(
+        out,
+        "  the old certificate stays valid until it expires; once every gateway uses the \
+         new one: isthmusctl certs revoke --dir {} --cluster {cluster} --serial {}",
+        dir.display(),
+        old.serial
+    );
     Ok(out)
 }
 
