@@ -652,6 +652,16 @@ fn revoking_a_live_peer_cuts_its_channel_and_tunnel_within_the_bound() {
         ));
     }
 
+    // `isthmusctl diagnose` finds the WireGuard peer healthy while traffic flows.
+    let pinger = {
+        let (ns, to) = (s1.wl_ns.clone(), s2.workload_addr);
+        std::thread::spawn(move || ping(&ns, to.into(), 10))
+    };
+    let (healthy, said) = diagnose(s1, "site-2");
+    assert!(healthy, "{said}");
+    assert!(said.contains("site-2 is healthy"), "{said}");
+    assert!(pinger.join().unwrap());
+
     // The documented bound: one reload interval plus one check tick.
     // (The tick is isthmus_gateway::mesh::CHECK_TICK.)
     let bound = Duration::from_millis(reload_ms + 500);
@@ -701,6 +711,13 @@ fn revoking_a_live_peer_cuts_its_channel_and_tunnel_within_the_bound() {
     }
     let s = status(s1).unwrap();
     assert!(no_route(&s) >= drops_before + 6, "drops not counted: {s:#}");
+    // diagnose names the cause in its one sentence.
+    let (healthy, said) = diagnose(s1, "site-2");
+    assert!(!healthy);
+    assert!(
+        said.lines().next().unwrap_or("").contains("revoked"),
+        "{said}"
+    );
     // The revoked peers keep being refused when they dial again.
     std::thread::sleep(Duration::from_secs(1));
     let s = status(s1).unwrap();
@@ -713,6 +730,23 @@ fn revoking_a_live_peer_cuts_its_channel_and_tunnel_within_the_bound() {
     }
     assert_eq!(s["identity_reload"]["trust_reloads"], 2, "{s:#}");
     drop(gws);
+}
+
+/// `isthmusctl diagnose PEER --wait 1` on `site`: (exit 0, what it printed).
+fn diagnose(site: &Site, peer: &str) -> (bool, String) {
+    let out = std::process::Command::new(bins::ctl())
+        .args(["diagnose", peer, "--wait", "1", "--socket"])
+        .arg(admin_socket(site))
+        .output()
+        .expect("isthmusctl diagnose");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// Rotates `cluster`/`name`'s certificate with the CLI; returns the new serial.

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod clustermesh;
 pub mod config;
 pub mod crd;
+pub mod diagnose;
 pub mod egress;
 pub mod mesh;
 pub mod metrics;

@@ -6,6 +6,7 @@
 //! see `certs.rs`). No command ever prints a private key.
 
 mod certs;
+mod diagnose;
 mod sa;
 
 use anyhow::{bail, Context as _};
@@ -99,6 +100,22 @@ enum Cmd {
         #[command(flatten)]
         gateway: Gateway,
         /// Output format (json: the IsthmusGateway status).
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// What is wrong with one peer, in one sentence: its mTLS channel and
+    /// certificate, a keyed tunnel, a fresh handshake, packets arriving from it
+    /// and drops over --wait seconds. Exit 0 when healthy, 1 when not.
+    Diagnose {
+        /// The peer: its name, SPIFFE ID or WireGuard public key.
+        peer: String,
+        #[command(flatten)]
+        gateway: Gateway,
+        /// Seconds to watch the peer's counters.
+        #[arg(long, value_name = "SECS", default_value_t = 3,
+              value_parser = clap::value_parser!(u64).range(1..=60))]
+        wait: u64,
+        /// Output format.
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
@@ -270,6 +287,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Certs { command } => certs::run(command)?,
         Cmd::Sa { command } => sa::run(command)?,
+        Cmd::Diagnose {
+            peer,
+            gateway,
+            wait,
+            output,
+        } => diagnose::run(&peer, gateway, wait, output)?,
         Cmd::Ready { gateway, output } => {
             let path = admin_socket_path(gateway.socket, gateway.interface)?;
             let status = admin::fetch_status(&path)?;
