@@ -823,7 +823,7 @@ fn certificate_rotation_needs_no_restart_and_loses_nothing() {
     let stream = |from: &Site, to: &Site, port: u16| {
         let (src, dst) = (from.wl_ns.clone(), to.wl_ns.clone());
         let addr = std::net::SocketAddr::new(to.workload_addr.into(), port);
-        std::thread::spawn(move || udp_sequence(&src, &dst, addr, 6_000, 200, 1_500))
+        std::thread::spawn(move || udp_sequence(&src, &dst, addr, 9_000, 200, 1_500))
     };
     let streams = [stream(s1, s2, 7601), stream(s2, s1, 7602)];
     let transfer = {
@@ -846,6 +846,37 @@ fn certificate_rotation_needs_no_restart_and_loses_nothing() {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+    // And `mesh rotate` over both gateways: each gets a new certificate, puts it in force
+    // and says so.
+    let sockets: Vec<String> = [s1, s2]
+        .iter()
+        .map(|s| admin_socket(s).to_string_lossy().into_owned())
+        .collect();
+    let said = ctl(&[
+        "mesh",
+        "rotate",
+        "--dir",
+        &pki.d(),
+        "--gateway",
+        &sockets[0],
+        "--gateway",
+        &sockets[1],
+    ])
+    .unwrap();
+    assert!(
+        said.contains("all 2 gateway(s) report the new keys"),
+        "{said}"
+    );
+    newest = serial_of(&creds[1].0).unwrap();
+    for (site, n) in [(s1, 1), (s2, ROTATIONS + 1)] {
+        let r = &status(site).unwrap()["identity_reload"];
+        assert_eq!(r["credential_reloads"], n, "{r:#}");
+        let file = &creds[site.index - 1].0;
+        assert_eq!(
+            r["certificate_serial"].as_str(),
+            Some(serial_of(file).unwrap().as_str())
+        );
     }
     for (i, t) in streams.into_iter().enumerate() {
         let r = t.join().unwrap().unwrap();

@@ -500,10 +500,25 @@ impl MeshLinks {
 
     /// Reloading as `isthmusctl status` shows it.
     pub fn reload_status(&self) -> crate::reload::ReloadStatus {
-        self.reloader
+        let mut status = self
+            .reloader
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .status()
+            .status();
+        status.local_id = Some(self.config.local_id().to_string());
+        if let Some(leaf) = self
+            .config
+            .current_leaf()
+            .and_then(|c| isthmus_certs::CertificateSummary::from_der(&c).ok())
+        {
+            status.certificate_serial = Some(leaf.serial.to_string());
+            status.certificate_expires_unix = leaf
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()
+                .map(|d| d.as_secs());
+        }
+        status
     }
 
     /// Starts the listener, the dialers and the thread that turns channel

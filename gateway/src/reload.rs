@@ -39,6 +39,15 @@ pub struct ReloadStatus {
     pub last_reload_unix: Option<u64>,
     /// Why the files on disk are not in force, if they are not.
     pub last_error: Option<String>,
+    /// This gateway's SPIFFE ID.
+    #[serde(default)]
+    pub local_id: Option<String>,
+    /// Serial of the certificate in force now (later handshakes present it).
+    #[serde(default)]
+    pub certificate_serial: Option<String>,
+    /// When it expires (Unix seconds).
+    #[serde(default)]
+    pub certificate_expires_unix: Option<u64>,
 }
 
 /// Watches the `[identity]` files of one gateway.

@@ -669,7 +669,12 @@ fn issue_gateway(dir: &Path, cluster: &str, name: &str, days: u32) -> anyhow::Re
     Ok(out)
 }
 
-fn rotate_gateway(dir: &Path, cluster: &str, name: &str, days: u32) -> anyhow::Result<String> {
+pub(crate) fn rotate_gateway(
+    dir: &Path,
+    cluster: &str,
+    name: &str,
+    days: u32,
+) -> anyhow::Result<String> {
     let cluster = parse_cluster(cluster)?;
     let name = parse_gateway(name)?;
     let store = open_dir(dir)?;

@@ -7,6 +7,7 @@
 
 mod certs;
 mod diagnose;
+mod mesh_rotate;
 mod sa;
 
 use anyhow::{bail, Context as _};
@@ -170,6 +171,26 @@ enum MeshCmd {
     Clusters,
     /// The services exported to this cluster, with their endpoints per cluster.
     Services,
+    /// Rotate several gateways, one after the other: a new certificate and key
+    /// for each (in the CA directory, put in force by the running gateway) and a
+    /// new SA generation for each of its ESP peers; waits until each reports
+    /// them. Exit 0 when all do, 2 when some do not within --wait. WireGuard
+    /// static keys are not rotated at run time.
+    Rotate {
+        /// CA directory made by `isthmusctl certs init` holding the gateways' certificates.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A gateway: its interface name or admin socket path (repeat for each).
+        #[arg(long = "gateway", value_name = "GW", required = true)]
+        gateways: Vec<String>,
+        /// Validity of the new certificates in days.
+        #[arg(long, value_name = "N", default_value_t = 90,
+              value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        days: u32,
+        /// Seconds to wait for each gateway.
+        #[arg(long, value_name = "SECS", default_value_t = 15)]
+        wait: u64,
+    },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -223,8 +244,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             socket,
             output,
         } => {
+            if let MeshCmd::Rotate {
+                dir,
+                gateways,
+                days,
+                wait,
+            } = &command
+            {
+                return mesh_rotate::run(dir, gateways, *days, *wait, output);
+            }
             let path = admin_socket_path(socket, interface)?;
             let text = match command {
+                MeshCmd::Rotate { .. } => String::new(),
                 MeshCmd::Clusters => {
                     let clusters: Vec<ClusterStatus> = admin::fetch(&path, "mesh-clusters")?;
                     match output {
