@@ -830,14 +830,16 @@ fn certificate_rotation_needs_no_restart_and_loses_nothing() {
         let (src, dst, to) = (s1.wl_ns.clone(), s2.wl_ns.clone(), s2.workload_addr.into());
         std::thread::spawn(move || tcp_transfer(&src, &dst, to, 7603, 50 << 20, Payload::Random))
     };
-    let mut newest = String::new();
     for n in 1..=ROTATIONS {
-        newest = rotate_cert(&pki, "two", "gw").unwrap();
+        let serial = rotate_cert(&pki, "two", "gw").unwrap();
         // Site 2 puts it in force by itself.
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let s = status(s2).unwrap();
-            if s["identity_reload"]["credential_reloads"].as_u64() == Some(n) {
+            let r = &s["identity_reload"];
+            if r["credential_reloads"].as_u64() == Some(n)
+                && r["certificate_serial"].as_str() == Some(serial.as_str())
+            {
                 break;
             }
             assert!(
@@ -868,7 +870,7 @@ fn certificate_rotation_needs_no_restart_and_loses_nothing() {
         said.contains("all 2 gateway(s) report the new keys"),
         "{said}"
     );
-    newest = serial_of(&creds[1].0).unwrap();
+    let newest = serial_of(&creds[1].0).unwrap();
     for (site, n) in [(s1, 1), (s2, ROTATIONS + 1)] {
         let r = &status(site).unwrap()["identity_reload"];
         assert_eq!(r["credential_reloads"], n, "{r:#}");
