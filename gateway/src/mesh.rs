@@ -654,6 +654,20 @@ impl MeshLinks {
             return;
         }
         let link = links.entry(e.peer.clone()).or_default();
+        // The peer's chain was checked during its TLS handshake, against the
+        // trust of that moment; the trust may have changed since (a CRL
+        // reloaded while the hello was pending). Check it again now, under
+        // the links lock that recheck() also takes, so no session slips
+        // between a reload and its recheck.
+        if let Err(refusal) = self
+            .config
+            .verify_session(&e.session, std::time::SystemTime::now())
+        {
+            tracing::warn!(peer = %e.peer, %refusal, "session refused: its peer is no longer trusted");
+            e.session.close();
+            link.last_refusal = Some(refusal.to_string());
+            return;
+        }
         if let Some(old) = link.session.take() {
             old.close();
         }
@@ -899,5 +913,171 @@ mod tests {
         cache
             .get(5, |_| panic!("generation 5 was dropped"))
             .unwrap();
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod live_trust_tests {
+    use super::*;
+    use isthmus_certs::{MeshRootCa, Validity};
+    use isthmus_identity::{
+        ClusterName, GatewayId, GatewayName, LinkParams, PeerChannel, PeerEndpoint, TrustDomain,
+    };
+    use isthmus_tunnel::PrivateKey;
+    use std::path::PathBuf;
+
+    struct Dir(PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn params(wg: &PublicKey) -> TunnelParams {
+        TunnelParams {
+            wireguard_public_key: Some(wg.0),
+            wireguard_endpoint: Some("127.0.0.1:51999".parse().unwrap()),
+            esp_endpoint: None,
+            esp_inbound_spi: None,
+            mtu: 1420,
+        }
+    }
+
+    /// A session whose peer was trusted during its TLS handshake but is revoked by
+    /// the time it is handed over (a peer that stalls its hello across a CRL reload)
+    /// brings up no tunnel.
+    #[test]
+    fn a_session_revoked_before_it_is_installed_gets_no_tunnel() {
+        let dir = Dir(std::env::temp_dir().join(format!(
+            "isthmus-mesh-live-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        )));
+        let crls = dir.0.join("crls");
+        std::fs::create_dir_all(&crls).unwrap();
+        let td = TrustDomain::new("mesh.test").unwrap();
+        let root = MeshRootCa::create(&td, Validity::days(30)).unwrap();
+        let ca = |c: &str| {
+            root.issue_cluster_ca(&ClusterName::new(c).unwrap(), Validity::days(30))
+                .unwrap()
+        };
+        let (ca_a, ca_b) = (ca("a"), ca("b"));
+        let leaf_a = ca_a
+            .issue_gateway(&GatewayName::new("gw").unwrap(), Validity::days(30))
+            .unwrap();
+        let leaf_b = ca_b
+            .issue_gateway(&GatewayName::new("gw").unwrap(), Validity::days(30))
+            .unwrap();
+        let (bundle, cert, key) = (
+            dir.0.join("bundle.pem"),
+            dir.0.join("a.pem"),
+            dir.0.join("a.key"),
+        );
+        std::fs::write(&bundle, root.certificate_pem()).unwrap();
+        leaf_a.save(&cert, &key).unwrap();
+        let files = crate::config::IdentityFiles {
+            trust_bundle: bundle,
+            certificate: cert,
+            private_key: key,
+            crls: vec![],
+            crls_dir: Some(crls.clone()),
+        };
+        let identity = IdentityConfig {
+            credentials: files.load_credentials().unwrap(),
+            trust: files.load_trust().unwrap(),
+            files,
+            reload_interval: std::time::Duration::from_secs(3600),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            advertise_address: None,
+        };
+        let id = |c: &str| {
+            GatewayId::new(
+                td.clone(),
+                ClusterName::new(c).unwrap(),
+                GatewayName::new("gw").unwrap(),
+            )
+            .spiffe_id()
+        };
+        let wg = Arc::new(WgCore::new(PrivateKey::generate(), vec![]).unwrap());
+        let peer_b = IdentityPeer {
+            name: Some("b".into()),
+            kind: TunnelKind::Wireguard,
+            spiffe_id: id("b"),
+            // Nobody listens there: the mesh's own dialer gets nowhere.
+            channel_endpoint: "127.0.0.1:9".parse().unwrap(),
+            allowed_prefixes: vec!["100.64.2.0/24".parse().unwrap()],
+            persistent_keepalive: None,
+            esp: None,
+        };
+        let mesh = MeshLinks::start(
+            wg.clone(),
+            None,
+            vec![peer_b],
+            &identity,
+            params(&wg.public_key()),
+            std::time::Duration::from_secs(60),
+        )
+        .unwrap();
+
+        // B's side, and A's half of a session with it, made while B is trusted.
+        let b_wg = PrivateKey::generate().public_key();
+        let b_cfg = Arc::new(
+            ChannelConfig::new(
+                leaf_b.credentials().unwrap(),
+                &identity.trust,
+                params(&b_wg),
+            )
+            .unwrap(),
+        );
+        let (btx, _brx) = mpsc::channel();
+        let listener = ChannelListener::bind(
+            b_cfg,
+            "127.0.0.1:0".parse().unwrap(),
+            vec![(id("a"), LinkParams::Wireguard)],
+        )
+        .unwrap()
+        .spawn(btx)
+        .unwrap();
+        let a_cfg = ChannelConfig::new(
+            identity.credentials.clone(),
+            &identity.trust,
+            params(&wg.public_key()),
+        )
+        .unwrap();
+        let (atx, _arx) = mpsc::channel();
+        let est = PeerChannel::connect(
+            &a_cfg,
+            &PeerEndpoint {
+                id: id("b"),
+                addr: listener.local_addr(),
+                link: LinkParams::Wireguard,
+            },
+            atx,
+        )
+        .unwrap();
+
+        // B is revoked and the gateway reloads its trust before the session reaches it.
+        let crl = ca_b
+            .crl(&[leaf_b.serial().clone()], 1, Validity::days(7))
+            .unwrap();
+        crl.save(&crls.join("b.crl.pem")).unwrap();
+        assert!(mesh.reload(std::time::SystemTime::now()).trust);
+        mesh.established(est);
+
+        assert!(wg.peers().peers().is_empty(), "a tunnel came up");
+        let status = mesh.status();
+        assert!(!status[0].tunnel, "{status:?}");
+        assert!(
+            status[0]
+                .last_refusal
+                .as_deref()
+                .is_some_and(|r| r.contains("revoked")),
+            "{status:?}"
+        );
+        listener.shutdown();
     }
 }
