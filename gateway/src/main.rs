@@ -623,29 +623,32 @@ impl UapiDevice for GatewayDevice {
     }
 
     fn apply(&self, req: SetRequest) -> Result<(), UapiError> {
-        let owned = self
-            .mesh
-            .as_ref()
-            .map(|m| m.owned_wireguard_keys())
-            .unwrap_or_default();
-        let facts = rules::UapiFacts {
-            listen_port: self.listen_port,
-            owned: &owned,
+        let change = |owned: &[isthmus_tunnel::PublicKey], protected: &[IpPrefix]| {
+            let facts = rules::UapiFacts {
+                listen_port: self.listen_port,
+                owned,
+                protected,
+            };
+            let mut result = Ok(());
+            let mut req = Some(req);
+            self.core
+                .update_peers(|current| {
+                    let Some(req) = req.take() else { return };
+                    match rules::apply_uapi(current, req, facts, |k| {
+                        self.core
+                            .is_own_private_key(&isthmus_tunnel::PrivateKey::from_bytes(*k))
+                    }) {
+                        Ok(peers) => *current = peers,
+                        Err(e) => result = Err(e),
+                    }
+                })
+                .map_err(|e| UapiError::Rejected(e.to_string()))?;
+            result
         };
-        let mut result = Ok(());
-        let mut req = Some(req);
-        self.core
-            .update_peers(|current| {
-                let Some(req) = req.take() else { return };
-                match rules::apply_uapi(current, req, facts, |k| {
-                    self.core
-                        .is_own_private_key(&isthmus_tunnel::PrivateKey::from_bytes(*k))
-                }) {
-                    Ok(peers) => *current = peers,
-                    Err(e) => result = Err(e),
-                }
-            })
-            .map_err(|e| UapiError::Rejected(e.to_string()))?;
-        result
+        // Ownership is decided on the same snapshot as the change.
+        match &self.mesh {
+            Some(mesh) => mesh.with_owned(change),
+            None => change(&[], &[]),
+        }
     }
 }

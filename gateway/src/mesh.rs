@@ -675,7 +675,10 @@ impl MeshLinks {
         // tunnel (and its current session): nothing to re-key.
         let same_wg_key = cfg.kind == TunnelKind::Wireguard
             && link.wg_key.is_some()
-            && e.params.wireguard_public_key.map(PublicKey) == link.wg_key;
+            && e.params.wireguard_public_key.map(PublicKey) == link.wg_key
+            && link
+                .wg_key
+                .is_some_and(|k| self.wg.peers().get(&k).is_some());
         let result = if same_wg_key {
             Ok(())
         } else {
@@ -793,10 +796,25 @@ impl MeshLinks {
         link.lost_at = None;
     }
 
-    /// The WireGuard keys whose peers this channel set configured (the
-    /// UAPI must not remove or replace them).
-    pub fn owned_wireguard_keys(&self) -> Vec<PublicKey> {
-        self.links().values().filter_map(|l| l.wg_key).collect()
+    /// Runs `f` with the WireGuard keys of the peers brought up by a channel
+    /// and the prefixes of every peer configured by identity, holding the
+    /// links lock throughout: no channel can bring a peer up or down while
+    /// `f` changes the WireGuard peer set (links, then the WireGuard writer:
+    /// the lock order used here everywhere).
+    pub fn with_owned<R>(
+        &self,
+        f: impl FnOnce(&[PublicKey], &[isthmus_tunnel::IpPrefix]) -> R,
+    ) -> R {
+        let links = self.links();
+        let owned: Vec<PublicKey> = links.values().filter_map(|l| l.wg_key).collect();
+        let protected: Vec<isthmus_tunnel::IpPrefix> = self
+            .peers()
+            .iter()
+            .flat_map(|p| p.allowed_prefixes.iter().copied())
+            .collect();
+        let result = f(&owned, &protected);
+        drop(links);
+        result
     }
 
     pub fn status(&self) -> Vec<ChannelStatus> {

@@ -20,6 +20,9 @@ pub struct UapiFacts<'a> {
     pub listen_port: u16,
     /// Keys of the peers brought up by an mTLS channel.
     pub owned: &'a [PublicKey],
+    /// The prefixes of every peer configured by identity (WireGuard or ESP,
+    /// its channel up or not): no UAPI peer may claim an overlapping one.
+    pub protected: &'a [IpPrefix],
 }
 
 /// The peer list after `req`, or why the request is refused (then nothing
@@ -71,7 +74,7 @@ pub fn apply_uapi(
     } else {
         current.to_vec()
     };
-    apply_updates(&mut peers, req.peers, owned)?;
+    apply_updates(&mut peers, req.peers, owned, facts.protected)?;
     Ok(peers)
 }
 
@@ -80,6 +83,7 @@ fn apply_updates(
     peers: &mut Vec<PeerConfig>,
     updates: Vec<PeerUpdate>,
     owned: &[PublicKey],
+    protected: &[IpPrefix],
 ) -> Result<(), UapiError> {
     for update in updates {
         let key = PublicKey(update.public_key);
@@ -127,6 +131,16 @@ fn apply_updates(
         }) {
             return Err(UapiError::Rejected(format!(
                 "prefix {p} belongs to peer {owner}, which is configured by its mTLS channel"
+            )));
+        }
+        // Nor may a UAPI peer route a part of it, or a range around it (WireGuard
+        // is routed before ESP, and longest-prefix match takes a more specific one).
+        if let Some((p, q)) = added
+            .iter()
+            .find_map(|p| protected.iter().find(|q| q.overlaps(p)).map(|q| (p, q)))
+        {
+            return Err(UapiError::Rejected(format!(
+                "prefix {p} overlaps {q}, a prefix of a peer configured by its mTLS channel"
             )));
         }
         // WireGuard semantics: a prefix moves to the peer that claims it last.
@@ -236,6 +250,7 @@ mod tests {
         UapiFacts {
             listen_port: 51820,
             owned,
+            protected: &[],
         }
     }
 
@@ -324,6 +339,37 @@ mod tests {
             after[2].allowed_prefixes,
             vec!["10.2.0.0/16".parse().unwrap()]
         );
+    }
+
+    /// Found by review: only an exact prefix was protected, and only of WireGuard
+    /// peers whose channel was up.
+    #[test]
+    fn uapi_cannot_route_into_or_around_prefixes_of_identity_peers() {
+        let current = vec![peer(key(), &["10.9.0.0/16"])];
+        // An ESP identity peer's /24 and a WireGuard identity peer's /16.
+        let protected: Vec<IpPrefix> = ["100.64.2.0/24", "10.1.0.0/16"]
+            .iter()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        let facts = UapiFacts {
+            listen_port: 51820,
+            owned: &[],
+            protected: &protected,
+        };
+        for (prefix, len) in [
+            ("100.64.0.0", 16),
+            ("10.1.2.0", 24),
+            ("0.0.0.0", 0),
+            ("100.64.2.0", 24),
+        ] {
+            let mut u = update(key());
+            u.allowed_ips = vec![(prefix.parse().unwrap(), len)];
+            let why = rejected(apply_uapi(&current, request(vec![u]), facts, |_| true));
+            assert!(why.contains("overlaps"), "{prefix}/{len}: {why}");
+        }
+        let mut fine = update(key());
+        fine.allowed_ips = vec![("10.2.0.0".parse().unwrap(), 16)];
+        assert!(apply_uapi(&current, request(vec![fine]), facts, |_| true).is_ok());
     }
 
     #[test]

@@ -91,6 +91,10 @@ impl IpPrefix {
     pub fn contains(&self, ip: IpAddr) -> bool {
         ip.is_ipv4() == self.addr.is_ipv4() && mask(ip, self.len) == self.addr
     }
+    /// Whether the two prefixes share an address (one contains the other).
+    pub fn overlaps(&self, other: &IpPrefix) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
 }
 
 impl FromStr for IpPrefix {
