@@ -37,6 +37,8 @@ use std::time::Instant;
 pub const DEFAULT_ESP_PORT: u16 = 4500;
 /// Inbound SAs installed ahead of the one in use.
 const LOOKAHEAD: u64 = 2;
+/// Least time an outbound generation is used before an asked-for rotation.
+pub const ROTATION_SPACING: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One ESP peer's configuration.
 #[derive(Clone, Debug)]
@@ -80,6 +82,8 @@ struct RxState {
     sas: Vec<InboundSa>,
     /// Newest generation a packet arrived on.
     active: u64,
+    /// When the last authentic packet arrived from the peer.
+    last_packet: Option<Instant>,
 }
 
 /// One ESP peer and its SAs.
@@ -150,13 +154,16 @@ impl EspPeer {
     pub fn stats(&self) -> PeerStats {
         self.counters.snapshot()
     }
-    /// Asks for the outbound SA to be replaced by the next generation now
-    /// (instead of at its soft lifetime): the next packet to this peer goes
-    /// out on it. The peer accepts it already: its inbound SAs for the next
-    /// two generations are installed ahead of use. Asking again before that
-    /// packet changes nothing (one generation per request and packet, so the
-    /// sender never runs more than the peer's lookahead ahead of what it
-    /// sent). Returns the generation in use now.
+    /// Asks for the outbound SA to be replaced by the next generation
+    /// (instead of at its soft lifetime): a packet to this peer goes out on
+    /// it once the generation in use has been out for [`ROTATION_SPACING`]
+    /// and the peer was heard from since. The peer accepts it already: its
+    /// inbound SAs for the next two generations are installed ahead of use.
+    /// Asking again before it happened changes nothing. While the peer is
+    /// silent (an outage) a rotation stays pending, so the sender cannot run
+    /// past the peer's lookahead; a path that loses only our direction for
+    /// two whole generations can still do that. Returns the generation in
+    /// use now.
     pub fn request_rotation(&self) -> u64 {
         let mut tx = lock(&self.tx);
         tx.rotation_pending = true;
@@ -286,7 +293,11 @@ impl EspCore {
                 rotations: 0,
                 last_rotation: None,
             }),
-            rx: Mutex::new(RxState { sas, active: 0 }),
+            rx: Mutex::new(RxState {
+                sas,
+                active: 0,
+                last_packet: None,
+            }),
             counters: PeerCounters::default(),
             config: cfg,
         });
@@ -378,7 +389,16 @@ impl EspCore {
     ) -> Outbound {
         let lifetimes = &peer.config.lifetimes;
         let mut tx = lock(&peer.tx);
-        let rotating = tx.rotation_pending;
+        // An asked-for rotation waits until the generation in use has been
+        // out for ROTATION_SPACING and the peer was heard from since it took
+        // over: rotating on and on while nothing comes back (an outage)
+        // would run past the peer's lookahead and leave it unable to read
+        // anything we send.
+        let rotating = tx.rotation_pending
+            && now.saturating_duration_since(tx.sa.created) >= ROTATION_SPACING
+            && lock(&peer.rx)
+                .last_packet
+                .is_some_and(|t| t >= tx.sa.created);
         if rotating || tx.sa.reached(&lifetimes.soft, now) {
             let next = tx.sa.generation + 1;
             let cipher = peer.config.keying.cipher();
@@ -488,6 +508,7 @@ impl EspCore {
         if generation > rx.active {
             self.promote(&peer, &mut rx, generation, now);
         }
+        rx.last_packet = Some(now);
         drop(rx);
         peer.counters.received(datagram.len());
         if opened.next_header == NEXT_HEADER_NONE {

@@ -334,25 +334,28 @@ fn sas_installed_ahead_do_not_age_before_they_are_used() {
     assert_eq!(open(&p.b, &wire, much_later), Ok(Some(a_to_b(2))));
 }
 
-/// `sa rotate`: each request moves the sender to the next generation with its next
-/// packet (repeated requests before that packet count once); 20 rotations in a row with
-/// a packet each, some reordered across a rotation, all open exactly once at the peer,
-/// whose inbound SAs follow.
+fn b_to_a(n: u32) -> Vec<u8> {
+    ipv4([100, 64, 2, 2], [100, 64, 1, 2], &n.to_be_bytes())
+}
+
+/// `sa rotate`: each request moves the sender to the next generation with a packet
+/// sent once the peer was heard from on the current one (repeated requests count
+/// once); 20 rotations in a row, some packets reordered across a rotation, all open
+/// exactly once at the peer, whose inbound SAs follow.
 #[test]
 fn requested_rotations_apply_with_the_next_packet_and_lose_nothing() {
-    let now = Instant::now();
+    let mut now = Instant::now();
     let p = pair(EspCipher::Aes256Gcm, true, Lifetimes::default(), now);
     let peer_a = p.a.peers().peers()[0].clone();
-    assert_eq!(peer_a.request_rotation(), 0);
-    assert_eq!(
-        peer_a.request_rotation(),
-        0,
-        "a second request before a packet"
-    );
-    assert!(peer_a.status(now).rotation_pending);
     let mut delivered = Vec::new();
     let mut held_back = None;
     for n in 0..20u32 {
+        assert_eq!(peer_a.request_rotation(), u64::from(n));
+        assert_eq!(peer_a.request_rotation(), u64::from(n), "asked twice");
+        assert!(peer_a.status(now).rotation_pending);
+        now += ROTATION_SPACING;
+        let reply = seal(&p.b, &b_to_a(n), now).unwrap();
+        open(&p.a, &reply, now).unwrap();
         let d = seal(&p.a, &a_to_b(n), now).unwrap();
         let st = peer_a.status(now);
         assert_eq!(st.outbound.generation, u64::from(n) + 1);
@@ -366,7 +369,6 @@ fn requested_rotations_apply_with_the_next_packet_and_lose_nothing() {
                 delivered.push(open(&p.b, &late, now).unwrap().unwrap());
             }
         }
-        assert_eq!(peer_a.request_rotation(), u64::from(n) + 1);
     }
     let mut got: Vec<u32> = delivered
         .iter()
@@ -379,4 +381,28 @@ fn requested_rotations_apply_with_the_next_packet_and_lose_nothing() {
     let b_status = p.b.peers().peers()[0].status(now);
     let newest = b_status.inbound.iter().map(|s| s.generation).max();
     assert_eq!(newest, Some(22), "{b_status:#?}");
+}
+
+/// Found by review: rotations asked for while nothing arrives (an outage) used to
+/// move one generation per lost packet, past the two the peer installs ahead, and
+/// everything sent after the outage was unreadable. Now a rotation waits until the
+/// peer is heard from on the current generation.
+#[test]
+fn rotations_during_an_outage_do_not_outrun_the_peer() {
+    let mut now = Instant::now();
+    let p = pair(EspCipher::Aes128Gcm, true, Lifetimes::default(), now);
+    let peer_a = p.a.peers().peers()[0].clone();
+    // Heard from once, so the first rotation may go.
+    let reply = seal(&p.b, &b_to_a(0), now).unwrap();
+    open(&p.a, &reply, now).unwrap();
+    for n in 0..5u32 {
+        peer_a.request_rotation();
+        now += ROTATION_SPACING * 3;
+        // Lost on the way.
+        seal(&p.a, &a_to_b(n), now).unwrap();
+    }
+    assert!(peer_a.status(now).outbound.generation <= 1);
+    // After the outage the peer reads what comes.
+    let d = seal(&p.a, &a_to_b(99), now).unwrap();
+    assert_eq!(open(&p.b, &d, now).unwrap().unwrap(), a_to_b(99));
 }
