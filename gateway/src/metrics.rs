@@ -19,9 +19,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 type Labels = Vec<(String, String)>;
 
@@ -184,20 +184,49 @@ pub struct MetricsServer {
     addr: SocketAddr,
 }
 
+/// Scrapes served at once; further connections are closed at once.
+pub const MAX_SCRAPERS: usize = 4;
+/// Longest time a client has to send its request head, and to take the answer.
+pub const SCRAPE_DEADLINE: Duration = Duration::from_secs(3);
+
 impl MetricsServer {
-    /// Binds `addr` and answers scrapes on a background thread.
+    /// Binds `addr` and answers scrapes on background threads (at most
+    /// [`MAX_SCRAPERS`] at once, each bounded by [`SCRAPE_DEADLINE`] as a
+    /// whole, so slow clients cannot hold the endpoint).
     pub fn start(
         addr: SocketAddr,
         status: Arc<dyn Fn() -> Status + Send + Sync>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "metrics are served to anyone who can reach this address (peer names, traffic counters; no keys)");
+        }
+        let active = Arc::new(AtomicUsize::new(0));
         std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    // One at a time, each bounded by its timeouts.
-                    serve(stream, &*status);
+            .spawn(move || loop {
+                let stream = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics accept failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                if active.fetch_add(1, Ordering::SeqCst) >= MAX_SCRAPERS {
+                    active.fetch_sub(1, Ordering::SeqCst);
+                    continue;
+                }
+                let (active, status) = (active.clone(), status.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("metrics-conn".into())
+                    .spawn(move || {
+                        serve(stream, &*status);
+                        active.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if spawned.is_err() {
+                    tracing::warn!("cannot spawn a metrics connection thread");
                 }
             })?;
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");
@@ -213,14 +242,22 @@ impl MetricsServer {
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
 
+/// Time left until `deadline`, or `None` when it has passed.
+fn left(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
 fn serve(mut stream: TcpStream, status: &(dyn Fn() -> Status + Send + Sync)) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let deadline = Instant::now() + SCRAPE_DEADLINE;
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
+        let Some(t) = left(deadline) else { return };
+        let _ = stream.set_read_timeout(Some(t));
         match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+            Ok(0) | Err(_) => return,
             Ok(n) => head.extend_from_slice(&buf[..n]),
         }
     }
@@ -253,6 +290,15 @@ fn serve(mut stream: TcpStream, status: &(dyn Fn() -> Status + Send + Sync)) {
         "HTTP/1.1 {code}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    let _ = stream.write_all(response.as_bytes());
+    // The whole answer within the deadline too: a client reading slowly is cut off.
+    let mut rest = response.as_bytes();
+    while !rest.is_empty() {
+        let Some(t) = left(deadline) else { return };
+        let _ = stream.set_write_timeout(Some(t));
+        match stream.write(rest) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => rest = &rest[n..],
+        }
+    }
     let _ = stream.flush();
 }

@@ -19,16 +19,7 @@ use std::time::Duration;
 const NOBODY: u32 = 65534;
 
 fn status() -> Status {
-    serde_json::from_value(serde_json::json!({
-        "interface": "ist-admin",
-        "public_key": "pub",
-        "listen_port": 51820,
-        "mtu": 1420,
-        "offload": false,
-        "drops": {"no_route": 0, "malformed": 0, "unknown_peer": 0},
-        "peers": [],
-    }))
-    .expect("a status document")
+    common::status_document()
 }
 
 fn ctl_status(socket: &Path, uid: Option<u32>) -> Output {
@@ -61,7 +52,7 @@ fn only_root_is_served() {
 
     let out = ctl_status(&path, None);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ist-admin"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ist-test"));
 
     // Another user cannot even connect (mode 0600)...
     let out = ctl_status(&path, Some(NOBODY));
@@ -80,7 +71,7 @@ fn only_root_is_served() {
         "{}",
         stderr(&out)
     );
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("ist-admin"));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("ist-test"));
     drop(server);
 }
 
