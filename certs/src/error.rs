@@ -37,6 +37,25 @@ pub enum CertError {
         /// Its permission bits.
         mode: u32,
     },
+    /// A secret file owned by another user (who could have written the key).
+    #[error(
+        "{}: owned by uid {owner}; a key file must belong to this user or to root",
+        path.display()
+    )]
+    KeyFileOwner {
+        /// The file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+    },
+    /// A file larger than anything of its kind should be.
+    #[error("{}: larger than {limit} bytes", path.display())]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit.
+        limit: u64,
+    },
     /// Not a regular file (a directory, device, ...).
     #[error("{}: not a regular file", path.display())]
     NotAFile {
@@ -132,7 +151,8 @@ pub enum CertError {
 }
 
 impl CertError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
+    /// An I/O error on `path`.
+    pub fn io(path: impl Into<PathBuf>, source: io::Error) -> Self {
         CertError::Io {
             path: path.into(),
             source,

@@ -69,6 +69,18 @@ fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
         CertError::KeyExists { path } => CertError::AlreadyExists { path },
         other => other,
     })?;
+    // A replaced file keeps its owner: the process that reads it (a gateway
+    // running as its own user) must still be able to.
+    if let Ok(old) = fs::metadata(path) {
+        use std::os::unix::fs::MetadataExt as _;
+        let new = fs::metadata(&tmp).map_err(|e| CertError::io(&tmp, e))?;
+        if (old.uid(), old.gid()) != (new.uid(), new.gid()) {
+            if let Err(e) = std::os::unix::fs::chown(&tmp, Some(old.uid()), Some(old.gid())) {
+                let _ = fs::remove_file(&tmp);
+                return Err(CertError::io(path, e));
+            }
+        }
+    }
     fs::rename(&tmp, path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         CertError::io(path, e)
@@ -97,13 +109,15 @@ pub fn write_public_file(path: &Path, contents: &str) -> Result<(), CertError> {
     replace(path, contents.as_bytes(), PUBLIC_FILE_MODE)
 }
 
-/// Reads a file holding secrets (a private key, an SA file, a WireGuard key):
-/// the file is opened once and its type and mode are checked on that open
-/// file, so what is read is exactly what was checked (no check-then-open
-/// race). Refuses anything but a regular file (opened non-blocking, so a
-/// FIFO cannot stall the caller) and a file its group or others may access.
-pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
-    let mut file = OpenOptions::new()
+/// Largest secret file read (keys and SA files are a few hundred bytes).
+pub const MAX_SECRET_FILE: u64 = 1 << 20;
+/// Largest public file read (a trust bundle or a CRL with many entries).
+pub const MAX_PUBLIC_FILE: u64 = 64 << 20;
+
+/// Opens `path` once, non-blocking (a FIFO cannot stall the caller), and checks on
+/// that open file that it is a regular file of at most `limit` bytes.
+fn open_regular(path: &Path, limit: u64) -> Result<(File, fs::Metadata), CertError> {
+    let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(path)
@@ -114,6 +128,44 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
             path: path.to_owned(),
         });
     }
+    if meta.len() > limit {
+        return Err(CertError::TooLarge {
+            path: path.to_owned(),
+            limit,
+        });
+    }
+    Ok((file, meta))
+}
+
+/// Reads a file that holds no secret (certificates, bundles, CRLs): a regular file,
+/// opened without blocking, at most [`MAX_PUBLIC_FILE`] bytes.
+pub fn read_public_file(path: &Path) -> Result<Vec<u8>, CertError> {
+    let (file, meta) = open_regular(path, MAX_PUBLIC_FILE)?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_PUBLIC_FILE)
+        .read_to_end(&mut bytes)
+        .map_err(|e| CertError::io(path, e))?;
+    Ok(bytes)
+}
+
+/// Reads a file holding secrets (a private key, an SA file, a WireGuard key):
+/// the file is opened once and its type, size, owner and mode are checked on that
+/// open file, so what is read is exactly what was checked (no check-then-open
+/// race). Refuses anything but a regular file (opened non-blocking, so a FIFO
+/// cannot stall the caller), a file owned by another user than this one or root,
+/// and a file its group or others may access.
+pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
+    use std::os::unix::fs::MetadataExt as _;
+    let (file, meta) = open_regular(path, MAX_SECRET_FILE)?;
+    // This process's effective uid (the owner of /proc/self), without unsafe code;
+    // if it cannot be learnt, only root's files are accepted.
+    let me = fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if meta.uid() != 0 && Some(meta.uid()) != me {
+        return Err(CertError::KeyFileOwner {
+            path: path.to_owned(),
+            owner: meta.uid(),
+        });
+    }
     let mode = meta.permissions().mode() & 0o7777;
     if mode & 0o077 != 0 {
         return Err(CertError::KeyFileTooOpen {
@@ -121,8 +173,9 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
             mode,
         });
     }
-    let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len().min(1 << 20) as usize));
-    file.read_to_end(&mut bytes)
+    let mut bytes = Zeroizing::new(Vec::with_capacity(meta.len() as usize));
+    file.take(MAX_SECRET_FILE)
+        .read_to_end(&mut bytes)
         .map_err(|e| CertError::io(path, e))?;
     Ok(bytes)
 }
@@ -156,7 +209,9 @@ pub fn load_private_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertError
 }
 
 fn read_public(path: &Path) -> Result<String, CertError> {
-    fs::read_to_string(path).map_err(|e| CertError::io(path, e))
+    String::from_utf8(read_public_file(path)?).map_err(|_| CertError::BadPem {
+        what: path.display().to_string(),
+    })
 }
 
 /// Parses every `CERTIFICATE` block of a PEM text, in order.
@@ -313,6 +368,71 @@ mod tests {
         }
         fs::set_permissions(&path, fs::Permissions::from_mode(0o400)).unwrap();
         assert!(read_private_key_pem(&path).is_ok());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Found by review: a 0600 key owned by another user (who could have written
+    /// it) was accepted; so were FIFOs and files of any size.
+    #[test]
+    fn secret_files_of_another_user_fifos_and_huge_files_are_refused() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = temp_dir("owner");
+        let path = dir.join("k.pem");
+        write_private_key(&path, KEY).unwrap();
+        let me = fs::metadata("/proc/self").unwrap().uid();
+        if me == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            let err = read_private_key_pem(&path).unwrap_err();
+            assert!(
+                matches!(err, CertError::KeyFileOwner { owner: 65534, .. }),
+                "{err}"
+            );
+            std::os::unix::fs::chown(&path, Some(0), None).unwrap();
+        }
+        assert!(read_private_key_pem(&path).is_ok());
+        let fifo = dir.join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        assert!(matches!(
+            read_secret_file(&fifo),
+            Err(CertError::NotAFile { .. })
+        ));
+        assert!(matches!(
+            read_public_file(&fifo),
+            Err(CertError::NotAFile { .. })
+        ));
+        let big = dir.join("big");
+        fs::File::create(&big)
+            .unwrap()
+            .set_len(MAX_SECRET_FILE + 1)
+            .unwrap();
+        fs::set_permissions(&big, fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(matches!(
+            read_secret_file(&big),
+            Err(CertError::TooLarge { .. })
+        ));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Found by review: a key replaced by root (`isthmusctl certs rotate`) became
+    /// root's, and a gateway running as its own user could no longer read it.
+    #[test]
+    fn a_replaced_key_keeps_its_owner() {
+        use std::os::unix::fs::MetadataExt as _;
+        if fs::metadata("/proc/self").unwrap().uid() != 0 {
+            return;
+        }
+        let dir = temp_dir("keep-owner");
+        let path = dir.join("k.pem");
+        write_private_key(&path, KEY).unwrap();
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        replace_private_key(&path, KEY).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (65534, 65534));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -1151,8 +1151,18 @@ pub fn load_nodes(
     // The file maps pod prefixes to identities: only its owner may write it.
     // Checked on the open file, which is then what is read.
     let cannot = |e: std::io::Error| ConfigError::new("nodes", format!("cannot read: {e}"));
-    let mut file = std::fs::File::open(&cfg.nodes_file).map_err(cannot)?;
+    let mut file = {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&cfg.nodes_file)
+            .map_err(cannot)?
+    };
     let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(ConfigError::new("nodes", "not a regular file"));
+    }
     if meta.permissions().mode() & 0o022 != 0 {
         return Err(ConfigError::new(
             "nodes",

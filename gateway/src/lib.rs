@@ -17,4 +17,6 @@ pub mod node;
 pub mod reload;
 pub mod rules;
 pub mod socket;
+#[cfg(test)]
+mod test_pki;
 pub mod uapi;

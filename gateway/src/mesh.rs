@@ -83,7 +83,7 @@ impl GenerationCache {
         };
         // The precomputed generations stay: the two directions move through
         // generations independently (an operator may rotate one far ahead),
-        // and a tunnel kept after its channel is lost can only use those.
+        // and the data path should not have to derive them again.
         self.pairs
             .retain(|g, _| *g + 2 >= generation || *g < PRECOMPUTED_GENERATIONS);
         Ok(pair)
@@ -246,6 +246,8 @@ pub struct MeshLinks {
     dialers: Mutex<HashMap<SpiffeId, PeerLink>>,
     listener: Mutex<Option<ListenerHandle>>,
     reloader: Mutex<crate::reload::IdentityReloader>,
+    /// What the last poll of `reloader` left (read without waiting on a poll).
+    reload_status: Mutex<crate::reload::ReloadStatus>,
 }
 
 /// What [`MeshLinks::set_mesh_peers`] changed.
@@ -487,11 +489,10 @@ impl MeshLinks {
     /// Reads the `[identity]` files again if they changed (trust, then
     /// certificate and key) and re-checks every peer when the trust did.
     pub fn reload(&self, now: std::time::SystemTime) -> crate::reload::Reloaded {
-        let done = self
-            .reloader
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .poll(&self.config, now);
+        let mut reloader = self.reloader.lock().unwrap_or_else(|e| e.into_inner());
+        let done = reloader.poll(&self.config, now);
+        *self.reload_status.lock().unwrap_or_else(|e| e.into_inner()) = reloader.status();
+        drop(reloader);
         if done.trust {
             self.recheck(now, true);
         }
@@ -501,10 +502,10 @@ impl MeshLinks {
     /// Reloading as `isthmusctl status` shows it.
     pub fn reload_status(&self) -> crate::reload::ReloadStatus {
         let mut status = self
-            .reloader
+            .reload_status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .status();
+            .clone();
         status.local_id = Some(self.config.local_id().to_string());
         if let Some(leaf) = self
             .config
@@ -560,28 +561,34 @@ impl MeshLinks {
             keep_tunnel,
             dialers: Mutex::new(HashMap::new()),
             listener: Mutex::new(Some(listener)),
-            reloader: Mutex::new(crate::reload::IdentityReloader::new(identity.files.clone())),
+            reloader: Mutex::new(crate::reload::IdentityReloader::new(
+                identity.files.clone(),
+                &identity.trust,
+            )),
+            reload_status: Mutex::new(Default::default()),
         });
         for peer in &peers {
             mesh.start_dialer(peer)?;
         }
         let ticker = Arc::downgrade(&mesh);
-        let reload_every = identity.reload_interval;
         std::thread::Builder::new()
             .name("mesh-expiry".into())
-            .spawn(move || {
-                let mut next_reload = Instant::now() + reload_every;
-                loop {
-                    std::thread::sleep(CHECK_TICK);
-                    let Some(m) = ticker.upgrade() else { return };
-                    let now = Instant::now();
-                    m.expire_lost(now);
-                    m.recheck(std::time::SystemTime::now(), false);
-                    if now >= next_reload {
-                        m.reload(std::time::SystemTime::now());
-                        next_reload = now + reload_every;
-                    }
-                }
+            .spawn(move || loop {
+                std::thread::sleep(CHECK_TICK);
+                let Some(m) = ticker.upgrade() else { return };
+                m.expire_lost(Instant::now());
+                m.recheck(std::time::SystemTime::now(), false);
+            })?;
+        // File I/O on a thread of its own: a slow or stuck file system never
+        // delays the expiry checks above.
+        let reloading = Arc::downgrade(&mesh);
+        let reload_every = identity.reload_interval;
+        std::thread::Builder::new()
+            .name("identity-reload".into())
+            .spawn(move || loop {
+                std::thread::sleep(reload_every);
+                let Some(m) = reloading.upgrade() else { return };
+                m.reload(std::time::SystemTime::now());
             })?;
         let worker = mesh.clone();
         std::thread::Builder::new()
@@ -938,19 +945,8 @@ mod tests {
 #[allow(clippy::unwrap_used)]
 mod live_trust_tests {
     use super::*;
-    use isthmus_certs::{MeshRootCa, Validity};
-    use isthmus_identity::{
-        ClusterName, GatewayId, GatewayName, LinkParams, PeerChannel, PeerEndpoint, TrustDomain,
-    };
+    use isthmus_identity::{LinkParams, PeerChannel, PeerEndpoint};
     use isthmus_tunnel::PrivateKey;
-    use std::path::PathBuf;
-
-    struct Dir(PathBuf);
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn params(wg: &PublicKey) -> TunnelParams {
         TunnelParams {
@@ -967,59 +963,10 @@ mod live_trust_tests {
     /// brings up no tunnel.
     #[test]
     fn a_session_revoked_before_it_is_installed_gets_no_tunnel() {
-        let dir = Dir(std::env::temp_dir().join(format!(
-            "isthmus-mesh-live-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        )));
-        let crls = dir.0.join("crls");
-        std::fs::create_dir_all(&crls).unwrap();
-        let td = TrustDomain::new("mesh.test").unwrap();
-        let root = MeshRootCa::create(&td, Validity::days(30)).unwrap();
-        let ca = |c: &str| {
-            root.issue_cluster_ca(&ClusterName::new(c).unwrap(), Validity::days(30))
-                .unwrap()
-        };
-        let (ca_a, ca_b) = (ca("a"), ca("b"));
-        let leaf_a = ca_a
-            .issue_gateway(&GatewayName::new("gw").unwrap(), Validity::days(30))
-            .unwrap();
-        let leaf_b = ca_b
-            .issue_gateway(&GatewayName::new("gw").unwrap(), Validity::days(30))
-            .unwrap();
-        let (bundle, cert, key) = (
-            dir.0.join("bundle.pem"),
-            dir.0.join("a.pem"),
-            dir.0.join("a.key"),
-        );
-        std::fs::write(&bundle, root.certificate_pem()).unwrap();
-        leaf_a.save(&cert, &key).unwrap();
-        let files = crate::config::IdentityFiles {
-            trust_bundle: bundle,
-            certificate: cert,
-            private_key: key,
-            crls: vec![],
-            crls_dir: Some(crls.clone()),
-        };
-        let identity = IdentityConfig {
-            credentials: files.load_credentials().unwrap(),
-            trust: files.load_trust().unwrap(),
-            files,
-            reload_interval: std::time::Duration::from_secs(3600),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            advertise_address: None,
-        };
-        let id = |c: &str| {
-            GatewayId::new(
-                td.clone(),
-                ClusterName::new(c).unwrap(),
-                GatewayName::new("gw").unwrap(),
-            )
-            .spiffe_id()
-        };
+        let pki = crate::test_pki::Pki::new("mesh-live");
+        let identity = pki.identity();
+        let leaf_b = &pki.leaf_b;
+        let id = |c: &str| pki.id(c);
         let wg = Arc::new(WgCore::new(PrivateKey::generate(), vec![]).unwrap());
         let peer_b = IdentityPeer {
             name: Some("b".into()),
@@ -1079,10 +1026,7 @@ mod live_trust_tests {
         .unwrap();
 
         // B is revoked and the gateway reloads its trust before the session reaches it.
-        let crl = ca_b
-            .crl(&[leaf_b.serial().clone()], 1, Validity::days(7))
-            .unwrap();
-        crl.save(&crls.join("b.crl.pem")).unwrap();
+        pki.revoke_b(1);
         assert!(mesh.reload(std::time::SystemTime::now()).trust);
         mesh.established(est);
 

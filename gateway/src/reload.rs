@@ -15,9 +15,10 @@
 //! session checker (0.5 s); an expiring peer certificate within one tick.
 
 use crate::config::IdentityFiles;
-use isthmus_identity::ChannelConfig;
+use isthmus_identity::{ChannelConfig, MeshTrust};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -56,7 +57,70 @@ pub struct IdentityReloader {
     files: IdentityFiles,
     trust_digest: Option<[u8; 32]>,
     credentials_digest: Option<[u8; 32]>,
+    /// The CRL number in force for each CRL issuer (raw issuer name).
+    crl_numbers: HashMap<Vec<u8>, Vec<u8>>,
+    /// The first poll puts the files in force again without counting it: they
+    /// may have changed between start-up's read and the watcher's start.
+    first: bool,
     status: ReloadStatus,
+}
+
+/// Each CRL's issuer (raw name) and CRL number (big-endian; empty when the
+/// CRL has none).
+fn crl_numbers(trust: &MeshTrust) -> HashMap<Vec<u8>, Vec<u8>> {
+    let mut out: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    for der in &trust.crls {
+        let Ok((_, crl)) = x509_parser::parse_x509_crl(der) else {
+            continue;
+        };
+        let number = crl
+            .crl_number()
+            .map(|n| n.to_bytes_be())
+            .unwrap_or_default();
+        let issuer = crl.issuer().as_raw().to_vec();
+        let newer = out.get(&issuer).is_none_or(|old| older(old, &number));
+        if newer {
+            out.insert(issuer, number);
+        }
+    }
+    out
+}
+
+/// Whether CRL number `a` is lower than `b`.
+fn older(a: &[u8], b: &[u8]) -> bool {
+    let trim = |x: &[u8]| -> Vec<u8> { x.iter().copied().skip_while(|b| *b == 0).collect() };
+    let (a, b) = (trim(a), trim(b));
+    (a.len(), &a) < (b.len(), &b)
+}
+
+/// Why `new` would un-revoke something that `old` revokes: an issuer's CRL
+/// gone, or replaced by an older one.
+fn rollback(old: &HashMap<Vec<u8>, Vec<u8>>, new: &HashMap<Vec<u8>, Vec<u8>>) -> Option<String> {
+    for (issuer, number) in old {
+        let name = {
+            use x509_parser::prelude::FromDer as _;
+            x509_parser::x509::X509Name::from_der(issuer)
+                .map(|(_, n)| n.to_string())
+                .unwrap_or_else(|_| "an issuer".into())
+        };
+        match new.get(issuer) {
+            None => {
+                return Some(format!(
+                    "the CRL of {name} is gone; that would un-revoke what it revokes \
+                     (restart the gateway to drop a CRL on purpose)"
+                ))
+            }
+            Some(n) if older(n, number) => {
+                return Some(format!(
+                    "the CRL of {name} is older than the one in force (number {} < {})",
+                    hex::encode(n),
+                    hex::encode(number)
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    None
 }
 
 fn digest_file(hasher: &mut Sha256, path: &Path, secret: bool) {
@@ -67,14 +131,17 @@ fn digest_file(hasher: &mut Sha256, path: &Path, secret: bool) {
         hasher.update(bytes);
     };
     // A missing or unreadable file is a state of its own: the reload that
-    // follows reports why.
+    // follows reports why. Both readers refuse anything but a regular file and
+    // never block on one (a FIFO in place of a CRL must not stall the watcher).
     let read = if secret {
         // Zeroed when dropped.
         isthmus_certs::files::read_secret_file(path)
             .map(|bytes| add(&bytes))
             .is_ok()
     } else {
-        std::fs::read(path).map(|bytes| add(&bytes)).is_ok()
+        isthmus_certs::files::read_public_file(path)
+            .map(|bytes| add(&bytes))
+            .is_ok()
     };
     if !read {
         hasher.update(b"unreadable");
@@ -82,17 +149,17 @@ fn digest_file(hasher: &mut Sha256, path: &Path, secret: bool) {
 }
 
 impl IdentityReloader {
-    /// Starts from the files as they were read at start-up.
-    pub fn new(files: IdentityFiles) -> Self {
-        let mut reloader = Self {
+    /// Starts from the trust read at start-up; the first poll reads every
+    /// file again and puts it in force.
+    pub fn new(files: IdentityFiles, trust: &MeshTrust) -> Self {
+        Self {
             files,
             trust_digest: None,
             credentials_digest: None,
+            crl_numbers: crl_numbers(trust),
+            first: true,
             status: ReloadStatus::default(),
-        };
-        reloader.trust_digest = Some(reloader.digest_trust());
-        reloader.credentials_digest = Some(reloader.digest_credentials());
-        reloader
+        }
     }
 
     fn digest_trust(&self) -> [u8; 32] {
@@ -129,17 +196,23 @@ impl IdentityReloader {
         let mut errors = Vec::new();
         let trust_digest = self.digest_trust();
         if Some(trust_digest) != self.trust_digest {
-            match self
-                .files
-                .load_trust()
-                .map_err(|e| e.to_string())
-                .and_then(|t| config.reload_trust(&t).map_err(|e| e.to_string()))
-            {
-                Ok(()) => {
+            let loaded = self.files.load_trust().map_err(|e| e.to_string());
+            match loaded.and_then(|t| {
+                let numbers = crl_numbers(&t);
+                if let Some(why) = rollback(&self.crl_numbers, &numbers) {
+                    return Err(why);
+                }
+                config.reload_trust(&t).map_err(|e| e.to_string())?;
+                Ok(numbers)
+            }) {
+                Ok(numbers) => {
                     self.trust_digest = Some(trust_digest);
-                    self.status.trust_reloads += 1;
+                    self.crl_numbers = numbers;
                     done.trust = true;
-                    tracing::info!("trust bundle / CRLs changed on disk; reloaded");
+                    if !self.first {
+                        self.status.trust_reloads += 1;
+                        tracing::info!("trust bundle / CRLs changed on disk; reloaded");
+                    }
                 }
                 Err(e) => errors.push(format!("trust not reloaded: {e}")),
             }
@@ -154,16 +227,20 @@ impl IdentityReloader {
             {
                 Ok(()) => {
                     self.credentials_digest = Some(credentials_digest);
-                    self.status.credential_reloads += 1;
                     done.credentials = true;
-                    tracing::info!(
-                        "certificate and key changed on disk; later handshakes use the new ones"
-                    );
+                    if !self.first {
+                        self.status.credential_reloads += 1;
+                        tracing::info!(
+                            "certificate and key changed on disk; later handshakes use the new ones"
+                        );
+                    }
                 }
                 Err(e) => errors.push(format!("certificate not reloaded: {e}")),
             }
         }
-        if done.trust || done.credentials {
+        let counted = !self.first;
+        self.first = false;
+        if counted && (done.trust || done.credentials) {
             self.status.last_reload_unix = now
                 .duration_since(std::time::UNIX_EPOCH)
                 .ok()
@@ -182,5 +259,113 @@ impl IdentityReloader {
 
     pub fn status(&self) -> ReloadStatus {
         self.status.clone()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::test_pki::Pki;
+    use isthmus_identity::{Refusal, Role, TunnelParams};
+
+    fn channel(pki: &Pki) -> ChannelConfig {
+        let identity = pki.identity();
+        ChannelConfig::new(
+            identity.credentials,
+            &identity.trust,
+            TunnelParams {
+                wireguard_public_key: None,
+                wireguard_endpoint: None,
+                esp_endpoint: None,
+                esp_inbound_spi: None,
+                mtu: 1420,
+            },
+        )
+        .unwrap()
+    }
+
+    fn b_is(pki: &Pki, config: &ChannelConfig) -> Result<(), Refusal> {
+        config.verify_peer(
+            pki.leaf_b.chain(),
+            Role::Dialer,
+            &pki.id("b"),
+            SystemTime::now(),
+        )
+    }
+
+    /// Found by review: a CRL written between start-up's read and the watcher's
+    /// start matched the watcher's first digest and was never put in force.
+    #[test]
+    fn a_crl_written_during_start_up_is_put_in_force() {
+        let pki = Pki::new("reload-start");
+        let identity = pki.identity();
+        let config = channel(&pki);
+        pki.revoke_b(1);
+        let mut reloader = IdentityReloader::new(pki.files.clone(), &identity.trust);
+        assert_eq!(b_is(&pki, &config), Ok(()));
+        assert!(reloader.poll(&config, SystemTime::now()).trust);
+        assert_eq!(b_is(&pki, &config), Err(Refusal::Revoked));
+        // Not counted as a change: nothing changed since the watcher started.
+        assert_eq!(reloader.status().trust_reloads, 0);
+    }
+
+    /// Found by review: deleting a CRL, or putting back an older one, was accepted
+    /// quietly and un-revoked its certificates.
+    #[test]
+    fn a_crl_that_goes_away_or_back_in_time_is_refused() {
+        let pki = Pki::new("reload-rollback");
+        pki.revoke_b(5);
+        let identity = pki.identity();
+        let config = channel(&pki);
+        let mut reloader = IdentityReloader::new(pki.files.clone(), &identity.trust);
+        reloader.poll(&config, SystemTime::now());
+        let crl = pki.crls.join("b.crl.pem");
+        let saved = std::fs::read(&crl).unwrap();
+        std::fs::remove_file(&crl).unwrap();
+        assert!(!reloader.poll(&config, SystemTime::now()).trust);
+        let err = reloader.status().last_error.unwrap();
+        assert!(err.contains("is gone"), "{err}");
+        assert_eq!(b_is(&pki, &config), Err(Refusal::Revoked));
+        pki.revoke_b(4);
+        assert!(!reloader.poll(&config, SystemTime::now()).trust);
+        let err = reloader.status().last_error.unwrap();
+        assert!(err.contains("older"), "{err}");
+        assert_eq!(b_is(&pki, &config), Err(Refusal::Revoked));
+        // The same list again, or a newer one, is fine.
+        std::fs::write(&crl, &saved).unwrap();
+        reloader.poll(&config, SystemTime::now());
+        assert_eq!(reloader.status().last_error, None);
+        pki.revoke_b(6);
+        assert!(reloader.poll(&config, SystemTime::now()).trust);
+        assert_eq!(reloader.status().trust_reloads, 1);
+    }
+
+    /// Found by review: a FIFO in place of a CRL file blocked the thread that
+    /// also enforced expiry, forever.
+    #[test]
+    fn a_fifo_in_place_of_a_crl_does_not_stall_reloading() {
+        let pki = Pki::new("reload-fifo");
+        let identity = pki.identity();
+        let config = channel(&pki);
+        let fifo = pki.crls.join("stuck.crl.pem");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let files = pki.files.clone();
+        let trust = identity.trust.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut reloader = IdentityReloader::new(files, &trust);
+            reloader.poll(&config, SystemTime::now());
+            let _ = tx.send(reloader.status());
+        });
+        let status = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("reloading stalled on a FIFO");
+        let err = status.last_error.unwrap();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 }

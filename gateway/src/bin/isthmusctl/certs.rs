@@ -697,8 +697,10 @@ pub(crate) fn rotate_gateway(
     describe_key(&mut out, &files.key)?;
     let _ = writeln!(
         out,
-        "  the old certificate stays valid until it expires; once every gateway uses the \
-         new one: isthmusctl certs revoke --dir {} --cluster {cluster} --serial {}",
+        "  the old certificate stays valid until it expires. Sessions that are up keep \
+         being authenticated by it: revoke it (isthmusctl certs revoke --dir {} --cluster \
+         {cluster} --serial {}) only when no peer's `isthmusctl status` shows it as \
+         peer_serial any more, or those peers are cut at once",
         dir.display(),
         old.serial
     );
