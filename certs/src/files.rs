@@ -148,6 +148,15 @@ pub fn read_public_file(path: &Path) -> Result<Vec<u8>, CertError> {
     Ok(bytes)
 }
 
+/// This process's effective uid, from `/proc/self/status` (`Uid:` real, effective,
+/// saved, filesystem). Not the owner of `/proc/self`, which is root for a process
+/// that is not dumpable (e.g. one given file capabilities).
+fn effective_uid() -> Option<u32> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
 /// Reads a file holding secrets (a private key, an SA file, a WireGuard key):
 /// the file is opened once and its type, size, owner and mode are checked on that
 /// open file, so what is read is exactly what was checked (no check-then-open
@@ -157,9 +166,9 @@ pub fn read_public_file(path: &Path) -> Result<Vec<u8>, CertError> {
 pub fn read_secret_file(path: &Path) -> Result<Zeroizing<Vec<u8>>, CertError> {
     use std::os::unix::fs::MetadataExt as _;
     let (file, meta) = open_regular(path, MAX_SECRET_FILE)?;
-    // This process's effective uid (the owner of /proc/self), without unsafe code;
-    // if it cannot be learnt, only root's files are accepted.
-    let me = fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    // This process's effective uid; if it cannot be learnt, only root's files are
+    // accepted.
+    let me = effective_uid();
     if meta.uid() != 0 && Some(meta.uid()) != me {
         return Err(CertError::KeyFileOwner {
             path: path.to_owned(),
@@ -375,12 +384,10 @@ mod tests {
     /// it) was accepted; so were FIFOs and files of any size.
     #[test]
     fn secret_files_of_another_user_fifos_and_huge_files_are_refused() {
-        use std::os::unix::fs::MetadataExt as _;
         let dir = temp_dir("owner");
         let path = dir.join("k.pem");
         write_private_key(&path, KEY).unwrap();
-        let me = fs::metadata("/proc/self").unwrap().uid();
-        if me == 0 {
+        if effective_uid() == Some(0) {
             std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
             let err = read_private_key_pem(&path).unwrap_err();
             assert!(
@@ -422,7 +429,7 @@ mod tests {
     #[test]
     fn a_replaced_key_keeps_its_owner() {
         use std::os::unix::fs::MetadataExt as _;
-        if fs::metadata("/proc/self").unwrap().uid() != 0 {
+        if effective_uid() != Some(0) {
             return;
         }
         let dir = temp_dir("keep-owner");

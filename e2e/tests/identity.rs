@@ -913,3 +913,103 @@ fn certificate_rotation_needs_no_restart_and_loses_nothing() {
     ));
     drop(g1);
 }
+
+/// Rotation under failure, with ESP tunnels keyed by identity: a peer that is away
+/// while this gateway rotates its SAs and its certificate catches up when it returns
+/// (its new session sees the new certificate, traffic flows both ways); and a gateway
+/// killed right after a rotation was asked for comes back able to talk.
+#[test]
+fn rotations_survive_a_peer_away_and_a_gateway_killed_half_way() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let run = topo.run();
+    let td = "mesh.test";
+    let pki = Pki::init(run, "ca", td).unwrap();
+    let names = ["", "one", "two"];
+    let mut creds = Vec::new();
+    for name in &names[1..] {
+        pki.cluster(name).unwrap();
+        creds.push(pki.gateway(name, "gw").unwrap());
+    }
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let mut configs = Vec::new();
+    for (me, other) in [(s1, s2), (s2, s1)] {
+        let (chain, key) = &creds[me.index - 1];
+        let peers = [IdPeer {
+            site: other,
+            kind: "esp",
+            spiffe_id: spiffe(td, names[other.index]),
+            esp: None,
+        }];
+        let cfg = write_config(run, me, &pki.bundle(), chain, key, &[], &peers).unwrap();
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("[identity]\n", "[identity]\nreload_interval_ms = 100\n");
+        std::fs::write(&cfg, text).unwrap();
+        configs.push(cfg);
+    }
+    let mut g1 = start(run, s1, &configs[0]).unwrap();
+    let mut g2 = start(run, s2, &configs[1]).unwrap();
+    wait_channels_up(s1, 1).unwrap();
+    assert!(wait_for_ping(
+        &s1.wl_ns,
+        s2.workload_addr.into(),
+        Duration::from_secs(10)
+    ));
+    let sa_rotate = |site: &Site, wait: &str| {
+        std::process::Command::new(bins::ctl())
+            .args(["sa", "rotate", "--all", "--wait", wait, "--socket"])
+            .arg(admin_socket(site))
+            .output()
+            .expect("isthmusctl sa rotate")
+    };
+
+    // Site 2 is away: the SA rotation stays pending (nothing comes back), the
+    // certificate rotation is put in force at once.
+    g2.stop().unwrap();
+    let out = sa_rotate(s1, "1");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("pending"),
+        "{out:?}"
+    );
+    let new_serial = rotate_cert(&pki, "one", "gw").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while status(s1).unwrap()["identity_reload"]["certificate_serial"].as_str()
+        != Some(new_serial.as_str())
+    {
+        assert!(Instant::now() < deadline, "new certificate not in force");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Site 2 returns and catches up.
+    g2 = start(run, s2, &configs[1]).unwrap();
+    let s = wait_channels_up(s2, 1).unwrap();
+    assert_eq!(
+        s["channels"][0]["peer_serial"].as_str(),
+        Some(new_serial.as_str()),
+        "{s:#}"
+    );
+    for (a, b) in [(s1, s2), (s2, s1)] {
+        assert!(wait_for_ping(
+            &a.wl_ns,
+            b.workload_addr.into(),
+            Duration::from_secs(10)
+        ));
+    }
+
+    // A rotation asked for, and the gateway killed right away.
+    let out = sa_rotate(s1, "0");
+    assert!(out.status.success(), "{out:?}");
+    g1.signal(libc::SIGKILL);
+    let _ = g1.wait_timeout(Duration::from_secs(5));
+    g1 = start(run, s1, &configs[0]).unwrap();
+    wait_channels_up(s1, 1).unwrap();
+    for (a, b) in [(s1, s2), (s2, s1)] {
+        assert!(
+            wait_for_ping(&a.wl_ns, b.workload_addr.into(), Duration::from_secs(10)),
+            "{} -> {} after the restart",
+            a.index,
+            b.index
+        );
+    }
+    drop((g1, g2));
+}

@@ -454,6 +454,8 @@ impl IdentityFiles {
                     .map_err(|e| ConfigError::new("identity.crls_dir", e.to_string()))?,
             );
         }
+        // Only the newest CRL of each issuer counts (see newest_per_issuer).
+        let crls = crate::reload::newest_per_issuer(crls);
         Ok(isthmus_identity::MeshTrust { roots, crls })
     }
 

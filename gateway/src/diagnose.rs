@@ -44,15 +44,28 @@ fn find_channel<'a>(s: &'a Status, peer: &str) -> Option<&'a ChannelStatus> {
         .find(|c| c.name.as_deref() == Some(peer) || c.spiffe_id == peer)
 }
 
+/// The tunnel of `peer`: for a peer configured by identity the one its
+/// channel brought up (by its WireGuard key, or its name and kind), never
+/// another peer that merely shares a name.
 fn find_peer<'a>(
     s: &'a Status,
     peer: &str,
     channel: Option<&ChannelStatus>,
 ) -> Option<&'a PeerStatus> {
-    let name = channel.and_then(|c| c.name.as_deref()).unwrap_or(peer);
-    s.peers
-        .iter()
-        .find(|p| p.name.as_deref() == Some(name) || p.public_key.as_deref() == Some(peer))
+    match channel {
+        Some(c) => match (&c.wireguard_key, &c.name) {
+            (Some(key), _) => s.peers.iter().find(|p| p.public_key.as_ref() == Some(key)),
+            (None, Some(name)) => s
+                .peers
+                .iter()
+                .find(|p| p.name.as_ref() == Some(name) && p.kind == c.kind),
+            (None, None) => None,
+        },
+        None => s
+            .peers
+            .iter()
+            .find(|p| p.name.as_deref() == Some(peer) || p.public_key.as_deref() == Some(peer)),
+    }
 }
 
 fn drops_total(p: &PeerStatus) -> u64 {
@@ -235,7 +248,7 @@ mod tests {
             "spiffe_id": "spiffe://td/cluster/b/gateway/gw", "name": "b", "kind": "wireguard",
             "channel_endpoint": "192.0.2.2:7443", "state": state, "tunnel": true,
             "role": "dialer", "up_secs": 5.0, "sessions": 1, "last_refusal": refusal,
-            "peer_serial": "01:02", "peer_cert_expires_unix": expires
+            "peer_serial": "01:02", "peer_cert_expires_unix": expires, "wireguard_key": "KEY"
         })
     }
 
@@ -255,6 +268,21 @@ mod tests {
             assert!(d.summary.contains("healthy"), "{}", d.summary);
         }
         assert!(diagnose(&before, &after, "nobody", W, NOW).is_none());
+    }
+
+    /// Found by review: a channel was matched to a tunnel by name only, so a
+    /// static peer of the same name could stand in for it.
+    #[test]
+    fn a_channel_is_matched_to_its_own_tunnel() {
+        let mut ch = channel("up", None, NOW + 90 * 86_400);
+        ch["wireguard_key"] = json!("OTHER");
+        let (before, after) = (
+            status(10, Some(5.0), 0, ch.clone()),
+            status(14, Some(8.0), 0, ch),
+        );
+        let d = diagnose(&before, &after, "spiffe://td/cluster/b/gateway/gw", W, NOW).unwrap();
+        assert!(!d.healthy, "{d:#?}");
+        assert!(d.summary.contains("no tunnel"), "{}", d.summary);
     }
 
     #[test]

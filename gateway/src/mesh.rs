@@ -199,6 +199,9 @@ pub struct ChannelStatus {
     /// When the first certificate of that chain expires (Unix seconds).
     #[serde(default)]
     pub peer_cert_expires_unix: Option<u64>,
+    /// The WireGuard key of the tunnel this channel brought up (a public key).
+    #[serde(default)]
+    pub wireguard_key: Option<String>,
 }
 
 #[derive(Default)]
@@ -869,6 +872,7 @@ impl MeshLinks {
                         .and_then(|l| l.peer_chain.first())
                         .and_then(|c| isthmus_certs::CertificateSummary::from_der(c).ok())
                         .map(|s| s.serial.to_string()),
+                    wireguard_key: link.and_then(|l| l.wg_key).map(|k| k.to_base64()),
                     peer_cert_expires_unix: link.and_then(|l| l.not_after).and_then(|t| {
                         t.duration_since(std::time::UNIX_EPOCH)
                             .ok()

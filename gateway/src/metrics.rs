@@ -218,12 +218,15 @@ impl MetricsServer {
                     active.fetch_sub(1, Ordering::SeqCst);
                     continue;
                 }
-                let (active, status) = (active.clone(), status.clone());
+                // Freed when the connection's thread ends, also by a panic,
+                // or at once if the thread cannot be started.
+                let slot = Slot(active.clone());
+                let status = status.clone();
                 let spawned = std::thread::Builder::new()
                     .name("metrics-conn".into())
                     .spawn(move || {
+                        let _slot = slot;
                         serve(stream, &*status);
-                        active.fetch_sub(1, Ordering::SeqCst);
                     });
                 if spawned.is_err() {
                     tracing::warn!("cannot spawn a metrics connection thread");
@@ -236,6 +239,15 @@ impl MetricsServer {
     /// The address it listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+}
+
+/// One of the [`MAX_SCRAPERS`] serving slots, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

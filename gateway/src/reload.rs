@@ -16,6 +16,7 @@
 
 use crate::config::IdentityFiles;
 use isthmus_identity::{ChannelConfig, MeshTrust};
+use rustls_pki_types::CertificateRevocationListDer;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -57,70 +58,111 @@ pub struct IdentityReloader {
     files: IdentityFiles,
     trust_digest: Option<[u8; 32]>,
     credentials_digest: Option<[u8; 32]>,
-    /// The CRL number in force for each CRL issuer (raw issuer name).
-    crl_numbers: HashMap<Vec<u8>, Vec<u8>>,
+    /// The CRL in force for each CRL issuer (raw issuer name).
+    crls: HashMap<Vec<u8>, CrlInfo>,
     /// The first poll puts the files in force again without counting it: they
     /// may have changed between start-up's read and the watcher's start.
     first: bool,
     status: ReloadStatus,
 }
 
-/// Each CRL's issuer (raw name) and CRL number (big-endian; empty when the
-/// CRL has none).
-fn crl_numbers(trust: &MeshTrust) -> HashMap<Vec<u8>, Vec<u8>> {
-    let mut out: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
-    for der in &trust.crls {
+/// One CRL: how new it is, and its DER.
+#[derive(Debug, Clone)]
+struct CrlInfo {
+    /// CRL number, big-endian without leading zeros (empty when it has none).
+    number: Vec<u8>,
+    /// thisUpdate, Unix seconds.
+    this_update: i64,
+    /// The issuer's name, for messages.
+    issuer_name: String,
+    der: CertificateRevocationListDer<'static>,
+}
+
+impl CrlInfo {
+    /// Whether `self` is older than `other` (by CRL number, then thisUpdate).
+    fn older_than(&self, other: &CrlInfo) -> bool {
+        (self.number.len(), &self.number, self.this_update)
+            < (other.number.len(), &other.number, other.this_update)
+    }
+}
+
+/// Keys each CRL by its issuer (raw name) and keeps the newest of each issuer;
+/// a CRL that does not parse is kept apart (the trust check refuses it).
+fn by_issuer(
+    crls: &[CertificateRevocationListDer<'static>],
+) -> (
+    HashMap<Vec<u8>, CrlInfo>,
+    Vec<CertificateRevocationListDer<'static>>,
+) {
+    let mut out: HashMap<Vec<u8>, CrlInfo> = HashMap::new();
+    let mut unparsed = Vec::new();
+    for der in crls {
         let Ok((_, crl)) = x509_parser::parse_x509_crl(der) else {
+            unparsed.push(der.clone());
             continue;
         };
-        let number = crl
+        let number: Vec<u8> = crl
             .crl_number()
             .map(|n| n.to_bytes_be())
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        let info = CrlInfo {
+            number,
+            this_update: crl.last_update().timestamp(),
+            issuer_name: crl.issuer().to_string(),
+            der: der.clone(),
+        };
         let issuer = crl.issuer().as_raw().to_vec();
-        let newer = out.get(&issuer).is_none_or(|old| older(old, &number));
-        if newer {
-            out.insert(issuer, number);
+        if out.get(&issuer).is_none_or(|old| old.older_than(&info)) {
+            out.insert(issuer, info);
         }
     }
+    (out, unparsed)
+}
+
+/// The CRLs to put in force: only the newest of each issuer. The revocation
+/// check uses the first CRL of an issuer it finds, so an old copy next to a
+/// newer one would un-revoke what only the newer one lists.
+pub fn newest_per_issuer(
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Vec<CertificateRevocationListDer<'static>> {
+    let (newest, mut out) = by_issuer(&crls);
+    out.extend(newest.into_values().map(|i| i.der));
     out
 }
 
-/// Whether CRL number `a` is lower than `b`.
-fn older(a: &[u8], b: &[u8]) -> bool {
-    let trim = |x: &[u8]| -> Vec<u8> { x.iter().copied().skip_while(|b| *b == 0).collect() };
-    let (a, b) = (trim(a), trim(b));
-    (a.len(), &a) < (b.len(), &b)
-}
-
-/// Why `new` would un-revoke something that `old` revokes: an issuer's CRL
-/// gone, or replaced by an older one.
-fn rollback(old: &HashMap<Vec<u8>, Vec<u8>>, new: &HashMap<Vec<u8>, Vec<u8>>) -> Option<String> {
-    for (issuer, number) in old {
-        let name = {
-            use x509_parser::prelude::FromDer as _;
-            x509_parser::x509::X509Name::from_der(issuer)
-                .map(|(_, n)| n.to_string())
-                .unwrap_or_else(|_| "an issuer".into())
-        };
-        match new.get(issuer) {
-            None => {
-                return Some(format!(
-                    "the CRL of {name} is gone; that would un-revoke what it revokes \
-                     (restart the gateway to drop a CRL on purpose)"
-                ))
-            }
-            Some(n) if older(n, number) => {
-                return Some(format!(
-                    "the CRL of {name} is older than the one in force (number {} < {})",
-                    hex::encode(n),
-                    hex::encode(number)
-                ))
-            }
-            Some(_) => {}
+/// Merges the CRLs loaded now with those in force: an issuer whose CRL is gone
+/// or older keeps the one in force (putting it back would un-revoke), and says
+/// so; every other issuer gets its new CRL.
+fn merge_crls(
+    in_force: &HashMap<Vec<u8>, CrlInfo>,
+    loaded: &[CertificateRevocationListDer<'static>],
+) -> (
+    HashMap<Vec<u8>, CrlInfo>,
+    Vec<CertificateRevocationListDer<'static>>,
+    Vec<String>,
+) {
+    let (mut merged, unparsed) = by_issuer(loaded);
+    let mut kept = Vec::new();
+    for (issuer, old) in in_force {
+        match merged.get(issuer) {
+            None => kept.push(format!(
+                "the CRL of {} is gone; the one in force is kept (restart the gateway to drop it)",
+                old.issuer_name
+            )),
+            Some(new) if new.older_than(old) => kept.push(format!(
+                "the CRL of {} on disk is older than the one in force; that one is kept",
+                old.issuer_name
+            )),
+            Some(_) => continue,
         }
+        merged.insert(issuer.clone(), old.clone());
     }
-    None
+    let mut list = unparsed;
+    list.extend(merged.values().map(|i| i.der.clone()));
+    (merged, list, kept)
 }
 
 fn digest_file(hasher: &mut Sha256, path: &Path, secret: bool) {
@@ -156,7 +198,7 @@ impl IdentityReloader {
             files,
             trust_digest: None,
             credentials_digest: None,
-            crl_numbers: crl_numbers(trust),
+            crls: by_issuer(&trust.crls).0,
             first: true,
             status: ReloadStatus::default(),
         }
@@ -197,17 +239,16 @@ impl IdentityReloader {
         let trust_digest = self.digest_trust();
         if Some(trust_digest) != self.trust_digest {
             let loaded = self.files.load_trust().map_err(|e| e.to_string());
-            match loaded.and_then(|t| {
-                let numbers = crl_numbers(&t);
-                if let Some(why) = rollback(&self.crl_numbers, &numbers) {
-                    return Err(why);
-                }
+            match loaded.and_then(|mut t| {
+                let (merged, list, kept) = merge_crls(&self.crls, &t.crls);
+                t.crls = list;
                 config.reload_trust(&t).map_err(|e| e.to_string())?;
-                Ok(numbers)
+                Ok((merged, kept))
             }) {
-                Ok(numbers) => {
+                Ok((merged, kept)) => {
                     self.trust_digest = Some(trust_digest);
-                    self.crl_numbers = numbers;
+                    self.crls = merged;
+                    errors.extend(kept);
                     done.trust = true;
                     if !self.first {
                         self.status.trust_reloads += 1;
@@ -311,34 +352,63 @@ mod tests {
     }
 
     /// Found by review: deleting a CRL, or putting back an older one, was accepted
-    /// quietly and un-revoked its certificates.
+    /// quietly and un-revoked its certificates. Then (second review) refusing the
+    /// whole reload for it blocked every later revocation: now the issuer keeps the
+    /// CRL in force and every other change goes through.
     #[test]
-    fn a_crl_that_goes_away_or_back_in_time_is_refused() {
+    fn a_crl_that_goes_away_or_back_in_time_is_kept_and_others_still_apply() {
         let pki = Pki::new("reload-rollback");
         pki.revoke_b(5);
         let identity = pki.identity();
         let config = channel(&pki);
         let mut reloader = IdentityReloader::new(pki.files.clone(), &identity.trust);
         reloader.poll(&config, SystemTime::now());
-        let crl = pki.crls.join("b.crl.pem");
-        let saved = std::fs::read(&crl).unwrap();
-        std::fs::remove_file(&crl).unwrap();
-        assert!(!reloader.poll(&config, SystemTime::now()).trust);
+        assert_eq!(b_is(&pki, &config), Err(Refusal::Revoked));
+        // Cluster b's CRL disappears while cluster a's revokes a gateway of a.
+        let other = pki
+            .ca_a
+            .issue_gateway(
+                &isthmus_identity::GatewayName::new("gw2").unwrap(),
+                isthmus_certs::Validity::days(30),
+            )
+            .unwrap();
+        std::fs::remove_file(pki.crls.join("b.crl.pem")).unwrap();
+        pki.write_crl(&pki.ca_a, &[&other], 1, "a.crl.pem");
+        assert!(reloader.poll(&config, SystemTime::now()).trust);
         let err = reloader.status().last_error.unwrap();
         assert!(err.contains("is gone"), "{err}");
         assert_eq!(b_is(&pki, &config), Err(Refusal::Revoked));
+        let a2 = config.verify_peer(other.chain(), Role::Dialer, other.id(), SystemTime::now());
+        assert_eq!(
+            a2,
+            Err(Refusal::Revoked),
+            "cluster a's new CRL was not applied"
+        );
+        // An older CRL of b is not put in force either.
         pki.revoke_b(4);
-        assert!(!reloader.poll(&config, SystemTime::now()).trust);
+        reloader.poll(&config, SystemTime::now());
         let err = reloader.status().last_error.unwrap();
         assert!(err.contains("older"), "{err}");
         assert_eq!(b_is(&pki, &config), Err(Refusal::Revoked));
-        // The same list again, or a newer one, is fine.
-        std::fs::write(&crl, &saved).unwrap();
+        // A newer one is, and the warning goes away.
+        pki.revoke_b(6);
         reloader.poll(&config, SystemTime::now());
         assert_eq!(reloader.status().last_error, None);
-        pki.revoke_b(6);
-        assert!(reloader.poll(&config, SystemTime::now()).trust);
-        assert_eq!(reloader.status().trust_reloads, 1);
+        assert_eq!(b_is(&pki, &config), Err(Refusal::Revoked));
+    }
+
+    /// Found by the second review: the revocation check uses the first CRL of an
+    /// issuer it finds, so an old copy of b's CRL sorted before the new one
+    /// un-revoked b. Only the newest CRL of each issuer is kept.
+    #[test]
+    fn only_the_newest_crl_of_an_issuer_counts() {
+        let pki = Pki::new("reload-dup");
+        pki.write_crl(&pki.ca_b, &[], 1, "a-old.crl.pem");
+        pki.revoke_b(2);
+        let identity = pki.identity();
+        assert_eq!(identity.trust.crls.len(), 1);
+        let config = channel(&pki);
+        assert_eq!(b_is(&pki, &config), Err(Refusal::Revoked));
     }
 
     /// Found by review: a FIFO in place of a CRL file blocked the thread that

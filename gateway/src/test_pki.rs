@@ -11,6 +11,7 @@ use std::path::PathBuf;
 pub struct Pki {
     pub dir: PathBuf,
     pub td: TrustDomain,
+    pub ca_a: ClusterCa,
     pub ca_b: ClusterCa,
     /// Gateway `gw` of cluster `b`: its peer.
     pub leaf_b: IssuedCertificate,
@@ -59,6 +60,7 @@ impl Pki {
         Self {
             dir,
             td,
+            ca_a,
             ca_b,
             leaf_b,
             crls,
@@ -89,10 +91,19 @@ impl Pki {
 
     /// Writes cluster b's CRL with CRL number `number`, revoking its gateway.
     pub fn revoke_b(&self, number: u64) {
-        let crl = self
-            .ca_b
-            .crl(&[self.leaf_b.serial().clone()], number, Validity::days(7))
-            .unwrap();
-        crl.save(&self.crls.join("b.crl.pem")).unwrap();
+        self.write_crl(&self.ca_b, &[&self.leaf_b], number, "b.crl.pem");
+    }
+
+    /// Writes `ca`'s CRL revoking `leaves` into the CRL directory as `file`.
+    pub fn write_crl(
+        &self,
+        ca: &ClusterCa,
+        leaves: &[&IssuedCertificate],
+        number: u64,
+        file: &str,
+    ) {
+        let serials: Vec<_> = leaves.iter().map(|l| l.serial().clone()).collect();
+        let crl = ca.crl(&serials, number, Validity::days(7)).unwrap();
+        crl.save(&self.crls.join(file)).unwrap();
     }
 }

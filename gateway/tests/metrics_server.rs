@@ -75,3 +75,32 @@ fn trickling_and_idle_clients_do_not_hold_the_endpoint() {
         let _ = t.join();
     }
 }
+
+/// Found by the second review: a panic while serving a scrape leaked its slot, and
+/// after four the endpoint refused everyone for good.
+#[test]
+fn a_failing_scrape_gives_its_slot_back() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    let server = MetricsServer::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        Arc::new(move || {
+            if counted.fetch_add(1, Ordering::SeqCst) < MAX_SCRAPERS + 1 {
+                panic!("status failed (on purpose)");
+            }
+            common::status_document()
+        }),
+    )
+    .expect("metrics server");
+    for _ in 0..=MAX_SCRAPERS {
+        let _ = scrape(server.local_addr());
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut answer = scrape(server.local_addr());
+    while !answer.starts_with("HTTP/1.1 200") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        answer = scrape(server.local_addr());
+    }
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
