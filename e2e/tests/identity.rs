@@ -636,11 +636,7 @@ fn revoking_a_live_peer_cuts_its_channel_and_tunnel_within_the_bound() {
         let (chain, key) = &creds[me.index - 1];
         let own_crls = if me.index == 1 { &crls[..] } else { &[] };
         let cfg = write_config(run, me, &pki.bundle(), chain, key, own_crls, &peers).unwrap();
-        let text = std::fs::read_to_string(&cfg).unwrap().replace(
-            "[identity]\n",
-            &format!("[identity]\nreload_interval_ms = {reload_ms}\n"),
-        );
-        std::fs::write(&cfg, text).unwrap();
+        set_reload_interval(&cfg, reload_ms);
         gws.push(start(run, me, &cfg).unwrap());
     }
     wait_channels_up(s1, 1).unwrap();
@@ -732,6 +728,53 @@ fn revoking_a_live_peer_cuts_its_channel_and_tunnel_within_the_bound() {
     drop(gws);
 }
 
+/// Adds `reload_interval_ms` to the `[identity]` of a gateway config.
+fn set_reload_interval(config: &Path, ms: u64) {
+    let text = std::fs::read_to_string(config).expect("config").replace(
+        "[identity]\n",
+        &format!("[identity]\nreload_interval_ms = {ms}\n"),
+    );
+    std::fs::write(config, text).expect("config");
+}
+
+/// A CA with clusters `one` and `two` and a gateway `gw` in each, and the configs of
+/// sites 1 and 2 peering with each other by identity with `kind`, re-reading their
+/// identity files every 100 ms: (CA, [(chain, key)] per site, [config] per site).
+fn two_sites_by_identity(
+    topo: &Topology,
+    kind: &str,
+) -> (Pki, Vec<(PathBuf, PathBuf)>, Vec<PathBuf>) {
+    let run = topo.run();
+    let td = "mesh.test";
+    let pki = Pki::init(run, "ca", td).expect("CA");
+    let names = ["", "one", "two"];
+    let creds: Vec<(PathBuf, PathBuf)> = names[1..]
+        .iter()
+        .map(|name| {
+            pki.cluster(name).expect("cluster CA");
+            pki.gateway(name, "gw").expect("gateway certificate")
+        })
+        .collect();
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let configs = [(s1, s2), (s2, s1)]
+        .into_iter()
+        .map(|(me, other)| {
+            let (chain, key) = &creds[me.index - 1];
+            let peers = [IdPeer {
+                site: other,
+                kind,
+                spiffe_id: spiffe(td, names[other.index]),
+                esp: None,
+            }];
+            let cfg =
+                write_config(run, me, &pki.bundle(), chain, key, &[], &peers).expect("config");
+            set_reload_interval(&cfg, 100);
+            cfg
+        })
+        .collect();
+    (pki, creds, configs)
+}
+
 /// `isthmusctl diagnose PEER --wait 1` on `site`: (exit 0, what it printed).
 fn diagnose(site: &Site, peer: &str) -> (bool, String) {
     let out = std::process::Command::new(bins::ctl())
@@ -781,31 +824,8 @@ fn certificate_rotation_needs_no_restart_and_loses_nothing() {
     const ROTATIONS: u64 = 20;
     let topo = Topology::two_sites(Underlay::V4).expect("topology");
     let run = topo.run();
-    let td = "mesh.test";
-    let pki = Pki::init(run, "ca", td).unwrap();
-    let names = ["", "one", "two"];
-    let mut creds = Vec::new();
-    for name in &names[1..] {
-        pki.cluster(name).unwrap();
-        creds.push(pki.gateway(name, "gw").unwrap());
-    }
+    let (pki, creds, configs) = two_sites_by_identity(&topo, "wireguard");
     let (s1, s2) = (topo.site(1), topo.site(2));
-    let mut configs = Vec::new();
-    for (me, other) in [(s1, s2), (s2, s1)] {
-        let (chain, key) = &creds[me.index - 1];
-        let peers = [IdPeer {
-            site: other,
-            kind: "wireguard",
-            spiffe_id: spiffe(td, names[other.index]),
-            esp: None,
-        }];
-        let cfg = write_config(run, me, &pki.bundle(), chain, key, &[], &peers).unwrap();
-        let text = std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("[identity]\n", "[identity]\nreload_interval_ms = 100\n");
-        std::fs::write(&cfg, text).unwrap();
-        configs.push(cfg);
-    }
     let mut g1 = start(run, s1, &configs[0]).unwrap();
     let _g2 = start(run, s2, &configs[1]).unwrap();
     wait_channels_up(s1, 1).unwrap();
@@ -922,31 +942,8 @@ fn certificate_rotation_needs_no_restart_and_loses_nothing() {
 fn rotations_survive_a_peer_away_and_a_gateway_killed_half_way() {
     let topo = Topology::two_sites(Underlay::V4).expect("topology");
     let run = topo.run();
-    let td = "mesh.test";
-    let pki = Pki::init(run, "ca", td).unwrap();
-    let names = ["", "one", "two"];
-    let mut creds = Vec::new();
-    for name in &names[1..] {
-        pki.cluster(name).unwrap();
-        creds.push(pki.gateway(name, "gw").unwrap());
-    }
+    let (pki, _creds, configs) = two_sites_by_identity(&topo, "esp");
     let (s1, s2) = (topo.site(1), topo.site(2));
-    let mut configs = Vec::new();
-    for (me, other) in [(s1, s2), (s2, s1)] {
-        let (chain, key) = &creds[me.index - 1];
-        let peers = [IdPeer {
-            site: other,
-            kind: "esp",
-            spiffe_id: spiffe(td, names[other.index]),
-            esp: None,
-        }];
-        let cfg = write_config(run, me, &pki.bundle(), chain, key, &[], &peers).unwrap();
-        let text = std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("[identity]\n", "[identity]\nreload_interval_ms = 100\n");
-        std::fs::write(&cfg, text).unwrap();
-        configs.push(cfg);
-    }
     let mut g1 = start(run, s1, &configs[0]).unwrap();
     let mut g2 = start(run, s2, &configs[1]).unwrap();
     wait_channels_up(s1, 1).unwrap();
