@@ -8,7 +8,9 @@
 //! (and match each other), later handshakes present the new ones. A file that
 //! does not parse, or a certificate and key caught half-written, change
 //! nothing: the reload is tried again at the next poll and the error is shown
-//! in `isthmusctl status`.
+//! in `isthmusctl status`. Only the newest CRL of each issuer is used; an
+//! issuer whose CRL disappears or goes back to an older one keeps the one in
+//! force (dropping it would un-revoke), which `status` also says.
 //!
 //! Bound: a CRL written to disk takes effect within one reload interval
 //! (`[identity] reload_interval_ms`, default 1 s) plus one tick of the
