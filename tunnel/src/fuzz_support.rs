@@ -113,6 +113,7 @@ impl WgTarget {
         let peer = |key, endpoint: &str, prefix: &str| PeerConfig {
             name: None,
             public_key: key,
+            previous_keys: Vec::new(),
             preshared_key: None,
             endpoint: Some(endpoint.parse().expect("literal")),
             allowed_prefixes: vec![prefix.parse().expect("literal")],

@@ -36,6 +36,10 @@ pub const WG_HANDSHAKE_INIT_LEN: usize = 148;
 pub struct PeerConfig {
     pub name: Option<String>,
     pub public_key: PublicKey,
+    /// Earlier static keys of the same peer that are still accepted while
+    /// it rotates its key (at most [`MAX_PEER_KEYS`]` - 1`). Handshakes go
+    /// toward `public_key`; sessions made under these keep working.
+    pub previous_keys: Vec<PublicKey>,
     pub preshared_key: Option<[u8; 32]>,
     pub endpoint: Option<SocketAddr>,
     pub allowed_prefixes: Vec<IpPrefix>,
@@ -48,6 +52,7 @@ impl std::fmt::Debug for PeerConfig {
         f.debug_struct("PeerConfig")
             .field("name", &self.name)
             .field("public_key", &self.public_key)
+            .field("previous_keys", &self.previous_keys)
             .field("preshared_key", &self.preshared_key.map(|_| "<redacted>"))
             .field("endpoint", &self.endpoint)
             .field("allowed_prefixes", &self.allowed_prefixes)
@@ -72,19 +77,156 @@ pub enum PeerSetError {
     },
     #[error("too many peers have been created in this process")]
     IndexSpaceExhausted,
+    #[error("peer {0} has more than {MAX_PEER_KEYS} static keys")]
+    TooManyKeys(PublicKey),
+}
+
+/// Errors from changing this device's own static keys.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyChangeError {
+    #[error("key epoch {0} is waiting to be put in force; finish or retire it first")]
+    Pending(u64),
+    #[error("this key is already one of the device's keys")]
+    AlreadyInstalled,
+    #[error("this key is a configured peer's key")]
+    PeerKey,
+    #[error("no key of epoch {0}")]
+    NoSuchEpoch(u64),
+    #[error("key epoch {0} is the one in force")]
+    InForce(u64),
+    #[error("key epoch {0} is older than the one in force")]
+    NotNewer(u64),
+    #[error(
+        "key epoch {epoch} would be retired but peer {peer} still uses it; try again in a moment"
+    )]
+    InUse { epoch: u64, peer: PublicKey },
+    #[error(transparent)]
+    Peers(#[from] PeerSetError),
+}
+
+/// Static keys a peer may have at once (its current key and the ones it
+/// is rotating away from).
+pub const MAX_PEER_KEYS: usize = 3;
+/// Static keys this device holds at once: the one in force, one waiting to
+/// be put in force, and the ones still accepted after a rotation.
+pub const MAX_LOCAL_KEYS: usize = 3;
+
+/// One of this device's static keys, with the handshake limiter that
+/// checks mac1 (which is keyed by the public key) under it.
+struct LocalKey {
+    epoch: u64,
+    secret: boringtun::x25519::StaticSecret,
+    public: boringtun::x25519::PublicKey,
+    limiter: Arc<RateLimiter>,
+}
+
+impl LocalKey {
+    fn new(epoch: u64, key: &PrivateKey) -> Self {
+        let secret = key.to_secret();
+        let public = boringtun::x25519::PublicKey::from(&secret);
+        Self {
+            epoch,
+            limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+        }
+    }
+    fn public_key(&self) -> PublicKey {
+        PublicKey(self.public.to_bytes())
+    }
+}
+
+/// The device's static keys, newest first, and the epoch of the one it
+/// initiates handshakes with (the key in force). Every key is accepted
+/// for handshakes from peers.
+#[derive(Clone, Default)]
+struct LocalKeys {
+    keys: Vec<Arc<LocalKey>>,
+    in_force: u64,
+}
+
+impl std::fmt::Debug for LocalKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalKeys")
+            .field(
+                "epochs",
+                &self.keys.iter().map(|k| k.epoch).collect::<Vec<_>>(),
+            )
+            .field("in_force", &self.in_force)
+            .finish()
+    }
+}
+
+impl LocalKeys {
+    fn in_force(&self) -> Option<&Arc<LocalKey>> {
+        self.keys.iter().find(|k| k.epoch == self.in_force)
+    }
+}
+
+/// One of this device's static keys as status shows it (never the
+/// private half).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyInfo {
+    pub epoch: u64,
+    pub public_key: PublicKey,
+    /// The key handshakes are initiated with.
+    pub in_force: bool,
+}
+
+/// One WireGuard state machine of a peer: for one of this device's keys
+/// and one of the peer's keys. A peer has one slot for each pair while
+/// either side rotates its static key, so sessions made under an old pair
+/// keep working while the new pair comes up (make before break).
+struct Slot {
+    local: Arc<LocalKey>,
+    remote: PublicKey,
+    /// boringtun's local index: session indices are `index << 8 | n`.
+    index: u32,
+    tunn: Tunn,
+    /// The [`WgCore::tick`] count when an authenticated datagram last came
+    /// in on this slot.
+    last_rx_tick: Option<u64>,
+}
+
+impl Slot {
+    fn has_session(&self) -> bool {
+        self.tunn.time_since_last_handshake().is_some()
+    }
 }
 
 /// The part of a peer's state that changes with every packet or handshake.
 struct Session {
-    tunn: Tunn,
+    slots: Vec<Slot>,
+    /// The slot packets are sent with.
+    active: usize,
+    /// The slot of the key in force and the peer's newest key: packets move
+    /// to it as soon as it has a session.
+    preferred: usize,
     endpoint: Option<SocketAddr>,
+}
+
+impl Session {
+    /// The slot to send with, moving to the preferred one once it has a
+    /// session.
+    fn sender(&mut self) -> &mut Slot {
+        if self.active != self.preferred && self.slots[self.preferred].has_session() {
+            self.active = self.preferred;
+        }
+        &mut self.slots[self.active]
+    }
+    fn slot_by_index(&mut self, index: u32) -> Option<&mut Slot> {
+        self.slots.iter_mut().find(|s| s.index == index)
+    }
+    fn slot_for(&mut self, local_epoch: u64, remote: &PublicKey) -> Option<&mut Slot> {
+        self.slots
+            .iter_mut()
+            .find(|s| s.local.epoch == local_epoch && s.remote == *remote)
+    }
 }
 
 /// One configured peer and its live session.
 pub struct Peer {
-    /// boringtun's local index base: session indices are `index << 8 | n`.
-    index: u32,
-    public_key: PublicKey,
     /// What the session was built with; a change needs a new session.
     preshared_key: Option<[u8; 32]>,
     persistent_keepalive: Option<u16>,
@@ -98,13 +240,14 @@ pub struct Peer {
 struct PeerMeta {
     name: Option<String>,
     allowed_prefixes: Vec<IpPrefix>,
+    /// The peer's static keys, newest first.
+    keys: Vec<PublicKey>,
 }
 
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Peer")
-            .field("index", &self.index)
-            .field("public_key", &self.public_key)
+            .field("public_key", &self.public_key())
             .finish_non_exhaustive()
     }
 }
@@ -116,15 +259,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Peer {
+    /// The peer's newest static key (handshakes go toward it).
     pub fn public_key(&self) -> PublicKey {
-        self.public_key
+        lock(&self.meta).keys[0]
+    }
+    /// Every static key of the peer, newest first.
+    pub fn public_keys(&self) -> Vec<PublicKey> {
+        lock(&self.meta).keys.clone()
     }
     /// The peer's configuration, with the endpoint it was last heard from.
     pub fn config(&self) -> PeerConfig {
         let meta = lock(&self.meta).clone();
         PeerConfig {
             name: meta.name,
-            public_key: self.public_key,
+            public_key: meta.keys[0],
+            previous_keys: meta.keys[1..].to_vec(),
             preshared_key: self.preshared_key,
             endpoint: self.endpoint(),
             allowed_prefixes: meta.allowed_prefixes,
@@ -140,8 +289,16 @@ impl Peer {
     }
     /// Time of the last completed handshake, if a session is up.
     pub fn last_handshake(&self) -> Option<SystemTime> {
-        let since = self.session().tunn.time_since_last_handshake()?;
+        let mut session = self.session();
+        let since = session.sender().tunn.time_since_last_handshake()?;
         SystemTime::now().checked_sub(since)
+    }
+    /// The epoch of this device's key and the peer key that packets are
+    /// sent with now.
+    pub fn sending_with(&self) -> (u64, PublicKey) {
+        let mut session = self.session();
+        let slot = session.sender();
+        (slot.local.epoch, slot.remote)
     }
     pub fn stats(&self) -> PeerStats {
         self.counters.snapshot()
@@ -156,6 +313,8 @@ pub struct PeerSet {
     by_key: HashMap<PublicKey, Arc<Peer>>,
     by_index: HashMap<u32, Arc<Peer>>,
     routes: PrefixTable<Arc<Peer>>,
+    /// The device's own keys this snapshot's slots were made for.
+    local: Arc<LocalKeys>,
 }
 
 impl PeerSet {
@@ -203,14 +362,13 @@ pub enum Inbound {
 pub struct WgCore {
     /// Serialises read-modify-write changes of the peer set.
     writer: Mutex<()>,
-    /// Device-wide handshake limiter (mac1 check, cookies under load),
-    /// shared by every peer's session.
-    rate_limiter: Arc<RateLimiter>,
-    secret: boringtun::x25519::StaticSecret,
-    public: boringtun::x25519::PublicKey,
+    /// The device's keys and the peers, swapped together.
     set: RwLock<Arc<PeerSet>>,
     egress: RwLock<Arc<crate::egress::EgressTable>>,
     next_index: AtomicU32,
+    /// [`WgCore::tick`] calls so far: a clock for "recently" that costs the
+    /// data path nothing.
+    ticks: std::sync::atomic::AtomicU64,
     pub counters: DeviceCounters,
 }
 
@@ -220,6 +378,15 @@ impl std::fmt::Debug for WgCore {
             .field("public_key", &self.public_key())
             .finish_non_exhaustive()
     }
+}
+
+/// The slot of the key in force and the peer's newest key (the first slot
+/// if, impossibly, there is none).
+fn preferred_slot(slots: &[Slot], local: &LocalKeys, keys: &[PublicKey]) -> usize {
+    slots
+        .iter()
+        .position(|s| s.local.epoch == local.in_force && s.remote == keys[0])
+        .unwrap_or(0)
 }
 
 /// Handshake messages a second before the device answers with cookies.
@@ -236,32 +403,141 @@ fn random_index_base() -> u32 {
 
 impl WgCore {
     pub fn new(private_key: PrivateKey, peers: Vec<PeerConfig>) -> Result<Self, PeerSetError> {
-        let secret = private_key.to_secret();
-        let public = boringtun::x25519::PublicKey::from(&secret);
         let core = Self {
             writer: Mutex::new(()),
-            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
-            secret,
-            public,
-            set: RwLock::new(Arc::default()),
+            set: RwLock::new(Arc::new(PeerSet {
+                local: Arc::new(LocalKeys {
+                    keys: vec![Arc::new(LocalKey::new(1, &private_key))],
+                    in_force: 1,
+                }),
+                ..PeerSet::default()
+            })),
             egress: RwLock::new(Arc::default()),
             // A random base, so session indices on the wire say nothing
             // about how many peers a gateway has or had.
             next_index: AtomicU32::new(random_index_base()),
+            ticks: std::sync::atomic::AtomicU64::new(0),
             counters: DeviceCounters::default(),
         };
         core.set_peers(peers)?;
         Ok(core)
     }
 
+    /// The public half of the key in force (handshakes are initiated
+    /// with it).
     pub fn public_key(&self) -> PublicKey {
-        PublicKey(self.public.to_bytes())
+        let set = self.peers();
+        set.local
+            .in_force()
+            .map(|k| k.public_key())
+            .unwrap_or(PublicKey([0; 32]))
     }
 
-    /// Whether `key` is this device's private key (so a request that
-    /// restates it changes nothing).
+    /// Every static key of this device, newest first (public halves).
+    pub fn keys(&self) -> Vec<KeyInfo> {
+        let set = self.peers();
+        set.local
+            .keys
+            .iter()
+            .map(|k| KeyInfo {
+                epoch: k.epoch,
+                public_key: k.public_key(),
+                in_force: k.epoch == set.local.in_force,
+            })
+            .collect()
+    }
+
+    /// Whether `key` is this device's private key in force (so a request
+    /// that restates it changes nothing).
     pub fn is_own_private_key(&self, key: &PrivateKey) -> bool {
         key.public_key() == self.public_key()
+    }
+
+    /// Adds a new static key, accepted for handshakes from now on but not
+    /// yet used to initiate them ([`WgCore::promote_key`] does that once
+    /// every peer knows it). Returns its epoch. Past [`MAX_LOCAL_KEYS`], the
+    /// oldest key not in force is retired (its epoch is the second value).
+    pub fn add_key(&self, key: &PrivateKey) -> Result<(u64, Option<u64>), KeyChangeError> {
+        let _writer = lock(&self.writer);
+        let set = self.peers();
+        let mut local = (*set.local).clone();
+        let newest = local.keys.first().map_or(0, |k| k.epoch);
+        if newest != local.in_force {
+            return Err(KeyChangeError::Pending(newest));
+        }
+        let public = key.public_key();
+        if local.keys.iter().any(|k| k.public_key() == public) {
+            return Err(KeyChangeError::AlreadyInstalled);
+        }
+        if set.by_key.contains_key(&public) {
+            return Err(KeyChangeError::PeerKey);
+        }
+        let epoch = newest + 1;
+        local.keys.insert(0, Arc::new(LocalKey::new(epoch, key)));
+        let mut retired = None;
+        if local.keys.len() > MAX_LOCAL_KEYS {
+            if let Some(oldest) = local.keys.last() {
+                if let Some(peer) = self.key_in_use(&set, oldest.epoch) {
+                    return Err(KeyChangeError::InUse {
+                        epoch: oldest.epoch,
+                        peer,
+                    });
+                }
+            }
+            retired = local.keys.pop().map(|k| k.epoch);
+        }
+        self.install(self.peer_configs(), Arc::new(local))?;
+        Ok((epoch, retired))
+    }
+
+    /// A peer that has a session under key `epoch` to send with, or sent a
+    /// packet under it within the last four ticks (about a second).
+    fn key_in_use(&self, set: &PeerSet, epoch: u64) -> Option<PublicKey> {
+        let now = self.ticks.load(Ordering::Relaxed);
+        set.peers.iter().find_map(|peer| {
+            let session = peer.session();
+            let active = session.slots.get(session.active);
+            let busy = active.is_some_and(|s| s.local.epoch == epoch && s.has_session())
+                || session.slots.iter().any(|s| {
+                    s.local.epoch == epoch && s.last_rx_tick.is_some_and(|t| t + 4 >= now)
+                });
+            drop(session);
+            busy.then(|| peer.public_key())
+        })
+    }
+
+    /// Puts key `epoch` in force: handshakes are initiated with it, and
+    /// each peer's packets move to it once its session is up.
+    pub fn promote_key(&self, epoch: u64) -> Result<(), KeyChangeError> {
+        let _writer = lock(&self.writer);
+        let set = self.peers();
+        let mut local = (*set.local).clone();
+        if !local.keys.iter().any(|k| k.epoch == epoch) {
+            return Err(KeyChangeError::NoSuchEpoch(epoch));
+        }
+        if epoch < local.in_force {
+            return Err(KeyChangeError::NotNewer(epoch));
+        }
+        local.in_force = epoch;
+        self.install(self.peer_configs(), Arc::new(local))?;
+        Ok(())
+    }
+
+    /// Stops accepting key `epoch`; the sessions made under it go with it.
+    pub fn retire_key(&self, epoch: u64) -> Result<(), KeyChangeError> {
+        let _writer = lock(&self.writer);
+        let set = self.peers();
+        let mut local = (*set.local).clone();
+        if epoch == local.in_force {
+            return Err(KeyChangeError::InForce(epoch));
+        }
+        let before = local.keys.len();
+        local.keys.retain(|k| k.epoch != epoch);
+        if local.keys.len() == before {
+            return Err(KeyChangeError::NoSuchEpoch(epoch));
+        }
+        self.install(self.peer_configs(), Arc::new(local))?;
+        Ok(())
     }
 
     /// The current peer snapshot.
@@ -288,56 +564,97 @@ impl WgCore {
         self.peers().peers.iter().map(|p| p.config()).collect()
     }
 
-    /// Replaces the peer set with `configs`. A peer whose key, preshared key
-    /// and keepalive are unchanged keeps its session and counters; its
-    /// endpoint is updated when the new config names one.
+    /// Replaces the peer set with `configs`. A peer that keeps one of its
+    /// keys, its preshared key and keepalive keeps its sessions and
+    /// counters; its endpoint is updated when the new config names one.
     pub fn set_peers(&self, configs: Vec<PeerConfig>) -> Result<(), PeerSetError> {
+        let local = self.peers().local.clone();
+        self.install(configs, local)
+    }
+
+    /// Builds and swaps in a snapshot of `configs` for the keys `local`.
+    fn install(&self, configs: Vec<PeerConfig>, local: Arc<LocalKeys>) -> Result<(), PeerSetError> {
         let mut guard = self.set.write().unwrap_or_else(|e| e.into_inner());
         let old = guard.clone();
-        let mut next = PeerSet::default();
+        let mut next = PeerSet {
+            local: local.clone(),
+            ..PeerSet::default()
+        };
         let mut updates = Vec::new();
-        let own = self.public_key();
+        let mut reused = std::collections::HashSet::new();
+        let own: Vec<PublicKey> = local.keys.iter().map(|k| k.public_key()).collect();
         for cfg in configs {
-            if cfg.public_key == own {
-                return Err(PeerSetError::OwnKey(own));
+            let mut keys = vec![cfg.public_key];
+            for k in &cfg.previous_keys {
+                if !keys.contains(k) {
+                    keys.push(*k);
+                }
             }
-            if next.by_key.contains_key(&cfg.public_key) {
-                return Err(PeerSetError::DuplicatePeer(cfg.public_key));
+            if keys.len() > MAX_PEER_KEYS {
+                return Err(PeerSetError::TooManyKeys(cfg.public_key));
             }
-            let reusable = old.by_key.get(&cfg.public_key).filter(|p| {
+            for key in &keys {
+                if own.contains(key) {
+                    return Err(PeerSetError::OwnKey(*key));
+                }
+                if next.by_key.contains_key(key) {
+                    return Err(PeerSetError::DuplicatePeer(*key));
+                }
+            }
+            let reusable = keys.iter().find_map(|k| old.by_key.get(k)).filter(|p| {
                 p.preshared_key == cfg.preshared_key
                     && p.persistent_keepalive == cfg.persistent_keepalive
+                    // One old peer carries on as one new peer, at most.
+                    && reused.insert(Arc::as_ptr(p))
             });
+            let meta = PeerMeta {
+                name: cfg.name.clone(),
+                allowed_prefixes: cfg.allowed_prefixes.clone(),
+                keys: keys.clone(),
+            };
+            // The slots this peer needs: one per pair of keys. A kept peer
+            // keeps the slots (and sessions) of pairs that remain.
+            let mut plan = Vec::new();
+            {
+                let existing = reusable.map(|p| p.session());
+                for l in &local.keys {
+                    for r in &keys {
+                        let kept = existing.as_ref().and_then(|s| {
+                            s.slots
+                                .iter()
+                                .find(|x| x.local.epoch == l.epoch && x.remote == *r)
+                                .map(|x| x.index)
+                        });
+                        let index = match kept {
+                            Some(i) => i,
+                            None => self.allocate_index()?,
+                        };
+                        plan.push((l.clone(), *r, index, kept.is_some()));
+                    }
+                }
+            }
             let peer = match reusable {
                 Some(p) => {
-                    // Same session: only names, prefixes and endpoint change,
-                    // and only once the whole new set is known to be valid.
-                    updates.push((
-                        p.clone(),
-                        PeerMeta {
-                            name: cfg.name.clone(),
-                            allowed_prefixes: cfg.allowed_prefixes.clone(),
-                        },
-                        cfg.endpoint,
-                    ));
+                    // Same peer: only names, prefixes, keys, slots and
+                    // endpoint change, and only once the whole new set is
+                    // known to be valid.
+                    updates.push((p.clone(), meta, cfg.endpoint, plan.clone()));
                     p.clone()
                 }
                 None => {
-                    let index = self.next_index.fetch_add(1, Ordering::Relaxed);
-                    if index > MAX_INDEX {
-                        return Err(PeerSetError::IndexSpaceExhausted);
-                    }
+                    let slots: Vec<Slot> = plan
+                        .iter()
+                        .map(|(l, r, index, _)| self.new_slot(l, *r, &cfg, *index))
+                        .collect();
+                    let preferred = preferred_slot(&slots, &local, &keys);
                     Arc::new(Peer {
-                        index,
-                        public_key: cfg.public_key,
                         preshared_key: cfg.preshared_key,
                         persistent_keepalive: cfg.persistent_keepalive,
-                        meta: Mutex::new(PeerMeta {
-                            name: cfg.name.clone(),
-                            allowed_prefixes: cfg.allowed_prefixes.clone(),
-                        }),
+                        meta: Mutex::new(meta),
                         session: Mutex::new(Session {
-                            tunn: self.new_tunn(&cfg, index),
+                            slots,
+                            active: preferred,
+                            preferred,
                             endpoint: cfg.endpoint,
                         }),
                         counters: PeerCounters::default(),
@@ -348,23 +665,73 @@ impl WgCore {
                 if let Some(first) = next.routes.insert(*prefix, peer.clone()) {
                     return Err(PeerSetError::PrefixConflict {
                         prefix: *prefix,
-                        first: first.public_key,
-                        second: peer.public_key,
+                        first: first.public_key(),
+                        second: cfg.public_key,
                     });
                 }
             }
-            next.by_key.insert(peer.public_key, peer.clone());
-            next.by_index.insert(peer.index, peer.clone());
+            for key in &keys {
+                next.by_key.insert(*key, peer.clone());
+            }
+            for (_, _, index, _) in &plan {
+                next.by_index.insert(*index, peer.clone());
+            }
             next.peers.push(peer);
         }
-        for (peer, meta, endpoint) in updates {
+        for (peer, meta, endpoint, plan) in updates {
+            let cfg = PeerConfig {
+                name: None,
+                public_key: meta.keys[0],
+                previous_keys: Vec::new(),
+                preshared_key: peer.preshared_key,
+                endpoint: None,
+                allowed_prefixes: Vec::new(),
+                persistent_keepalive: peer.persistent_keepalive,
+            };
+            let keys = meta.keys.clone();
             *lock(&peer.meta) = meta;
+            let mut session = peer.session();
+            let active = session
+                .slots
+                .get(session.active)
+                .map(|s| (s.local.epoch, s.remote));
+            let mut old_slots = std::mem::take(&mut session.slots);
+            let slots: Vec<Slot> = plan
+                .into_iter()
+                .map(|(l, r, index, kept)| {
+                    let found = kept
+                        .then(|| old_slots.iter().position(|x| x.index == index))
+                        .flatten();
+                    match found {
+                        Some(i) => old_slots.swap_remove(i),
+                        None => self.new_slot(&l, r, &cfg, index),
+                    }
+                })
+                .collect();
+            let preferred = preferred_slot(&slots, &local, &keys);
+            session.active = active
+                .and_then(|(e, r)| {
+                    slots
+                        .iter()
+                        .position(|s| s.local.epoch == e && s.remote == r)
+                })
+                .unwrap_or(preferred);
+            session.preferred = preferred;
+            session.slots = slots;
             if endpoint.is_some() {
-                peer.session().endpoint = endpoint;
+                session.endpoint = endpoint;
             }
         }
         *guard = Arc::new(next);
         Ok(())
+    }
+
+    fn allocate_index(&self) -> Result<u32, PeerSetError> {
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        if index > MAX_INDEX {
+            return Err(PeerSetError::IndexSpaceExhausted);
+        }
+        Ok(index)
     }
 
     /// Changes the peer set as a read-modify-write under one lock, so two
@@ -379,15 +746,27 @@ impl WgCore {
         self.set_peers(configs)
     }
 
-    fn new_tunn(&self, cfg: &PeerConfig, index: u32) -> Tunn {
-        Tunn::new(
-            self.secret.clone(),
-            boringtun::x25519::PublicKey::from(cfg.public_key.0),
-            cfg.preshared_key,
-            cfg.persistent_keepalive.filter(|k| *k > 0),
+    fn new_slot(
+        &self,
+        local: &Arc<LocalKey>,
+        remote: PublicKey,
+        cfg: &PeerConfig,
+        index: u32,
+    ) -> Slot {
+        Slot {
+            local: local.clone(),
+            remote,
             index,
-            Some(self.rate_limiter.clone()),
-        )
+            last_rx_tick: None,
+            tunn: Tunn::new(
+                local.secret.clone(),
+                boringtun::x25519::PublicKey::from(remote.0),
+                cfg.preshared_key,
+                cfg.persistent_keepalive.filter(|k| *k > 0),
+                index,
+                Some(local.limiter.clone()),
+            ),
+        }
     }
 
     /// Encrypts one packet read from the TUN device into `out`, which must
@@ -420,7 +799,7 @@ impl WgCore {
             peer.counters.dropped(DropReason::NoSession);
             return Outbound::Dropped(DropReason::NoSession);
         };
-        match session.tunn.encapsulate(packet, out) {
+        match session.sender().tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => {
                 let len = datagram.len();
                 let data = datagram.first() == Some(&4);
@@ -437,7 +816,7 @@ impl WgCore {
             }
             TunnResult::Err(e) => {
                 drop(session);
-                tracing::debug!(peer = %peer.public_key, error = ?e, "encapsulate failed");
+                tracing::debug!(peer = %peer.public_key(), error = ?e, "encapsulate failed");
                 peer.counters.dropped(DropReason::NoSession);
                 Outbound::Dropped(DropReason::NoSession)
             }
@@ -468,35 +847,62 @@ impl WgCore {
         // Handshake messages must carry a valid mac1 (a keyed hash of our
         // public key) before we spend a Diffie-Hellman on them; under a
         // flood the device-wide limiter answers with a cookie instead.
+        // mac1 is keyed by the receiver's public key, so it also says which
+        // of this device's keys the sender addressed.
+        let mut addressed = None;
         if matches!(
             parsed,
             Packet::HandshakeInit(_) | Packet::HandshakeResponse(_)
         ) {
             let mut cookie = [0u8; 64];
-            match self
-                .rate_limiter
-                .verify_packet(Some(from.ip()), datagram, &mut cookie)
-            {
-                Ok(_) => {}
-                Err(TunnResult::WriteToNetwork(reply)) => {
-                    send(from, reply);
-                    return Inbound::Consumed;
+            for key in &set.local.keys {
+                match key
+                    .limiter
+                    .verify_packet(Some(from.ip()), datagram, &mut cookie)
+                {
+                    Ok(_) => {
+                        addressed = Some(key);
+                        break;
+                    }
+                    Err(TunnResult::WriteToNetwork(reply)) => {
+                        send(from, reply);
+                        return Inbound::Consumed;
+                    }
+                    Err(_) => {}
                 }
-                Err(_) => return self.device_drop(DropReason::Malformed),
+            }
+            if addressed.is_none() {
+                return self.device_drop(DropReason::Malformed);
             }
         }
-        let peer = match &parsed {
-            Packet::HandshakeInit(init) => {
-                match parse_handshake_anon(&self.secret, &self.public, init) {
-                    Ok(half) => set.by_key.get(&PublicKey(half.peer_static_public)),
+        // (peer, slot index or (our key epoch, their key))
+        let found = match (&parsed, addressed) {
+            (Packet::HandshakeInit(init), Some(key)) => {
+                match parse_handshake_anon(&key.secret, &key.public, init) {
+                    Ok(half) => {
+                        let remote = PublicKey(half.peer_static_public);
+                        set.by_key
+                            .get(&remote)
+                            .map(|p| (p, SlotRef::Pair(key.epoch, remote)))
+                    }
                     Err(_) => None,
                 }
             }
-            Packet::HandshakeResponse(r) => set.by_index.get(&(r.receiver_idx >> 8)),
-            Packet::PacketCookieReply(c) => set.by_index.get(&(c.receiver_idx >> 8)),
-            Packet::PacketData(d) => set.by_index.get(&(d.receiver_idx >> 8)),
+            (Packet::HandshakeInit(_), None) => None,
+            (Packet::HandshakeResponse(r), _) => set
+                .by_index
+                .get(&(r.receiver_idx >> 8))
+                .map(|p| (p, SlotRef::Index(r.receiver_idx >> 8))),
+            (Packet::PacketCookieReply(c), _) => set
+                .by_index
+                .get(&(c.receiver_idx >> 8))
+                .map(|p| (p, SlotRef::Index(c.receiver_idx >> 8))),
+            (Packet::PacketData(d), _) => set
+                .by_index
+                .get(&(d.receiver_idx >> 8))
+                .map(|p| (p, SlotRef::Index(d.receiver_idx >> 8))),
         };
-        let Some(peer) = peer else {
+        let Some((peer, slot_ref)) = found else {
             return self.device_drop(DropReason::UnknownPeer);
         };
         if out.len() < datagram.len() {
@@ -505,7 +911,18 @@ impl WgCore {
         let kind = datagram[0];
         let out_start = out.as_ptr() as usize;
         let mut session = peer.session();
-        let result = session.tunn.decapsulate(Some(from.ip()), datagram, out);
+        let slot = match slot_ref {
+            SlotRef::Index(i) => session.slot_by_index(i),
+            SlotRef::Pair(epoch, remote) => session.slot_for(epoch, &remote),
+        };
+        // The snapshot is older than the peer's slots (a key was retired
+        // meanwhile).
+        let Some(slot) = slot else {
+            drop(session);
+            return self.device_drop(DropReason::UnknownPeer);
+        };
+        let slot_index = slot.index;
+        let result = slot.tunn.decapsulate(Some(from.ip()), datagram, out);
         let mut authentic = true;
         let verdict = match result {
             TunnResult::WriteToTunnelV4(packet, src) => Some((
@@ -539,8 +956,9 @@ impl WgCore {
                 // They may be larger than `out`: a rare path, so a buffer
                 // of its own.
                 let mut scratch = vec![0u8; 65535 + WG_OVERHEAD + 16];
-                while let TunnResult::WriteToNetwork(queued) =
-                    session.tunn.decapsulate(None, &[], &mut scratch)
+                while let Some(TunnResult::WriteToNetwork(queued)) = session
+                    .slot_by_index(slot_index)
+                    .map(|s| s.tunn.decapsulate(None, &[], &mut scratch))
                 {
                     send(from, queued);
                     peer.counters.sent(queued.len());
@@ -573,6 +991,10 @@ impl WgCore {
         }
         // The datagram authenticated: the peer is at `from` now (roaming).
         session.endpoint = Some(from);
+        let now = self.ticks.load(Ordering::Relaxed);
+        if let Some(slot) = session.slot_by_index(slot_index) {
+            slot.last_rx_tick = Some(now);
+        }
         drop(session);
         peer.counters.received(datagram.len());
         match verdict {
@@ -582,9 +1004,10 @@ impl WgCore {
                 // the endpoint's source: allowed only as the reply to a flow
                 // this device pinned to that very gateway.
                 let allowed = set.route(src).is_some_and(|owner| Arc::ptr_eq(owner, peer))
-                    || out
-                        .get(offset..offset + len)
-                        .is_some_and(|p| self.egress().allows_reply(p, &peer.public_key));
+                    || out.get(offset..offset + len).is_some_and(|p| {
+                        let egress = self.egress();
+                        peer.public_keys().iter().any(|k| egress.allows_reply(p, k))
+                    });
                 if allowed {
                     Inbound::Tun { offset, len }
                 } else {
@@ -608,17 +1031,46 @@ impl WgCore {
 
     /// Runs every peer's timers: handshake retries, keepalives, rekeys.
     /// `scratch` must be at least 148 bytes. Call every 250 ms or so.
+    ///
+    /// While keys rotate, a peer has several slots: the one packets go out
+    /// with and the preferred one (key in force, peer's newest key) may
+    /// start handshakes; the others only answer (keepalives) until their
+    /// sessions end or their key is retired.
     pub fn tick(&self, scratch: &mut [u8], send: &mut dyn FnMut(SocketAddr, &[u8])) {
-        // The shared limiter is ours to reset (at most once a second).
-        self.rate_limiter.reset_count();
         let set = self.peers();
+        self.ticks.fetch_add(1, Ordering::Relaxed);
+        // The limiters are ours to reset (at most once a second).
+        for key in &set.local.keys {
+            key.limiter.reset_count();
+        }
         for peer in &set.peers {
             let mut session = peer.session();
             let endpoint = session.endpoint;
-            if let TunnResult::WriteToNetwork(datagram) = session.tunn.update_timers(scratch) {
-                if let Some(to) = endpoint {
-                    send(to, datagram);
-                    peer.counters.sent(datagram.len());
+            let (active, preferred) = (session.active, session.preferred);
+            for (i, slot) in session.slots.iter_mut().enumerate() {
+                if let TunnResult::WriteToNetwork(datagram) = slot.tunn.update_timers(scratch) {
+                    let may_initiate = i == active || i == preferred;
+                    if datagram.first() == Some(&1) && !may_initiate {
+                        continue;
+                    }
+                    if let Some(to) = endpoint {
+                        send(to, datagram);
+                        peer.counters.sent(datagram.len());
+                    }
+                }
+            }
+            // A preferred slot without a session: bring it up while the
+            // active one still carries the packets.
+            if active != preferred {
+                if let (Some(to), Some(slot)) = (endpoint, session.slots.get_mut(preferred)) {
+                    if !slot.has_session() {
+                        if let TunnResult::WriteToNetwork(datagram) =
+                            slot.tunn.format_handshake_initiation(scratch, false)
+                        {
+                            send(to, datagram);
+                            peer.counters.sent(datagram.len());
+                        }
+                    }
                 }
             }
         }
@@ -631,17 +1083,31 @@ impl WgCore {
         for peer in &set.peers {
             let mut session = peer.session();
             let Some(to) = session.endpoint else { continue };
-            if session.tunn.time_since_last_handshake().is_some() {
+            let preferred = session.preferred;
+            let Some(slot) = session.slots.get_mut(preferred) else {
+                continue;
+            };
+            if slot.has_session() {
                 continue;
             }
             if let TunnResult::WriteToNetwork(datagram) =
-                session.tunn.format_handshake_initiation(scratch, false)
+                slot.tunn.format_handshake_initiation(scratch, false)
             {
                 send(to, datagram);
                 peer.counters.sent(datagram.len());
             }
         }
     }
+}
+
+/// Which slot of a peer a datagram is for.
+#[derive(Clone, Copy)]
+enum SlotRef {
+    /// By the receiver index it carries.
+    Index(u32),
+    /// A handshake initiation: by the key it addressed and the key it came
+    /// from.
+    Pair(u64, PublicKey),
 }
 
 #[cfg(test)]
@@ -674,6 +1140,7 @@ mod tests {
         PeerConfig {
             name: None,
             public_key: key,
+            previous_keys: Vec::new(),
             preshared_key: None,
             endpoint: Some(endpoint.parse().unwrap()),
             allowed_prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
@@ -912,6 +1379,185 @@ mod tests {
         );
         assert_eq!(silent.peers().peers()[0].stats().drops.no_session, 1);
         assert_eq!(p.a.counters.snapshot().no_route, 1);
+    }
+
+    /// Delivers datagrams back and forth between A and B until both are
+    /// quiet; returns the inner packets each received.
+    fn pump(p: &Pair, from_a: Wire, from_b: Wire) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut to_b, mut to_a) = (from_a, from_b);
+        let (mut at_a, mut at_b) = (Vec::new(), Vec::new());
+        for _ in 0..20 {
+            if to_a.is_empty() && to_b.is_empty() {
+                break;
+            }
+            let mut next_a = Wire::new();
+            let mut next_b = Wire::new();
+            for (_, d) in to_b.drain(..) {
+                let (r, wire) = deliver(&p.b, A_UNDERLAY, &d);
+                if let Ok(Some(inner)) = r {
+                    at_b.push(inner);
+                }
+                next_a.extend(wire);
+            }
+            for (_, d) in to_a.drain(..) {
+                let (r, wire) = deliver(&p.a, B_UNDERLAY, &d);
+                if let Ok(Some(inner)) = r {
+                    at_a.push(inner);
+                }
+                next_b.extend(wire);
+            }
+            to_a = next_a;
+            to_b = next_b;
+        }
+        (at_a, at_b)
+    }
+
+    fn tick(core: &WgCore) -> Wire {
+        let mut wire = Wire::new();
+        let mut scratch = [0u8; 256];
+        core.tick(&mut scratch, &mut |to, d| wire.push((to, d.to_vec())));
+        wire
+    }
+
+    /// Sends `n` numbered packets A→B and B→A; returns what arrived.
+    fn exchange(p: &Pair, tag: u8) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let ab = ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], &[tag, 1]);
+        let ba = ipv4_packet([100, 64, 2, 2], [100, 64, 1, 2], &[tag, 2]);
+        let from_a = vec![send_packet(&p.a, &ab).unwrap()];
+        let from_b = vec![send_packet(&p.b, &ba).unwrap()];
+        let (at_a, at_b) = pump(p, from_a, from_b);
+        assert_eq!(at_b, vec![ab], "A→B packet {tag} arrived once");
+        assert_eq!(at_a, vec![ba], "B→A packet {tag} arrived once");
+        (at_a, at_b)
+    }
+
+    #[test]
+    fn static_key_rotation_moves_sessions_without_losing_a_packet() {
+        let p = pair();
+        handshake(&p, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"x"));
+        exchange(&p, 0);
+        let a0 = p.a.public_key();
+
+        // A installs its next key: accepted, not yet used to initiate.
+        let k1 = PrivateKey::generate();
+        assert_eq!(p.a.add_key(&k1).unwrap(), (2, None));
+        assert_eq!(p.a.public_key(), a0, "the old key stays in force");
+        assert!(matches!(
+            p.a.add_key(&PrivateKey::generate()),
+            Err(KeyChangeError::Pending(2))
+        ));
+        exchange(&p, 1);
+
+        // B learns it (over the mTLS channel, in the gateway) and keeps A0.
+        p.b.update_peers(|all| {
+            all[0].previous_keys = vec![all[0].public_key];
+            all[0].public_key = k1.public_key();
+        })
+        .unwrap();
+        exchange(&p, 2);
+        // B brings the new pair up on its tick while the old one carries on.
+        let init = tick(&p.b);
+        assert!(init.iter().any(|(_, d)| d[0] == 1), "B initiates toward A1");
+        pump(&p, Wire::new(), init);
+        exchange(&p, 3);
+        let b_peer = p.b.peers().peers()[0].clone();
+        assert_eq!(b_peer.sending_with(), (1, k1.public_key()));
+        assert_eq!(b_peer.public_keys(), vec![k1.public_key(), a0]);
+
+        // A puts the key in force: its packets move to the new pair.
+        p.a.promote_key(2).unwrap();
+        assert_eq!(p.a.public_key(), k1.public_key());
+        exchange(&p, 4);
+        let a_peer = p.a.peers().peers()[0].clone();
+        assert_eq!(a_peer.sending_with().0, 2);
+
+        // A retires the old key and B forgets it: traffic goes on.
+        p.a.retire_key(1).unwrap();
+        p.b.update_peers(|all| all[0].previous_keys.clear())
+            .unwrap();
+        exchange(&p, 5);
+        assert_eq!(p.a.keys().len(), 1);
+        let drops = |c: &WgCore| c.peers().peers()[0].stats().drops;
+        assert_eq!(drops(&p.a).decrypt_failure + drops(&p.b).decrypt_failure, 0);
+        assert_eq!(p.a.counters.snapshot().unknown_peer, 0);
+        assert_eq!(p.b.counters.snapshot().unknown_peer, 0);
+        assert!(matches!(p.a.retire_key(2), Err(KeyChangeError::InForce(2))));
+    }
+
+    #[test]
+    fn a_new_key_the_peer_does_not_know_never_breaks_the_session() {
+        let p = pair();
+        handshake(&p, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"x"));
+        p.a.add_key(&PrivateKey::generate()).unwrap();
+        p.a.promote_key(2).unwrap();
+        // A tries the new pair; B does not know the key and drops it.
+        let init = tick(&p.a);
+        assert!(init.iter().any(|(_, d)| d[0] == 1));
+        pump(&p, init, Wire::new());
+        assert!(p.b.counters.snapshot().unknown_peer >= 1);
+        // The old pair still carries everything, both ways.
+        for tag in 0..5 {
+            exchange(&p, tag);
+        }
+        assert_eq!(p.a.peers().peers()[0].sending_with().0, 1);
+    }
+
+    #[test]
+    fn local_keys_are_bounded_and_peer_keys_checked() {
+        let p = pair();
+        handshake(&p, &ipv4_packet([100, 64, 1, 2], [100, 64, 2, 2], b"x"));
+        for epoch in 2..=3 {
+            p.a.add_key(&PrivateKey::generate()).unwrap();
+            p.a.promote_key(epoch).unwrap();
+        }
+        // Key 1 still carries A's packets (B knows no newer key): it is
+        // not retired early to make room for a fourth.
+        assert!(matches!(
+            p.a.add_key(&PrivateKey::generate()),
+            Err(KeyChangeError::InUse { epoch: 1, .. })
+        ));
+        assert_eq!(p.a.keys().len(), 3);
+        let p = pair();
+        for epoch in 2..=5 {
+            let (e, retired) = p.a.add_key(&PrivateKey::generate()).unwrap();
+            assert_eq!(e, epoch);
+            // Three keys at most: the oldest goes first.
+            assert_eq!(retired, (epoch > 3).then(|| epoch - 3));
+            p.a.promote_key(e).unwrap();
+        }
+        assert_eq!(p.a.keys().len(), MAX_LOCAL_KEYS);
+        assert_eq!(p.a.keys().iter().filter(|k| k.in_force).count(), 1);
+        // A peer key equal to any of A's keys, or a fourth peer key, is refused.
+        let old_own = p.a.keys()[2].public_key;
+        assert!(matches!(
+            p.a.update_peers(|all| all[0].previous_keys = vec![old_own]),
+            Err(PeerSetError::OwnKey(_))
+        ));
+        let many: Vec<PublicKey> = (0..3)
+            .map(|_| PrivateKey::generate().public_key())
+            .collect();
+        assert!(matches!(
+            p.a.update_peers(|all| all[0].previous_keys = many.clone()),
+            Err(PeerSetError::TooManyKeys(_))
+        ));
+        // A second peer may not take a key the first still has as previous.
+        let b_new = PrivateKey::generate().public_key();
+        let b_old = p.a.peer_configs()[0].public_key;
+        p.a.update_peers(|all| {
+            all[0].previous_keys = vec![all[0].public_key];
+            all[0].public_key = b_new;
+        })
+        .unwrap();
+        let thief = peer(b_old, "192.0.2.9:1", &["100.64.9.0/24"]);
+        assert!(matches!(
+            p.a.update_peers(|all| all.push(thief.clone())),
+            Err(PeerSetError::DuplicatePeer(_))
+        ));
+        p.a.add_key(&PrivateKey::generate()).unwrap();
+        assert!(matches!(
+            p.a.add_key(&PrivateKey::generate()),
+            Err(KeyChangeError::Pending(6))
+        ));
     }
 
     #[test]
