@@ -34,14 +34,36 @@ pub struct TunnelParams {
     pub esp_inbound_spi: Option<u32>,
     /// The sender's tunnel MTU.
     pub mtu: u16,
+    /// The epoch of `wireguard_public_key` and the sender's earlier WireGuard keys that
+    /// it still accepts. Absent from senders that cannot rotate their key (they never
+    /// send a [`ControlMessage::ParamsAck`]).
+    #[serde(default)]
+    pub wireguard_keys: Option<WireguardKeys>,
+}
+
+/// Where a gateway stands in rotating its WireGuard static key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireguardKeys {
+    /// Counts the sender's keys: each new key has a higher epoch.
+    pub epoch: u64,
+    /// Earlier keys still accepted (newest first); sessions under them keep working.
+    pub previous: Vec<[u8; 32]>,
 }
 
 /// Messages the application exchanges over an established session.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub enum ControlMessage {
-    /// The sender's tunnel parameters changed (e.g. a new WireGuard key or endpoint).
+    /// The sender's tunnel parameters changed (e.g. a new WireGuard key or endpoint). A
+    /// receiver that applied a new [`TunnelParams::wireguard_keys`] epoch answers with
+    /// [`ControlMessage::ParamsAck`].
     Params(TunnelParams),
+    /// The receiver of a [`ControlMessage::Params`] now accepts (and initiates toward)
+    /// the sender's WireGuard key of this epoch.
+    ParamsAck {
+        /// The acknowledged key epoch.
+        wireguard_key_epoch: u64,
+    },
     /// The sender asks to move to ESP keys of this generation (derive them with
     /// [`PeerSession::esp_keys`](super::PeerSession::esp_keys)).
     Rekey {
@@ -172,6 +194,7 @@ mod tests {
             esp_endpoint: Some("[2001:db8::1]:4500".parse().unwrap()),
             esp_inbound_spi: Some(0x1000_0001),
             mtu: 1420,
+            wireguard_keys: None,
         }
     }
 

@@ -204,7 +204,7 @@ async fn hello_exchange(
     let checked = async {
         let hello = encode_frame(&Frame::Hello {
             version: PROTOCOL_VERSION,
-            params: config.params.clone(),
+            params: config.params(),
             link: Some(ours),
         })
         .map_err(ChannelError::Frame)?;

@@ -75,8 +75,8 @@ use tokio::sync::watch;
 
 pub use admission::{HandshakeSlots, ListenerLimits, Overflow};
 pub use frame::{
-    encode_frame, ControlMessage, Frame, FrameDecoder, FrameError, TunnelParams, MAX_FRAME_LEN,
-    PROTOCOL_VERSION,
+    encode_frame, ControlMessage, Frame, FrameDecoder, FrameError, TunnelParams, WireguardKeys,
+    MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 pub use keys::{
     EspKeyBlock, Role, DEFAULT_ESP_KEY_LEN, LABEL_CLIENT_TO_SERVER, LABEL_SERVER_TO_CLIENT,
@@ -259,7 +259,9 @@ pub struct ChannelConfig {
     credentials: CurrentCredentials,
     trust: SharedTrust,
     provider: Arc<CryptoProvider>,
-    params: TunnelParams,
+    /// What the hello announces; replaced by [`ChannelConfig::set_params`]
+    /// (a rotated WireGuard key).
+    params: RwLock<TunnelParams>,
     timing: ChannelTiming,
     esp_key_len: usize,
     source_address: Option<IpAddr>,
@@ -271,7 +273,7 @@ impl fmt::Debug for ChannelConfig {
             .field("local_id", &self.local_id.to_string())
             .field("chain_len", &self.credentials.current().cert.len())
             .field("trust", &self.trust.current())
-            .field("params", &self.params)
+            .field("params", &self.params())
             .field("timing", &self.timing)
             .field("esp_key_len", &self.esp_key_len)
             .field("source_address", &self.source_address)
@@ -303,7 +305,7 @@ impl ChannelConfig {
             credentials: CurrentCredentials(Arc::new(RwLock::new(Arc::new(certified)))),
             trust,
             provider,
-            params,
+            params: RwLock::new(params),
             timing: ChannelTiming::default(),
             esp_key_len: DEFAULT_ESP_KEY_LEN,
             source_address: None,
@@ -341,8 +343,17 @@ impl ChannelConfig {
     }
 
     /// The tunnel parameters announced in hellos.
-    pub fn params(&self) -> &TunnelParams {
-        &self.params
+    pub fn params(&self) -> TunnelParams {
+        self.params
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Replaces what later hellos announce (sessions already up learn a change from a
+    /// [`ControlMessage::Params`] the application sends).
+    pub fn set_params(&self, params: TunnelParams) {
+        *self.params.write().unwrap_or_else(|e| e.into_inner()) = params;
     }
 
     /// The timeouts and intervals.

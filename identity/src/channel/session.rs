@@ -586,5 +586,6 @@ fn control_kind(message: &ControlMessage) -> &'static str {
         ControlMessage::Params(_) => "params",
         ControlMessage::Rekey { .. } => "rekey",
         ControlMessage::RekeyAck { .. } => "rekey-ack",
+        ControlMessage::ParamsAck { .. } => "params-ack",
     }
 }

@@ -84,6 +84,7 @@ pub fn params(n: u8) -> TunnelParams {
         esp_endpoint: Some(SocketAddr::from(([198, 51, 100, n], 4500))),
         esp_inbound_spi: Some(0x100 + u32::from(n)),
         mtu: 1400 + u16::from(n),
+        wireguard_keys: None,
     }
 }
 
