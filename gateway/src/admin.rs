@@ -51,6 +51,21 @@ pub struct Status {
     /// This gateway as an egress gateway (`[egress_gateway]`).
     #[serde(default)]
     pub egress_gateway: Option<crate::egress::EgressGatewayStatus>,
+    /// This gateway's WireGuard static keys (public halves), newest first.
+    #[serde(default)]
+    pub wireguard_keys: Vec<WireguardKeyDoc>,
+    /// Rotation of those keys (gateways with peers configured by identity).
+    #[serde(default)]
+    pub key_rotation: Option<crate::key_rotation::KeyRotationStatus>,
+}
+
+/// One of this gateway's WireGuard static keys in `isthmusctl status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WireguardKeyDoc {
+    pub epoch: u64,
+    pub public_key: String,
+    /// The key handshakes are initiated with; the others are still accepted.
+    pub in_force: bool,
 }
 
 /// One remote cluster in `isthmusctl status`.
@@ -102,6 +117,13 @@ pub struct PeerStatus {
     pub drops: PeerDropsDoc,
     /// SPIs, sequence numbers and SA ages of an ESP peer (never keys).
     pub esp: Option<EspPeerStatus>,
+    /// WireGuard: the epoch of this gateway's key that packets to the peer
+    /// go out under (see `wireguard_keys`).
+    #[serde(default)]
+    pub key_epoch: Option<u64>,
+    /// WireGuard: earlier keys of the peer still accepted while it rotates.
+    #[serde(default)]
+    pub previous_keys: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -309,7 +331,7 @@ fn serve(stream: UnixStream, handler: &Handler) {
     let command = line.trim();
     let answer = handler(command).unwrap_or_else(|| {
         format!(
-            "error: unknown command `{}` (known: status, sa-rotate, mesh-clusters, mesh-services, egress-drain, egress-resume)",
+            "error: unknown command `{}` (known: status, keys-rotate, sa-rotate, mesh-clusters, mesh-services, egress-drain, egress-resume)",
             command.escape_debug()
         )
     });
@@ -343,6 +365,8 @@ mod tests {
             node: None,
             egress: vec![],
             egress_gateway: None,
+            wireguard_keys: Vec::new(),
+            key_rotation: None,
         }
     }
 

@@ -515,6 +515,8 @@ pub struct InterfaceConfig {
     pub private_key: PrivateKey,
     /// Whether `private_key` came from a file.
     pub private_key_from_file: bool,
+    /// That file (a rotated key is written back to it).
+    pub private_key_file: Option<PathBuf>,
     pub listen_port: u16,
     pub mtu: u16,
     /// Whether `mtu` was set in the file (else it depends on the peer kinds).
@@ -1602,6 +1604,7 @@ fn identity(raw: RawIdentity) -> Result<IdentityConfig, ConfigError> {
             esp_endpoint: None,
             esp_inbound_spi: None,
             mtu: DEFAULT_MTU,
+            wireguard_keys: None,
         },
     )
     .map_err(|e| ConfigError::new("identity.certificate", e.to_string()))?;
@@ -1754,6 +1757,7 @@ fn interface(raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
     validate_ifname(&name).map_err(|m| ConfigError::new("interface.name", m))?;
 
     let private_key_from_file = raw.private_key_file.is_some();
+    let private_key_file = raw.private_key_file.clone();
     let private_key = match raw.private_key_file {
         Some(path) => read_private_key(&path)
             .map_err(|m| ConfigError::new("interface.private_key_file", m))?,
@@ -1792,6 +1796,7 @@ fn interface(raw: RawInterface) -> Result<InterfaceConfig, ConfigError> {
         name,
         private_key,
         private_key_from_file,
+        private_key_file,
         listen_port: raw.listen_port.unwrap_or(DEFAULT_LISTEN_PORT),
         mtu,
         addresses,
@@ -2130,6 +2135,7 @@ fn peer(i: usize, raw: RawPeer) -> Result<PeerConfig, ConfigError> {
     Ok(PeerConfig {
         name: raw.name,
         public_key,
+        previous_keys: Vec::new(),
         preshared_key: None,
         endpoint,
         allowed_prefixes,

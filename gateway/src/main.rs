@@ -163,6 +163,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                     .map(|port| std::net::SocketAddr::new(advertise, port)),
                 esp_inbound_spi: None,
                 mtu: iface.mtu,
+                wireguard_keys: None,
             };
             Some(
                 MeshLinks::start(
@@ -175,7 +176,8 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                         .as_ref()
                         .map_or(DEFAULT_KEEP_TUNNEL, |m| m.withdraw_after),
                 )
-                .context("starting the mTLS peer channel")?,
+                .context("starting the mTLS peer channel")
+                .inspect(|m| m.set_key_file(iface.private_key_file.clone()))?,
             )
         }
         _ => None,
@@ -265,6 +267,13 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                         json(serde_json::to_string_pretty(&e.status()))
                     }
                     None => "error: no [egress_gateway] in this gateway's config".into(),
+                }),
+                "keys-rotate" => Some(match &status_device.mesh {
+                    Some(mesh) => match mesh.rotate_wireguard_key() {
+                        Ok(r) => json(serde_json::to_string_pretty(&r)),
+                        Err(e) => format!("error: {e}"),
+                    },
+                    None => "error: rotating the WireGuard key needs peers configured by identity (an [identity] section and spiffe_id peers): static peers cannot learn a new key".into(),
                 }),
                 _ if command.starts_with("sa-rotate ") => {
                     let selector = command["sa-rotate ".len()..].trim();
@@ -529,6 +538,8 @@ impl GatewayDevice {
                 tx_packets: stats.tx_packets,
                 drops: stats.drops.into(),
                 esp: None,
+                key_epoch: Some(p.sending_with().0),
+                previous_keys: cfg.previous_keys.iter().map(|k| k.to_base64()).collect(),
             }
         });
         let now = Instant::now();
@@ -550,6 +561,8 @@ impl GatewayDevice {
                 tx_packets: stats.tx_packets,
                 drops: stats.drops.into(),
                 esp: Some(p.status(now)),
+                key_epoch: None,
+                previous_keys: Vec::new(),
             }
         });
         let peers = peers.chain(esp_peers).collect();
@@ -586,6 +599,17 @@ impl GatewayDevice {
             node: self.node.get().map(|n| n.status()),
             egress: self.egress.as_ref().map(|e| e.status()).unwrap_or_default(),
             egress_gateway: self.egress_gateway.as_ref().map(|e| e.status()),
+            wireguard_keys: self
+                .core
+                .keys()
+                .into_iter()
+                .map(|k| admin::WireguardKeyDoc {
+                    epoch: k.epoch,
+                    public_key: k.public_key.to_base64(),
+                    in_force: k.in_force,
+                })
+                .collect(),
+            key_rotation: self.mesh.as_ref().map(|m| m.rotation_status()),
         }
     }
 }

@@ -22,8 +22,9 @@
 
 use crate::config::{IdentityConfig, IdentityPeer, TunnelKind};
 use isthmus_identity::{
-    should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener, Established,
-    LinkParams, ListenerHandle, PeerEndpoint, PeerLink, PeerSession, SpiffeId, TunnelParams,
+    should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener, ControlMessage,
+    Established, LinkParams, ListenerHandle, PeerEndpoint, PeerLink, PeerSession, SpiffeId,
+    TunnelParams, WireguardKeys,
 };
 use isthmus_tunnel::esp::keying::{EspKeying, KeyingError, SaPair};
 use isthmus_tunnel::esp::sa::{EspCipher, SaKeys};
@@ -202,6 +203,13 @@ pub struct ChannelStatus {
     /// The WireGuard key of the tunnel this channel brought up (a public key).
     #[serde(default)]
     pub wireguard_key: Option<String>,
+    /// The epoch of that key, as the peer announced it.
+    #[serde(default)]
+    pub peer_key_epoch: Option<u64>,
+    /// The newest of this gateway's WireGuard key epochs the peer has
+    /// acknowledged over this channel (it accepts and initiates toward it).
+    #[serde(default)]
+    pub key_epoch_acked: Option<u64>,
 }
 
 #[derive(Default)]
@@ -214,6 +222,10 @@ struct Link {
     sessions: u64,
     last_refusal: Option<String>,
     wg_key: Option<PublicKey>,
+    /// The epoch the peer gave `wg_key` (0: it cannot rotate its key).
+    peer_key_epoch: u64,
+    /// Our newest key epoch the peer acknowledged.
+    acked_epoch: Option<u64>,
     esp_peer: Option<Arc<EspPeer>>,
     /// What the peer presented in the session its tunnel came from, and our
     /// role in it: checked again when the trust changes
@@ -234,6 +246,23 @@ fn same_peer(a: &IdentityPeer, b: &IdentityPeer) -> bool {
         && a.esp.map(|e| (e.cipher, e.esn)) == b.esp.map(|e| (e.cipher, e.esn))
 }
 
+/// The WireGuard keys a hello or announcement carries, newest first.
+fn announced_keys(params: &TunnelParams) -> Vec<PublicKey> {
+    let mut keys: Vec<PublicKey> = params
+        .wireguard_public_key
+        .map(PublicKey)
+        .into_iter()
+        .collect();
+    if let Some(k) = &params.wireguard_keys {
+        for prev in &k.previous {
+            if !keys.contains(&PublicKey(*prev)) {
+                keys.push(PublicKey(*prev));
+            }
+        }
+    }
+    keys
+}
+
 /// The identity-configured peers of one gateway and their channels.
 pub struct MeshLinks {
     wg: Arc<WgCore>,
@@ -251,6 +280,26 @@ pub struct MeshLinks {
     reloader: Mutex<crate::reload::IdentityReloader>,
     /// What the last poll of `reloader` left (read without waiting on a poll).
     reload_status: Mutex<crate::reload::ReloadStatus>,
+    /// WireGuard static key rotation (lock order: links, then this).
+    rotation: Mutex<crate::key_rotation::KeyRotation>,
+    /// Where the WireGuard private key is kept: a rotated key is written
+    /// there, so a restart keeps it.
+    key_file: Mutex<Option<std::path::PathBuf>>,
+}
+
+/// What `keys-rotate` answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct KeyRotationStarted {
+    /// The new key's epoch.
+    pub epoch: u64,
+    /// Its public half.
+    pub public_key: String,
+    /// Peers it was announced to, whose acknowledgement it waits for.
+    pub waiting_for: Vec<String>,
+    /// Put in force at once (no peer to wait for).
+    pub in_force: bool,
+    /// An earlier key retired to make room, if any.
+    pub retired_early: Option<u64>,
 }
 
 /// What [`MeshLinks::set_mesh_peers`] changed.
@@ -569,7 +618,10 @@ impl MeshLinks {
                 &identity.trust,
             )),
             reload_status: Mutex::new(Default::default()),
+            rotation: Mutex::new(Default::default()),
+            key_file: Mutex::new(None),
         });
+        mesh.announced_params();
         for peer in &peers {
             mesh.start_dialer(peer)?;
         }
@@ -581,6 +633,7 @@ impl MeshLinks {
                 let Some(m) = ticker.upgrade() else { return };
                 m.expire_lost(Instant::now());
                 m.recheck(std::time::SystemTime::now(), false);
+                m.rotation_tick(Instant::now());
             })?;
         // File I/O on a thread of its own: a slow or stuck file system never
         // delays the expiry checks above.
@@ -637,9 +690,13 @@ impl MeshLinks {
                     }
                 }
             }
-            ChannelEvent::Message { peer, message } => {
-                tracing::debug!(%peer, ?message, "peer channel message");
-            }
+            ChannelEvent::Message { peer, message } => match message {
+                ControlMessage::Params(params) => self.peer_params(&peer, &params),
+                ControlMessage::ParamsAck {
+                    wireguard_key_epoch,
+                } => self.key_acked(&peer, wireguard_key_epoch),
+                other => tracing::debug!(%peer, ?other, "peer channel message"),
+            },
             other => tracing::debug!(?other, "peer channel event"),
         }
     }
@@ -681,16 +738,19 @@ impl MeshLinks {
         if let Some(old) = link.session.take() {
             old.close();
         }
-        // A WireGuard peer that comes back with the same static key keeps its
-        // tunnel (and its current session): nothing to re-key.
+        // A WireGuard peer that comes back with one of the static keys it
+        // had keeps its tunnel (and its sessions); a key it rotated to
+        // meanwhile is taken over in place.
+        let known_keys = link
+            .wg_key
+            .and_then(|k| self.wg.peers().get(&k).map(|p| p.public_keys()))
+            .unwrap_or_default();
+        let offered = announced_keys(&e.params);
         let same_wg_key = cfg.kind == TunnelKind::Wireguard
-            && link.wg_key.is_some()
-            && e.params.wireguard_public_key.map(PublicKey) == link.wg_key
-            && link
-                .wg_key
-                .is_some_and(|k| self.wg.peers().get(&k).is_some());
+            && !known_keys.is_empty()
+            && offered.iter().any(|k| known_keys.contains(k));
         let result = if same_wg_key {
-            Ok(())
+            self.take_peer_keys(link, &e.params)
         } else {
             self.teardown(link);
             match cfg.kind {
@@ -701,6 +761,16 @@ impl MeshLinks {
         match result {
             Ok(()) => {
                 link.lost_at = None;
+                link.peer_key_epoch = e.params.wireguard_keys.as_ref().map_or(0, |k| k.epoch);
+                // A key of ours still waiting for acknowledgements: this
+                // peer must acknowledge it too (its hello may predate it).
+                if cfg.kind == TunnelKind::Wireguard {
+                    let mut rotation = self.rotation();
+                    if rotation.pending_epoch().is_some() {
+                        rotation.wait_for(e.peer.to_string());
+                        let _ = e.session.send(ControlMessage::Params(self.config.params()));
+                    }
+                }
                 link.peer_chain = e.session.peer_chain();
                 link.our_role = Some(e.role);
                 link.not_after = e.session.peer_not_after();
@@ -750,6 +820,7 @@ impl MeshLinks {
                 all.push(PeerConfig {
                     name: cfg.name.clone(),
                     public_key: key,
+                    previous_keys: Vec::new(),
                     preshared_key: None,
                     endpoint: Some(endpoint),
                     allowed_prefixes: cfg.allowed_prefixes.clone(),
@@ -761,6 +832,10 @@ impl MeshLinks {
             return Err(why.to_string());
         }
         link.wg_key = Some(key);
+        // Keys it still accepts from an earlier rotation.
+        if e.params.wireguard_keys.is_some() {
+            self.take_peer_keys(link, &e.params)?;
+        }
         Ok(())
     }
 
@@ -786,6 +861,292 @@ impl MeshLinks {
             )
             .map_err(|e| e.to_string())?;
         link.esp_peer = Some(peer);
+        Ok(())
+    }
+
+    fn rotation(&self) -> MutexGuard<'_, crate::key_rotation::KeyRotation> {
+        self.rotation.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where a rotated WireGuard private key is written (the interface's
+    /// `private_key_file`).
+    pub fn set_key_file(&self, path: Option<std::path::PathBuf>) {
+        *self.key_file.lock().unwrap_or_else(|e| e.into_inner()) = path;
+    }
+
+    /// Puts this gateway's WireGuard keys into what hellos announce, and
+    /// returns the parameters.
+    fn announced_params(&self) -> TunnelParams {
+        let mut params = self.config.params();
+        if params.wireguard_public_key.is_some() {
+            let keys = self.wg.keys();
+            if let Some(newest) = keys.first() {
+                params.wireguard_public_key = Some(newest.public_key.0);
+                params.wireguard_keys = Some(WireguardKeys {
+                    epoch: newest.epoch,
+                    previous: keys[1..].iter().map(|k| k.public_key.0).collect(),
+                });
+            }
+        }
+        self.config.set_params(params.clone());
+        params
+    }
+
+    /// Sends our parameters to every peer with a live channel and a
+    /// WireGuard tunnel; returns those peers.
+    fn announce(&self, links: &HashMap<SpiffeId, Link>) -> Vec<String> {
+        let params = self.announced_params();
+        let mut told = Vec::new();
+        for (id, link) in links {
+            let Some(session) = link.session.as_ref().filter(|s| !s.is_closed()) else {
+                continue;
+            };
+            if link.wg_key.is_none() {
+                continue;
+            }
+            match session.send(ControlMessage::Params(params.clone())) {
+                Ok(()) => told.push(id.to_string()),
+                Err(e) => {
+                    tracing::warn!(peer = %id, error = %e, "cannot announce the WireGuard key")
+                }
+            }
+        }
+        told
+    }
+
+    /// Starts a rotation of this gateway's WireGuard static key: a new key
+    /// is accepted at once, announced to every peer over its channel, and
+    /// put in force when all have acknowledged it ([`KeyRotationStarted`]).
+    pub fn rotate_wireguard_key(&self) -> Result<KeyRotationStarted, String> {
+        let links = self.links();
+        // A peer that did not learn this gateway's key over a channel
+        // (static config, UAPI) cannot learn a new one either.
+        let owned: Vec<PublicKey> = links.values().filter_map(|l| l.wg_key).collect();
+        if let Some(other) = self
+            .wg
+            .peer_configs()
+            .iter()
+            .find(|c| !owned.contains(&c.public_key))
+        {
+            return Err(format!(
+                "WireGuard peer {} is not configured by identity and cannot learn a new key; remove it or restart with a new private_key_file instead",
+                other.name.clone().unwrap_or_else(|| other.public_key.to_base64())
+            ));
+        }
+        let (pending, waiting) = {
+            let rotation = self.rotation();
+            (rotation.pending_epoch(), rotation.waiting())
+        };
+        if let Some(epoch) = pending {
+            return Err(format!(
+                "key epoch {epoch} is still waiting for acknowledgements from {}",
+                waiting.join(", ")
+            ));
+        }
+        let key = isthmus_tunnel::PrivateKey::generate();
+        let (epoch, retired_early) = self.wg.add_key(&key).map_err(|e| e.to_string())?;
+        let file = self
+            .key_file
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(path) = file {
+            let text = Zeroizing::new(format!(
+                "{}
+",
+                key.to_base64_secret().as_str()
+            ));
+            if let Err(e) = isthmus_certs::files::replace_private_key(&path, &text) {
+                let _ = self.wg.retire_key(epoch);
+                return Err(format!(
+                    "cannot write the new key to {}: {e}; nothing changed",
+                    path.display()
+                ));
+            }
+        }
+        let mut rotation = self.rotation();
+        if let Some(early) = retired_early {
+            rotation.removed(early);
+        }
+        let told = self.announce(&links);
+        let ready = rotation.begin(epoch, told.clone());
+        drop(rotation);
+        tracing::info!(epoch, public_key = %key.public_key(), peers = told.len(), "WireGuard key rotation started");
+        if ready {
+            self.promote(epoch);
+        }
+        Ok(KeyRotationStarted {
+            epoch,
+            public_key: key.public_key().to_base64(),
+            waiting_for: told,
+            in_force: ready,
+            retired_early,
+        })
+    }
+
+    fn promote(&self, epoch: u64) {
+        let previous = self
+            .wg
+            .keys()
+            .into_iter()
+            .find(|k| k.in_force)
+            .map(|k| k.epoch);
+        if let Err(e) = self.wg.promote_key(epoch) {
+            tracing::warn!(epoch, error = %e, "cannot put the new WireGuard key in force");
+            return;
+        }
+        let unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.rotation().promoted(
+            epoch,
+            previous.filter(|p| *p != epoch),
+            Instant::now(),
+            unix,
+        );
+        tracing::info!(epoch, "WireGuard key in force: every peer acknowledged it");
+    }
+
+    /// A peer acknowledged one of our key epochs.
+    fn key_acked(&self, peer: &SpiffeId, epoch: u64) {
+        let mut links = self.links();
+        if let Some(link) = links.get_mut(peer) {
+            link.acked_epoch = Some(link.acked_epoch.map_or(epoch, |e| e.max(epoch)));
+        }
+        drop(links);
+        let ready = self.rotation().acked(&peer.to_string(), epoch);
+        if let Some(epoch) = ready {
+            self.promote(epoch);
+        }
+    }
+
+    /// Once in a while: stops waiting for peers whose channel is gone, and
+    /// retires keys whose grace is over.
+    pub fn rotation_tick(&self, now: Instant) {
+        let links = self.links();
+        let mut rotation = self.rotation();
+        let mut ready = None;
+        for peer in rotation.waiting() {
+            let live = links.iter().any(|(id, l)| {
+                id.to_string() == peer
+                    && l.session.as_ref().is_some_and(|s| !s.is_closed())
+                    && l.wg_key.is_some()
+            });
+            if !live {
+                ready = rotation.forget(&peer).or(ready);
+            }
+        }
+        let due = rotation.due(now);
+        drop(rotation);
+        if let Some(epoch) = ready {
+            self.promote(epoch);
+        }
+        if !due.is_empty() {
+            for epoch in due {
+                if let Err(e) = self.wg.retire_key(epoch) {
+                    tracing::warn!(epoch, error = %e, "cannot retire a WireGuard key");
+                } else {
+                    tracing::info!(epoch, "earlier WireGuard key retired");
+                }
+            }
+            self.announce(&links);
+        }
+    }
+
+    /// The rotation as `status` shows it.
+    pub fn rotation_status(&self) -> crate::key_rotation::KeyRotationStatus {
+        self.rotation().status(Instant::now())
+    }
+
+    /// A peer announced new tunnel parameters: take its WireGuard keys and
+    /// acknowledge them.
+    fn peer_params(&self, peer: &SpiffeId, params: &TunnelParams) {
+        let mut links = self.links();
+        let Some(link) = links.get_mut(peer) else {
+            return;
+        };
+        let Some(epoch) = params.wireguard_keys.as_ref().map(|k| k.epoch) else {
+            return;
+        };
+        if link.wg_key.is_none() {
+            return;
+        }
+        if epoch < link.peer_key_epoch {
+            tracing::debug!(%peer, epoch, "stale WireGuard key announcement ignored");
+            return;
+        }
+        match self.take_peer_keys(link, params) {
+            Ok(()) => {
+                link.peer_key_epoch = epoch;
+                if let Some(session) = link.session.as_ref() {
+                    let _ = session.send(ControlMessage::ParamsAck {
+                        wireguard_key_epoch: epoch,
+                    });
+                }
+                tracing::info!(%peer, epoch, "peer's WireGuard keys taken");
+            }
+            Err(why) => {
+                tracing::warn!(%peer, epoch, %why, "peer's WireGuard key announcement refused")
+            }
+        }
+    }
+
+    /// Replaces the keys of the WireGuard peer `link` brought up with the
+    /// ones `params` announce (newest first), keeping its sessions. The same
+    /// rules as for a first key: not ours, not another peer's, not a
+    /// low-order point.
+    fn take_peer_keys(&self, link: &mut Link, params: &TunnelParams) -> Result<(), String> {
+        let current = link.wg_key.ok_or("no WireGuard tunnel from this peer")?;
+        let keys = announced_keys(params);
+        let Some(primary) = keys.first().copied() else {
+            return Err("the peer offered no WireGuard key".into());
+        };
+        if keys.len() > isthmus_tunnel::wg::MAX_PEER_KEYS {
+            return Err(format!(
+                "{} keys announced; at most {} are kept",
+                keys.len(),
+                isthmus_tunnel::wg::MAX_PEER_KEYS
+            ));
+        }
+        let own: Vec<PublicKey> = self.wg.keys().iter().map(|k| k.public_key).collect();
+        let mut refused = None;
+        self.wg
+            .update_peers(|all| {
+                let Some(i) = all
+                    .iter()
+                    .position(|c| c.public_key == current || c.previous_keys.contains(&current))
+                else {
+                    refused = Some("the peer's tunnel is gone".to_string());
+                    return;
+                };
+                let others: Vec<PeerConfig> = all
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j != i)
+                    .flat_map(|(_, c)| {
+                        std::iter::once(c.clone()).chain(c.previous_keys.iter().map(|k| {
+                            let mut alias = c.clone();
+                            alias.public_key = *k;
+                            alias
+                        }))
+                    })
+                    .collect();
+                for key in &keys {
+                    for mine in &own {
+                        if let Err(why) = crate::rules::check_wireguard_claim(key, mine, &others) {
+                            refused = Some(why.to_string());
+                            return;
+                        }
+                    }
+                }
+                all[i].public_key = primary;
+                all[i].previous_keys = keys[1..].to_vec();
+            })
+            .map_err(|e| e.to_string())?;
+        if let Some(why) = refused {
+            return Err(why);
+        }
+        link.wg_key = Some(primary);
         Ok(())
     }
 
@@ -816,7 +1177,15 @@ impl MeshLinks {
         f: impl FnOnce(&[PublicKey], &[isthmus_tunnel::IpPrefix]) -> R,
     ) -> R {
         let links = self.links();
-        let owned: Vec<PublicKey> = links.values().filter_map(|l| l.wg_key).collect();
+        let mut owned: Vec<PublicKey> = links.values().filter_map(|l| l.wg_key).collect();
+        // With the keys those peers still accept from a rotation.
+        let configs = self.wg.peer_configs();
+        let previous: Vec<PublicKey> = configs
+            .iter()
+            .filter(|c| owned.contains(&c.public_key))
+            .flat_map(|c| c.previous_keys.iter().copied())
+            .collect();
+        owned.extend(previous);
         let protected: Vec<isthmus_tunnel::IpPrefix> = self
             .peers()
             .iter()
@@ -873,6 +1242,10 @@ impl MeshLinks {
                         .and_then(|c| isthmus_certs::CertificateSummary::from_der(c).ok())
                         .map(|s| s.serial.to_string()),
                     wireguard_key: link.and_then(|l| l.wg_key).map(|k| k.to_base64()),
+                    peer_key_epoch: link
+                        .filter(|l| l.wg_key.is_some() && l.peer_key_epoch > 0)
+                        .map(|l| l.peer_key_epoch),
+                    key_epoch_acked: link.and_then(|l| l.acked_epoch),
                     peer_cert_expires_unix: link.and_then(|l| l.not_after).and_then(|t| {
                         t.duration_since(std::time::UNIX_EPOCH)
                             .ok()
@@ -959,6 +1332,7 @@ mod live_trust_tests {
             esp_endpoint: None,
             esp_inbound_spi: None,
             mtu: 1420,
+            wireguard_keys: None,
         }
     }
 

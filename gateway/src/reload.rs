@@ -323,6 +323,7 @@ mod tests {
                 esp_endpoint: None,
                 esp_inbound_spi: None,
                 mtu: 1420,
+                wireguard_keys: None,
             },
         )
         .unwrap()

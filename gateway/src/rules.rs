@@ -101,6 +101,7 @@ fn apply_updates(
                 peers.push(PeerConfig {
                     name: None,
                     public_key: key,
+                    previous_keys: Vec::new(),
                     preshared_key: None,
                     endpoint: None,
                     allowed_prefixes: Vec::new(),
@@ -215,6 +216,7 @@ mod tests {
         PeerConfig {
             name: None,
             public_key: key,
+            previous_keys: Vec::new(),
             preshared_key: None,
             endpoint: None,
             allowed_prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),

@@ -7,6 +7,7 @@
 
 mod certs;
 mod diagnose;
+mod keys;
 mod mesh_rotate;
 mod sa;
 
@@ -120,6 +121,11 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// WireGuard static keys (`keys rotate`).
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCmd,
+    },
     /// ESP security associations (`sa rotate`).
     Sa {
         #[command(subcommand)]
@@ -173,9 +179,10 @@ enum MeshCmd {
     Services,
     /// Rotate several gateways, one after the other: a new certificate and key
     /// for each (in the CA directory, put in force by the running gateway) and a
-    /// new SA generation for each of its ESP peers; waits until each reports
-    /// them. Exit 0 when all do, 2 when some do not within --wait. WireGuard
-    /// static keys are not rotated at run time.
+    /// new SA generation for each of its ESP peers and, when it has WireGuard
+    /// peers by identity, a new WireGuard static key (as `keys rotate`); waits
+    /// until each reports them in force. Exit 0 when all do, 2 when some do not
+    /// within --wait.
     Rotate {
         /// CA directory made by `isthmusctl certs init` holding the gateways' certificates.
         #[arg(long, value_name = "DIR")]
@@ -318,6 +325,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Certs { command } => certs::run(command)?,
         Cmd::Sa { command } => sa::run(command)?,
+        Cmd::Keys { command } => keys::run(command)?,
         Cmd::Diagnose {
             peer,
             gateway,

@@ -22,6 +22,8 @@ struct GatewayRotation {
     certificate_in_force: bool,
     /// (peer, generation before, generation now)
     esp: Vec<(String, u64, u64)>,
+    /// The WireGuard key, for a gateway with WireGuard peers by identity.
+    wireguard_key: Option<crate::keys::Outcome>,
     done: bool,
 }
 
@@ -80,6 +82,7 @@ fn rotate_one(
         new_serial: None,
         certificate_in_force: false,
         esp: Vec::new(),
+        wireguard_key: None,
         done: false,
     };
     // The gateway reads the new files by itself.
@@ -121,7 +124,14 @@ fn rotate_one(
             std::thread::sleep(Duration::from_millis(50));
         }
     }
-    out.done = out.certificate_in_force && out.esp.iter().all(|(_, from, to)| to > from);
+    let wireguard_by_identity =
+        before.key_rotation.is_some() && before.channels.iter().any(|c| c.kind == "wireguard");
+    if wireguard_by_identity {
+        out.wireguard_key = Some(crate::keys::rotate(&path, deadline)?);
+    }
+    out.done = out.certificate_in_force
+        && out.esp.iter().all(|(_, from, to)| to > from)
+        && out.wireguard_key.as_ref().is_none_or(|k| k.done());
     Ok(out)
 }
 
@@ -145,8 +155,20 @@ pub fn run(
                 .iter()
                 .map(|(p, from, to)| format!("{p} {from}->{to}"))
                 .collect();
+            let wg = r.wireguard_key.as_ref().map_or(String::new(), |k| {
+                format!(
+                    "; WireGuard key epoch {} -> {}{}",
+                    k.from_epoch.map_or("?".to_string(), |e| e.to_string()),
+                    k.epoch,
+                    if k.done() {
+                        ""
+                    } else {
+                        " (not in use everywhere yet)"
+                    }
+                )
+            });
             println!(
-                "[{}/{}] {} ({}): certificate {} -> {}{}{}",
+                "[{}/{}] {} ({}): certificate {} -> {}{}{}{}",
                 i + 1,
                 gateways.len(),
                 r.gateway,
@@ -158,6 +180,7 @@ pub fn run(
                 } else {
                     format!("; ESP SAs {}", esp.join(", "))
                 },
+                wg,
                 if r.done { "" } else { "  -- NOT DONE" }
             );
         }
