@@ -325,6 +325,7 @@ fn round(ns: &str, run: &Run, ifname: &str, opts: &ScaleOptions) -> Result<Scale
             esp_endpoint: None,
             esp_inbound_spi: None,
             mtu: 1420,
+            wireguard_keys: None,
         };
         let cfg = ChannelConfig::new(leaf.credentials()?, &trust, params)?;
         if should_dial(&ids[i], &hub_id) {

@@ -744,28 +744,40 @@ fn two_sites_by_identity(
     topo: &Topology,
     kind: &str,
 ) -> (Pki, Vec<(PathBuf, PathBuf)>, Vec<PathBuf>) {
+    sites_by_identity(topo, kind, 2)
+}
+
+/// The same for sites 1..=n (clusters `one`, `two`, `three`), each peering with every
+/// other.
+fn sites_by_identity(
+    topo: &Topology,
+    kind: &str,
+    n: usize,
+) -> (Pki, Vec<(PathBuf, PathBuf)>, Vec<PathBuf>) {
     let run = topo.run();
     let td = "mesh.test";
     let pki = Pki::init(run, "ca", td).expect("CA");
-    let names = ["", "one", "two"];
-    let creds: Vec<(PathBuf, PathBuf)> = names[1..]
+    let names = ["", "one", "two", "three"];
+    let creds: Vec<(PathBuf, PathBuf)> = names[1..=n]
         .iter()
         .map(|name| {
             pki.cluster(name).expect("cluster CA");
             pki.gateway(name, "gw").expect("gateway certificate")
         })
         .collect();
-    let (s1, s2) = (topo.site(1), topo.site(2));
-    let configs = [(s1, s2), (s2, s1)]
-        .into_iter()
-        .map(|(me, other)| {
-            let (chain, key) = &creds[me.index - 1];
-            let peers = [IdPeer {
-                site: other,
-                kind,
-                spiffe_id: spiffe(td, names[other.index]),
-                esp: None,
-            }];
+    let configs = (1..=n)
+        .map(|i| {
+            let me = topo.site(i);
+            let (chain, key) = &creds[i - 1];
+            let peers: Vec<IdPeer<'_>> = (1..=n)
+                .filter(|j| *j != i)
+                .map(|j| IdPeer {
+                    site: topo.site(j),
+                    kind,
+                    spiffe_id: spiffe(td, names[j]),
+                    esp: None,
+                })
+                .collect();
             let cfg =
                 write_config(run, me, &pki.bundle(), chain, key, &[], &peers).expect("config");
             set_reload_interval(&cfg, 100);
@@ -775,21 +787,28 @@ fn two_sites_by_identity(
     (pki, creds, configs)
 }
 
-/// `isthmusctl diagnose PEER --wait 1` on `site`: (exit 0, what it printed).
-fn diagnose(site: &Site, peer: &str) -> (bool, String) {
+/// `isthmusctl ARGS --socket <site's admin socket>`: (exit code, what it printed).
+fn ctl_at(site: &Site, args: &[&str]) -> (Option<i32>, String) {
     let out = std::process::Command::new(bins::ctl())
-        .args(["diagnose", peer, "--wait", "1", "--socket"])
+        .args(args)
+        .arg("--socket")
         .arg(admin_socket(site))
         .output()
-        .expect("isthmusctl diagnose");
+        .expect("isthmusctl");
     (
-        out.status.success(),
+        out.status.code(),
         format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
     )
+}
+
+/// `isthmusctl diagnose PEER --wait 1` on `site`: (exit 0, what it printed).
+fn diagnose(site: &Site, peer: &str) -> (bool, String) {
+    let (code, said) = ctl_at(site, &["diagnose", peer, "--wait", "1"]);
+    (code == Some(0), said)
 }
 
 /// Rotates `cluster`/`name`'s certificate with the CLI; returns the new serial.
@@ -820,32 +839,20 @@ fn rotate_cert(pki: &Pki, cluster: &str, name: &str) -> Result<String> {
 /// makes presents the newest certificate.
 #[test]
 fn certificate_rotation_needs_no_restart_and_loses_nothing() {
-    use isthmus_e2e::traffic::{tcp_transfer, udp_sequence, Payload};
+    use isthmus_e2e::traffic::{tcp_transfer, Payload};
     const ROTATIONS: u64 = 20;
     let topo = Topology::two_sites(Underlay::V4).expect("topology");
     let run = topo.run();
     let (pki, creds, configs) = two_sites_by_identity(&topo, "wireguard");
     let (s1, s2) = (topo.site(1), topo.site(2));
-    let mut g1 = start(run, s1, &configs[0]).unwrap();
-    let _g2 = start(run, s2, &configs[1]).unwrap();
-    wait_channels_up(s1, 1).unwrap();
-    assert!(wait_for_ping(
-        &s1.wl_ns,
-        s2.workload_addr.into(),
-        Duration::from_secs(10)
-    ));
+    let (mut g1, _g2) = start_two(run, s1, s2, &configs);
     let first_serial = status(s1).unwrap()["channels"][0]["peer_serial"]
         .as_str()
         .unwrap()
         .to_string();
     assert_eq!(first_serial, serial_of(&creds[1].0).unwrap());
 
-    let stream = |from: &Site, to: &Site, port: u16| {
-        let (src, dst) = (from.wl_ns.clone(), to.wl_ns.clone());
-        let addr = std::net::SocketAddr::new(to.workload_addr.into(), port);
-        std::thread::spawn(move || udp_sequence(&src, &dst, addr, 9_000, 200, 1_500))
-    };
-    let streams = [stream(s1, s2, 7601), stream(s2, s1, 7602)];
+    let udp = streams(&[(s1, s2)], 7601, 9_000);
     let transfer = {
         let (src, dst, to) = (s1.wl_ns.clone(), s2.wl_ns.clone(), s2.workload_addr.into());
         std::thread::spawn(move || tcp_transfer(&src, &dst, to, 7603, 50 << 20, Payload::Random))
@@ -900,15 +907,7 @@ fn certificate_rotation_needs_no_restart_and_loses_nothing() {
             Some(serial_of(file).unwrap().as_str())
         );
     }
-    for (i, t) in streams.into_iter().enumerate() {
-        let r = t.join().unwrap().unwrap();
-        assert!(
-            r.exactly_once(),
-            "stream {i}: missing {:?}, duplicated {:?}",
-            r.missing(),
-            r.duplicated()
-        );
-    }
+    assert_exactly_once(udp);
     assert!(transfer.join().unwrap().unwrap().intact());
     let s = status(s2).unwrap();
     assert_eq!(s["identity_reload"]["last_error"], Value::Null, "{s:#}");
@@ -944,14 +943,7 @@ fn rotations_survive_a_peer_away_and_a_gateway_killed_half_way() {
     let run = topo.run();
     let (pki, _creds, configs) = two_sites_by_identity(&topo, "esp");
     let (s1, s2) = (topo.site(1), topo.site(2));
-    let mut g1 = start(run, s1, &configs[0]).unwrap();
-    let mut g2 = start(run, s2, &configs[1]).unwrap();
-    wait_channels_up(s1, 1).unwrap();
-    assert!(wait_for_ping(
-        &s1.wl_ns,
-        s2.workload_addr.into(),
-        Duration::from_secs(10)
-    ));
+    let (mut g1, mut g2) = start_two(run, s1, s2, &configs);
     let sa_rotate = |site: &Site, wait: &str| {
         std::process::Command::new(bins::ctl())
             .args(["sa", "rotate", "--all", "--wait", wait, "--socket"])
@@ -985,28 +977,343 @@ fn rotations_survive_a_peer_away_and_a_gateway_killed_half_way() {
         Some(new_serial.as_str()),
         "{s:#}"
     );
-    for (a, b) in [(s1, s2), (s2, s1)] {
-        assert!(wait_for_ping(
-            &a.wl_ns,
-            b.workload_addr.into(),
-            Duration::from_secs(10)
-        ));
-    }
+    ping_both_ways(s1, s2, "after the peer came back");
 
     // A rotation asked for, and the gateway killed right away.
     let out = sa_rotate(s1, "0");
     assert!(out.status.success(), "{out:?}");
-    g1.signal(libc::SIGKILL);
-    let _ = g1.wait_timeout(Duration::from_secs(5));
-    g1 = start(run, s1, &configs[0]).unwrap();
-    wait_channels_up(s1, 1).unwrap();
-    for (a, b) in [(s1, s2), (s2, s1)] {
+    g1 = kill_and_restart(run, s1, &configs[0], g1);
+    ping_both_ways(s1, s2, "after the restart");
+    drop((g1, g2));
+}
+
+/// Starts the gateways of sites 1 and 2, waits for their channel and a ping through.
+fn start_two(run: &Run, s1: &Site, s2: &Site, configs: &[PathBuf]) -> (ProcessGuard, ProcessGuard) {
+    let g1 = start(run, s1, &configs[0]).expect("gateway 1");
+    let g2 = start(run, s2, &configs[1]).expect("gateway 2");
+    wait_channels_up(s1, 1).expect("channel up");
+    assert!(wait_for_ping(
+        &s1.wl_ns,
+        s2.workload_addr.into(),
+        Duration::from_secs(10)
+    ));
+    (g1, g2)
+}
+
+/// Kills the gateway of `site` (SIGKILL), starts it again and waits for its channels.
+fn kill_and_restart(run: &Run, site: &Site, config: &Path, mut gw: ProcessGuard) -> ProcessGuard {
+    gw.signal(libc::SIGKILL);
+    let _ = gw.wait_timeout(Duration::from_secs(5));
+    drop(gw);
+    let gw = start(run, site, config).expect("restart");
+    wait_channels_up(site, 1).expect("channels after the restart");
+    gw
+}
+
+/// Pings from each site's workload to the other's within 10 s.
+fn ping_both_ways(a: &Site, b: &Site, when: &str) {
+    for (from, to) in [(a, b), (b, a)] {
         assert!(
-            wait_for_ping(&a.wl_ns, b.workload_addr.into(), Duration::from_secs(10)),
-            "{} -> {} after the restart",
-            a.index,
-            b.index
+            wait_for_ping(
+                &from.wl_ns,
+                to.workload_addr.into(),
+                Duration::from_secs(10)
+            ),
+            "{} -> {} {when}",
+            from.index,
+            to.index
         );
     }
+}
+
+/// Gives the gateway of `config` a WireGuard private key file made by `wg genkey`
+/// (0600); returns its path.
+fn set_key_file(run: &Run, config: &Path, index: usize) -> PathBuf {
+    let key = std::process::Command::new("wg")
+        .arg("genkey")
+        .output()
+        .expect("wg genkey");
+    assert!(key.status.success());
+    let path = run.path(&format!("wg{index}.key"));
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("key file");
+        f.write_all(&key.stdout).expect("key file");
+    }
+    let text = std::fs::read_to_string(config).expect("config").replacen(
+        "[interface]\n",
+        &format!(
+            "[interface]\nprivate_key_file = {:?}\n",
+            path.to_string_lossy()
+        ),
+        1,
+    );
+    std::fs::write(config, text).expect("config");
+    path
+}
+
+/// The public key of a WireGuard private key file, by `wg pubkey`.
+fn wg_pubkey(path: &Path) -> String {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new("wg")
+        .arg("pubkey")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("wg pubkey");
+    let key = std::fs::read(path).expect("key file");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&key)
+        .expect("wg pubkey input");
+    let out = child.wait_with_output().expect("wg pubkey");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// This gateway's WireGuard key in force: (epoch, public key).
+fn key_in_force(status: &Value) -> (u64, String) {
+    let k = status["wireguard_keys"]
+        .as_array()
+        .and_then(|keys| keys.iter().find(|k| k["in_force"] == true))
+        .unwrap_or_else(|| panic!("no key in force: {status:#}"));
+    (
+        k["epoch"].as_u64().expect("epoch"),
+        k["public_key"].as_str().expect("public key").to_string(),
+    )
+}
+
+/// `isthmusctl keys rotate --all` on `site`: (exit code, what it printed).
+fn keys_rotate(site: &Site, wait: &str) -> (Option<i32>, String) {
+    ctl_at(site, &["keys", "rotate", "--all", "--wait", wait])
+}
+
+/// UDP streams (sequence-numbered, bounded rate) between pairs of sites, each way.
+type Streams = Vec<std::thread::JoinHandle<Result<isthmus_e2e::traffic::SequenceReport>>>;
+
+fn streams(pairs: &[(&Site, &Site)], first_port: u16, count: u32) -> Streams {
+    use isthmus_e2e::traffic::udp_sequence;
+    let mut port = first_port;
+    let mut out = Streams::new();
+    for (a, b) in pairs {
+        for (from, to) in [(a, b), (b, a)] {
+            let (src, dst) = (from.wl_ns.clone(), to.wl_ns.clone());
+            let addr = std::net::SocketAddr::new(to.workload_addr.into(), port);
+            out.push(std::thread::spawn(move || {
+                udp_sequence(&src, &dst, addr, count, 200, 1_500)
+            }));
+            port += 1;
+        }
+    }
+    out
+}
+
+fn assert_exactly_once(streams: Streams) {
+    for (i, t) in streams.into_iter().enumerate() {
+        let r = t.join().expect("stream thread").expect("stream ran");
+        assert!(
+            r.exactly_once(),
+            "stream {i}: missing {:?}, duplicated {:?}",
+            r.missing(),
+            r.duplicated()
+        );
+    }
+}
+
+/// `isthmusctl keys rotate` while traffic runs: sequence-numbered UDP streams each way
+/// and a TCP transfer run through the WireGuard tunnel while the two gateways rotate
+/// their static keys 20 times in turn. Every rotation is put in force and in use toward
+/// the peer; every datagram arrives exactly once, the transfer is intact, the channel
+/// and the tunnel are never cut, each side initiates toward the other's newest key, and
+/// site 2's key file holds its key in force (checked with `wg pubkey`).
+#[test]
+fn wireguard_key_rotation_is_hitless() {
+    use isthmus_e2e::traffic::{tcp_transfer, Payload};
+    const ROTATIONS: usize = 20;
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let run = topo.run();
+    let (_pki, _creds, configs) = two_sites_by_identity(&topo, "wireguard");
+    let key_file = set_key_file(run, &configs[1], 2);
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let (_g1, _g2) = start_two(run, s1, s2, &configs);
+    assert_eq!(key_in_force(&status(s2).unwrap()).1, wg_pubkey(&key_file));
+
+    let udp = streams(&[(s1, s2)], 7611, 9_000);
+    let transfer = {
+        let (src, dst, to) = (s1.wl_ns.clone(), s2.wl_ns.clone(), s2.workload_addr.into());
+        std::thread::spawn(move || tcp_transfer(&src, &dst, to, 7613, 50 << 20, Payload::Random))
+    };
+    for n in 0..ROTATIONS {
+        let site = if n % 2 == 0 { s1 } else { s2 };
+        let before = key_in_force(&status(site).unwrap());
+        let (code, said) = keys_rotate(site, "20");
+        assert_eq!(code, Some(0), "rotation {n} on site {}: {said}", site.index);
+        assert!(
+            said.contains("in force and in use toward every peer"),
+            "{said}"
+        );
+        let after = key_in_force(&status(site).unwrap());
+        assert_eq!(after.0, before.0 + 1, "rotation {n}");
+        assert_ne!(after.1, before.1);
+        // The other side initiates toward the new key and knows it as this peer's.
+        let other = if site.index == 1 { s2 } else { s1 };
+        let seen = status(other).unwrap();
+        let p = peer(&seen, &format!("site-{}", site.index)).unwrap();
+        assert_eq!(p["public_key"].as_str(), Some(after.1.as_str()), "{seen:#}");
+    }
+    assert_exactly_once(udp);
+    assert!(transfer.join().unwrap().unwrap().intact());
+    for (site, other) in [(s1, 2), (s2, 1)] {
+        let s = status(site).unwrap();
+        assert_eq!(s["channels"][0]["sessions"], 1, "channel never cut: {s:#}");
+        assert_eq!(
+            s["key_rotation"]["rotations"].as_u64(),
+            Some((ROTATIONS / 2) as u64),
+            "{s:#}"
+        );
+        let p = peer(&s, &format!("site-{other}")).unwrap();
+        assert_eq!(p["drops"]["decrypt_failure"], 0, "{s:#}");
+        assert_eq!(p["key_epoch"].as_u64(), Some(key_in_force(&s).0), "{s:#}");
+        assert_eq!(
+            s["channels"][0]["key_epoch_acked"].as_u64(),
+            Some(key_in_force(&s).0),
+            "{s:#}"
+        );
+    }
+    // A restart keeps the rotated key: it was written to the key file, 0600.
+    let s = status(s2).unwrap();
+    assert_eq!(key_in_force(&s).1, wg_pubkey(&key_file));
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&key_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+/// `isthmusctl mesh rotate` over a mesh of three gateways with WireGuard tunnels keyed
+/// by identity: each gateway gets a new certificate and a new WireGuard key (epoch 1 →
+/// 2), one after the other, while UDP streams run on every pair each way and a TCP
+/// transfer runs; every gateway then reports epoch 2 in force, every peer acknowledged
+/// it and every tunnel sends under it, and nothing was lost.
+#[test]
+fn mesh_rotate_moves_three_gateways_to_new_keys_without_loss() {
+    use isthmus_e2e::traffic::{tcp_transfer, Payload};
+    let topo = Topology::new(3, Underlay::V4).expect("topology");
+    let run = topo.run();
+    let (pki, _creds, configs) = sites_by_identity(&topo, "wireguard", 3);
+    let sites: Vec<&Site> = (1..=3).map(|i| topo.site(i)).collect();
+    let _gws: Vec<ProcessGuard> = sites
+        .iter()
+        .zip(&configs)
+        .map(|(s, c)| start(run, s, c).unwrap())
+        .collect();
+    for s in &sites {
+        wait_channels_up(s, 1).unwrap();
+    }
+    for (a, b) in [(0, 1), (1, 2), (2, 0)] {
+        assert!(wait_for_ping(
+            &sites[a].wl_ns,
+            sites[b].workload_addr.into(),
+            Duration::from_secs(10)
+        ));
+    }
+    let udp = streams(
+        &[
+            (sites[0], sites[1]),
+            (sites[1], sites[2]),
+            (sites[2], sites[0]),
+        ],
+        7621,
+        6_000,
+    );
+    let transfer = {
+        let (src, dst, to) = (
+            sites[0].wl_ns.clone(),
+            sites[2].wl_ns.clone(),
+            sites[2].workload_addr.into(),
+        );
+        std::thread::spawn(move || tcp_transfer(&src, &dst, to, 7631, 30 << 20, Payload::Random))
+    };
+    let mut args = vec!["mesh".to_string(), "rotate".into(), "--dir".into(), pki.d()];
+    for s in &sites {
+        args.push("--gateway".into());
+        args.push(admin_socket(s).to_string_lossy().into_owned());
+    }
+    let said = ctl(&args.iter().map(String::as_str).collect::<Vec<_>>()).unwrap();
+    assert!(
+        said.contains("all 3 gateway(s) report the new keys"),
+        "{said}"
+    );
+    assert_eq!(
+        said.matches("WireGuard key epoch 1 -> 2;").count()
+            + said.matches("WireGuard key epoch 1 -> 2\n").count(),
+        3,
+        "{said}"
+    );
+    assert_exactly_once(udp);
+    assert!(transfer.join().unwrap().unwrap().intact());
+    for s in &sites {
+        let st = status(s).unwrap();
+        assert_eq!(key_in_force(&st).0, 2, "{st:#}");
+        let channels = st["channels"].as_array().unwrap();
+        assert_eq!(channels.len(), 2);
+        for c in channels {
+            assert_eq!(c["key_epoch_acked"], 2, "{st:#}");
+            assert_eq!(c["peer_key_epoch"], 2, "{st:#}");
+            assert_eq!(c["sessions"], 1, "{st:#}");
+        }
+        for p in st["peers"].as_array().unwrap() {
+            assert_eq!(p["key_epoch"], 2, "{st:#}");
+        }
+    }
+}
+
+/// WireGuard key rotation under failure: with its peer away, a gateway puts a new key
+/// in force at once (nobody to wait for) but says the away peer's tunnel still runs
+/// under the old key (exit 2); the peer, back, learns the new key from the hello and
+/// traffic flows both ways. A gateway killed right after asking for a rotation comes
+/// back with the key its key file holds, and both sides talk again.
+#[test]
+fn wireguard_key_rotation_survives_a_peer_away_and_a_kill() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let run = topo.run();
+    let (_pki, _creds, configs) = two_sites_by_identity(&topo, "wireguard");
+    let key1 = set_key_file(run, &configs[0], 1);
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let (mut g1, mut g2) = start_two(run, s1, s2, &configs);
+
+    g2.stop().unwrap();
+    let (code, said) = keys_rotate(s1, "2");
+    assert_eq!(code, Some(2), "{said}");
+    assert!(
+        said.contains("in force; still sending under an older key: site-2"),
+        "{said}"
+    );
+    let new_key = key_in_force(&status(s1).unwrap()).1;
+    assert_eq!(new_key, wg_pubkey(&key1));
+    g2 = start(run, s2, &configs[1]).unwrap();
+    wait_channels_up(s2, 1).unwrap();
+    let s = status(s2).unwrap();
+    assert_eq!(
+        peer(&s, "site-1").unwrap()["public_key"].as_str(),
+        Some(new_key.as_str()),
+        "{s:#}"
+    );
+    ping_both_ways(s1, s2, "after the peer came back");
+    // Now a rotation completes.
+    let (code, said) = keys_rotate(s1, "20");
+    assert_eq!(code, Some(0), "{said}");
+
+    // Asked for, then killed at once.
+    let (_, said) = keys_rotate(s1, "0");
+    assert!(said.contains("WireGuard key epoch"), "{said}");
+    g1 = kill_and_restart(run, s1, &configs[0], g1);
+    assert_eq!(key_in_force(&status(s1).unwrap()).1, wg_pubkey(&key1));
+    ping_both_ways(s1, s2, "after the restart");
     drop((g1, g2));
 }
