@@ -28,6 +28,7 @@ pub mod isthmus;
 pub mod keys;
 pub mod mesh;
 pub mod mesh_bench_api;
+pub mod metrics;
 pub mod netns;
 pub mod process;
 pub mod run;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use isthmus_e2e::esp::{self, split_gso_frames, Cipher, EspPair, ESP_PORT};
 use isthmus_e2e::isthmus::{EspPeerConfig, EspSettings, GatewayConfig, PeerStatus, Status};
 use isthmus_e2e::mesh::isthmus_config;
+use isthmus_e2e::metrics::{scrape, Metrics};
 use isthmus_e2e::traffic::{self, ping_all, tcp_transfer, transfer_between, udp_sequence, Payload};
 use isthmus_e2e::{netns, Capture, IsthmusGateway, KeyPair, Pcap, PeerConfig, Topology};
 use isthmus_e2e::{Underlay, TUNNEL_MTU, WG_PORT};
@@ -903,15 +904,7 @@ fn mixed_gateway_wireguard_and_esp_peers() {
     // the status and its counters moved with the traffic; no key appears in it.
     let after = scrape(&s2.gw_ns, metrics_at);
     let value = |m: &Metrics, name: &str, peer: &str| -> f64 {
-        m.samples
-            .iter()
-            .find(|x| x.metric == name && x.labels.get("peer") == Some(peer))
-            .map(|x| match x.value {
-                prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => f64::NAN,
-            })
+        m.value(name, &[("peer", peer)])
             .unwrap_or_else(|| panic!("no {name} for {peer} in /metrics"))
     };
     for (peer, kind) in [("site-2", "wireguard"), ("site-3", "esp")] {
@@ -944,38 +937,6 @@ fn mixed_gateway_wireguard_and_esp_peers() {
     assert!(st2.require_peer(&k1.public).expect("peer").handshakes >= 1);
     let st3 = gw3.status().expect("status 3");
     assert!(esp_peer(&st3, 1).rx_bytes >= 2_000_000);
-}
-
-/// One scrape of `/metrics` from namespace `ns`, parsed.
-struct Metrics {
-    text: String,
-    samples: Vec<prometheus_parse::Sample>,
-}
-
-fn scrape(ns: &str, at: SocketAddr) -> Metrics {
-    use std::io::{Read, Write};
-    let text = netns::join(netns::spawn_in(ns, move || {
-        let mut conn = std::net::TcpStream::connect_timeout(&at, Duration::from_secs(5))?;
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: gw\r\n\r\n")?;
-        let mut answer = String::new();
-        conn.read_to_string(&mut answer)?;
-        Ok(answer)
-    }))
-    .expect("scrape /metrics");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.contains("application/openmetrics-text"), "{head}");
-    assert!(body.ends_with("# EOF\n"), "{body}");
-    let lines: Vec<String> = body.lines().map(str::to_string).collect();
-    let parsed = prometheus_parse::Scrape::parse(lines.clone().into_iter().map(Ok))
-        .expect("/metrics parses as Prometheus text");
-    // The parser skips what it does not understand: every sample line must be one it took.
-    let sample_lines = lines.iter().filter(|l| !l.starts_with('#')).count();
-    assert_eq!(parsed.samples.len(), sample_lines, "{body}");
-    Metrics {
-        text: body.to_string(),
-        samples: parsed.samples,
-    }
 }
 
 /// `isthmusctl sa rotate` is hitless: while a sequence-numbered UDP stream (bounded rate and

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use isthmus_e2e::metrics::scrape;
 use isthmus_e2e::traffic::transfer_between;
 use isthmus_e2e::{bins, ping, wait_for_ping, ProcessGuard, Run, Site, Topology, Underlay};
 use serde_json::Value;
@@ -1207,6 +1208,10 @@ fn mesh_rotate_moves_three_gateways_to_new_keys_without_loss() {
     let run = topo.run();
     let (pki, _creds, configs) = sites_by_identity(&topo, "wireguard", 3);
     let sites: Vec<&Site> = (1..=3).map(|i| topo.site(i)).collect();
+    let metrics_at = sites[0].endpoint(9464);
+    let mut text = std::fs::read_to_string(&configs[0]).unwrap();
+    text += &format!("\n[metrics]\nlisten = \"{metrics_at}\"\n");
+    std::fs::write(&configs[0], text).unwrap();
     let _gws: Vec<ProcessGuard> = sites
         .iter()
         .zip(&configs)
@@ -1270,6 +1275,43 @@ fn mesh_rotate_moves_three_gateways_to_new_keys_without_loss() {
         for p in st["peers"].as_array().unwrap() {
             assert_eq!(p["key_epoch"], 2, "{st:#}");
         }
+    }
+    // Site 1's /metrics, scraped from site 2 and parsed by an independent parser, says
+    // the same, with each channel's round-trip time (measured by its liveness pings).
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let channels = loop {
+        let st = status(sites[0]).unwrap();
+        let channels = st["channels"].as_array().unwrap().clone();
+        if channels.iter().all(|c| c["rtt_ms"].as_f64().is_some()) {
+            break channels;
+        }
+        assert!(Instant::now() < deadline, "no channel RTT: {st:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let m = scrape(&sites[1].gw_ns, metrics_at);
+    assert_eq!(
+        m.value("isthmus_wireguard_key_in_force_epoch", &[]),
+        Some(2.0)
+    );
+    assert_eq!(
+        m.value("isthmus_wireguard_key_rotations_total", &[]),
+        Some(1.0)
+    );
+    assert!(m.value("isthmus_wireguard_last_key_rotation_timestamp_seconds", &[]) > Some(1.7e9));
+    for peer in ["site-2", "site-3"] {
+        assert_eq!(
+            m.value("isthmus_wireguard_key_epoch", &[("peer", peer)]),
+            Some(2.0),
+            "{}",
+            m.text
+        );
+    }
+    for c in &channels {
+        let id = c["spiffe_id"].as_str().unwrap();
+        let rtt = m
+            .value("isthmus_channel_rtt_seconds", &[("peer", id)])
+            .unwrap();
+        assert!(rtt > 0.0 && rtt < 1.0, "{id}: {rtt}");
     }
 }
 

@@ -206,6 +206,10 @@ pub struct ChannelStatus {
     /// The epoch of that key, as the peer announced it.
     #[serde(default)]
     pub peer_key_epoch: Option<u64>,
+    /// Round-trip time of the channel's last answered liveness ping, in
+    /// milliseconds.
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
     /// The newest of this gateway's WireGuard key epochs the peer has
     /// acknowledged over this channel (it accepts and initiates toward it).
     #[serde(default)]
@@ -1246,6 +1250,11 @@ impl MeshLinks {
                         .filter(|l| l.wg_key.is_some() && l.peer_key_epoch > 0)
                         .map(|l| l.peer_key_epoch),
                     key_epoch_acked: link.and_then(|l| l.acked_epoch),
+                    rtt_ms: link
+                        .filter(|_| up)
+                        .and_then(|l| l.session.as_ref())
+                        .and_then(|s| s.rtt())
+                        .map(|d| d.as_secs_f64() * 1000.0),
                     peer_cert_expires_unix: link.and_then(|l| l.not_after).and_then(|t| {
                         t.duration_since(std::time::UNIX_EPOCH)
                             .ok()

@@ -5,7 +5,9 @@
 //! the prometheus-client crate, so the two never disagree and nothing is
 //! counted twice on the data path. Per peer: bytes, packets, handshakes,
 //! drops by reason; ESP SA generation (the key epoch), rekeys, rotations
-//! and the last rotation's time; per mTLS channel: up and sessions;
+//! and the last rotation's time; WireGuard key epoch per peer, the epoch in
+//! force, key rotations and the last one's time; per mTLS channel: up,
+//! sessions and round-trip time;
 //! reloads of the identity files. No key material is ever part of it.
 //!
 //! The server answers `GET /metrics` only (404 otherwise), one request per
@@ -87,6 +89,31 @@ pub fn render(status: &Status) -> String {
         "When the last ESP SA rotation was applied",
     );
     let channel_up = gauge(&mut reg, "channel_up", "Whether the mTLS channel is up");
+    let channel_rtt = gauge(
+        &mut reg,
+        "channel_rtt_seconds",
+        "Round-trip time of the mTLS channel's last answered liveness ping",
+    );
+    let wg_epoch = gauge(
+        &mut reg,
+        "wireguard_key_epoch",
+        "Epoch of this gateway's WireGuard key that packets to the peer go out under",
+    );
+    let wg_in_force = gauge(
+        &mut reg,
+        "wireguard_key_in_force_epoch",
+        "Epoch of this gateway's WireGuard key in force",
+    );
+    let wg_rotations = counter(
+        &mut reg,
+        "wireguard_key_rotations",
+        "WireGuard static keys put in force since start",
+    );
+    let wg_last_rotation = gauge(
+        &mut reg,
+        "wireguard_last_key_rotation_timestamp_seconds",
+        "When the last WireGuard static key was put in force",
+    );
     let sessions = counter(
         &mut reg,
         "channel_sessions",
@@ -115,6 +142,11 @@ pub fn render(status: &Status) -> String {
         tx_packets.get_or_create(&l).inc_by(p.tx_packets);
         if p.kind == "wireguard" {
             handshakes.get_or_create(&l).inc_by(p.handshakes);
+            if let Some(e) = p.key_epoch {
+                wg_epoch
+                    .get_or_create(&labels(&[("peer", &name)]))
+                    .set(e as f64);
+            }
         }
         let d = &p.drops;
         for (reason, n) in [
@@ -160,6 +192,18 @@ pub fn render(status: &Status) -> String {
             .get_or_create(&l)
             .set(if c.state == "up" { 1.0 } else { 0.0 });
         sessions.get_or_create(&l).inc_by(c.sessions);
+        if let Some(ms) = c.rtt_ms {
+            channel_rtt.get_or_create(&l).set(ms / 1000.0);
+        }
+    }
+    if let Some(k) = status.wireguard_keys.iter().find(|k| k.in_force) {
+        wg_in_force.get_or_create(&vec![]).set(k.epoch as f64);
+    }
+    if let Some(r) = &status.key_rotation {
+        wg_rotations.get_or_create(&vec![]).inc_by(r.rotations);
+        if let Some(t) = r.last_rotation_unix {
+            wg_last_rotation.get_or_create(&vec![]).set(t as f64);
+        }
     }
     if let Some(r) = &status.identity_reload {
         reloads

@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 
 use super::frame::{encode_frame, ControlMessage, Frame, FrameDecoder, FrameError};
 use super::keys::{self, EspKeyBlock, Role, MAX_ESP_KEY_LEN};
-use super::timing::{ChannelTiming, Liveness, LivenessAction};
+use super::timing::{ChannelTiming, Liveness, LivenessAction, RttProbe};
 use super::{ChannelError, ChannelEvent};
 use crate::spiffe::SpiffeId;
 
@@ -179,11 +179,16 @@ pub(crate) struct SessionState {
     broken: AtomicBool,
     ended: Mutex<Option<LossReason>>,
     ended_cv: Condvar,
+    rtt: Mutex<RttProbe>,
 }
 
 impl SessionState {
     fn lock_conn(&self) -> MutexGuard<'_, rustls::Connection> {
         self.conn.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn rtt(&self) -> MutexGuard<'_, RttProbe> {
+        self.rtt.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn queue(&self, frame: &Frame) -> Result<(), ChannelError> {
@@ -296,6 +301,11 @@ impl PeerSession {
         self.state.wake.notify_one();
     }
 
+    /// The round-trip time of the last answered liveness ping.
+    pub fn rtt(&self) -> Option<Duration> {
+        self.state.rtt().last()
+    }
+
     /// Whether the session has ended (or is closing).
     pub fn is_closed(&self) -> bool {
         self.state.closing.load(Ordering::SeqCst)
@@ -385,6 +395,7 @@ pub(crate) fn prepare(start: SessionStart) -> (PeerSession, SessionDriver) {
         broken: AtomicBool::new(false),
         ended: Mutex::new(None),
         ended_cv: Condvar::new(),
+        rtt: Mutex::new(RttProbe::default()),
     });
     let session = PeerSession {
         state: state.clone(),
@@ -452,6 +463,7 @@ async fn drive(
         match liveness.poll(Instant::now()) {
             LivenessAction::Wait => {}
             LivenessAction::SendPing(seq) => {
+                state.rtt().sent(seq, Instant::now());
                 if let Err(e) = state.queue(&Frame::Ping { seq }) {
                     return closing_or(state, LossReason::Io(e.to_string()));
                 }
@@ -556,7 +568,10 @@ fn handle_frame(
                 return Some(closing_or(state, LossReason::Io(e.to_string())));
             }
         }
-        Frame::Pong { seq } => tracing::trace!(peer = %state.peer, seq, "pong"),
+        Frame::Pong { seq } => {
+            let rtt = state.rtt().answered(seq, Instant::now());
+            tracing::trace!(peer = %state.peer, seq, ?rtt, "pong");
+        }
         Frame::Control(message) => {
             tracing::debug!(peer = %state.peer, kind = control_kind(&message), "control message");
             let _ = events.send(ChannelEvent::Message {

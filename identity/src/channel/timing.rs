@@ -85,6 +85,38 @@ impl Liveness {
     }
 }
 
+/// Round-trip time of the channel, from the ping in flight and its pong.
+#[derive(Debug, Default)]
+pub(crate) struct RttProbe {
+    outstanding: Option<(u64, Instant)>,
+    last: Option<Duration>,
+}
+
+impl RttProbe {
+    /// Ping `seq` left at `now` (a later ping replaces an unanswered one).
+    pub(crate) fn sent(&mut self, seq: u64, now: Instant) {
+        self.outstanding = Some((seq, now));
+    }
+
+    /// Pong `seq` came at `now`: the round trip, if it answers the ping in flight.
+    pub(crate) fn answered(&mut self, seq: u64, now: Instant) -> Option<Duration> {
+        match self.outstanding {
+            Some((s, at)) if s == seq => {
+                self.outstanding = None;
+                let rtt = now.saturating_duration_since(at);
+                self.last = Some(rtt);
+                Some(rtt)
+            }
+            _ => None,
+        }
+    }
+
+    /// The last measured round trip.
+    pub(crate) fn last(&self) -> Option<Duration> {
+        self.last
+    }
+}
+
 /// Exponential backoff with a cap and jitter: delays grow `initial, 2×, 4×, …, max`, each
 /// drawn uniformly from its upper half so that many gateways do not reconnect in step.
 #[derive(Debug, Clone)]
@@ -123,6 +155,23 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rtt_counts_only_the_pong_of_the_ping_in_flight() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = RttProbe::default();
+        assert_eq!(p.answered(1, t0), None, "no ping sent");
+        p.sent(1, t0);
+        assert_eq!(p.answered(7, t0 + ms(1)), None, "a pong for another ping");
+        assert_eq!(p.answered(1, t0 + ms(3)), Some(ms(3)));
+        assert_eq!(p.answered(1, t0 + ms(9)), None, "answered once");
+        assert_eq!(p.last(), Some(ms(3)));
+        p.sent(2, t0 + ms(10));
+        p.sent(3, t0 + ms(20));
+        assert_eq!(p.answered(2, t0 + ms(21)), None, "a stale pong");
+        assert_eq!(p.answered(3, t0 + ms(25)), Some(ms(5)));
+    }
 
     #[test]
     fn pings_every_interval_and_dies_after_missed() {
