@@ -458,30 +458,51 @@ impl ClusterCa {
         name: &GatewayName,
         validity: Validity,
     ) -> Result<IssuedCertificate, CertError> {
+        self.issue_leaf(LeafKind::Gateway, name, validity)
+    }
+
+    /// Issues a leaf of this cluster (new key): a gateway's (server and client
+    /// authentication) or an administrator's (client authentication only,
+    /// `spiffe://<td>/cluster/<c>/admin/<name>`).
+    pub fn issue_leaf(
+        &self,
+        kind: LeafKind,
+        name: &GatewayName,
+        validity: Validity,
+    ) -> Result<IssuedCertificate, CertError> {
         let (not_before, not_after) = self.ca.child_validity(validity)?;
         let serial = random_serial()?;
-        let gateway = GatewayId::new(
-            self.trust_domain.clone(),
-            self.cluster.clone(),
-            name.clone(),
-        );
-        let id = gateway.spiffe_id();
+        let id = match kind {
+            LeafKind::Gateway => GatewayId::new(
+                self.trust_domain.clone(),
+                self.cluster.clone(),
+                name.clone(),
+            )
+            .spiffe_id(),
+            LeafKind::Admin => SpiffeId::admin(&self.trust_domain, &self.cluster, name),
+        };
         let mut params = CertificateParams::default();
-        params.distinguished_name = dn(format!("{name}.{}", self.cluster));
+        params.distinguished_name = dn(match kind {
+            LeafKind::Gateway => format!("{name}.{}", self.cluster),
+            LeafKind::Admin => format!("admin {name}.{}", self.cluster),
+        });
         params.serial_number = Some(serial.clone());
         params.not_before = not_before;
         params.not_after = not_after;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = match kind {
+            LeafKind::Gateway => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            LeafKind::Admin => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
         params.subject_alt_names = vec![uri_san(&id)?];
         params.use_authority_key_identifier_extension = true;
         let key = new_key()?;
         let cert = params.signed_by(&key, &self.ca.issuer)?;
-        tracing::info!(id = %id, serial = %Serial::from(serial.as_ref()), "issued gateway certificate");
+        tracing::info!(id = %id, serial = %Serial::from(serial.as_ref()), "issued a leaf certificate");
         Ok(IssuedCertificate {
             id,
             chain: vec![cert.der().clone(), self.ca.cert.clone()],
@@ -500,6 +521,16 @@ impl ClusterCa {
     ) -> Result<Crl, CertError> {
         self.ca.crl(revoked, crl_number, validity)
     }
+}
+
+/// What a leaf certificate of a cluster is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeafKind {
+    /// A gateway: `spiffe://<td>/cluster/<c>/gateway/<name>`.
+    Gateway,
+    /// An administrator of the cluster's gateways (remote administration):
+    /// `spiffe://<td>/cluster/<c>/admin/<name>`.
+    Admin,
 }
 
 /// A freshly issued gateway certificate with its chain and private key.

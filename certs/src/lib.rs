@@ -25,7 +25,7 @@ pub mod show;
 pub mod store;
 
 pub use bundle::TrustBundle;
-pub use ca::{ClusterCa, Crl, IssuedCertificate, MeshRootCa, Validity};
+pub use ca::{ClusterCa, Crl, IssuedCertificate, LeafKind, MeshRootCa, Validity};
 pub use error::CertError;
 pub use files::{
     load_certificates, load_credentials, load_crls, load_private_key, read_private_key_pem,

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use isthmus_identity::{ClusterName, GatewayName, TrustDomain};
 
 use crate::bundle::TrustBundle;
-use crate::ca::{ClusterCa, MeshRootCa, Validity};
+use crate::ca::{ClusterCa, LeafKind, MeshRootCa, Validity};
 use crate::error::CertError;
 
 /// Paths of a gateway's issued files.
@@ -119,7 +119,21 @@ impl CaDirectory {
 
     /// The files a gateway's certificate is issued to.
     pub fn gateway_files(&self, cluster: &ClusterName, name: &GatewayName) -> GatewayFiles {
-        let dir = self.cluster_dir(cluster).join("gateways");
+        self.leaf_files(LeafKind::Gateway, cluster, name)
+    }
+
+    /// The files a leaf certificate is issued to (`gateways/` or `admins/` of the
+    /// cluster's directory).
+    pub fn leaf_files(
+        &self,
+        kind: LeafKind,
+        cluster: &ClusterName,
+        name: &GatewayName,
+    ) -> GatewayFiles {
+        let dir = self.cluster_dir(cluster).join(match kind {
+            LeafKind::Gateway => "gateways",
+            LeafKind::Admin => "admins",
+        });
         GatewayFiles {
             chain: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}.key")),
@@ -167,10 +181,21 @@ impl CaDirectory {
         name: &GatewayName,
         validity: Validity,
     ) -> Result<GatewayFiles, CertError> {
-        let files = self.gateway_files(cluster, name);
+        self.issue_leaf(LeafKind::Gateway, cluster, name, validity)
+    }
+
+    /// Issues and stores a leaf certificate of `cluster` (never over existing files).
+    pub fn issue_leaf(
+        &self,
+        kind: LeafKind,
+        cluster: &ClusterName,
+        name: &GatewayName,
+        validity: Validity,
+    ) -> Result<GatewayFiles, CertError> {
+        let files = self.leaf_files(kind, cluster, name);
         refuse_existing(&files.chain)?;
         refuse_existing(&files.key)?;
-        let issued = self.cluster_ca(cluster)?.issue_gateway(name, validity)?;
+        let issued = self.cluster_ca(cluster)?.issue_leaf(kind, name, validity)?;
         if let Some(dir) = files.chain.parent() {
             mkdir(dir)?;
         }

@@ -78,18 +78,26 @@ impl Pki {
     }
     /// Issues a gateway certificate; returns (chain, key).
     fn gateway(&self, cluster: &str, name: &str) -> Result<(PathBuf, PathBuf)> {
+        self.leaf("gateway", cluster, name)
+    }
+    /// Issues a leaf (`gateway` or `admin`); returns (chain, key).
+    fn leaf(&self, kind: &str, cluster: &str, name: &str) -> Result<(PathBuf, PathBuf)> {
         ctl(&[
             "certs",
             "issue",
             "--dir",
             &self.d(),
-            "gateway",
+            kind,
             "--cluster",
             cluster,
             "--name",
             name,
         ])?;
-        let base = self.dir.join("clusters").join(cluster).join("gateways");
+        let base = self
+            .dir
+            .join("clusters")
+            .join(cluster)
+            .join(format!("{kind}s"));
         Ok((
             base.join(format!("{name}.pem")),
             base.join(format!("{name}.key")),
@@ -1324,9 +1332,15 @@ fn mesh_rotate_moves_three_gateways_to_new_keys_without_loss() {
 fn wireguard_key_rotation_survives_a_peer_away_and_a_kill() {
     let topo = Topology::two_sites(Underlay::V4).expect("topology");
     let run = topo.run();
-    let (_pki, _creds, configs) = two_sites_by_identity(&topo, "wireguard");
+    let (pki, creds, configs) = two_sites_by_identity(&topo, "wireguard");
     let key1 = set_key_file(run, &configs[0], 1);
     let (s1, s2) = (topo.site(1), topo.site(2));
+    // Site 1 is also administered remotely, over mTLS.
+    let admin_at = s1.endpoint(7445);
+    let mut text = std::fs::read_to_string(&configs[0]).unwrap();
+    text += &format!("\n[admin]\nlisten = \"{admin_at}\"\n");
+    std::fs::write(&configs[0], text).unwrap();
+    let (ops_chain, ops_key) = pki.leaf("admin", "one", "ops").unwrap();
     let (mut g1, mut g2) = start_two(run, s1, s2, &configs);
 
     g2.stop().unwrap();
@@ -1347,9 +1361,42 @@ fn wireguard_key_rotation_survives_a_peer_away_and_a_kill() {
         "{s:#}"
     );
     ping_both_ways(s1, s2, "after the peer came back");
-    // Now a rotation completes.
-    let (code, said) = keys_rotate(s1, "20");
+    // Now a rotation completes, asked for from site 2's host with an administrator
+    // certificate of cluster one; site 2's gateway certificate is refused.
+    let remote = |chain: &Path, key: &Path| {
+        let (addr, bundle) = (admin_at.to_string(), pki.bundle());
+        let args = [
+            "keys", "rotate", "--all", "--wait", "20", "--remote", &addr, "--cert",
+        ];
+        let mut args: Vec<&str> = args.to_vec();
+        let (chain, key, bundle) = (
+            chain.to_string_lossy().into_owned(),
+            key.to_string_lossy().into_owned(),
+            bundle.to_string_lossy().into_owned(),
+        );
+        args.extend([chain.as_str(), "--key", &key, "--bundle", &bundle]);
+        let ctl = bins::ctl().to_string_lossy().into_owned();
+        let out = isthmus_e2e::netns::exec_output(&s2.gw_ns, &ctl, &args).unwrap();
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let epoch = key_in_force(&status(s1).unwrap()).0;
+    let (code, said) = remote(&creds[1].0, &creds[1].1);
+    assert_eq!(
+        code,
+        Some(1),
+        "a gateway certificate is no administrator: {said}"
+    );
+    assert_eq!(key_in_force(&status(s1).unwrap()).0, epoch);
+    let (code, said) = remote(&ops_chain, &ops_key);
     assert_eq!(code, Some(0), "{said}");
+    assert_eq!(key_in_force(&status(s1).unwrap()).0, epoch + 1);
 
     // Asked for, then killed at once.
     let (_, said) = keys_rotate(s1, "0");

@@ -228,27 +228,160 @@ pub enum AdminError {
     },
 }
 
-/// Asks the gateway at `path` for its status.
-pub fn fetch_status(path: &Path) -> Result<Status, AdminError> {
-    fetch(path, "status")
+/// Where admin commands go: anything that opens a connection to a gateway's
+/// admin service (its local socket path, or [`RemoteTarget`]).
+pub trait AdminEndpoint {
+    /// A connection, with read and write timeouts set.
+    fn open(&self) -> Result<Box<dyn ReadWrite>, AdminError>;
+    /// How errors name it.
+    fn describe(&self) -> PathBuf;
 }
 
-/// Sends `command` to the gateway at `path` and decodes its JSON answer.
-pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path, command: &str) -> Result<T, AdminError> {
+/// A byte stream both ways.
+pub trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+impl AdminEndpoint for Path {
+    fn open(&self) -> Result<Box<dyn ReadWrite>, AdminError> {
+        let stream = UnixStream::connect(self).map_err(|source| AdminError::Connect {
+            path: self.to_path_buf(),
+            source,
+        })?;
+        let io_err = |source| AdminError::Io {
+            path: self.to_path_buf(),
+            source,
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(io_err)?;
+        Ok(Box::new(stream))
+    }
+    fn describe(&self) -> PathBuf {
+        self.to_path_buf()
+    }
+}
+
+impl AdminEndpoint for PathBuf {
+    fn open(&self) -> Result<Box<dyn ReadWrite>, AdminError> {
+        self.as_path().open()
+    }
+    fn describe(&self) -> PathBuf {
+        self.clone()
+    }
+}
+
+/// ALPN of remote administration.
+pub const ADMIN_ALPN: &[u8] = b"isthmus-admin/1";
+
+/// A gateway's remote admin port (`[admin] listen`), reached over mTLS with an
+/// administrator's certificate; the gateway must present a gateway identity of
+/// the trust domain (or exactly `server_id`).
+pub struct RemoteTarget {
+    pub addr: std::net::SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for RemoteTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteTarget")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RemoteTarget {
+    /// Loads the administrator's chain and key and the trust (bundle, CRLs).
+    pub fn new(
+        addr: std::net::SocketAddr,
+        credentials: isthmus_identity::LocalCredentials,
+        trust: &isthmus_identity::MeshTrust,
+        server_id: Option<isthmus_identity::SpiffeId>,
+    ) -> Result<Self, isthmus_identity::ChannelError> {
+        let tls = isthmus_identity::MeshTls::new(credentials, trust)?;
+        let policy = match server_id {
+            Some(id) => isthmus_identity::PeerPolicy::Exact(vec![id]),
+            None => isthmus_identity::PeerPolicy::AnyGateway(tls.local_id().trust_domain().clone()),
+        };
+        Ok(Self {
+            addr,
+            tls: tls.client_config(policy, ADMIN_ALPN)?,
+        })
+    }
+}
+
+impl AdminEndpoint for RemoteTarget {
+    fn open(&self) -> Result<Box<dyn ReadWrite>, AdminError> {
+        let connect_err = |source| AdminError::Connect {
+            path: self.describe(),
+            source,
+        };
+        let sock = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(5))
+            .map_err(connect_err)?;
+        let io_err = |source| AdminError::Io {
+            path: self.describe(),
+            source,
+        };
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(io_err)?;
+        sock.set_write_timeout(Some(Duration::from_secs(10)))
+            .map_err(io_err)?;
+        // The name is not used: the verifier checks the SPIFFE ID.
+        let name = rustls::pki_types::ServerName::IpAddress(self.addr.ip().into());
+        let conn =
+            rustls::ClientConnection::new(self.tls.clone(), name).map_err(|e| AdminError::Io {
+                path: self.describe(),
+                source: std::io::Error::other(e),
+            })?;
+        Ok(Box::new(rustls::StreamOwned::new(conn, sock)))
+    }
+    fn describe(&self) -> PathBuf {
+        PathBuf::from(format!("tls://{}", self.addr))
+    }
+}
+
+/// The local socket or a remote admin port.
+#[derive(Debug)]
+pub enum AdminTarget {
+    Socket(PathBuf),
+    Remote(RemoteTarget),
+}
+
+impl AdminEndpoint for AdminTarget {
+    fn open(&self) -> Result<Box<dyn ReadWrite>, AdminError> {
+        match self {
+            AdminTarget::Socket(p) => p.open(),
+            AdminTarget::Remote(r) => r.open(),
+        }
+    }
+    fn describe(&self) -> PathBuf {
+        match self {
+            AdminTarget::Socket(p) => p.clone(),
+            AdminTarget::Remote(r) => r.describe(),
+        }
+    }
+}
+
+/// Asks the gateway at `to` for its status.
+pub fn fetch_status(to: &(impl AdminEndpoint + ?Sized)) -> Result<Status, AdminError> {
+    fetch(to, "status")
+}
+
+/// Sends `command` to the gateway at `to` and decodes its JSON answer.
+pub fn fetch<T: serde::de::DeserializeOwned>(
+    to: &(impl AdminEndpoint + ?Sized),
+    command: &str,
+) -> Result<T, AdminError> {
+    let path = to.describe();
     let io_err = |source| AdminError::Io {
-        path: path.to_path_buf(),
+        path: path.clone(),
         source,
     };
-    let mut stream = UnixStream::connect(path).map_err(|source| AdminError::Connect {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io_err)?;
+    let mut stream = to.open()?;
     // A server that refuses this client answers before it reads, then
     // closes: its answer is read even when our write found it gone.
-    let written = stream.write_all(format!("{command}\n").as_bytes());
+    let written = stream
+        .write_all(format!("{command}\n").as_bytes())
+        .and_then(|()| stream.flush());
     let mut answer = String::new();
     let read = (&mut stream).take(16 << 20).read_to_string(&mut answer);
     if !answer.starts_with("error: ") {
@@ -257,14 +390,11 @@ pub fn fetch<T: serde::de::DeserializeOwned>(path: &Path, command: &str) -> Resu
     }
     if let Some(message) = answer.strip_prefix("error: ") {
         return Err(AdminError::Refused {
-            path: path.to_path_buf(),
+            path: path.clone(),
             message: message.trim().to_string(),
         });
     }
-    serde_json::from_str(&answer).map_err(|source| AdminError::Decode {
-        path: path.to_path_buf(),
-        source,
-    })
+    serde_json::from_str(&answer).map_err(|source| AdminError::Decode { path, source })
 }
 
 /// Connections the admin socket serves at once; further ones are closed.
@@ -323,11 +453,19 @@ pub type Handler = dyn Fn(&str) -> Option<String> + Send + Sync;
 fn serve(stream: UnixStream, handler: &Handler) {
     let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let mut stream = stream;
+    serve_one(&mut stream, handler);
+}
+
+/// Reads one command line (at most 1 KiB) from `stream` and writes the
+/// handler's answer.
+pub fn serve_one(stream: &mut dyn ReadWrite, handler: &dyn Fn(&str) -> Option<String>) {
     let mut line = String::new();
-    let mut reader = BufReader::new((&stream).take(1024));
+    let mut reader = BufReader::new((&mut *stream).take(1024));
     if reader.read_line(&mut line).is_err() {
         return;
     }
+    drop(reader);
     let command = line.trim();
     let answer = handler(command).unwrap_or_else(|| {
         format!(
@@ -335,7 +473,8 @@ fn serve(stream: UnixStream, handler: &Handler) {
             command.escape_debug()
         )
     });
-    let _ = (&stream).write_all(answer.as_bytes());
+    let _ = stream.write_all(answer.as_bytes());
+    let _ = stream.flush();
 }
 
 #[cfg(test)]

@@ -63,8 +63,16 @@ struct RawConfig {
     egress_policies: Option<PathBuf>,
     egress_gateway: Option<RawEgressGateway>,
     metrics: Option<RawMetrics>,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     peers: Vec<RawPeer>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    clusters: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +290,18 @@ pub struct GatewayConfig {
     pub egress_gateway: Option<EgressGatewayConfig>,
     /// Where Prometheus metrics are served (`[metrics] listen`); off when absent.
     pub metrics: Option<SocketAddr>,
+    /// Remote administration over mTLS (`[admin]`); off when absent.
+    pub remote_admin: Option<RemoteAdminConfig>,
+}
+
+/// `[admin]`: remote administration over mTLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteAdminConfig {
+    pub listen: SocketAddr,
+    /// Clusters whose administrators (`spiffe://<td>/cluster/<c>/admin/<name>`)
+    /// are let in; by default this gateway's own.
+    pub clusters: Vec<isthmus_identity::ClusterName>,
+    pub trust_domain: isthmus_identity::TrustDomain,
 }
 
 /// Routing table of node mode (`[node] table`).
@@ -801,6 +821,10 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
                 .map_err(|_| ConfigError::new("metrics.listen", format!("`{text}` is not IP:PORT")))
         })
         .transpose()?;
+    let remote_admin = raw
+        .admin
+        .map(|a| remote_admin(a, identity.as_ref()))
+        .transpose()?;
     Ok(GatewayConfig {
         interface,
         peers,
@@ -814,6 +838,62 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         egress,
         egress_gateway,
         metrics,
+        remote_admin,
+    })
+}
+
+fn remote_admin(
+    raw: RawAdmin,
+    identity: Option<&IdentityConfig>,
+) -> Result<RemoteAdminConfig, ConfigError> {
+    let text = raw.listen.ok_or_else(|| {
+        ConfigError::new(
+            "admin.listen",
+            "required (IP:PORT to serve remote administration on)",
+        )
+    })?;
+    let listen = text
+        .parse::<SocketAddr>()
+        .map_err(|_| ConfigError::new("admin.listen", format!("`{text}` is not IP:PORT")))?;
+    let identity = identity.ok_or_else(|| {
+        ConfigError::new(
+            "admin",
+            "requires the [identity] section (the gateway's certificate and the trust bundle authenticate both ends)",
+        )
+    })?;
+    let own = identity
+        .credentials
+        .chain
+        .first()
+        .and_then(|leaf| isthmus_identity::spiffe_id_of(leaf).ok())
+        .and_then(|id| id.as_gateway())
+        .ok_or_else(|| {
+            ConfigError::new(
+                "admin",
+                "the [identity] certificate carries no gateway identity",
+            )
+        })?;
+    let clusters = match raw.clusters {
+        None => vec![own.cluster.clone()],
+        Some(list) if list.is_empty() => {
+            return Err(ConfigError::new(
+                "admin.clusters",
+                "empty: name at least one cluster, or leave it out for this gateway's own",
+            ))
+        }
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                isthmus_identity::ClusterName::new(c)
+                    .map_err(|e| ConfigError::new(format!("admin.clusters[{i}]"), e.to_string()))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(RemoteAdminConfig {
+        listen,
+        clusters,
+        trust_domain: own.trust_domain,
     })
 }
 

@@ -16,8 +16,10 @@ pub mod mesh;
 pub mod metrics;
 pub mod node;
 pub mod reload;
+pub mod remote_admin;
 pub mod rules;
 pub mod socket;
+pub mod tcp_service;
 #[cfg(test)]
 mod test_pki;
 pub mod uapi;

@@ -253,13 +253,11 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let status_device = device.clone();
     let admin_watch = watch.clone();
     let admin_egress = egress_gateway.clone();
-    let admin = AdminServer::bind_with(
-        &iface.admin_socket,
-        Arc::new(move |command: &str| {
-            let json = |r: Result<String, serde_json::Error>| {
-                r.unwrap_or_else(|e| format!("error: cannot encode: {e}"))
-            };
-            match command {
+    let handler: Arc<admin::Handler> = Arc::new(move |command: &str| {
+        let json = |r: Result<String, serde_json::Error>| {
+            r.unwrap_or_else(|e| format!("error: cannot encode: {e}"))
+        };
+        match command {
                 "status" => Some(json(serde_json::to_string_pretty(&status_device.status()))),
                 "egress-drain" | "egress-resume" => Some(match &admin_egress {
                     Some(e) => {
@@ -294,9 +292,46 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                 }),
                 _ => None,
             }
-        }),
-    )
-    .with_context(|| format!("serving the admin socket {}", iface.admin_socket.display()))?;
+    });
+    let admin = AdminServer::bind_with(&iface.admin_socket, handler.clone())
+        .with_context(|| format!("serving the admin socket {}", iface.admin_socket.display()))?;
+    // Serves until the process exits.
+    let _remote_admin = match (&cfg.remote_admin, &cfg.identity) {
+        (Some(ra), Some(identity)) => {
+            let config = match &device.mesh {
+                Some(mesh) => mesh.channel_config(),
+                None => Arc::new(
+                    isthmus_identity::ChannelConfig::new(
+                        isthmus_identity::LocalCredentials {
+                            chain: identity.credentials.chain.clone(),
+                            key: identity.credentials.key.clone_key(),
+                        },
+                        &identity.trust,
+                        TunnelParams {
+                            wireguard_public_key: None,
+                            wireguard_endpoint: None,
+                            esp_endpoint: None,
+                            esp_inbound_spi: None,
+                            mtu: iface.mtu,
+                            wireguard_keys: None,
+                        },
+                    )
+                    .context("remote administration: TLS setup")?,
+                ),
+            };
+            let policy = isthmus_identity::PeerPolicy::AdminOfClusters(
+                ra.trust_domain.clone(),
+                ra.clusters.clone(),
+            );
+            Some(
+                isthmus_gateway::remote_admin::RemoteAdminServer::start(
+                    ra.listen, config, policy, handler,
+                )
+                .with_context(|| format!("serving remote administration on {}", ra.listen))?,
+            )
+        }
+        _ => None,
+    };
     // Serves until the process exits.
     let _metrics = match cfg.metrics {
         Some(addr) => {

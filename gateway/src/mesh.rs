@@ -868,6 +868,11 @@ impl MeshLinks {
         Ok(())
     }
 
+    /// The mTLS configuration in force (credentials and trust, as reloaded).
+    pub fn channel_config(&self) -> Arc<ChannelConfig> {
+        self.config.clone()
+    }
+
     fn rotation(&self) -> MutexGuard<'_, crate::key_rotation::KeyRotation> {
         self.rotation.lock().unwrap_or_else(|e| e.into_inner())
     }

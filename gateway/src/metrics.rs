@@ -21,7 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -246,36 +246,12 @@ impl MetricsServer {
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "metrics are served to anyone who can reach this address (peer names, traffic counters; no keys)");
         }
-        let active = Arc::new(AtomicUsize::new(0));
-        std::thread::Builder::new()
-            .name("metrics".into())
-            .spawn(move || loop {
-                let stream = match listener.accept() {
-                    Ok((s, _)) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics accept failed");
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                };
-                if active.fetch_add(1, Ordering::SeqCst) >= MAX_SCRAPERS {
-                    active.fetch_sub(1, Ordering::SeqCst);
-                    continue;
-                }
-                // Freed when the connection's thread ends, also by a panic,
-                // or at once if the thread cannot be started.
-                let slot = Slot(active.clone());
-                let status = status.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("metrics-conn".into())
-                    .spawn(move || {
-                        let _slot = slot;
-                        serve(stream, &*status);
-                    });
-                if spawned.is_err() {
-                    tracing::warn!("cannot spawn a metrics connection thread");
-                }
-            })?;
+        crate::tcp_service::spawn(
+            listener,
+            "metrics",
+            MAX_SCRAPERS,
+            Arc::new(move |stream| serve(stream, &*status)),
+        )?;
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");
         Ok(Self { addr })
     }
@@ -286,24 +262,10 @@ impl MetricsServer {
     }
 }
 
-/// One of the [`MAX_SCRAPERS`] serving slots, given back when dropped.
-struct Slot(Arc<AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// Longest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
 
-/// Time left until `deadline`, or `None` when it has passed.
-fn left(deadline: Instant) -> Option<Duration> {
-    deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-}
+use crate::tcp_service::left;
 
 fn serve(mut stream: TcpStream, status: &(dyn Fn() -> Status + Send + Sync)) {
     let deadline = Instant::now() + SCRAPE_DEADLINE;

@@ -250,6 +250,34 @@ impl SpiffeId {
     pub fn as_gateway(&self) -> Option<GatewayId> {
         GatewayId::try_from(self).ok()
     }
+
+    /// The ID of an administrator of a cluster (the client certificate of remote
+    /// administration): `spiffe://<td>/cluster/<cluster>/admin/<name>`.
+    pub fn admin(trust_domain: &TrustDomain, cluster: &ClusterName, name: &GatewayName) -> Self {
+        Self {
+            trust_domain: trust_domain.clone(),
+            path: format!("/cluster/{cluster}/admin/{name}"),
+        }
+    }
+
+    /// If this is an administrator ID, its cluster and name.
+    pub fn as_admin(&self) -> Option<(ClusterName, GatewayName)> {
+        let segments: Vec<&str> = self.segments().collect();
+        match segments.as_slice() {
+            ["cluster", cluster, "admin", name] => Some((
+                ClusterName::new(cluster).ok()?,
+                GatewayName::new(name).ok()?,
+            )),
+            _ => None,
+        }
+    }
+
+    /// The cluster a leaf identity belongs to: a gateway's or an administrator's.
+    pub fn member_cluster(&self) -> Option<ClusterName> {
+        self.as_gateway()
+            .map(|g| g.cluster)
+            .or_else(|| self.as_admin().map(|(c, _)| c))
+    }
 }
 
 fn validate_path(path: &str) -> Result<(), SpiffeIdError> {

@@ -433,6 +433,30 @@ impl ChannelConfig {
         verify::check_identity(&presented, std::slice::from_ref(peer))
     }
 
+    /// A server config for another mTLS service of this gateway (remote administration):
+    /// this gateway's credentials and the trust (bundle and CRLs) in force now, clients
+    /// allowed by `policy`, TLS 1.3 only, ALPN `alpn`. Build one per connection to follow
+    /// reloads.
+    pub fn service_server_config(
+        &self,
+        policy: mtls::PeerPolicy,
+        alpn: &[u8],
+    ) -> Result<Arc<ServerConfig>, ChannelError> {
+        let verifier = Arc::new(mtls::PolicyClientVerifier {
+            trust: self.trust.current(),
+            policy,
+        });
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(ChannelError::Tls)?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(Arc::new(self.credentials.clone()));
+        config.alpn_protocols = vec![alpn.to_vec()];
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Ok(Arc::new(config))
+    }
+
     fn client_config(&self, expected: &SpiffeId) -> Result<Arc<ClientConfig>, ChannelError> {
         let verifier = Arc::new(PeerServerVerifier {
             trust: self.trust.clone(),

@@ -31,6 +31,9 @@ pub enum PeerPolicy {
     AnyGateway(TrustDomain),
     /// Any gateway of this cluster of the trust domain.
     GatewayOfCluster(TrustDomain, ClusterName),
+    /// An administrator (`spiffe://<td>/cluster/<c>/admin/<name>`) of one of these
+    /// clusters of the trust domain.
+    AdminOfClusters(TrustDomain, Vec<ClusterName>),
 }
 
 impl PeerPolicy {
@@ -52,6 +55,29 @@ impl PeerPolicy {
                     });
                 }
                 Ok(())
+            }
+            PeerPolicy::AdminOfClusters(td, clusters) => {
+                if presented.trust_domain() != td {
+                    return Err(Refusal::WrongTrustDomain {
+                        expected: td.to_string(),
+                        presented: presented.clone(),
+                    });
+                }
+                match presented.as_admin() {
+                    Some((c, _)) if clusters.contains(&c) => Ok(()),
+                    Some(_) => Err(Refusal::WrongCluster {
+                        expected: clusters
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" or "),
+                        presented: presented.clone(),
+                    }),
+                    None => Err(Refusal::UnexpectedPeer {
+                        presented: presented.clone(),
+                        detail: "expected an administrator identity".into(),
+                    }),
+                }
             }
             PeerPolicy::GatewayOfCluster(td, cluster) => {
                 if presented.trust_domain() != td {
@@ -228,9 +254,9 @@ impl ServerCertVerifier for PolicyServerVerifier {
 }
 
 #[derive(Debug)]
-struct PolicyClientVerifier {
-    trust: Arc<TrustCore>,
-    policy: PeerPolicy,
+pub(crate) struct PolicyClientVerifier {
+    pub(crate) trust: Arc<TrustCore>,
+    pub(crate) policy: PeerPolicy,
 }
 
 impl ClientCertVerifier for PolicyClientVerifier {

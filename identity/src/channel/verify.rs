@@ -303,7 +303,7 @@ impl TrustCore {
         let presented = spiffe_id_of(end_entity).map_err(Refusal::NoSpiffeId)?;
         // Every CA between the leaf and the root is a cluster CA
         // (spiffe://<td>/cluster/<c>) and may only vouch for that cluster's
-        // gateways: one whose identity is missing or unreadable is refused,
+        // gateways and administrators: one whose identity is missing or unreadable is refused,
         // not skipped.
         for ca in path.intermediate_certificates() {
             let ca_cert = ca.der();
@@ -320,7 +320,7 @@ impl TrustCore {
             let Some(cluster) = issuer.as_cluster() else {
                 return Err(not_cluster_ca(format!("{issuer} names no cluster")));
             };
-            let leaf_cluster = presented.as_gateway().map(|g| g.cluster);
+            let leaf_cluster = presented.member_cluster();
             if issuer.trust_domain() != presented.trust_domain()
                 || leaf_cluster.as_ref() != Some(&cluster)
             {

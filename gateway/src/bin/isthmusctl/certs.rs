@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context as _};
 use clap::{Subcommand, ValueEnum};
-use isthmus_certs::{CaDirectory, CertificateSummary, Crl, Serial, Validity};
+use isthmus_certs::{CaDirectory, CertificateSummary, Crl, LeafKind, Serial, Validity};
 use isthmus_identity::{ClusterName, GatewayName, TrustDomain};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -155,6 +155,21 @@ pub enum IssueCmd {
               value_parser = clap::value_parser!(u32).range(1..=MAX_DAYS))]
         days: u32,
     },
+    /// Issue an administrator's client certificate (signed by the cluster CA), URI
+    /// SAN spiffe://TD/cluster/NAME/admin/ADMIN: `isthmusctl --remote` presents it to
+    /// the gateways of that cluster (`[admin] listen`).
+    Admin {
+        /// Cluster whose gateways the administrator may manage.
+        #[arg(long, value_name = "NAME")]
+        cluster: String,
+        /// Administrator name (a DNS label).
+        #[arg(long, value_name = "ADMIN")]
+        name: String,
+        /// Validity in days (clamped to the cluster CA's).
+        #[arg(long, value_name = "N", default_value_t = 30,
+              value_parser = clap::value_parser!(u32).range(1..=MAX_DAYS))]
+        days: u32,
+    },
 }
 
 /// Output format of `certs show`.
@@ -184,7 +199,12 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
                 cluster,
                 name,
                 days,
-            } => issue_gateway(&dir, &cluster, &name, days)?,
+            } => issue_leaf(&dir, LeafKind::Gateway, &cluster, &name, days)?,
+            IssueCmd::Admin {
+                cluster,
+                name,
+                days,
+            } => issue_leaf(&dir, LeafKind::Admin, &cluster, &name, days)?,
         },
         CertsCmd::Show { file, output } => show(&file, output)?,
         CertsCmd::Revoke {
@@ -633,7 +653,17 @@ fn issue_cluster(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<String>
     Ok(out)
 }
 
-fn issue_gateway(dir: &Path, cluster: &str, name: &str, days: u32) -> anyhow::Result<String> {
+fn issue_leaf(
+    dir: &Path,
+    kind: LeafKind,
+    cluster: &str,
+    name: &str,
+    days: u32,
+) -> anyhow::Result<String> {
+    let what = match kind {
+        LeafKind::Gateway => "gateway",
+        LeafKind::Admin => "administrator",
+    };
     let cluster = parse_cluster(cluster)?;
     let name = parse_gateway(name)?;
     let store = open_dir(dir)?;
@@ -645,23 +675,23 @@ fn issue_gateway(dir: &Path, cluster: &str, name: &str, days: u32) -> anyhow::Re
             dir.display()
         );
     }
-    let files = store.gateway_files(&cluster, &name);
+    let files = store.leaf_files(kind, &cluster, &name);
     for path in [&files.chain, &files.key] {
         if path.exists() {
             bail!(
-                "gateway {name} of cluster {cluster} already has a certificate ({} exists); \
+                "{what} {name} of cluster {cluster} already has a certificate ({} exists); \
                  refusing to overwrite it (revoke it, move its files away, then issue again)",
                 path.display()
             );
         }
     }
-    let files = store.issue_gateway(&cluster, &name, validity_days(days))?;
+    let files = store.issue_leaf(kind, &cluster, &name, validity_days(days))?;
     let leaf = summary_of(&files.chain)?;
-    let mut out = format!("issued the certificate of gateway {name} in cluster {cluster}\n");
+    let mut out = format!("issued the certificate of {what} {name} in cluster {cluster}\n");
     describe_new(&mut out, &leaf, days);
     let _ = writeln!(
         out,
-        "  chain:        {} (gateway certificate, then cluster CA)",
+        "  chain:        {} ({what} certificate, then cluster CA)",
         files.chain.display()
     );
     describe_key(&mut out, &files.key)?;

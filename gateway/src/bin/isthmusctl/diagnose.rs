@@ -5,10 +5,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use isthmus_gateway::admin;
 use isthmus_gateway::diagnose::diagnose;
 
-use crate::{admin_socket_path, Exit, Gateway, Output};
+use crate::{Exit, Gateway, Output};
 
 pub fn run(peer: &str, gateway: Gateway, wait: u64, output: Output) -> anyhow::Result<()> {
-    let path = admin_socket_path(gateway.socket, gateway.interface)?;
+    let path = gateway.target()?;
     let window = Duration::from_secs(wait);
     let before = admin::fetch_status(&path)?;
     std::thread::sleep(window);

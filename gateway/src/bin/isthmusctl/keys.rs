@@ -7,7 +7,7 @@ use isthmus_gateway::admin::{self, AdminError, Status};
 use isthmus_gateway::mesh::KeyRotationStarted;
 use serde::Serialize;
 
-use crate::{admin_socket_path, Exit, Gateway, Output};
+use crate::{Exit, Gateway, Output};
 
 /// `isthmusctl keys ...`
 #[derive(Subcommand, Debug)]
@@ -98,7 +98,7 @@ pub fn run(cmd: KeysCmd) -> anyhow::Result<()> {
         wait,
         output,
     } = cmd;
-    let path = admin_socket_path(gateway.socket, gateway.interface)?;
+    let path = gateway.target()?;
     let o = rotate(&path, Instant::now() + Duration::from_secs(wait))?;
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&o)?),
@@ -131,7 +131,10 @@ pub fn run(cmd: KeysCmd) -> anyhow::Result<()> {
 
 /// Asks the gateway at `path` for a new WireGuard key and waits until it
 /// is in force and in use toward every peer, or `deadline`.
-pub(crate) fn rotate(path: &std::path::Path, deadline: Instant) -> anyhow::Result<Outcome> {
+pub(crate) fn rotate(
+    path: &(impl admin::AdminEndpoint + ?Sized),
+    deadline: Instant,
+) -> anyhow::Result<Outcome> {
     let from_epoch = admin::fetch_status(path)?
         .wireguard_keys
         .iter()

@@ -145,7 +145,8 @@ enum Cmd {
     },
 }
 
-/// Which gateway: by interface name or admin socket path.
+/// Which gateway: by interface name or admin socket path, or remotely by the
+/// address of its `[admin] listen` over mTLS.
 #[derive(clap::Args, Debug)]
 pub(crate) struct Gateway {
     /// The gateway's interface name (its admin socket is
@@ -153,13 +154,71 @@ pub(crate) struct Gateway {
     #[arg(
         short,
         long,
-        conflicts_with = "socket",
-        required_unless_present = "socket"
+        conflicts_with_all = ["socket", "remote"],
+        required_unless_present_any = ["socket", "remote"]
     )]
     interface: Option<String>,
     /// Path of the gateway's admin socket.
-    #[arg(short, long)]
+    #[arg(short, long, conflicts_with = "remote")]
     socket: Option<PathBuf>,
+    /// A remote gateway's admin address (its `[admin] listen`), reached over
+    /// mTLS with an administrator certificate (`certs issue admin`).
+    #[arg(long, value_name = "IP:PORT", requires_all = ["cert", "key", "bundle"])]
+    remote: Option<std::net::SocketAddr>,
+    /// With --remote: the administrator's certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "remote")]
+    cert: Option<PathBuf>,
+    /// With --remote: the administrator's private key (PEM, mode 0600).
+    #[arg(long, value_name = "FILE", requires = "remote")]
+    key: Option<PathBuf>,
+    /// With --remote: the mesh trust bundle (PEM).
+    #[arg(long, value_name = "FILE", requires = "remote")]
+    bundle: Option<PathBuf>,
+    /// With --remote: CRL files the gateway's certificate is checked against.
+    #[arg(long = "crl", value_name = "FILE", requires = "remote")]
+    crls: Vec<PathBuf>,
+    /// With --remote: the gateway's SPIFFE ID (default: any gateway of the
+    /// trust domain).
+    #[arg(long, value_name = "SPIFFE_ID", requires = "remote")]
+    server_id: Option<String>,
+}
+
+impl Gateway {
+    /// Where this gateway's admin commands go.
+    pub(crate) fn target(self) -> anyhow::Result<admin::AdminTarget> {
+        let Some(addr) = self.remote else {
+            return Ok(admin::AdminTarget::Socket(admin_socket_path(
+                self.socket,
+                self.interface,
+            )?));
+        };
+        let (Some(cert), Some(key), Some(bundle)) = (self.cert, self.key, self.bundle) else {
+            bail!("--remote needs --cert, --key and --bundle");
+        };
+        let credentials = isthmus_certs::files::load_credentials(&cert, &key)
+            .with_context(|| format!("--cert {} / --key {}", cert.display(), key.display()))?;
+        let mut crls = Vec::new();
+        for path in &self.crls {
+            crls.extend(
+                isthmus_certs::files::load_crls(path)
+                    .with_context(|| format!("--crl {}", path.display()))?,
+            );
+        }
+        let trust = isthmus_identity::MeshTrust {
+            roots: isthmus_certs::files::load_certificates(&bundle)
+                .with_context(|| format!("--bundle {}", bundle.display()))?,
+            crls,
+        };
+        let server_id = self
+            .server_id
+            .map(|s| s.parse::<isthmus_identity::SpiffeId>())
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--server-id: {e}"))?;
+        Ok(admin::AdminTarget::Remote(
+            admin::RemoteTarget::new(addr, credentials, &trust, server_id)
+                .context("remote administration: TLS setup")?,
+        ))
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -237,7 +296,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Status { gateway, output } => {
-            let path = admin_socket_path(gateway.socket, gateway.interface)?;
+            let path = gateway.target()?;
             let status = admin::fetch_status(&path)?;
             let text = match output {
                 Output::Json => serde_json::to_string_pretty(&status)? + "\n",
@@ -333,7 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             output,
         } => diagnose::run(&peer, gateway, wait, output)?,
         Cmd::Ready { gateway, output } => {
-            let path = admin_socket_path(gateway.socket, gateway.interface)?;
+            let path = gateway.target()?;
             let status = admin::fetch_status(&path)?;
             let ready = isthmus_gateway::crd::readiness(&status);
             match output {

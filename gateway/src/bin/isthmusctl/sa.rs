@@ -6,7 +6,7 @@ use clap::Subcommand;
 use isthmus_gateway::admin::{self, SaRotation, Status};
 use serde::Serialize;
 
-use crate::{admin_socket_path, Exit, Gateway, Output};
+use crate::{Exit, Gateway, Output};
 
 /// `isthmusctl sa ...`
 #[derive(Subcommand, Debug)]
@@ -63,7 +63,7 @@ pub fn run(cmd: SaCmd) -> anyhow::Result<()> {
         wait,
         output,
     } = cmd;
-    let path = admin_socket_path(gateway.socket, gateway.interface)?;
+    let path = gateway.target()?;
     let selector = if all {
         "*".to_string()
     } else {

@@ -1,0 +1,223 @@
+//! Remote administration over mTLS: the real `isthmusctl --remote` against the
+//! gateway's remote admin server on loopback TCP. Only an administrator
+//! certificate of an allowed cluster gets an answer; a gateway's certificate,
+//! another cluster's administrator and a revoked administrator are refused in
+//! the TLS handshake (no command reaches the handler).
+
+mod common;
+
+use common::{status_document, TempDir};
+use isthmus_certs::{ClusterCa, LeafKind, MeshRootCa, Serial, Validity};
+use isthmus_gateway::remote_admin::RemoteAdminServer;
+use isthmus_identity::{
+    ChannelConfig, ClusterName, GatewayName, MeshTrust, PeerPolicy, TrustDomain, TunnelParams,
+};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+const TD: &str = "mesh.test";
+
+struct Pki {
+    root: MeshRootCa,
+    a: ClusterCa,
+    b: ClusterCa,
+    dir: TempDir,
+}
+
+impl Pki {
+    fn new(name: &str) -> Self {
+        let td = TrustDomain::new(TD).expect("test set-up");
+        let root = MeshRootCa::create(&td, Validity::days(30)).expect("test set-up");
+        let cluster = |c: &str| {
+            root.issue_cluster_ca(
+                &ClusterName::new(c).expect("test set-up"),
+                Validity::days(30),
+            )
+            .expect("test set-up")
+        };
+        let (a, b) = (cluster("a"), cluster("b"));
+        let dir = TempDir::new(name);
+        std::fs::write(dir.0.join("bundle.pem"), root.certificate_pem()).expect("test set-up");
+        Self { root, a, b, dir }
+    }
+
+    /// Issues a leaf; returns (chain file, key file, serial).
+    fn leaf(&self, ca: &ClusterCa, kind: LeafKind, name: &str) -> (PathBuf, PathBuf, Serial) {
+        let issued = ca
+            .issue_leaf(
+                kind,
+                &GatewayName::new(name).expect("test set-up"),
+                Validity::days(7),
+            )
+            .expect("test set-up");
+        let chain = self.dir.0.join(format!("{name}.pem"));
+        let key = self.dir.0.join(format!("{name}.key"));
+        issued.save(&chain, &key).expect("test set-up");
+        (chain, key, issued.serial().clone())
+    }
+
+    fn trust(
+        &self,
+        crls: Vec<rustls_pki_types::CertificateRevocationListDer<'static>>,
+    ) -> MeshTrust {
+        MeshTrust {
+            roots: vec![self.root.certificate().clone()],
+            crls,
+        }
+    }
+}
+
+fn params() -> TunnelParams {
+    TunnelParams {
+        wireguard_public_key: None,
+        wireguard_endpoint: None,
+        esp_endpoint: None,
+        esp_inbound_spi: None,
+        mtu: 1420,
+        wireguard_keys: None,
+    }
+}
+
+/// `isthmusctl status --remote ADDR` with this administrator's files: (exit 0, output).
+fn remote_status(
+    addr: std::net::SocketAddr,
+    bundle: &Path,
+    cert: &Path,
+    key: &Path,
+) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_isthmusctl"))
+        .args(["status", "--output", "json", "--remote", &addr.to_string()])
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .arg("--bundle")
+        .arg(bundle)
+        .output()
+        .expect("test set-up");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn only_an_administrator_of_an_allowed_cluster_gets_an_answer() {
+    let pki = Pki::new("remote-admin");
+    let (gw_chain, gw_key, _) = pki.leaf(&pki.a, LeafKind::Gateway, "gw");
+    let config = Arc::new(
+        ChannelConfig::new(
+            isthmus_certs::files::load_credentials(&gw_chain, &gw_key).unwrap(),
+            &pki.trust(vec![]),
+            params(),
+        )
+        .unwrap(),
+    );
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    let server = RemoteAdminServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        config.clone(),
+        PeerPolicy::AdminOfClusters(
+            TrustDomain::new(TD).unwrap(),
+            vec![ClusterName::new("a").unwrap()],
+        ),
+        Arc::new(move |command: &str| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            (command == "status").then(|| serde_json::to_string(&status_document()).unwrap())
+        }),
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let bundle = pki.dir.0.join("bundle.pem");
+
+    let (alice_chain, alice_key, alice_serial) = pki.leaf(&pki.a, LeafKind::Admin, "alice");
+    let (ok, said) = remote_status(addr, &bundle, &alice_chain, &alice_key);
+    assert!(ok, "{said}");
+    let doc: serde_json::Value = serde_json::from_str(&said).unwrap();
+    assert_eq!(doc["interface"], "ist-test");
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+
+    // A gateway of the same cluster is not an administrator.
+    let (other_chain, other_key, _) = pki.leaf(&pki.a, LeafKind::Gateway, "other");
+    // Another cluster's administrator.
+    let (bob_chain, bob_key, _) = pki.leaf(&pki.b, LeafKind::Admin, "bob");
+    // A certificate from another mesh altogether.
+    let stranger_root =
+        MeshRootCa::create(&TrustDomain::new(TD).unwrap(), Validity::days(30)).unwrap();
+    let stranger_ca = stranger_root
+        .issue_cluster_ca(&ClusterName::new("a").unwrap(), Validity::days(30))
+        .unwrap();
+    let (eve_chain, eve_key, _) = pki.leaf(&stranger_ca, LeafKind::Admin, "eve");
+    for (who, chain, key) in [
+        ("a gateway", &other_chain, &other_key),
+        ("cluster b's administrator", &bob_chain, &bob_key),
+        ("another mesh's administrator", &eve_chain, &eve_key),
+    ] {
+        let (ok, said) = remote_status(addr, &bundle, chain, key);
+        assert!(!ok, "{who} got an answer: {said}");
+        assert!(said.contains("isthmusctl:"), "{who}: {said}");
+    }
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        1,
+        "no refused client reached the handler"
+    );
+
+    // Alice revoked: a CRL put in force on the running server refuses her next time.
+    let crl = pki
+        .a
+        .crl(std::slice::from_ref(&alice_serial), 1, Validity::days(7))
+        .unwrap();
+    config
+        .reload_trust(&pki.trust(vec![crl.der().clone()]))
+        .unwrap();
+    let (ok, said) = remote_status(addr, &bundle, &alice_chain, &alice_key);
+    assert!(!ok, "a revoked administrator got an answer: {said}");
+    let (carol_chain, carol_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "carol");
+    let (ok, said) = remote_status(addr, &bundle, &carol_chain, &carol_key);
+    assert!(ok, "{said}");
+    assert_eq!(served.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn the_client_refuses_a_server_that_is_not_a_gateway_of_the_mesh() {
+    // The "gateway" presents an administrator certificate: isthmusctl must not send
+    // its command to it.
+    let pki = Pki::new("remote-admin-server");
+    let (fake_chain, fake_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "fake");
+    let config = Arc::new(
+        ChannelConfig::new(
+            isthmus_certs::files::load_credentials(&fake_chain, &fake_key).unwrap(),
+            &pki.trust(vec![]),
+            params(),
+        )
+        .unwrap(),
+    );
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    let server = RemoteAdminServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        config,
+        PeerPolicy::AdminOfClusters(
+            TrustDomain::new(TD).unwrap(),
+            vec![ClusterName::new("a").unwrap()],
+        ),
+        Arc::new(move |_: &str| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Some("{}".into())
+        }),
+    )
+    .unwrap();
+    let (alice_chain, alice_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "alice");
+    let bundle = pki.dir.0.join("bundle.pem");
+    let (ok, said) = remote_status(server.local_addr(), &bundle, &alice_chain, &alice_key);
+    assert!(!ok, "{said}");
+    assert_eq!(served.load(Ordering::SeqCst), 0);
+}
