@@ -67,7 +67,11 @@ fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     let tmp = temp_path(path)?;
     write_new(&tmp, contents, mode).map_err(|e| match e {
         CertError::KeyExists { path } => CertError::AlreadyExists { path },
-        other => other,
+        other => {
+            // A half-written copy of a key must not stay behind.
+            let _ = fs::remove_file(&tmp);
+            other
+        }
     })?;
     // A replaced file keeps its owner: the process that reads it (a gateway
     // running as its own user) must still be able to.

@@ -3036,6 +3036,45 @@ mod tests {
     }
 
     #[test]
+    fn remote_admin_defaults_to_this_gateways_cluster_and_errors_name_their_field() {
+        let pki = pki();
+        let admin = "[admin]\nlisten = \"127.0.0.1:7445\"\n";
+        let cfg = parse(&identity_config(&pki, &format!("{B_WG}{admin}"))).expect("valid");
+        let ra = cfg.remote_admin.expect("[admin]");
+        assert_eq!(ra.listen, "127.0.0.1:7445".parse().expect("addr"));
+        assert_eq!(
+            ra.clusters,
+            vec![isthmus_identity::ClusterName::new("a").expect("name")]
+        );
+        assert_eq!(ra.trust_domain.to_string(), "mesh.test");
+        let two = format!("{admin}clusters = [\"a\", \"ops\"]\n");
+        let cfg = parse(&identity_config(&pki, &two)).expect("valid");
+        assert_eq!(cfg.remote_admin.expect("[admin]").clusters.len(), 2);
+        for (text, field) in [
+            (identity_config(&pki, "[admin]\n"), "admin.listen"),
+            (
+                identity_config(&pki, "[admin]\nlisten = \"port 7\"\n"),
+                "admin.listen",
+            ),
+            (
+                identity_config(&pki, &format!("{admin}clusters = []\n")),
+                "admin.clusters",
+            ),
+            (
+                identity_config(
+                    &pki,
+                    &format!("{admin}clusters = [\"a\", \"Not_A_Label\"]\n"),
+                ),
+                "admin.clusters[1]",
+            ),
+            (format!("[interface]\nname = \"ist0\"\n{admin}"), "admin"),
+        ] {
+            let err = parse(&text).expect_err(&text);
+            assert_eq!(err.field, field, "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn mesh_config_parses_and_its_errors_name_their_field() {
         let pki = pki();
         let mesh = "[mesh]\nlocal_prefixes = [\"100.64.1.0/24\"]\n\

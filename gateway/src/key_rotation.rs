@@ -18,6 +18,91 @@ use std::time::{Duration, Instant};
 /// and half a minute of slack.
 pub const PREVIOUS_KEY_GRACE: Duration = Duration::from_secs(3 * 180 + 30);
 
+/// How long a new key waits for acknowledgements. Past it, the peers still
+/// silent have their channel closed (they learn the key from the hello of
+/// the next session) and the key is put in force: one peer that never
+/// answers cannot keep a possibly compromised key in force.
+pub const ACK_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What to do with a peer's announcement of its WireGuard keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Announcement<K> {
+    /// The same keys as now: acknowledge, change nothing.
+    Unchanged,
+    /// Take these keys (newest first).
+    Apply(Vec<K>),
+    /// Ignore it (and do not acknowledge), for this reason.
+    Refuse(String),
+}
+
+/// Judges a peer's announcement (`epoch`, `keys` newest first) against
+/// what it announced before. A new key needs a higher epoch; of the earlier
+/// keys it lists only those it had are kept (a peer cannot slip in a key it
+/// never used, such as another peer's); at the same epoch it may only drop
+/// earlier keys (a retirement).
+pub fn judge_announcement<K: PartialEq + Clone>(
+    known_epoch: u64,
+    known: &[K],
+    epoch: u64,
+    keys: &[K],
+) -> Announcement<K> {
+    let Some(newest) = keys.first() else {
+        return Announcement::Refuse("no key".into());
+    };
+    if epoch < known_epoch {
+        return Announcement::Refuse(format!("epoch {epoch} is older than {known_epoch}"));
+    }
+    if epoch == known_epoch && known.first() != Some(newest) {
+        return Announcement::Refuse(format!("a new key needs an epoch above {known_epoch}"));
+    }
+    let mut take = vec![newest.clone()];
+    take.extend(
+        keys[1..]
+            .iter()
+            .filter(|k| known.contains(k) && *k != newest)
+            .cloned(),
+    );
+    if take == known {
+        Announcement::Unchanged
+    } else {
+        Announcement::Apply(take)
+    }
+}
+
+/// How many new keys a peer may announce in a burst, and how fast the
+/// allowance comes back: enough for back-to-back rotations, too little for
+/// a peer to make this gateway build WireGuard state for keys in a loop.
+#[derive(Debug, Clone)]
+pub struct AnnounceBudget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl AnnounceBudget {
+    const BURST: f64 = 5.0;
+    const PER_SEC: f64 = 2.0;
+
+    pub fn new(now: Instant) -> Self {
+        Self {
+            tokens: Self::BURST,
+            last: now,
+        }
+    }
+
+    /// Takes one new key from the allowance, if there is one.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64() * Self::PER_SEC;
+        self.tokens = (self.tokens + refill).min(Self::BURST);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct KeyRotation {
     pending: Option<Pending>,
@@ -31,6 +116,7 @@ pub struct KeyRotation {
 struct Pending {
     epoch: u64,
     waiting: BTreeSet<String>,
+    since: Instant,
 }
 
 /// What `status` shows of the rotation.
@@ -57,11 +143,27 @@ impl KeyRotation {
     /// The key of `epoch` was announced; `waiting` are the peers to hear
     /// from. Returns whether it can be put in force at once (nobody to wait
     /// for).
-    pub fn begin(&mut self, epoch: u64, waiting: impl IntoIterator<Item = String>) -> bool {
+    pub fn begin(
+        &mut self,
+        epoch: u64,
+        waiting: impl IntoIterator<Item = String>,
+        now: Instant,
+    ) -> bool {
         let waiting: BTreeSet<String> = waiting.into_iter().collect();
         let ready = waiting.is_empty();
-        self.pending = Some(Pending { epoch, waiting });
+        self.pending = Some(Pending {
+            epoch,
+            waiting,
+            since: now,
+        });
         ready
+    }
+
+    /// Whether the pending key has waited longer than [`ACK_DEADLINE`].
+    pub fn overdue(&self, now: Instant) -> bool {
+        self.pending
+            .as_ref()
+            .is_some_and(|p| now.saturating_duration_since(p.since) >= ACK_DEADLINE)
     }
 
     pub fn pending_epoch(&self) -> Option<u64> {
@@ -155,7 +257,7 @@ mod tests {
     #[test]
     fn in_force_after_every_live_peer_acknowledged() {
         let mut r = KeyRotation::default();
-        assert!(!r.begin(2, ["a".to_string(), "b".to_string()]));
+        assert!(!r.begin(2, ["a".to_string(), "b".to_string()], Instant::now()));
         assert_eq!(r.acked("a", 2), None);
         // A stale acknowledgement of an older key does not count.
         assert_eq!(r.acked("b", 1), None);
@@ -179,13 +281,63 @@ mod tests {
     #[test]
     fn nobody_to_wait_for_is_ready_at_once_and_removal_clears() {
         let mut r = KeyRotation::default();
-        assert!(r.begin(5, Vec::new()));
+        assert!(r.begin(5, Vec::new(), Instant::now()));
         r.promoted(5, Some(4), Instant::now(), 1);
         r.removed(4);
         assert!(r.due(Instant::now() + PREVIOUS_KEY_GRACE).is_empty());
-        assert!(!r.begin(6, ["x".to_string()]));
+        let t = Instant::now();
+        assert!(!r.begin(6, ["x".to_string()], t));
+        assert!(!r.overdue(t + Duration::from_secs(1)));
+        assert!(r.overdue(t + ACK_DEADLINE));
         r.removed(6);
         assert_eq!(r.pending_epoch(), None);
         assert_eq!(r.acked("x", 6), None);
+    }
+
+    #[test]
+    fn announcements_need_a_new_epoch_for_a_new_key_and_only_list_keys_held() {
+        use Announcement::*;
+        let known = ["k1", "k0"];
+        assert_eq!(judge_announcement(3, &known, 3, &known), Unchanged);
+        assert_eq!(
+            judge_announcement(3, &known, 4, &["k2", "k1", "k0"]),
+            Apply(vec!["k2", "k1", "k0"])
+        );
+        // A retirement: same epoch, an earlier key dropped.
+        assert_eq!(judge_announcement(3, &known, 3, &["k1"]), Apply(vec!["k1"]));
+        // An earlier key it never had (here: another peer's) is not taken.
+        assert_eq!(
+            judge_announcement(3, &known, 4, &["k2", "stolen", "k1"]),
+            Apply(vec!["k2", "k1"])
+        );
+        assert_eq!(
+            judge_announcement(3, &known, 3, &["k1", "stolen", "k0"]),
+            Unchanged
+        );
+        for (epoch, keys) in [
+            (3, &["k2", "k1"][..]), // a new key at the same epoch
+            (2, &["k1"][..]),       // an older epoch
+            (4, &[][..]),
+        ] {
+            assert!(
+                matches!(judge_announcement(3, &known, epoch, keys), Refuse(_)),
+                "{epoch} {keys:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_new_key_allowance_refills_slowly() {
+        let t = Instant::now();
+        let mut b = AnnounceBudget::new(t);
+        let burst = (0..100).filter(|_| b.allow(t)).count();
+        assert_eq!(burst, 5);
+        assert!(!b.allow(t + Duration::from_millis(100)));
+        assert!(b.allow(t + Duration::from_millis(600)));
+        // Ten seconds of trying every millisecond: about two a second.
+        let later = (1..10_000)
+            .filter(|ms| b.allow(t + Duration::from_millis(600 + ms)))
+            .count();
+        assert!((18..=22).contains(&later), "{later}");
     }
 }

@@ -230,6 +230,9 @@ struct Link {
     peer_key_epoch: u64,
     /// Our newest key epoch the peer acknowledged.
     acked_epoch: Option<u64>,
+    /// How many new keys the peer may still announce (see
+    /// [`crate::key_rotation::AnnounceBudget`]).
+    announce_budget: Option<crate::key_rotation::AnnounceBudget>,
     esp_peer: Option<Arc<EspPeer>>,
     /// What the peer presented in the session its tunnel came from, and our
     /// role in it: checked again when the trust changes
@@ -267,6 +270,51 @@ fn announced_keys(params: &TunnelParams) -> Vec<PublicKey> {
     keys
 }
 
+/// What a proof of possession of `key` signs.
+fn proof_message(context: &[u8; 32], key: &PublicKey) -> Vec<u8> {
+    let mut m = context.to_vec();
+    m.extend_from_slice(&key.0);
+    m
+}
+
+fn proof_tag(shared: &[u8; 32], context: &[u8; 32], key: &PublicKey) -> [u8; 32] {
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, shared);
+    let tag = ring::hmac::sign(&hmac, &proof_message(context, key));
+    let mut out = [0u8; 32];
+    out.copy_from_slice(tag.as_ref());
+    out
+}
+
+/// Every peer's keys as configs of their own (a peer's earlier keys count
+/// as taken too), leaving out peer `except`.
+fn aliases(all: &[PeerConfig], except: Option<usize>) -> Vec<PeerConfig> {
+    all.iter()
+        .enumerate()
+        .filter(|(j, _)| Some(*j) != except)
+        .flat_map(|(_, c)| {
+            std::iter::once(c.clone()).chain(c.previous_keys.iter().map(|k| {
+                let mut alias = c.clone();
+                alias.public_key = *k;
+                alias
+            }))
+        })
+        .collect()
+}
+
+/// Whether a peer may claim `keys`: none is one of ours (`own`: every key
+/// this gateway holds), another peer's (`others`), or a low-order point.
+fn claimable(keys: &[PublicKey], own: &[PublicKey], others: &[PeerConfig]) -> Result<(), String> {
+    for key in keys {
+        if own.contains(key) {
+            return Err(crate::rules::ClaimRefusal::OwnKey(*key).to_string());
+        }
+        if let Some(mine) = own.first() {
+            crate::rules::check_wireguard_claim(key, mine, others).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
+
 /// The identity-configured peers of one gateway and their channels.
 pub struct MeshLinks {
     wg: Arc<WgCore>,
@@ -286,6 +334,8 @@ pub struct MeshLinks {
     reload_status: Mutex<crate::reload::ReloadStatus>,
     /// WireGuard static key rotation (lock order: links, then this).
     rotation: Mutex<crate::key_rotation::KeyRotation>,
+    /// Held through a whole `rotate_wireguard_key`, so two never interleave.
+    rotating: Mutex<()>,
     /// Where the WireGuard private key is kept: a rotated key is written
     /// there, so a restart keeps it.
     key_file: Mutex<Option<std::path::PathBuf>>,
@@ -623,6 +673,7 @@ impl MeshLinks {
             )),
             reload_status: Mutex::new(Default::default()),
             rotation: Mutex::new(Default::default()),
+            rotating: Mutex::new(()),
             key_file: Mutex::new(None),
         });
         mesh.announced_params();
@@ -694,11 +745,15 @@ impl MeshLinks {
                     }
                 }
             }
-            ChannelEvent::Message { peer, message } => match message {
-                ControlMessage::Params(params) => self.peer_params(&peer, &params),
+            ChannelEvent::Message {
+                peer,
+                session,
+                message,
+            } => match message {
+                ControlMessage::Params(params) => self.peer_params(&peer, session, &params),
                 ControlMessage::ParamsAck {
                     wireguard_key_epoch,
-                } => self.key_acked(&peer, wireguard_key_epoch),
+                } => self.key_acked(&peer, session, wireguard_key_epoch),
                 other => tracing::debug!(%peer, ?other, "peer channel message"),
             },
             other => tracing::debug!(?other, "peer channel event"),
@@ -754,7 +809,19 @@ impl MeshLinks {
             && !known_keys.is_empty()
             && offered.iter().any(|k| known_keys.contains(k));
         let result = if same_wg_key {
-            self.take_peer_keys(link, &e.params)
+            // From a hello, only keys this gateway knew already (the ones the
+            // peer dropped go); a new one comes with its proof in the
+            // Params that follows.
+            let kept: Vec<PublicKey> = offered
+                .iter()
+                .filter(|k| known_keys.contains(k))
+                .copied()
+                .collect();
+            if kept == known_keys {
+                Ok(())
+            } else {
+                self.take_peer_keys(link, &kept)
+            }
         } else {
             self.teardown(link);
             match cfg.kind {
@@ -766,14 +833,18 @@ impl MeshLinks {
             Ok(()) => {
                 link.lost_at = None;
                 link.peer_key_epoch = e.params.wireguard_keys.as_ref().map_or(0, |k| k.epoch);
-                // A key of ours still waiting for acknowledgements: this
-                // peer must acknowledge it too (its hello may predate it).
-                if cfg.kind == TunnelKind::Wireguard {
+                // Our keys again, with a proof of possession bound to this
+                // session: a key the hello named but this peer did not know
+                // yet is taken from this message only. A key of ours still
+                // waiting for acknowledgements is acknowledged this way too.
+                if cfg.kind == TunnelKind::Wireguard && link.peer_key_epoch > 0 {
                     let mut rotation = self.rotation();
                     if rotation.pending_epoch().is_some() {
                         rotation.wait_for(e.peer.to_string());
-                        let _ = e.session.send(ControlMessage::Params(self.config.params()));
                     }
+                    drop(rotation);
+                    let params = self.params_for(link, &e.session);
+                    let _ = e.session.send(ControlMessage::Params(params));
                 }
                 link.peer_chain = e.session.peer_chain();
                 link.our_role = Some(e.role);
@@ -810,14 +881,16 @@ impl MeshLinks {
             .ok_or("the peer offered no WireGuard key")?;
         let endpoint = resolve(e.params.wireguard_endpoint, e.remote)
             .ok_or("the peer offered no WireGuard endpoint")?;
+        // A first session brings up the peer's newest key only: earlier
+        // keys it lists are taken later only if this gateway knew them.
         let key = PublicKey(key);
-        let own = self.wg.public_key();
+        let own: Vec<PublicKey> = self.wg.keys().iter().map(|k| k.public_key).collect();
         let mut refused = None;
         self.wg
             .update_peers(|all| {
                 // One authenticated peer must not be able to take over
-                // another peer's tunnel (or this gateway's own key).
-                if let Err(why) = crate::rules::check_wireguard_claim(&key, &own, all) {
+                // another peer's tunnel (or one of this gateway's keys).
+                if let Err(why) = claimable(&[key], &own, &aliases(all, None)) {
                     refused = Some(why);
                     return;
                 }
@@ -833,13 +906,9 @@ impl MeshLinks {
             })
             .map_err(|e| e.to_string())?;
         if let Some(why) = refused {
-            return Err(why.to_string());
+            return Err(why);
         }
         link.wg_key = Some(key);
-        // Keys it still accepts from an earlier rotation.
-        if e.params.wireguard_keys.is_some() {
-            self.take_peer_keys(link, &e.params)?;
-        }
         Ok(())
     }
 
@@ -894,11 +963,36 @@ impl MeshLinks {
                 params.wireguard_keys = Some(WireguardKeys {
                     epoch: newest.epoch,
                     previous: keys[1..].iter().map(|k| k.public_key.0).collect(),
+                    proof: None,
                 });
             }
         }
         self.config.set_params(params.clone());
         params
+    }
+
+    /// Our parameters for the peer of `link` over `session`, with the proof
+    /// of possession of our newest key.
+    fn params_for(&self, link: &Link, session: &PeerSession) -> TunnelParams {
+        let mut params = self.announced_params();
+        params.wireguard_keys = params.wireguard_keys.map(|mut k| {
+            k.proof = self.key_proof(link, session, k.epoch);
+            k
+        });
+        params
+    }
+
+    /// Proof that this gateway holds its newest WireGuard key (`epoch`):
+    /// HMAC-SHA256 keyed by X25519(that key, the peer's newest key) over the
+    /// session's key context for `epoch` and our public key. Only the holder
+    /// of either private key can make it; the peer checks it with its own.
+    fn key_proof(&self, link: &Link, session: &PeerSession, epoch: u64) -> Option<[u8; 32]> {
+        let theirs = link.wg_key?;
+        let ours = self.wg.keys().into_iter().find(|k| k.epoch == epoch)?;
+        let shared = self.wg.key_agreement(epoch, &theirs)?;
+        let context = session.wireguard_key_context(epoch).ok()?;
+        let tag = proof_tag(&shared, &context, &ours.public_key);
+        Some(tag)
     }
 
     /// Sends our parameters to every peer with a live channel and a
@@ -913,7 +1007,19 @@ impl MeshLinks {
             if link.wg_key.is_none() {
                 continue;
             }
-            match session.send(ControlMessage::Params(params.clone())) {
+            if link.peer_key_epoch == 0 {
+                // It cannot take a new key over this session (an older
+                // build): a new session's hello carries it.
+                tracing::info!(peer = %id, "peer cannot rotate keys in session; closing its channel so the next hello carries the new key");
+                session.close();
+                continue;
+            }
+            let mut params = params.clone();
+            params.wireguard_keys = params.wireguard_keys.map(|mut k| {
+                k.proof = self.key_proof(link, session, k.epoch);
+                k
+            });
+            match session.send(ControlMessage::Params(params)) {
                 Ok(()) => told.push(id.to_string()),
                 Err(e) => {
                     tracing::warn!(peer = %id, error = %e, "cannot announce the WireGuard key")
@@ -927,20 +1033,23 @@ impl MeshLinks {
     /// is accepted at once, announced to every peer over its channel, and
     /// put in force when all have acknowledged it ([`KeyRotationStarted`]).
     pub fn rotate_wireguard_key(&self) -> Result<KeyRotationStarted, String> {
-        let links = self.links();
-        // A peer that did not learn this gateway's key over a channel
-        // (static config, UAPI) cannot learn a new one either.
-        let owned: Vec<PublicKey> = links.values().filter_map(|l| l.wg_key).collect();
-        if let Some(other) = self
-            .wg
-            .peer_configs()
-            .iter()
-            .find(|c| !owned.contains(&c.public_key))
+        let _one_at_a_time = self.rotating.lock().unwrap_or_else(|e| e.into_inner());
         {
-            return Err(format!(
-                "WireGuard peer {} is not configured by identity and cannot learn a new key; remove it or restart with a new private_key_file instead",
-                other.name.clone().unwrap_or_else(|| other.public_key.to_base64())
-            ));
+            let links = self.links();
+            // A peer that did not learn this gateway's key over a channel
+            // (static config, UAPI) cannot learn a new one either.
+            let owned: Vec<PublicKey> = links.values().filter_map(|l| l.wg_key).collect();
+            if let Some(other) = self
+                .wg
+                .peer_configs()
+                .iter()
+                .find(|c| !owned.contains(&c.public_key))
+            {
+                return Err(format!(
+                    "WireGuard peer {} is not configured by identity and cannot learn a new key; remove it or restart with a new private_key_file instead",
+                    other.name.clone().unwrap_or_else(|| other.public_key.to_base64())
+                ));
+            }
         }
         let (pending, waiting) = {
             let rotation = self.rotation();
@@ -954,17 +1063,15 @@ impl MeshLinks {
         }
         let key = isthmus_tunnel::PrivateKey::generate();
         let (epoch, retired_early) = self.wg.add_key(&key).map_err(|e| e.to_string())?;
+        // File I/O without the links lock: a slow disk must not hold up
+        // channel events or revocation checks.
         let file = self
             .key_file
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         if let Some(path) = file {
-            let text = Zeroizing::new(format!(
-                "{}
-",
-                key.to_base64_secret().as_str()
-            ));
+            let text = Zeroizing::new(format!("{}\n", key.to_base64_secret().as_str()));
             if let Err(e) = isthmus_certs::files::replace_private_key(&path, &text) {
                 let _ = self.wg.retire_key(epoch);
                 return Err(format!(
@@ -973,13 +1080,15 @@ impl MeshLinks {
                 ));
             }
         }
+        let links = self.links();
         let mut rotation = self.rotation();
         if let Some(early) = retired_early {
             rotation.removed(early);
         }
         let told = self.announce(&links);
-        let ready = rotation.begin(epoch, told.clone());
+        let ready = rotation.begin(epoch, told.clone(), Instant::now());
         drop(rotation);
+        drop(links);
         tracing::info!(epoch, public_key = %key.public_key(), peers = told.len(), "WireGuard key rotation started");
         if ready {
             self.promote(epoch);
@@ -1017,11 +1126,15 @@ impl MeshLinks {
     }
 
     /// A peer acknowledged one of our key epochs.
-    fn key_acked(&self, peer: &SpiffeId, epoch: u64) {
+    fn key_acked(&self, peer: &SpiffeId, session: u64, epoch: u64) {
         let mut links = self.links();
-        if let Some(link) = links.get_mut(peer) {
-            link.acked_epoch = Some(link.acked_epoch.map_or(epoch, |e| e.max(epoch)));
+        let Some(link) = links.get_mut(peer) else {
+            return;
+        };
+        if link.session.as_ref().map(|s| s.id()) != Some(session) {
+            return;
         }
+        link.acked_epoch = Some(link.acked_epoch.map_or(epoch, |e| e.max(epoch)));
         drop(links);
         let ready = self.rotation().acked(&peer.to_string(), epoch);
         if let Some(epoch) = ready {
@@ -1035,6 +1148,22 @@ impl MeshLinks {
         let links = self.links();
         let mut rotation = self.rotation();
         let mut ready = None;
+        if rotation.overdue(now) {
+            // Peers that did not acknowledge in time: their channel is
+            // closed (the next hello carries the key) and the key goes in
+            // force without them.
+            for peer in rotation.waiting() {
+                tracing::warn!(%peer, "no acknowledgement of the new WireGuard key in time; closing its channel");
+                if let Some(session) = links
+                    .iter()
+                    .find(|(id, _)| id.to_string() == peer)
+                    .and_then(|(_, l)| l.session.as_ref())
+                {
+                    session.close();
+                }
+                ready = rotation.forget(&peer).or(ready);
+            }
+        }
         for peer in rotation.waiting() {
             let live = links.iter().any(|(id, l)| {
                 id.to_string() == peer
@@ -1067,46 +1196,87 @@ impl MeshLinks {
         self.rotation().status(Instant::now())
     }
 
-    /// A peer announced new tunnel parameters: take its WireGuard keys and
-    /// acknowledge them.
-    fn peer_params(&self, peer: &SpiffeId, params: &TunnelParams) {
+    /// A peer announced new tunnel parameters over its current session:
+    /// judge its WireGuard keys ([`crate::key_rotation::judge_announcement`],
+    /// at most a few new keys a second), take them and acknowledge.
+    fn peer_params(&self, peer: &SpiffeId, session: u64, params: &TunnelParams) {
+        use crate::key_rotation::{judge_announcement, AnnounceBudget, Announcement};
         let mut links = self.links();
         let Some(link) = links.get_mut(peer) else {
             return;
         };
-        let Some(epoch) = params.wireguard_keys.as_ref().map(|k| k.epoch) else {
+        // Only the session the link runs on speaks for the peer now.
+        let Some(current) = link.session.clone().filter(|s| s.id() == session) else {
             return;
         };
-        if link.wg_key.is_none() {
+        let (Some(epoch), Some(key)) =
+            (params.wireguard_keys.as_ref().map(|k| k.epoch), link.wg_key)
+        else {
             return;
-        }
-        if epoch < link.peer_key_epoch {
-            tracing::debug!(%peer, epoch, "stale WireGuard key announcement ignored");
-            return;
-        }
-        match self.take_peer_keys(link, params) {
+        };
+        let known = self
+            .wg
+            .peers()
+            .get(&key)
+            .map(|p| p.public_keys())
+            .unwrap_or_default();
+        let keys = announced_keys(params);
+        let proven = |new: &PublicKey| {
+            let Some(proof) = params.wireguard_keys.as_ref().and_then(|k| k.proof) else {
+                return false;
+            };
+            let Ok(context) = current.wireguard_key_context(epoch) else {
+                return false;
+            };
+            self.wg.key_agreements(new).iter().any(|shared| {
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &shared[..]);
+                ring::hmac::verify(&key, &proof_message(&context, new), &proof).is_ok()
+            })
+        };
+        let verdict = match judge_announcement(link.peer_key_epoch, &known, epoch, &keys) {
+            Announcement::Apply(take) if !known.contains(&take[0]) && !proven(&take[0]) => {
+                Announcement::Refuse("no valid proof of possession of the new key".into())
+            }
+            Announcement::Apply(take) if !known.contains(&take[0]) => {
+                let now = Instant::now();
+                let budget = link
+                    .announce_budget
+                    .get_or_insert_with(|| AnnounceBudget::new(now));
+                if budget.allow(now) {
+                    Announcement::Apply(take)
+                } else {
+                    Announcement::Refuse("new keys announced too fast".into())
+                }
+            }
+            other => other,
+        };
+        let result = match verdict {
+            Announcement::Unchanged => Ok(()),
+            Announcement::Apply(take) => self.take_peer_keys(link, &take),
+            Announcement::Refuse(why) => Err(why),
+        };
+        match result {
             Ok(()) => {
                 link.peer_key_epoch = epoch;
-                if let Some(session) = link.session.as_ref() {
-                    let _ = session.send(ControlMessage::ParamsAck {
-                        wireguard_key_epoch: epoch,
-                    });
-                }
+                let _ = current.send(ControlMessage::ParamsAck {
+                    wireguard_key_epoch: epoch,
+                });
                 tracing::info!(%peer, epoch, "peer's WireGuard keys taken");
             }
             Err(why) => {
-                tracing::warn!(%peer, epoch, %why, "peer's WireGuard key announcement refused")
+                // A peer can send these in a loop: say it in status, log
+                // quietly.
+                tracing::debug!(%peer, epoch, %why, "peer's WireGuard key announcement refused");
+                link.last_refusal = Some(format!("WireGuard key announcement refused: {why}"));
             }
         }
     }
 
-    /// Replaces the keys of the WireGuard peer `link` brought up with the
-    /// ones `params` announce (newest first), keeping its sessions. The same
-    /// rules as for a first key: not ours, not another peer's, not a
-    /// low-order point.
-    fn take_peer_keys(&self, link: &mut Link, params: &TunnelParams) -> Result<(), String> {
+    /// Replaces the keys of the WireGuard peer `link` brought up with `keys`
+    /// (newest first), keeping its sessions. The same rules as for a first
+    /// key: not ours, not another peer's, not a low-order point.
+    fn take_peer_keys(&self, link: &mut Link, keys: &[PublicKey]) -> Result<(), String> {
         let current = link.wg_key.ok_or("no WireGuard tunnel from this peer")?;
-        let keys = announced_keys(params);
         let Some(primary) = keys.first().copied() else {
             return Err("the peer offered no WireGuard key".into());
         };
@@ -1128,25 +1298,9 @@ impl MeshLinks {
                     refused = Some("the peer's tunnel is gone".to_string());
                     return;
                 };
-                let others: Vec<PeerConfig> = all
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, _)| *j != i)
-                    .flat_map(|(_, c)| {
-                        std::iter::once(c.clone()).chain(c.previous_keys.iter().map(|k| {
-                            let mut alias = c.clone();
-                            alias.public_key = *k;
-                            alias
-                        }))
-                    })
-                    .collect();
-                for key in &keys {
-                    for mine in &own {
-                        if let Err(why) = crate::rules::check_wireguard_claim(key, mine, &others) {
-                            refused = Some(why.to_string());
-                            return;
-                        }
-                    }
+                if let Err(why) = claimable(keys, &own, &aliases(all, Some(i))) {
+                    refused = Some(why);
+                    return;
                 }
                 all[i].public_key = primary;
                 all[i].previous_keys = keys[1..].to_vec();
@@ -1350,80 +1504,244 @@ mod live_trust_tests {
         }
     }
 
+    /// A gateway A with peer B by identity, and A's half of a session with B made
+    /// with B's hello carrying `b_params`.
+    struct WithB {
+        pki: crate::test_pki::Pki,
+        wg: Arc<WgCore>,
+        mesh: Arc<MeshLinks>,
+        listener: isthmus_identity::ListenerHandle,
+        /// B's side: its hellos carry what this says when a session is made.
+        b_cfg: Arc<ChannelConfig>,
+        _b_events: mpsc::Receiver<ChannelEvent>,
+    }
+
+    impl WithB {
+        fn new(name: &str) -> Self {
+            let pki = crate::test_pki::Pki::new(name);
+            let identity = pki.identity();
+            let wg = Arc::new(WgCore::new(PrivateKey::generate(), vec![]).unwrap());
+            let peer_b = IdentityPeer {
+                name: Some("b".into()),
+                kind: TunnelKind::Wireguard,
+                spiffe_id: pki.id("b"),
+                // Nobody listens there: the mesh's own dialer gets nowhere.
+                channel_endpoint: "127.0.0.1:9".parse().unwrap(),
+                allowed_prefixes: vec!["100.64.2.0/24".parse().unwrap()],
+                persistent_keepalive: None,
+                esp: None,
+            };
+            let mesh = MeshLinks::start(
+                wg.clone(),
+                None,
+                vec![peer_b],
+                &identity,
+                params(&wg.public_key()),
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap();
+            let b_cfg = Arc::new(
+                ChannelConfig::new(
+                    pki.leaf_b.credentials().unwrap(),
+                    &identity.trust,
+                    params(&PrivateKey::generate().public_key()),
+                )
+                .unwrap(),
+            );
+            let (btx, _brx) = mpsc::channel();
+            let listener = ChannelListener::bind(
+                b_cfg.clone(),
+                "127.0.0.1:0".parse().unwrap(),
+                vec![(pki.id("a"), LinkParams::Wireguard)],
+            )
+            .unwrap()
+            .spawn(btx)
+            .unwrap();
+            Self {
+                pki,
+                wg,
+                mesh,
+                listener,
+                b_cfg,
+                _b_events: _brx,
+            }
+        }
+
+        /// A's half of a new session with B, B's hello carrying `b_params`.
+        fn session(&self, b_params: TunnelParams) -> Established {
+            let identity = self.pki.identity();
+            self.b_cfg.set_params(b_params);
+            let a_cfg = ChannelConfig::new(
+                identity.credentials.clone(),
+                &identity.trust,
+                params(&self.wg.public_key()),
+            )
+            .unwrap();
+            let (atx, _arx) = mpsc::channel();
+            PeerChannel::connect(
+                &a_cfg,
+                &PeerEndpoint {
+                    id: self.pki.id("b"),
+                    addr: self.listener.local_addr(),
+                    link: LinkParams::Wireguard,
+                },
+                atx,
+            )
+            .unwrap()
+        }
+
+        fn b_keys(&self) -> Vec<PublicKey> {
+            self.wg
+                .peers()
+                .peers()
+                .first()
+                .map(|p| p.public_keys())
+                .unwrap_or_default()
+        }
+    }
+
+    fn keys_params(keys: &[PublicKey], epoch: u64) -> TunnelParams {
+        let mut p = params(&keys[0]);
+        p.wireguard_keys = Some(WireguardKeys {
+            epoch,
+            previous: keys[1..].iter().map(|k| k.0).collect(),
+            proof: None,
+        });
+        p
+    }
+
+    /// B's announcement of `new` (then `previous`) at `epoch` over `session`, with a
+    /// proof made with `signer`'s private key (B's own: `new`).
+    fn proven_params(
+        t: &WithB,
+        session: &PeerSession,
+        new: &PrivateKey,
+        previous: &[PublicKey],
+        epoch: u64,
+        signer: &PrivateKey,
+    ) -> TunnelParams {
+        let mut keys = vec![new.public_key()];
+        keys.extend_from_slice(previous);
+        let mut p = keys_params(&keys, epoch);
+        let shared = signer.key_agreement(&t.wg.public_key()).unwrap();
+        let context = session.wireguard_key_context(epoch).unwrap();
+        if let Some(k) = &mut p.wireguard_keys {
+            k.proof = Some(proof_tag(&shared, &context, &new.public_key()));
+        }
+        p
+    }
+
+    /// A first session brings up the peer's newest key only; an earlier key it
+    /// lists that could never be taken (a low-order point) neither leaves a tunnel
+    /// without its channel nor spoils the session.
+    #[test]
+    fn a_first_session_takes_the_newest_key_only() {
+        let t = WithB::new("mesh-first-keys");
+        let b0 = PrivateKey::generate().public_key();
+        let est = t.session(keys_params(&[b0, PublicKey([0; 32])], 1));
+        t.mesh.established(est);
+        let status = t.mesh.status();
+        assert_eq!(status[0].state, "up", "{status:?}");
+        assert!(status[0].tunnel, "{status:?}");
+        assert_eq!(t.b_keys(), vec![b0]);
+    }
+
+    /// Key announcements over the channel: a new key needs a new epoch, earlier
+    /// keys must be ones the peer had, announcements from a session that is not
+    /// the link's current one are ignored, and a peer announcing keys in a loop
+    /// gets only a few a second taken (each builds WireGuard state).
+    #[test]
+    fn key_announcements_are_judged_and_bounded() {
+        let t = WithB::new("mesh-announce");
+        let b0 = PrivateKey::generate().public_key();
+        let est = t.session(keys_params(&[b0], 1));
+        let (sid, session) = (est.session.id(), est.session.clone());
+        t.mesh.established(est);
+        assert_eq!(t.b_keys(), vec![b0]);
+        let b1 = PrivateKey::generate();
+        let stranger = PrivateKey::generate();
+        let b = t.pki.id("b");
+        let announce = |p: &TunnelParams| t.mesh.peer_params(&b, sid, p);
+        let proven = |new: &PrivateKey, prev: &[PublicKey], epoch: u64, signer: &PrivateKey| {
+            proven_params(&t, &session, new, prev, epoch, signer)
+        };
+        // Same epoch, new key; no proof; a proof by someone who does not hold the
+        // key; another session.
+        announce(&proven(&b1, &[b0], 1, &b1));
+        announce(&keys_params(&[b1.public_key(), b0], 2));
+        announce(&proven(&b1, &[b0], 2, &stranger));
+        t.mesh
+            .peer_params(&b, sid + 1_000, &proven(&b1, &[b0], 2, &b1));
+        assert_eq!(t.b_keys(), vec![b0]);
+        // A real rotation is taken, but not an earlier key it never had.
+        announce(&proven(&b1, &[stranger.public_key(), b0], 2, &b1));
+        assert_eq!(t.b_keys(), vec![b1.public_key(), b0]);
+        // A loop of new keys: only a few get in.
+        let mut last = b1.public_key();
+        for epoch in 3..60 {
+            let next = PrivateKey::generate();
+            announce(&proven(&next, &[last], epoch, &next));
+            if t.b_keys()[0] == next.public_key() {
+                last = next.public_key();
+            }
+        }
+        let epoch = t.mesh.status()[0].peer_key_epoch.unwrap();
+        assert!((3..=7).contains(&epoch), "{epoch}");
+        t.listener.shutdown();
+    }
+
+    /// A peer that never acknowledges a new key cannot hold the old one in force:
+    /// past the deadline its channel is closed (the next hello carries the key) and
+    /// the key goes in force. A peer that cannot rotate keys in session (no key
+    /// epoch in its hello) has its channel closed at once.
+    #[test]
+    fn a_silent_or_old_peer_does_not_stall_a_rotation() {
+        let t = WithB::new("mesh-silent");
+        let est = t.session(keys_params(&[PrivateKey::generate().public_key()], 1));
+        let session = est.session.clone();
+        t.mesh.established(est);
+        let started = t.mesh.rotate_wireguard_key().unwrap();
+        assert!(!started.in_force);
+        assert_eq!(started.waiting_for, vec![t.pki.id("b").to_string()]);
+        let in_force = || t.wg.keys().into_iter().find(|k| k.in_force).unwrap().epoch;
+        t.mesh.rotation_tick(Instant::now());
+        assert_eq!(in_force(), 1, "B said nothing yet");
+        assert!(
+            t.mesh.rotate_wireguard_key().is_err(),
+            "one rotation at a time"
+        );
+        t.mesh.rotation_tick(
+            Instant::now() + crate::key_rotation::ACK_DEADLINE + std::time::Duration::from_secs(1),
+        );
+        assert_eq!(in_force(), started.epoch);
+        assert!(session.is_closed());
+
+        let t = WithB::new("mesh-old-peer");
+        let est = t.session(params(&PrivateKey::generate().public_key()));
+        let session = est.session.clone();
+        t.mesh.established(est);
+        let started = t.mesh.rotate_wireguard_key().unwrap();
+        assert!(
+            started.in_force && started.waiting_for.is_empty(),
+            "{started:?}"
+        );
+        assert!(session.is_closed());
+    }
+
     /// A session whose peer was trusted during its TLS handshake but is revoked by
     /// the time it is handed over (a peer that stalls its hello across a CRL reload)
     /// brings up no tunnel.
     #[test]
     fn a_session_revoked_before_it_is_installed_gets_no_tunnel() {
-        let pki = crate::test_pki::Pki::new("mesh-live");
-        let identity = pki.identity();
-        let leaf_b = &pki.leaf_b;
-        let id = |c: &str| pki.id(c);
-        let wg = Arc::new(WgCore::new(PrivateKey::generate(), vec![]).unwrap());
-        let peer_b = IdentityPeer {
-            name: Some("b".into()),
-            kind: TunnelKind::Wireguard,
-            spiffe_id: id("b"),
-            // Nobody listens there: the mesh's own dialer gets nowhere.
-            channel_endpoint: "127.0.0.1:9".parse().unwrap(),
-            allowed_prefixes: vec!["100.64.2.0/24".parse().unwrap()],
-            persistent_keepalive: None,
-            esp: None,
-        };
-        let mesh = MeshLinks::start(
-            wg.clone(),
-            None,
-            vec![peer_b],
-            &identity,
-            params(&wg.public_key()),
-            std::time::Duration::from_secs(60),
-        )
-        .unwrap();
-
-        // B's side, and A's half of a session with it, made while B is trusted.
-        let b_wg = PrivateKey::generate().public_key();
-        let b_cfg = Arc::new(
-            ChannelConfig::new(
-                leaf_b.credentials().unwrap(),
-                &identity.trust,
-                params(&b_wg),
-            )
-            .unwrap(),
-        );
-        let (btx, _brx) = mpsc::channel();
-        let listener = ChannelListener::bind(
-            b_cfg,
-            "127.0.0.1:0".parse().unwrap(),
-            vec![(id("a"), LinkParams::Wireguard)],
-        )
-        .unwrap()
-        .spawn(btx)
-        .unwrap();
-        let a_cfg = ChannelConfig::new(
-            identity.credentials.clone(),
-            &identity.trust,
-            params(&wg.public_key()),
-        )
-        .unwrap();
-        let (atx, _arx) = mpsc::channel();
-        let est = PeerChannel::connect(
-            &a_cfg,
-            &PeerEndpoint {
-                id: id("b"),
-                addr: listener.local_addr(),
-                link: LinkParams::Wireguard,
-            },
-            atx,
-        )
-        .unwrap();
-
+        let t = WithB::new("mesh-live");
+        let est = t.session(params(&PrivateKey::generate().public_key()));
         // B is revoked and the gateway reloads its trust before the session reaches it.
-        pki.revoke_b(1);
-        assert!(mesh.reload(std::time::SystemTime::now()).trust);
-        mesh.established(est);
+        t.pki.revoke_b(1);
+        assert!(t.mesh.reload(std::time::SystemTime::now()).trust);
+        t.mesh.established(est);
 
-        assert!(wg.peers().peers().is_empty(), "a tunnel came up");
-        let status = mesh.status();
+        assert!(t.wg.peers().peers().is_empty(), "a tunnel came up");
+        let status = t.mesh.status();
         assert!(!status[0].tunnel, "{status:?}");
         assert!(
             status[0]
@@ -1432,6 +1750,6 @@ mod live_trust_tests {
                 .is_some_and(|r| r.contains("revoked")),
             "{status:?}"
         );
-        listener.shutdown();
+        t.listener.shutdown();
     }
 }

@@ -109,7 +109,7 @@ fn both_sides_establish_with_mirrored_esp_keys() {
         .send(ControlMessage::Rekey { generation: 1 })
         .unwrap();
     match next_event(&srx) {
-        ChannelEvent::Message { peer, message } => {
+        ChannelEvent::Message { peer, message, .. } => {
             assert_eq!(peer, client_id);
             assert_eq!(message, ControlMessage::Rekey { generation: 1 });
         }
@@ -128,7 +128,7 @@ fn both_sides_establish_with_mirrored_esp_keys() {
         ControlMessage::Params(params(3)),
     ] {
         match next_event(&crx) {
-            ChannelEvent::Message { peer, message } => {
+            ChannelEvent::Message { peer, message, .. } => {
                 assert_eq!(peer, server_id);
                 assert_eq!(message, expected);
             }

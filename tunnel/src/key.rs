@@ -97,6 +97,15 @@ impl PrivateKey {
     pub(crate) fn to_secret(&self) -> boringtun::x25519::StaticSecret {
         boringtun::x25519::StaticSecret::from(*self.0)
     }
+    /// X25519 of this key and `remote` (None for a low-order `remote`).
+    pub fn key_agreement(&self, remote: &PublicKey) -> Option<Zeroizing<[u8; 32]>> {
+        let shared = self
+            .to_secret()
+            .diffie_hellman(&boringtun::x25519::PublicKey::from(remote.0));
+        shared
+            .was_contributory()
+            .then(|| Zeroizing::new(shared.to_bytes()))
+    }
     /// Base64 form, for writing a freshly generated key to a 0600 file only.
     pub fn to_base64_secret(&self) -> Zeroizing<String> {
         Zeroizing::new(B64.encode(*self.0))

@@ -369,6 +369,8 @@ pub struct WgCore {
     /// [`WgCore::tick`] calls so far: a clock for "recently" that costs the
     /// data path nothing.
     ticks: std::sync::atomic::AtomicU64,
+    /// Indices of slots that are gone, oldest first.
+    free_indices: Mutex<std::collections::VecDeque<u32>>,
     pub counters: DeviceCounters,
 }
 
@@ -417,6 +419,7 @@ impl WgCore {
             // about how many peers a gateway has or had.
             next_index: AtomicU32::new(random_index_base()),
             ticks: std::sync::atomic::AtomicU64::new(0),
+            free_indices: Mutex::new(Default::default()),
             counters: DeviceCounters::default(),
         };
         core.set_peers(peers)?;
@@ -451,6 +454,33 @@ impl WgCore {
     /// that restates it changes nothing).
     pub fn is_own_private_key(&self, key: &PrivateKey) -> bool {
         key.public_key() == self.public_key()
+    }
+
+    /// X25519 of this device's key `epoch` and `remote` (None: no such key,
+    /// or a low-order `remote`).
+    pub fn key_agreement(
+        &self,
+        epoch: u64,
+        remote: &PublicKey,
+    ) -> Option<zeroize::Zeroizing<[u8; 32]>> {
+        let set = self.peers();
+        let key = set.local.keys.iter().find(|k| k.epoch == epoch)?;
+        let shared = key
+            .secret
+            .diffie_hellman(&boringtun::x25519::PublicKey::from(remote.0));
+        shared
+            .was_contributory()
+            .then(|| zeroize::Zeroizing::new(shared.to_bytes()))
+    }
+
+    /// [`WgCore::key_agreement`] with each of this device's keys, newest
+    /// first.
+    pub fn key_agreements(&self, remote: &PublicKey) -> Vec<zeroize::Zeroizing<[u8; 32]>> {
+        let epochs: Vec<u64> = self.peers().local.keys.iter().map(|k| k.epoch).collect();
+        epochs
+            .into_iter()
+            .filter_map(|e| self.key_agreement(e, remote))
+            .collect()
     }
 
     /// Adds a new static key, accepted for handshakes from now on but not
@@ -574,6 +604,21 @@ impl WgCore {
 
     /// Builds and swaps in a snapshot of `configs` for the keys `local`.
     fn install(&self, configs: Vec<PeerConfig>, local: Arc<LocalKeys>) -> Result<(), PeerSetError> {
+        let mut taken = Vec::new();
+        let result = self.install_with(configs, local, &mut taken);
+        if result.is_err() {
+            // Nothing changed: the indices taken for it are free again.
+            self.free(taken);
+        }
+        result
+    }
+
+    fn install_with(
+        &self,
+        configs: Vec<PeerConfig>,
+        local: Arc<LocalKeys>,
+        taken: &mut Vec<u32>,
+    ) -> Result<(), PeerSetError> {
         let mut guard = self.set.write().unwrap_or_else(|e| e.into_inner());
         let old = guard.clone();
         let mut next = PeerSet {
@@ -627,7 +672,7 @@ impl WgCore {
                         });
                         let index = match kept {
                             Some(i) => i,
-                            None => self.allocate_index()?,
+                            None => self.allocate_index(taken)?,
                         };
                         plan.push((l.clone(), *r, index, kept.is_some()));
                     }
@@ -722,16 +767,40 @@ impl WgCore {
                 session.endpoint = endpoint;
             }
         }
+        let gone: Vec<u32> = old
+            .by_index
+            .keys()
+            .filter(|i| !next.by_index.contains_key(i))
+            .copied()
+            .collect();
         *guard = Arc::new(next);
+        drop(guard);
+        self.free(gone);
         Ok(())
     }
 
-    fn allocate_index(&self) -> Result<u32, PeerSetError> {
-        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
-        if index > MAX_INDEX {
-            return Err(PeerSetError::IndexSpaceExhausted);
-        }
+    /// A session index no slot uses: a fresh one while any are left, then
+    /// the one freed longest ago.
+    fn allocate_index(&self, taken: &mut Vec<u32>) -> Result<u32, PeerSetError> {
+        let fresh = self
+            .next_index
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |i| {
+                (i <= MAX_INDEX).then_some(i + 1)
+            })
+            .ok();
+        let index = match fresh {
+            Some(i) => i,
+            None => lock(&self.free_indices)
+                .pop_front()
+                .ok_or(PeerSetError::IndexSpaceExhausted)?,
+        };
+        taken.push(index);
         Ok(index)
+    }
+
+    /// Gives indices back for reuse (after every fresh one is used).
+    fn free(&self, indices: impl IntoIterator<Item = u32>) {
+        lock(&self.free_indices).extend(indices);
     }
 
     /// Changes the peer set as a read-modify-write under one lock, so two
@@ -922,6 +991,7 @@ impl WgCore {
             return self.device_drop(DropReason::UnknownPeer);
         };
         let slot_index = slot.index;
+        let slot_remote = slot.remote;
         let result = slot.tunn.decapsulate(Some(from.ip()), datagram, out);
         let mut authentic = true;
         let verdict = match result {
@@ -1005,8 +1075,8 @@ impl WgCore {
                 // this device pinned to that very gateway.
                 let allowed = set.route(src).is_some_and(|owner| Arc::ptr_eq(owner, peer))
                     || out.get(offset..offset + len).is_some_and(|p| {
-                        let egress = self.egress();
-                        peer.public_keys().iter().any(|k| egress.allows_reply(p, k))
+                        // By the key that authenticated this very packet.
+                        self.egress().allows_reply(p, &slot_remote)
                     });
                 if allowed {
                     Inbound::Tun { offset, len }
@@ -1500,6 +1570,40 @@ mod tests {
             exchange(&p, tag);
         }
         assert_eq!(p.a.peers().peers()[0].sending_with().0, 1);
+    }
+
+    #[test]
+    fn announcing_keys_over_and_over_never_runs_out_of_session_indices() {
+        // A peer that announces one new key after another (each a new pair
+        // of keys, a new slot) must not use up the index space: slots that
+        // are gone give their index back.
+        let p = pair();
+        p.a.next_index.store(MAX_INDEX - 20, Ordering::Relaxed);
+        for _ in 0..200 {
+            let fresh = PrivateKey::generate().public_key();
+            p.a.update_peers(|all| {
+                all[0].previous_keys = vec![all[0].public_key];
+                all[0].public_key = fresh;
+            })
+            .unwrap();
+        }
+        let set = p.a.peers();
+        assert_eq!(set.peers().len(), 1);
+        // Every index in use belongs to exactly one live slot.
+        assert_eq!(set.by_index.len(), 2);
+        // A refused change gives its indices back too.
+        let many: Vec<PublicKey> = (0..3)
+            .map(|_| PrivateKey::generate().public_key())
+            .collect();
+        for _ in 0..50 {
+            let fresh = PrivateKey::generate().public_key();
+            let _ = p.a.update_peers(|all| {
+                all.push(peer(fresh, "192.0.2.9:1", &["100.64.9.0/24"]));
+                all.last_mut().unwrap().previous_keys = many.clone();
+            });
+        }
+        p.a.update_peers(|all| all[0].public_key = PrivateKey::generate().public_key())
+            .unwrap();
     }
 
     #[test]

@@ -48,6 +48,13 @@ pub struct WireguardKeys {
     pub epoch: u64,
     /// Earlier keys still accepted (newest first); sessions under them keep working.
     pub previous: Vec<[u8; 32]>,
+    /// In a [`ControlMessage::Params`]: proof that the sender holds the newest key's
+    /// private half, HMAC-SHA256 keyed by the X25519 of that key and the receiver's
+    /// newest key, over the session's
+    /// [`PeerSession::wireguard_key_context`](super::PeerSession::wireguard_key_context)
+    /// for `epoch` and the public key.
+    #[serde(default)]
+    pub proof: Option<[u8; 32]>,
 }
 
 /// Messages the application exchanges over an established session.

@@ -213,6 +213,9 @@ pub enum ChannelEvent {
     Message {
         /// The sender.
         peer: SpiffeId,
+        /// The session it came over ([`PeerSession::id`]): a message from a session
+        /// that is no longer the peer's current one can be told apart.
+        session: u64,
         /// The message.
         message: ControlMessage,
     },

@@ -180,7 +180,11 @@ pub(crate) struct SessionState {
     ended: Mutex<Option<LossReason>>,
     ended_cv: Condvar,
     rtt: Mutex<RttProbe>,
+    id: u64,
 }
+
+/// Numbers sessions within this process.
+static NEXT_SESSION_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl SessionState {
     fn lock_conn(&self) -> MutexGuard<'_, rustls::Connection> {
@@ -272,6 +276,21 @@ impl PeerSession {
         keys::derive(&conn, self.state.role, generation, len).map_err(ChannelError::Tls)
     }
 
+    /// 32 bytes both ends of this session derive alike from its TLS exporter for the
+    /// WireGuard key announced with `epoch`: what a proof of possession of that key is
+    /// bound to, so a proof cannot be replayed in another session or for another epoch.
+    pub fn wireguard_key_context(&self, epoch: u64) -> Result<[u8; 32], ChannelError> {
+        let conn = self.state.lock_conn();
+        let mut out = [0u8; 32];
+        conn.export_keying_material(
+            &mut out,
+            b"EXPORTER-isthmus-wireguard-key-proof",
+            Some(&epoch.to_be_bytes()),
+        )
+        .map_err(ChannelError::Tls)?;
+        Ok(out)
+    }
+
     /// Sends an application message to the peer. Never waits on the network: the message
     /// is queued and the session task writes it; fails if more than a megabyte is already
     /// waiting for a peer that does not read.
@@ -299,6 +318,12 @@ impl PeerSession {
             conn.send_close_notify();
         }
         self.state.wake.notify_one();
+    }
+
+    /// This session's number, unique within the process (see
+    /// [`ChannelEvent::Message`]).
+    pub fn id(&self) -> u64 {
+        self.state.id
     }
 
     /// The round-trip time of the last answered liveness ping.
@@ -396,6 +421,7 @@ pub(crate) fn prepare(start: SessionStart) -> (PeerSession, SessionDriver) {
         ended: Mutex::new(None),
         ended_cv: Condvar::new(),
         rtt: Mutex::new(RttProbe::default()),
+        id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
     });
     let session = PeerSession {
         state: state.clone(),
@@ -576,6 +602,7 @@ fn handle_frame(
             tracing::debug!(peer = %state.peer, kind = control_kind(&message), "control message");
             let _ = events.send(ChannelEvent::Message {
                 peer: state.peer.clone(),
+                session: state.id,
                 message,
             });
         }
