@@ -1364,27 +1364,13 @@ fn wireguard_key_rotation_survives_a_peer_away_and_a_kill() {
     // Now a rotation completes, asked for from site 2's host with an administrator
     // certificate of cluster one; site 2's gateway certificate is refused.
     let remote = |chain: &Path, key: &Path| {
-        let (addr, bundle) = (admin_at.to_string(), pki.bundle());
-        let args = [
-            "keys", "rotate", "--all", "--wait", "20", "--remote", &addr, "--cert",
-        ];
-        let mut args: Vec<&str> = args.to_vec();
-        let (chain, key, bundle) = (
-            chain.to_string_lossy().into_owned(),
-            key.to_string_lossy().into_owned(),
-            bundle.to_string_lossy().into_owned(),
-        );
-        args.extend([chain.as_str(), "--key", &key, "--bundle", &bundle]);
-        let ctl = bins::ctl().to_string_lossy().into_owned();
-        let out = isthmus_e2e::netns::exec_output(&s2.gw_ns, &ctl, &args).unwrap();
-        (
-            out.status.code(),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
+        let admin = Admin {
+            at: admin_at,
+            bundle: pki.bundle(),
+            chain: chain.to_path_buf(),
+            key: key.to_path_buf(),
+        };
+        admin.ctl(&s2.gw_ns, &["keys", "rotate", "--all", "--wait", "20"])
     };
     let epoch = key_in_force(&status(s1).unwrap()).0;
     let (code, said) = remote(&creds[1].0, &creds[1].1);
@@ -1405,4 +1391,82 @@ fn wireguard_key_rotation_survives_a_peer_away_and_a_kill() {
     assert_eq!(key_in_force(&status(s1).unwrap()).1, wg_pubkey(&key1));
     ping_both_ways(s1, s2, "after the restart");
     drop((g1, g2));
+}
+
+/// An administrator reaching a gateway's `[admin] listen` with isthmusctl --remote.
+struct Admin {
+    at: std::net::SocketAddr,
+    bundle: PathBuf,
+    chain: PathBuf,
+    key: PathBuf,
+}
+
+impl Admin {
+    /// `isthmusctl ARGS --remote ...` run in namespace `ns`: (exit code, output).
+    fn ctl(&self, ns: &str, args: &[&str]) -> (Option<i32>, String) {
+        let at = self.at.to_string();
+        let files: Vec<String> = [&self.chain, &self.key, &self.bundle]
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        let mut all = args.to_vec();
+        all.extend([
+            "--remote", &at, "--cert", &files[0], "--key", &files[1], "--bundle", &files[2],
+        ]);
+        let ctl = bins::ctl().to_string_lossy().into_owned();
+        let out = isthmus_e2e::netns::exec_output(ns, &ctl, &all).expect("isthmusctl");
+        (
+            out.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}
+
+/// Remote administration on a gateway without peers by identity follows its identity
+/// files too: an administrator whose certificate is revoked by a CRL written to disk is
+/// refused within a few reload intervals, without a restart.
+#[test]
+fn remote_admin_without_peers_follows_revocations() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let run = topo.run();
+    let pki = Pki::init(run, "ca", "mesh.test").unwrap();
+    pki.cluster("one").unwrap();
+    let (chain, key) = pki.gateway("one", "gw").unwrap();
+    revoke(&pki, "one", "7f", true).unwrap();
+    let crl = pki.dir.join("clusters/one/ca.crl.pem");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let cfg = write_config(run, s1, &pki.bundle(), &chain, &key, &[crl], &[]).unwrap();
+    set_reload_interval(&cfg, 100);
+    let at = s1.endpoint(7445);
+    let text = std::fs::read_to_string(&cfg).unwrap() + &format!("\n[admin]\nlisten = \"{at}\"\n");
+    std::fs::write(&cfg, text).unwrap();
+    let _g1 = start(run, s1, &cfg).unwrap();
+    let (ops_chain, ops_key) = pki.leaf("admin", "one", "ops").unwrap();
+    let admin = Admin {
+        at,
+        bundle: pki.bundle(),
+        chain: ops_chain.clone(),
+        key: ops_key,
+    };
+    let (code, said) = admin.ctl(&s2.gw_ns, &["status", "--output", "json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let (code, said) = admin.ctl(&s2.gw_ns, &["ready"]);
+    assert_ne!(code, None, "{said}");
+    revoke(&pki, "one", &serial_of(&ops_chain).unwrap(), true).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, said) = admin.ctl(&s2.gw_ns, &["status"]);
+        if code == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still served after the revocation: {said}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

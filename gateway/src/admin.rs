@@ -298,9 +298,19 @@ impl RemoteTarget {
         server_id: Option<isthmus_identity::SpiffeId>,
     ) -> Result<Self, isthmus_identity::ChannelError> {
         let tls = isthmus_identity::MeshTls::new(credentials, trust)?;
-        let policy = match server_id {
-            Some(id) => isthmus_identity::PeerPolicy::Exact(vec![id]),
-            None => isthmus_identity::PeerPolicy::AnyGateway(tls.local_id().trust_domain().clone()),
+        // By default a gateway of the administrator's own cluster only.
+        let policy = match (server_id, tls.local_id().as_admin()) {
+            (Some(id), _) => isthmus_identity::PeerPolicy::Exact(vec![id]),
+            (None, Some((cluster, _))) => isthmus_identity::PeerPolicy::GatewayOfCluster(
+                tls.local_id().trust_domain().clone(),
+                cluster,
+            ),
+            (None, None) => {
+                return Err(isthmus_identity::ChannelError::Credentials(format!(
+                    "{} is not an administrator identity (spiffe://<td>/cluster/<c>/admin/<name>)",
+                    tls.local_id()
+                )))
+            }
         };
         Ok(Self {
             addr,

@@ -300,24 +300,28 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         (Some(ra), Some(identity)) => {
             let config = match &device.mesh {
                 Some(mesh) => mesh.channel_config(),
-                None => Arc::new(
-                    isthmus_identity::ChannelConfig::new(
-                        isthmus_identity::LocalCredentials {
-                            chain: identity.credentials.chain.clone(),
-                            key: identity.credentials.key.clone_key(),
-                        },
-                        &identity.trust,
-                        TunnelParams {
-                            wireguard_public_key: None,
-                            wireguard_endpoint: None,
-                            esp_endpoint: None,
-                            esp_inbound_spi: None,
-                            mtu: iface.mtu,
-                            wireguard_keys: None,
-                        },
-                    )
-                    .context("remote administration: TLS setup")?,
-                ),
+                None => isthmus_gateway::reload::reloaded(
+                    identity,
+                    Arc::new(
+                        isthmus_identity::ChannelConfig::new(
+                            isthmus_identity::LocalCredentials {
+                                chain: identity.credentials.chain.clone(),
+                                key: identity.credentials.key.clone_key(),
+                            },
+                            &identity.trust,
+                            TunnelParams {
+                                wireguard_public_key: None,
+                                wireguard_endpoint: None,
+                                esp_endpoint: None,
+                                esp_inbound_spi: None,
+                                mtu: iface.mtu,
+                                wireguard_keys: None,
+                            },
+                        )
+                        .context("remote administration: TLS setup")?,
+                    ),
+                )
+                .context("remote administration: reloading the identity files")?,
             };
             let policy = isthmus_identity::PeerPolicy::AdminOfClusters(
                 ra.trust_domain.clone(),

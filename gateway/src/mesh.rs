@@ -808,6 +808,16 @@ impl MeshLinks {
         let same_wg_key = cfg.kind == TunnelKind::Wireguard
             && !known_keys.is_empty()
             && offered.iter().any(|k| known_keys.contains(k));
+        // The hello's newest key is not taken when it is new to this gateway
+        // (see below): its epoch is not either, so the proven announcement
+        // of that key at that epoch that follows counts as new.
+        let hello_epoch = e.params.wireguard_keys.as_ref().map_or(0, |k| k.epoch);
+        let taken_epoch = if same_wg_key && offered.first().is_some_and(|k| !known_keys.contains(k))
+        {
+            hello_epoch.saturating_sub(1)
+        } else {
+            hello_epoch
+        };
         let result = if same_wg_key {
             // From a hello, only keys this gateway knew already (the ones the
             // peer dropped go); a new one comes with its proof in the
@@ -832,7 +842,7 @@ impl MeshLinks {
         match result {
             Ok(()) => {
                 link.lost_at = None;
-                link.peer_key_epoch = e.params.wireguard_keys.as_ref().map_or(0, |k| k.epoch);
+                link.peer_key_epoch = taken_epoch;
                 // Our keys again, with a proof of possession bound to this
                 // session: a key the hello named but this peer did not know
                 // yet is taken from this message only. A key of ours still
@@ -1687,6 +1697,30 @@ mod live_trust_tests {
         }
         let epoch = t.mesh.status()[0].peer_key_epoch.unwrap();
         assert!((3..=7).contains(&epoch), "{epoch}");
+        t.listener.shutdown();
+    }
+
+    /// A peer that rotated its key while its channel was down comes back with the new
+    /// key in its hello: the hello alone does not make it this gateway's, the proven
+    /// announcement that follows on the new session does.
+    #[test]
+    fn a_key_rotated_while_away_is_taken_from_the_next_session() {
+        let t = WithB::new("mesh-away");
+        let b0 = PrivateKey::generate();
+        let est = t.session(keys_params(&[b0.public_key()], 1));
+        t.mesh.established(est);
+        let b1 = PrivateKey::generate();
+        let est = t.session(keys_params(&[b1.public_key(), b0.public_key()], 2));
+        let (sid, session) = (est.session.id(), est.session.clone());
+        t.mesh.established(est);
+        assert_eq!(
+            t.b_keys(),
+            vec![b0.public_key()],
+            "not from the hello alone"
+        );
+        let p = proven_params(&t, &session, &b1, &[b0.public_key()], 2, &b1);
+        t.mesh.peer_params(&t.pki.id("b"), sid, &p);
+        assert_eq!(t.b_keys(), vec![b1.public_key(), b0.public_key()]);
         t.listener.shutdown();
     }
 

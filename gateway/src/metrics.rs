@@ -250,6 +250,7 @@ impl MetricsServer {
             listener,
             "metrics",
             MAX_SCRAPERS,
+            MAX_SCRAPERS,
             Arc::new(move |stream| serve(stream, &*status)),
         )?;
         tracing::info!(%addr, "serving Prometheus metrics on /metrics");

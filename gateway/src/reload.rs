@@ -127,6 +127,27 @@ fn by_issuer(
 /// The CRLs to put in force: only the newest of each issuer. The revocation
 /// check uses the first CRL of an issuer it finds, so an old copy next to a
 /// newer one would un-revoke what only the newer one lists.
+/// Keeps `config` (a TLS configuration of this gateway that is not the peer
+/// channel's: remote administration without peers by identity) following
+/// the `[identity]` files: a thread re-reads them every
+/// `reload_interval_ms`, as the peer channel's do. Returns `config`.
+pub fn reloaded(
+    identity: &crate::config::IdentityConfig,
+    config: std::sync::Arc<ChannelConfig>,
+) -> std::io::Result<std::sync::Arc<ChannelConfig>> {
+    let mut reloader = IdentityReloader::new(identity.files.clone(), &identity.trust);
+    let every = identity.reload_interval;
+    let weak = std::sync::Arc::downgrade(&config);
+    std::thread::Builder::new()
+        .name("identity-reload".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let Some(config) = weak.upgrade() else { return };
+            reloader.poll(&config, SystemTime::now());
+        })?;
+    Ok(config)
+}
+
 pub fn newest_per_issuer(
     crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Vec<CertificateRevocationListDer<'static>> {

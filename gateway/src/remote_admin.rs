@@ -9,8 +9,10 @@
 //! of an allowed cluster (by default the gateway's own). Anything else — no
 //! certificate, a gateway's certificate, another cluster's or trust domain's
 //! administrator — fails the TLS handshake, and no command is read. At most
-//! [`MAX_REMOTE_ADMIN_CONNECTIONS`] connections at once, each bounded by
-//! [`REMOTE_ADMIN_DEADLINE`] as a whole.
+//! [`MAX_REMOTE_ADMIN_CONNECTIONS`] connections at once and
+//! [`MAX_REMOTE_ADMIN_PER_SOURCE`] from one address, each bounded by
+//! [`REMOTE_ADMIN_HANDSHAKE`] to authenticate and [`REMOTE_ADMIN_DEADLINE`]
+//! as a whole.
 
 use crate::admin::{serve_one, Handler, ADMIN_ALPN};
 use crate::tcp_service::DeadlineStream;
@@ -23,6 +25,20 @@ use std::time::{Duration, Instant};
 pub const MAX_REMOTE_ADMIN_CONNECTIONS: usize = 8;
 /// Longest time one connection may take, handshake included.
 pub const REMOTE_ADMIN_DEADLINE: Duration = Duration::from_secs(10);
+/// Connections from one IP address at once.
+pub const MAX_REMOTE_ADMIN_PER_SOURCE: usize = 2;
+/// Longest time the TLS handshake may take (a client that does not
+/// authenticate gives its slot back soon).
+pub const REMOTE_ADMIN_HANDSHAKE: Duration = Duration::from_secs(3);
+
+/// Commands served remotely (each, or its first word); the others only on
+/// the local socket.
+pub const REMOTE_COMMANDS: &[&str] = &["status", "keys-rotate", "sa-rotate"];
+
+fn remote_command(command: &str) -> bool {
+    let verb = command.split(' ').next().unwrap_or("");
+    REMOTE_COMMANDS.contains(&verb)
+}
 
 /// Serves remote administration until the process ends.
 #[derive(Debug)]
@@ -46,6 +62,7 @@ impl RemoteAdminServer {
             listener,
             "remote-admin",
             MAX_REMOTE_ADMIN_CONNECTIONS,
+            MAX_REMOTE_ADMIN_PER_SOURCE,
             Arc::new(move |sock| serve(sock, &config, &allowed, &*handler)),
         )?;
         Ok(Self { addr })
@@ -75,9 +92,10 @@ fn serve(sock: TcpStream, config: &ChannelConfig, allowed: &PeerPolicy, handler:
             return;
         }
     };
+    let start = Instant::now();
     let mut stream = rustls::StreamOwned::new(
         conn,
-        DeadlineStream::new(sock, Instant::now() + REMOTE_ADMIN_DEADLINE),
+        DeadlineStream::new(sock, start + REMOTE_ADMIN_HANDSHAKE),
     );
     while stream.conn.is_handshaking() {
         if let Err(e) = stream.conn.complete_io(&mut stream.sock) {
@@ -85,13 +103,25 @@ fn serve(sock: TcpStream, config: &ChannelConfig, allowed: &PeerPolicy, handler:
             return;
         }
     }
+    stream.sock.set_deadline(start + REMOTE_ADMIN_DEADLINE);
     let client = isthmus_identity::peer_id(stream.conn.peer_certificates());
     let Some(client) = client else {
         // The verifier accepted a chain, so this cannot happen; refuse anyway.
         return;
     };
+    if stream.conn.alpn_protocol() != Some(ADMIN_ALPN) {
+        tracing::warn!(?remote, %client, "remote administration refused: no isthmus-admin ALPN");
+        return;
+    }
     let logged = |command: &str| {
         tracing::info!(?remote, %client, command, "remote admin command");
+        if !remote_command(command) {
+            return Some(format!(
+                "error: `{}` is not served remotely (remote: {})",
+                command.escape_debug(),
+                REMOTE_COMMANDS.join(", ")
+            ));
+        }
         handler(command)
     };
     serve_one(&mut stream, &logged);

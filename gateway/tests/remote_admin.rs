@@ -80,6 +80,51 @@ fn params() -> TunnelParams {
     }
 }
 
+/// A TCP connection to `to` from source address `from` (any port); None if
+/// the source cannot be bound.
+fn socket2_bind_connect(from: &str, to: std::net::SocketAddr) -> Option<std::net::TcpStream> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).ok()?;
+    let from: std::net::SocketAddr = format!("{from}:0").parse().ok()?;
+    sock.bind(&from.into()).ok()?;
+    sock.connect(&to.into()).ok()?;
+    Some(sock.into())
+}
+
+/// Sends `status` over TLS with ALPN isthmus-admin/1 and these credentials,
+/// accepting any server of the mesh: what the gateway alone decides.
+fn raw_client(
+    addr: std::net::SocketAddr,
+    pki: &Pki,
+    chain: &Path,
+    key: &Path,
+) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let tls = isthmus_identity::MeshTls::new(
+        isthmus_certs::files::load_credentials(chain, key).expect("test set-up"),
+        &pki.trust(vec![]),
+    )
+    .expect("test set-up");
+    let config = tls
+        .client_config(
+            PeerPolicy::AnyGateway(TrustDomain::new(TD).expect("test set-up")),
+            isthmus_gateway::admin::ADMIN_ALPN,
+        )
+        .expect("test set-up");
+    let sock = std::net::TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let conn = rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+    let mut stream = rustls::StreamOwned::new(conn, sock);
+    stream.write_all(b"status\n")?;
+    stream.flush()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    if answer.is_empty() {
+        return Err(std::io::Error::other("no answer"));
+    }
+    Ok(answer)
+}
+
 /// `isthmusctl status --remote ADDR` with this administrator's files: (exit 0, output).
 fn remote_status(
     addr: std::net::SocketAddr,
@@ -87,8 +132,20 @@ fn remote_status(
     cert: &Path,
     key: &Path,
 ) -> (bool, String) {
+    remote_status_of(addr, bundle, cert, key, &[])
+}
+
+/// The same with more arguments (`--server-id ...`).
+fn remote_status_of(
+    addr: std::net::SocketAddr,
+    bundle: &Path,
+    cert: &Path,
+    key: &Path,
+    more: &[&str],
+) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_isthmusctl"))
         .args(["status", "--output", "json", "--remote", &addr.to_string()])
+        .args(more)
         .arg("--cert")
         .arg(cert)
         .arg("--key")
@@ -143,6 +200,23 @@ fn only_an_administrator_of_an_allowed_cluster_gets_an_answer() {
     let doc: serde_json::Value = serde_json::from_str(&said).unwrap();
     assert_eq!(doc["interface"], "ist-test");
     assert_eq!(served.load(Ordering::SeqCst), 1);
+    let answer = raw_client(addr, &pki, &alice_chain, &alice_key).unwrap();
+    assert!(answer.contains("ist-test"), "{answer}");
+    assert_eq!(served.load(Ordering::SeqCst), 2);
+
+    // Idle connections from one address cannot take every slot.
+    let idle: Vec<std::net::TcpStream> = (0..8)
+        .filter_map(|_| {
+            let sock = socket2_bind_connect("127.0.0.2", addr)?;
+            Some(sock)
+        })
+        .collect();
+    assert!(!idle.is_empty());
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (ok, said) = remote_status(addr, &bundle, &alice_chain, &alice_key);
+    assert!(ok, "idle clients held every slot: {said}");
+    drop(idle);
+    assert_eq!(served.load(Ordering::SeqCst), 3);
 
     // A gateway of the same cluster is not an administrator.
     let (other_chain, other_key, _) = pki.leaf(&pki.a, LeafKind::Gateway, "other");
@@ -163,10 +237,13 @@ fn only_an_administrator_of_an_allowed_cluster_gets_an_answer() {
         let (ok, said) = remote_status(addr, &bundle, chain, key);
         assert!(!ok, "{who} got an answer: {said}");
         assert!(said.contains("isthmusctl:"), "{who}: {said}");
+        // And a client that does not check itself: the gateway refuses it.
+        let answer = raw_client(addr, &pki, chain, key);
+        assert!(answer.is_err(), "{who} got an answer: {answer:?}");
     }
     assert_eq!(
         served.load(Ordering::SeqCst),
-        1,
+        3,
         "no refused client reached the handler"
     );
 
@@ -183,7 +260,7 @@ fn only_an_administrator_of_an_allowed_cluster_gets_an_answer() {
     let (carol_chain, carol_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "carol");
     let (ok, said) = remote_status(addr, &bundle, &carol_chain, &carol_key);
     assert!(ok, "{said}");
-    assert_eq!(served.load(Ordering::SeqCst), 2);
+    assert_eq!(served.load(Ordering::SeqCst), 4);
 }
 
 #[test]
@@ -220,4 +297,75 @@ fn the_client_refuses_a_server_that_is_not_a_gateway_of_the_mesh() {
     let (ok, said) = remote_status(server.local_addr(), &bundle, &alice_chain, &alice_key);
     assert!(!ok, "{said}");
     assert_eq!(served.load(Ordering::SeqCst), 0);
+}
+
+/// Without --server-id the client accepts only a gateway of its own cluster; with it,
+/// exactly that gateway. Commands only the local socket serves are refused remotely
+/// before they reach the handler.
+#[test]
+fn the_client_wants_its_own_clusters_gateway_and_only_some_commands_go_remote() {
+    let pki = Pki::new("remote-admin-scope");
+    let (gw_chain, gw_key, _) = pki.leaf(&pki.b, LeafKind::Gateway, "gw");
+    let config = Arc::new(
+        ChannelConfig::new(
+            isthmus_certs::files::load_credentials(&gw_chain, &gw_key).unwrap(),
+            &pki.trust(vec![]),
+            params(),
+        )
+        .unwrap(),
+    );
+    let served = Arc::new(AtomicUsize::new(0));
+    let counter = served.clone();
+    // Cluster b's gateway lets cluster a's administrators in.
+    let server = RemoteAdminServer::start(
+        "127.0.0.1:0".parse().unwrap(),
+        config,
+        PeerPolicy::AdminOfClusters(
+            TrustDomain::new(TD).unwrap(),
+            vec![ClusterName::new("a").unwrap()],
+        ),
+        Arc::new(move |command: &str| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Some(if command == "status" {
+                serde_json::to_string(&status_document()).unwrap()
+            } else {
+                "{}".into()
+            })
+        }),
+    )
+    .unwrap();
+    let addr = server.local_addr();
+    let bundle = pki.dir.0.join("bundle.pem");
+    let (alice_chain, alice_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "alice");
+    let (ok, said) = remote_status(addr, &bundle, &alice_chain, &alice_key);
+    assert!(!ok, "a gateway of another cluster was trusted: {said}");
+    let (ok, said) = remote_status_of(
+        addr,
+        &bundle,
+        &alice_chain,
+        &alice_key,
+        &["--server-id", "spiffe://mesh.test/cluster/b/gateway/gw"],
+    );
+    assert!(ok, "{said}");
+    assert_eq!(served.load(Ordering::SeqCst), 1);
+
+    let target = isthmus_gateway::admin::RemoteTarget::new(
+        addr,
+        isthmus_certs::files::load_credentials(&alice_chain, &alice_key).unwrap(),
+        &pki.trust(vec![]),
+        Some("spiffe://mesh.test/cluster/b/gateway/gw".parse().unwrap()),
+    )
+    .unwrap();
+    for command in ["egress-drain", "mesh-clusters"] {
+        let got = isthmus_gateway::admin::fetch::<serde_json::Value>(&target, command);
+        let Err(isthmus_gateway::admin::AdminError::Refused { message, .. }) = got else {
+            panic!("{command}: {got:?}");
+        };
+        assert!(message.contains("not served remotely"), "{message}");
+    }
+    assert_eq!(
+        served.load(Ordering::SeqCst),
+        1,
+        "refused before the handler"
+    );
 }
