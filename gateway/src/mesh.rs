@@ -226,6 +226,12 @@ struct Link {
     sessions: u64,
     last_refusal: Option<String>,
     wg_key: Option<PublicKey>,
+    /// The key (and endpoint) a first session's hello named, waiting for the
+    /// proof of possession that follows in its Params before it is taken.
+    pending_wg: Option<(PublicKey, SocketAddr)>,
+    /// Whether the peer's hello carried key epochs (it can rotate its key
+    /// and prove keys in session).
+    peer_rotates: bool,
     /// The epoch the peer gave `wg_key` (0: it cannot rotate its key).
     peer_key_epoch: u64,
     /// Our newest key epoch the peer acknowledged.
@@ -812,8 +818,12 @@ impl MeshLinks {
         // (see below): its epoch is not either, so the proven announcement
         // of that key at that epoch that follows counts as new.
         let hello_epoch = e.params.wireguard_keys.as_ref().map_or(0, |k| k.epoch);
-        let taken_epoch = if same_wg_key && offered.first().is_some_and(|k| !known_keys.contains(k))
-        {
+        let newest_waits = if same_wg_key {
+            offered.first().is_some_and(|k| !known_keys.contains(k))
+        } else {
+            cfg.kind == TunnelKind::Wireguard && e.params.wireguard_keys.is_some()
+        };
+        let taken_epoch = if newest_waits {
             hello_epoch.saturating_sub(1)
         } else {
             hello_epoch
@@ -843,11 +853,12 @@ impl MeshLinks {
             Ok(()) => {
                 link.lost_at = None;
                 link.peer_key_epoch = taken_epoch;
+                link.peer_rotates = e.params.wireguard_keys.is_some();
                 // Our keys again, with a proof of possession bound to this
                 // session: a key the hello named but this peer did not know
                 // yet is taken from this message only. A key of ours still
                 // waiting for acknowledgements is acknowledged this way too.
-                if cfg.kind == TunnelKind::Wireguard && link.peer_key_epoch > 0 {
+                if cfg.kind == TunnelKind::Wireguard && link.peer_rotates {
                     let mut rotation = self.rotation();
                     if rotation.pending_epoch().is_some() {
                         rotation.wait_for(e.peer.to_string());
@@ -894,6 +905,24 @@ impl MeshLinks {
         // A first session brings up the peer's newest key only: earlier
         // keys it lists are taken later only if this gateway knew them.
         let key = PublicKey(key);
+        if e.params.wireguard_keys.is_some() {
+            // A peer that can prove its key does so in the Params that
+            // follows the hello: nobody can take a key it does not hold.
+            link.pending_wg = Some((key, endpoint));
+            return Ok(());
+        }
+        self.add_wireguard_peer(cfg, key, endpoint, link)
+    }
+
+    /// Configures the WireGuard peer of `cfg` with `key`, unless the key is
+    /// ours, another peer's or a low-order point.
+    fn add_wireguard_peer(
+        &self,
+        cfg: &IdentityPeer,
+        key: PublicKey,
+        endpoint: SocketAddr,
+        link: &mut Link,
+    ) -> Result<(), String> {
         let own: Vec<PublicKey> = self.wg.keys().iter().map(|k| k.public_key).collect();
         let mut refused = None;
         self.wg
@@ -919,6 +948,7 @@ impl MeshLinks {
             return Err(why);
         }
         link.wg_key = Some(key);
+        link.pending_wg = None;
         Ok(())
     }
 
@@ -997,7 +1027,7 @@ impl MeshLinks {
     /// session's key context for `epoch` and our public key. Only the holder
     /// of either private key can make it; the peer checks it with its own.
     fn key_proof(&self, link: &Link, session: &PeerSession, epoch: u64) -> Option<[u8; 32]> {
-        let theirs = link.wg_key?;
+        let theirs = link.wg_key.or(link.pending_wg.map(|(k, _)| k))?;
         let ours = self.wg.keys().into_iter().find(|k| k.epoch == epoch)?;
         let shared = self.wg.key_agreement(epoch, &theirs)?;
         let context = session.wireguard_key_context(epoch).ok()?;
@@ -1014,10 +1044,10 @@ impl MeshLinks {
             let Some(session) = link.session.as_ref().filter(|s| !s.is_closed()) else {
                 continue;
             };
-            if link.wg_key.is_none() {
+            if link.wg_key.is_none() && link.pending_wg.is_none() {
                 continue;
             }
-            if link.peer_key_epoch == 0 {
+            if !link.peer_rotates {
                 // It cannot take a new key over this session (an older
                 // build): a new session's hello carries it.
                 tracing::info!(peer = %id, "peer cannot rotate keys in session; closing its channel so the next hello carries the new key");
@@ -1178,7 +1208,7 @@ impl MeshLinks {
             let live = links.iter().any(|(id, l)| {
                 id.to_string() == peer
                     && l.session.as_ref().is_some_and(|s| !s.is_closed())
-                    && l.wg_key.is_some()
+                    && (l.wg_key.is_some() || l.pending_wg.is_some())
             });
             if !live {
                 ready = rotation.forget(&peer).or(ready);
@@ -1219,17 +1249,20 @@ impl MeshLinks {
         let Some(current) = link.session.clone().filter(|s| s.id() == session) else {
             return;
         };
-        let (Some(epoch), Some(key)) =
-            (params.wireguard_keys.as_ref().map(|k| k.epoch), link.wg_key)
-        else {
+        let Some(epoch) = params.wireguard_keys.as_ref().map(|k| k.epoch) else {
             return;
         };
-        let known = self
-            .wg
-            .peers()
-            .get(&key)
-            .map(|p| p.public_keys())
-            .unwrap_or_default();
+        let known = match (link.wg_key, link.pending_wg) {
+            (Some(key), _) => self
+                .wg
+                .peers()
+                .get(&key)
+                .map(|p| p.public_keys())
+                .unwrap_or_default(),
+            // A first session's key, to be proven.
+            (None, Some(_)) => Vec::new(),
+            (None, None) => return,
+        };
         let keys = announced_keys(params);
         let proven = |new: &PublicKey| {
             let Some(proof) = params.wireguard_keys.as_ref().and_then(|k| k.proof) else {
@@ -1262,7 +1295,16 @@ impl MeshLinks {
         };
         let result = match verdict {
             Announcement::Unchanged => Ok(()),
-            Announcement::Apply(take) => self.take_peer_keys(link, &take),
+            Announcement::Apply(take) => match link.pending_wg {
+                Some((_, endpoint)) if link.wg_key.is_none() => {
+                    let cfg = self.peers().iter().find(|p| &p.spiffe_id == peer).cloned();
+                    match cfg {
+                        Some(cfg) => self.add_wireguard_peer(&cfg, take[0], endpoint, link),
+                        None => Err("no longer a configured peer".into()),
+                    }
+                }
+                _ => self.take_peer_keys(link, &take),
+            },
             Announcement::Refuse(why) => Err(why),
         };
         match result {
@@ -1325,6 +1367,7 @@ impl MeshLinks {
 
     /// Removes the tunnel state a session brought up.
     fn teardown(&self, link: &mut Link) {
+        link.pending_wg = None;
         if let Some(key) = link.wg_key.take() {
             if let Err(e) = self
                 .wg
@@ -1350,7 +1393,10 @@ impl MeshLinks {
         f: impl FnOnce(&[PublicKey], &[isthmus_tunnel::IpPrefix]) -> R,
     ) -> R {
         let links = self.links();
-        let mut owned: Vec<PublicKey> = links.values().filter_map(|l| l.wg_key).collect();
+        let mut owned: Vec<PublicKey> = links
+            .values()
+            .filter_map(|l| l.wg_key.or(l.pending_wg.map(|(k, _)| k)))
+            .collect();
         // With the keys those peers still accept from a rotation.
         let configs = self.wg.peer_configs();
         let previous: Vec<PublicKey> = configs
@@ -1641,32 +1687,49 @@ mod live_trust_tests {
         p
     }
 
+    /// A first session with B under `b`'s key at `epoch`, brought up by B's proven
+    /// announcement: (session id, A's half of the session).
+    fn up(t: &WithB, b: &PrivateKey, epoch: u64) -> (u64, PeerSession) {
+        let est = t.session(keys_params(&[b.public_key()], epoch));
+        let (sid, session) = (est.session.id(), est.session.clone());
+        t.mesh.established(est);
+        let p = proven_params(t, &session, b, &[], epoch, b);
+        t.mesh.peer_params(&t.pki.id("b"), sid, &p);
+        (sid, session)
+    }
+
     /// A first session brings up the peer's newest key only; an earlier key it
     /// lists that could never be taken (a low-order point) neither leaves a tunnel
     /// without its channel nor spoils the session.
     #[test]
     fn a_first_session_takes_the_newest_key_only() {
         let t = WithB::new("mesh-first-keys");
-        let b0 = PrivateKey::generate().public_key();
-        let est = t.session(keys_params(&[b0, PublicKey([0; 32])], 1));
+        let b0 = PrivateKey::generate();
+        let est = t.session(keys_params(&[b0.public_key(), PublicKey([0; 32])], 1));
+        let (sid, session) = (est.session.id(), est.session.clone());
         t.mesh.established(est);
+        // The hello alone brings no tunnel: the key must be proven first, and
+        // a proof by someone else does not count.
         let status = t.mesh.status();
         assert_eq!(status[0].state, "up", "{status:?}");
+        assert!(!status[0].tunnel, "{status:?}");
+        let stranger = PrivateKey::generate();
+        let forged = proven_params(&t, &session, &b0, &[], 1, &stranger);
+        t.mesh.peer_params(&t.pki.id("b"), sid, &forged);
+        assert!(t.b_keys().is_empty());
+        let p = proven_params(&t, &session, &b0, &[], 1, &b0);
+        t.mesh.peer_params(&t.pki.id("b"), sid, &p);
+        let status = t.mesh.status();
         assert!(status[0].tunnel, "{status:?}");
-        assert_eq!(t.b_keys(), vec![b0]);
+        assert_eq!(t.b_keys(), vec![b0.public_key()]);
     }
 
-    /// Key announcements over the channel: a new key needs a new epoch, earlier
-    /// keys must be ones the peer had, announcements from a session that is not
-    /// the link's current one are ignored, and a peer announcing keys in a loop
-    /// gets only a few a second taken (each builds WireGuard state).
     #[test]
     fn key_announcements_are_judged_and_bounded() {
         let t = WithB::new("mesh-announce");
-        let b0 = PrivateKey::generate().public_key();
-        let est = t.session(keys_params(&[b0], 1));
-        let (sid, session) = (est.session.id(), est.session.clone());
-        t.mesh.established(est);
+        let b0_key = PrivateKey::generate();
+        let b0 = b0_key.public_key();
+        let (sid, session) = up(&t, &b0_key, 1);
         assert_eq!(t.b_keys(), vec![b0]);
         let b1 = PrivateKey::generate();
         let stranger = PrivateKey::generate();
@@ -1707,8 +1770,8 @@ mod live_trust_tests {
     fn a_key_rotated_while_away_is_taken_from_the_next_session() {
         let t = WithB::new("mesh-away");
         let b0 = PrivateKey::generate();
-        let est = t.session(keys_params(&[b0.public_key()], 1));
-        t.mesh.established(est);
+        up(&t, &b0, 1);
+        assert_eq!(t.b_keys(), vec![b0.public_key()]);
         let b1 = PrivateKey::generate();
         let est = t.session(keys_params(&[b1.public_key(), b0.public_key()], 2));
         let (sid, session) = (est.session.id(), est.session.clone());
@@ -1731,9 +1794,7 @@ mod live_trust_tests {
     #[test]
     fn a_silent_or_old_peer_does_not_stall_a_rotation() {
         let t = WithB::new("mesh-silent");
-        let est = t.session(keys_params(&[PrivateKey::generate().public_key()], 1));
-        let session = est.session.clone();
-        t.mesh.established(est);
+        let (_, session) = up(&t, &PrivateKey::generate(), 1);
         let started = t.mesh.rotate_wireguard_key().unwrap();
         assert!(!started.in_force);
         assert_eq!(started.waiting_for, vec![t.pki.id("b").to_string()]);
