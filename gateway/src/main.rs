@@ -309,14 +309,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
                                 key: identity.credentials.key.clone_key(),
                             },
                             &identity.trust,
-                            TunnelParams {
-                                wireguard_public_key: None,
-                                wireguard_endpoint: None,
-                                esp_endpoint: None,
-                                esp_inbound_spi: None,
-                                mtu: iface.mtu,
-                                wireguard_keys: None,
-                            },
+                            TunnelParams::without_tunnels(iface.mtu),
                         )
                         .context("remote administration: TLS setup")?,
                     ),

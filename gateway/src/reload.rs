@@ -338,14 +338,7 @@ mod tests {
         ChannelConfig::new(
             identity.credentials,
             &identity.trust,
-            TunnelParams {
-                wireguard_public_key: None,
-                wireguard_endpoint: None,
-                esp_endpoint: None,
-                esp_inbound_spi: None,
-                mtu: 1420,
-                wireguard_keys: None,
-            },
+            TunnelParams::without_tunnels(1420),
         )
         .unwrap()
     }

@@ -69,14 +69,53 @@ impl Pki {
     }
 }
 
-fn params() -> TunnelParams {
-    TunnelParams {
-        wireguard_public_key: None,
-        wireguard_endpoint: None,
-        esp_endpoint: None,
-        esp_inbound_spi: None,
-        mtu: 1420,
-        wireguard_keys: None,
+/// A remote admin server on loopback presenting `chain`/`key`, letting cluster a's
+/// administrators in, answering `status` with a status document (anything else
+/// with `{}`); counts the commands that reach it.
+struct Served {
+    server: RemoteAdminServer,
+    config: Arc<ChannelConfig>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Served {
+    fn start(pki: &Pki, chain: &Path, key: &Path) -> Self {
+        let config = Arc::new(
+            ChannelConfig::new(
+                isthmus_certs::files::load_credentials(chain, key).expect("test set-up"),
+                &pki.trust(vec![]),
+                TunnelParams::without_tunnels(1420),
+            )
+            .expect("test set-up"),
+        );
+        let count = Arc::new(AtomicUsize::new(0));
+        let counter = count.clone();
+        let server = RemoteAdminServer::start(
+            "127.0.0.1:0".parse().expect("test set-up"),
+            config.clone(),
+            PeerPolicy::AdminOfClusters(
+                TrustDomain::new(TD).expect("test set-up"),
+                vec![ClusterName::new("a").expect("test set-up")],
+            ),
+            Arc::new(move |command: &str| {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Some(if command == "status" {
+                    serde_json::to_string(&status_document()).expect("status")
+                } else {
+                    "{}".into()
+                })
+            }),
+        )
+        .expect("test set-up");
+        Self {
+            server,
+            config,
+            count,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
     }
 }
 
@@ -168,30 +207,8 @@ fn remote_status_of(
 fn only_an_administrator_of_an_allowed_cluster_gets_an_answer() {
     let pki = Pki::new("remote-admin");
     let (gw_chain, gw_key, _) = pki.leaf(&pki.a, LeafKind::Gateway, "gw");
-    let config = Arc::new(
-        ChannelConfig::new(
-            isthmus_certs::files::load_credentials(&gw_chain, &gw_key).unwrap(),
-            &pki.trust(vec![]),
-            params(),
-        )
-        .unwrap(),
-    );
-    let served = Arc::new(AtomicUsize::new(0));
-    let counter = served.clone();
-    let server = RemoteAdminServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        config.clone(),
-        PeerPolicy::AdminOfClusters(
-            TrustDomain::new(TD).unwrap(),
-            vec![ClusterName::new("a").unwrap()],
-        ),
-        Arc::new(move |command: &str| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            (command == "status").then(|| serde_json::to_string(&status_document()).unwrap())
-        }),
-    )
-    .unwrap();
-    let addr = server.local_addr();
+    let served = Served::start(&pki, &gw_chain, &gw_key);
+    let (addr, config) = (served.server.local_addr(), served.config.clone());
     let bundle = pki.dir.0.join("bundle.pem");
 
     let (alice_chain, alice_key, alice_serial) = pki.leaf(&pki.a, LeafKind::Admin, "alice");
@@ -199,10 +216,10 @@ fn only_an_administrator_of_an_allowed_cluster_gets_an_answer() {
     assert!(ok, "{said}");
     let doc: serde_json::Value = serde_json::from_str(&said).unwrap();
     assert_eq!(doc["interface"], "ist-test");
-    assert_eq!(served.load(Ordering::SeqCst), 1);
+    assert_eq!(served.count(), 1);
     let answer = raw_client(addr, &pki, &alice_chain, &alice_key).unwrap();
     assert!(answer.contains("ist-test"), "{answer}");
-    assert_eq!(served.load(Ordering::SeqCst), 2);
+    assert_eq!(served.count(), 2);
 
     // Idle connections from one address cannot take every slot.
     let idle: Vec<std::net::TcpStream> = (0..8)
@@ -216,7 +233,7 @@ fn only_an_administrator_of_an_allowed_cluster_gets_an_answer() {
     let (ok, said) = remote_status(addr, &bundle, &alice_chain, &alice_key);
     assert!(ok, "idle clients held every slot: {said}");
     drop(idle);
-    assert_eq!(served.load(Ordering::SeqCst), 3);
+    assert_eq!(served.count(), 3);
 
     // A gateway of the same cluster is not an administrator.
     let (other_chain, other_key, _) = pki.leaf(&pki.a, LeafKind::Gateway, "other");
@@ -241,11 +258,7 @@ fn only_an_administrator_of_an_allowed_cluster_gets_an_answer() {
         let answer = raw_client(addr, &pki, chain, key);
         assert!(answer.is_err(), "{who} got an answer: {answer:?}");
     }
-    assert_eq!(
-        served.load(Ordering::SeqCst),
-        3,
-        "no refused client reached the handler"
-    );
+    assert_eq!(served.count(), 3, "no refused client reached the handler");
 
     // Alice revoked: a CRL put in force on the running server refuses her next time.
     let crl = pki
@@ -260,7 +273,7 @@ fn only_an_administrator_of_an_allowed_cluster_gets_an_answer() {
     let (carol_chain, carol_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "carol");
     let (ok, said) = remote_status(addr, &bundle, &carol_chain, &carol_key);
     assert!(ok, "{said}");
-    assert_eq!(served.load(Ordering::SeqCst), 4);
+    assert_eq!(served.count(), 4);
 }
 
 #[test]
@@ -269,34 +282,17 @@ fn the_client_refuses_a_server_that_is_not_a_gateway_of_the_mesh() {
     // its command to it.
     let pki = Pki::new("remote-admin-server");
     let (fake_chain, fake_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "fake");
-    let config = Arc::new(
-        ChannelConfig::new(
-            isthmus_certs::files::load_credentials(&fake_chain, &fake_key).unwrap(),
-            &pki.trust(vec![]),
-            params(),
-        )
-        .unwrap(),
-    );
-    let served = Arc::new(AtomicUsize::new(0));
-    let counter = served.clone();
-    let server = RemoteAdminServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        config,
-        PeerPolicy::AdminOfClusters(
-            TrustDomain::new(TD).unwrap(),
-            vec![ClusterName::new("a").unwrap()],
-        ),
-        Arc::new(move |_: &str| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            Some("{}".into())
-        }),
-    )
-    .unwrap();
-    let (alice_chain, alice_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "alice");
+    let served = Served::start(&pki, &fake_chain, &fake_key);
     let bundle = pki.dir.0.join("bundle.pem");
-    let (ok, said) = remote_status(server.local_addr(), &bundle, &alice_chain, &alice_key);
+    let (alice_chain, alice_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "alice");
+    let (ok, said) = remote_status(
+        served.server.local_addr(),
+        &bundle,
+        &alice_chain,
+        &alice_key,
+    );
     assert!(!ok, "{said}");
-    assert_eq!(served.load(Ordering::SeqCst), 0);
+    assert_eq!(served.count(), 0);
 }
 
 /// Without --server-id the client accepts only a gateway of its own cluster; with it,
@@ -306,35 +302,9 @@ fn the_client_refuses_a_server_that_is_not_a_gateway_of_the_mesh() {
 fn the_client_wants_its_own_clusters_gateway_and_only_some_commands_go_remote() {
     let pki = Pki::new("remote-admin-scope");
     let (gw_chain, gw_key, _) = pki.leaf(&pki.b, LeafKind::Gateway, "gw");
-    let config = Arc::new(
-        ChannelConfig::new(
-            isthmus_certs::files::load_credentials(&gw_chain, &gw_key).unwrap(),
-            &pki.trust(vec![]),
-            params(),
-        )
-        .unwrap(),
-    );
-    let served = Arc::new(AtomicUsize::new(0));
-    let counter = served.clone();
     // Cluster b's gateway lets cluster a's administrators in.
-    let server = RemoteAdminServer::start(
-        "127.0.0.1:0".parse().unwrap(),
-        config,
-        PeerPolicy::AdminOfClusters(
-            TrustDomain::new(TD).unwrap(),
-            vec![ClusterName::new("a").unwrap()],
-        ),
-        Arc::new(move |command: &str| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            Some(if command == "status" {
-                serde_json::to_string(&status_document()).unwrap()
-            } else {
-                "{}".into()
-            })
-        }),
-    )
-    .unwrap();
-    let addr = server.local_addr();
+    let served = Served::start(&pki, &gw_chain, &gw_key);
+    let addr = served.server.local_addr();
     let bundle = pki.dir.0.join("bundle.pem");
     let (alice_chain, alice_key, _) = pki.leaf(&pki.a, LeafKind::Admin, "alice");
     let (ok, said) = remote_status(addr, &bundle, &alice_chain, &alice_key);
@@ -347,7 +317,7 @@ fn the_client_wants_its_own_clusters_gateway_and_only_some_commands_go_remote() 
         &["--server-id", "spiffe://mesh.test/cluster/b/gateway/gw"],
     );
     assert!(ok, "{said}");
-    assert_eq!(served.load(Ordering::SeqCst), 1);
+    assert_eq!(served.count(), 1);
 
     let target = isthmus_gateway::admin::RemoteTarget::new(
         addr,
@@ -363,9 +333,5 @@ fn the_client_wants_its_own_clusters_gateway_and_only_some_commands_go_remote() 
         };
         assert!(message.contains("not served remotely"), "{message}");
     }
-    assert_eq!(
-        served.load(Ordering::SeqCst),
-        1,
-        "refused before the handler"
-    );
+    assert_eq!(served.count(), 1, "refused before the handler");
 }

@@ -41,6 +41,21 @@ pub struct TunnelParams {
     pub wireguard_keys: Option<WireguardKeys>,
 }
 
+impl TunnelParams {
+    /// Parameters offering no tunnel (a TLS service of the gateway other than the peer
+    /// channel, e.g. remote administration).
+    pub fn without_tunnels(mtu: u16) -> Self {
+        Self {
+            wireguard_public_key: None,
+            wireguard_endpoint: None,
+            esp_endpoint: None,
+            esp_inbound_spi: None,
+            mtu,
+            wireguard_keys: None,
+        }
+    }
+}
+
 /// Where a gateway stands in rotating its WireGuard static key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WireguardKeys {
