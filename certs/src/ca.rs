@@ -339,6 +339,17 @@ impl MeshRootCa {
         files::write_public_file(cert_path, &self.ca.cert_pem())
     }
 
+    /// Replaces an existing certificate and key, each file atomically (key first).
+    pub fn replace(&self, cert_path: &Path, key_path: &Path) -> Result<(), CertError> {
+        files::replace_private_key(key_path, &self.ca.key_pem())?;
+        files::write_public_file(cert_path, &self.ca.cert_pem())
+    }
+
+    /// The subject distinguished name (unique per CA: it names the serial).
+    pub fn subject(&self) -> &str {
+        &self.ca.subject
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
@@ -430,6 +441,17 @@ impl ClusterCa {
     pub fn save(&self, cert_path: &Path, key_path: &Path) -> Result<(), CertError> {
         files::write_private_key(key_path, &self.ca.key_pem())?;
         files::write_public_file(cert_path, &self.ca.cert_pem())
+    }
+
+    /// Replaces an existing certificate and key, each file atomically (key first).
+    pub fn replace(&self, cert_path: &Path, key_path: &Path) -> Result<(), CertError> {
+        files::replace_private_key(key_path, &self.ca.key_pem())?;
+        files::write_public_file(cert_path, &self.ca.cert_pem())
+    }
+
+    /// The subject distinguished name (unique per CA: it names the serial).
+    pub fn subject(&self) -> &str {
+        &self.ca.subject
     }
 
     /// The trust domain.

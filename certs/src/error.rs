@@ -124,6 +124,9 @@ pub enum CertError {
     /// No intermediate CA exists for this cluster.
     #[error("unknown cluster {0:?}: no cluster CA has been issued for it (issue one first)")]
     UnknownCluster(String),
+    /// A rotation step refused, with the reason and what to do.
+    #[error("{0}")]
+    RotationRefused(String),
     /// A CA directory does not exist or is not initialised.
     #[error("{}: not an initialised CA directory (run init first)", path.display())]
     NotInitialised {

@@ -5,9 +5,26 @@
 //! <dir>/bundle.pem                          trust bundle handed to gateways
 //! <dir>/clusters/<cluster>/ca.pem  ca.key   cluster intermediate CA
 //! <dir>/clusters/<cluster>/gateways/<name>.pem  <name>.key   gateway chain and key
+//! <dir>/clusters/<cluster>/admins/<name>.pem    <name>.key   administrator chain and key
+//! <dir>/previous/root-ca-<serial>.pem  .key     roots rotated out, still in the bundle
+//! <dir>/clusters/<cluster>/previous/ca-<serial>.pem  .key   cluster CAs rotated out
 //! ```
 //!
-//! Directories are created 0700 and keys 0600; nothing that exists is overwritten.
+//! Directories are created 0700 and keys 0600; `init` and `issue` never overwrite what
+//! exists, the `rotate_*` methods replace files atomically and keep what they replace
+//! under `previous/`.
+//!
+//! ## Rotating a CA without cutting anyone
+//! - A cluster CA ([`CaDirectory::rotate_cluster_ca`]): a new CA under the same root (a
+//!   subject of its own: CRLs are matched to certificates by issuer name), every leaf of
+//!   the cluster re-issued under it. Leaves of the old CA keep chaining to the root, so
+//!   peers need nothing new; the old CA stays under `previous/` and keeps signing the
+//!   cluster's CRL next to the new one until it is revoked or its root retired.
+//! - The root ([`CaDirectory::rotate_root`]): a new root is added to the bundle, which
+//!   every gateway must have before anything is issued under it; then each cluster CA is
+//!   rotated (now under the new root); then [`CaDirectory::retire_previous_roots`] takes
+//!   the old roots out of the bundle, refusing while a cluster CA or leaf on file still
+//!   chains to one of them.
 
 use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
@@ -16,8 +33,69 @@ use std::path::{Path, PathBuf};
 use isthmus_identity::{ClusterName, GatewayName, TrustDomain};
 
 use crate::bundle::TrustBundle;
-use crate::ca::{ClusterCa, LeafKind, MeshRootCa, Validity};
+use crate::ca::{ClusterCa, LeafKind, MeshRootCa, Validity, CLOCK_SKEW_ALLOWANCE};
 use crate::error::CertError;
+use crate::show::{CertificateSummary, Serial};
+
+/// What a cluster CA rotation did.
+#[derive(Debug, Clone)]
+pub struct ClusterCaRotation {
+    /// The CA rotated out (kept under `previous/`).
+    pub old: CertificateSummary,
+    /// The CA now in force.
+    pub new: CertificateSummary,
+    /// Every leaf re-issued under the new CA: (kind, name, files, new serial).
+    pub reissued: Vec<(LeafKind, GatewayName, GatewayFiles, Serial)>,
+}
+
+/// What a root rotation did.
+#[derive(Debug, Clone)]
+pub struct RootRotation {
+    /// The root rotated out (kept in the bundle and under `previous/` until retired).
+    pub old: CertificateSummary,
+    /// The root now in force.
+    pub new: CertificateSummary,
+    /// How many roots the bundle holds now.
+    pub bundle_roots: usize,
+}
+
+fn summary(cert: &rustls_pki_types::CertificateDer<'_>) -> Result<CertificateSummary, CertError> {
+    CertificateSummary::from_der(cert)
+}
+
+/// `<prefix>-<serial hex>.pem` / `.key` in `dir`.
+fn archive_files(dir: &Path, prefix: &str, serial: &Serial) -> (PathBuf, PathBuf) {
+    let stem = format!("{prefix}-{}", hex::encode(serial.as_bytes()));
+    (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}.key")),
+    )
+}
+
+/// The `(cert, key)` pairs named `<prefix>-*.pem` in `dir` (none if `dir` is missing),
+/// in name order.
+fn archived(dir: &Path, prefix: &str) -> Result<Vec<(PathBuf, PathBuf)>, CertError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(CertError::io(dir, e)),
+    };
+    let mut found: Vec<(PathBuf, PathBuf)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&format!("{prefix}-")) && n.ends_with(".pem"))
+        })
+        .map(|p| {
+            let key = p.with_extension("key");
+            (p, key)
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
 
 /// Paths of a gateway's issued files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,14 +208,18 @@ impl CaDirectory {
         cluster: &ClusterName,
         name: &GatewayName,
     ) -> GatewayFiles {
-        let dir = self.cluster_dir(cluster).join(match kind {
-            LeafKind::Gateway => "gateways",
-            LeafKind::Admin => "admins",
-        });
+        let dir = self.leaf_dir(kind, cluster);
         GatewayFiles {
             chain: dir.join(format!("{name}.pem")),
             key: dir.join(format!("{name}.key")),
         }
+    }
+
+    fn leaf_dir(&self, kind: LeafKind, cluster: &ClusterName) -> PathBuf {
+        self.cluster_dir(cluster).join(match kind {
+            LeafKind::Gateway => "gateways",
+            LeafKind::Admin => "admins",
+        })
     }
 
     /// Loads the root CA.
@@ -201,6 +283,259 @@ impl CaDirectory {
         }
         issued.save(&files.chain, &files.key)?;
         Ok(files)
+    }
+
+    /// The leaves on file of `cluster`: (kind, name, files), gateways first, in name
+    /// order.
+    pub fn leaves(
+        &self,
+        cluster: &ClusterName,
+    ) -> Result<Vec<(LeafKind, GatewayName, GatewayFiles)>, CertError> {
+        let mut found = Vec::new();
+        for kind in [LeafKind::Gateway, LeafKind::Admin] {
+            let dir = self.leaf_dir(kind, cluster);
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(CertError::io(&dir, e)),
+            };
+            let mut names: Vec<GatewayName> = entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name();
+                    let stem = name.to_str()?.strip_suffix(".pem")?;
+                    GatewayName::new(stem).ok()
+                })
+                .collect();
+            names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            for name in names {
+                let files = self.leaf_files(kind, cluster, &name);
+                found.push((kind, name, files));
+            }
+        }
+        Ok(found)
+    }
+
+    fn previous_dir(&self, cluster: Option<&ClusterName>) -> PathBuf {
+        match cluster {
+            None => self.dir.join("previous"),
+            Some(c) => self.cluster_dir(c).join("previous"),
+        }
+    }
+
+    /// The roots rotated out and not retired yet (`previous/`), oldest name first.
+    pub fn previous_roots(&self) -> Result<Vec<MeshRootCa>, CertError> {
+        archived(&self.previous_dir(None), "root-ca")?
+            .iter()
+            .map(|(cert, key)| MeshRootCa::load(cert, key))
+            .collect()
+    }
+
+    /// The CAs of `cluster` rotated out and still kept (`previous/`): they sign the
+    /// cluster's CRL next to the CA in force while their leaves may be in use.
+    pub fn previous_cluster_cas(&self, cluster: &ClusterName) -> Result<Vec<ClusterCa>, CertError> {
+        archived(&self.previous_dir(Some(cluster)), "ca")?
+            .iter()
+            .map(|(cert, key)| ClusterCa::load(cert, key))
+            .collect()
+    }
+
+    /// Rotates the CA of `cluster`: issues a new one under the root in force, keeps the
+    /// old one (certificate and key) under `clusters/<cluster>/previous/`, puts the new
+    /// one in place, then re-issues every gateway and administrator certificate of the
+    /// cluster under it (new key each, the lifetime it had), each file replaced
+    /// atomically. Old leaves stay valid until they expire or their CA is revoked.
+    pub fn rotate_cluster_ca(
+        &self,
+        cluster: &ClusterName,
+        validity: Validity,
+    ) -> Result<ClusterCaRotation, CertError> {
+        let old = self.cluster_ca(cluster)?;
+        let old_summary = summary(old.certificate())?;
+        let new = self.root_ca()?.issue_cluster_ca(cluster, validity)?;
+        let new_summary = summary(new.certificate())?;
+        let previous = self.previous_dir(Some(cluster));
+        mkdir(&previous)?;
+        let (cert, key) = archive_files(&previous, "ca", &old_summary.serial);
+        old.save(&cert, &key)?;
+        new.replace(
+            &self.cluster_cert_path(cluster),
+            &self.cluster_key_path(cluster),
+        )?;
+        let mut reissued = Vec::new();
+        for (kind, name, files) in self.leaves(cluster)? {
+            let lifetime = CertificateSummary::from_file(&files.chain)?
+                .first()
+                .and_then(|s| s.not_after.duration_since(s.not_before).ok())
+                .map_or(std::time::Duration::from_secs(90 * 86_400), |d| {
+                    d.saturating_sub(CLOCK_SKEW_ALLOWANCE)
+                        .max(std::time::Duration::from_secs(3600))
+                });
+            let issued = new.issue_leaf(kind, &name, Validity::starting_now(lifetime))?;
+            issued.replace(&files.chain, &files.key)?;
+            reissued.push((kind, name, files, issued.serial().clone()));
+        }
+        Ok(ClusterCaRotation {
+            old: old_summary,
+            new: new_summary,
+            reissued,
+        })
+    }
+
+    /// Rotates the mesh root: a new root (same trust domain) is added to the trust
+    /// bundle and put in place; the old one stays in the bundle and, with its key,
+    /// under `previous/`. Nothing is issued under the new root here: every gateway needs
+    /// the new bundle first. Then rotate each cluster CA, then
+    /// [`CaDirectory::retire_previous_roots`].
+    pub fn rotate_root(&self, validity: Validity) -> Result<RootRotation, CertError> {
+        let old = self.root_ca()?;
+        let old_summary = summary(old.certificate())?;
+        let new = MeshRootCa::create(old.trust_domain(), validity)?;
+        let new_summary = summary(new.certificate())?;
+        let previous = self.previous_dir(None);
+        mkdir(&previous)?;
+        let (cert, key) = archive_files(&previous, "root-ca", &old_summary.serial);
+        old.save(&cert, &key)?;
+        let mut bundle = self.bundle()?;
+        bundle.add(old.certificate().clone())?;
+        bundle.add(new.certificate().clone())?;
+        bundle.save(&self.bundle_path())?;
+        new.replace(&self.root_cert_path(), &self.root_key_path())?;
+        Ok(RootRotation {
+            old: old_summary,
+            new: new_summary,
+            bundle_roots: bundle.roots().len(),
+        })
+    }
+
+    /// Takes the roots rotated out of the trust bundle and deletes them (and the
+    /// rotated-out cluster CAs they issued) from `previous/`. Refused, changing nothing,
+    /// while a cluster CA or a leaf's chain on file was issued under another root than
+    /// the one in force. Returns the roots retired.
+    pub fn retire_previous_roots(&self) -> Result<Vec<CertificateSummary>, CertError> {
+        let root = summary(self.root_ca()?.certificate())?;
+        let previous = self.previous_roots()?;
+        if previous.is_empty() {
+            return Err(CertError::RotationRefused(
+                "no previous root to retire (rotate the root first: isthmusctl certs rotate --root)"
+                    .into(),
+            ));
+        }
+        let mut clusters = Vec::new();
+        for cluster in self.clusters()? {
+            let ca = summary(self.cluster_ca(&cluster)?.certificate())?;
+            if ca.issuer != root.subject {
+                return Err(CertError::RotationRefused(format!(
+                    "the CA of cluster {cluster} was issued by {}, not by the root in force:                      rotate it first (isthmusctl certs rotate --ca --cluster {cluster})",
+                    ca.issuer
+                )));
+            }
+            for (_, name, files) in self.leaves(&cluster)? {
+                let chain = CertificateSummary::from_file(&files.chain)?;
+                let chains_here = chain.get(1).is_some_and(|ca| ca.issuer == root.subject);
+                if !chains_here {
+                    return Err(CertError::RotationRefused(format!(
+                        "{} chains to a previous root: re-issue it first (isthmusctl certs                          rotate --cluster {cluster} --name {name})",
+                        files.chain.display()
+                    )));
+                }
+            }
+            clusters.push(cluster);
+        }
+        let mut retired = Vec::new();
+        let mut bundle = self.bundle()?;
+        for old in &previous {
+            let s = summary(old.certificate())?;
+            bundle.remove(&s.sha256_fingerprint);
+            retired.push(s);
+        }
+        bundle.add(self.root_ca()?.certificate().clone())?;
+        bundle.save(&self.bundle_path())?;
+        // Keys that can no longer sign anything trusted go.
+        let gone = |dir: &Path, prefix: &str, issued_by_retired: &dyn Fn(&Path) -> bool| {
+            for (cert, key) in archived(dir, prefix)? {
+                if issued_by_retired(&cert) {
+                    for path in [&key, &cert] {
+                        match std::fs::remove_file(path) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => return Err(CertError::io(path, e)),
+                        }
+                    }
+                }
+            }
+            Ok::<(), CertError>(())
+        };
+        gone(&self.previous_dir(None), "root-ca", &|_| true)?;
+        for cluster in &clusters {
+            gone(&self.previous_dir(Some(cluster)), "ca", &|cert| {
+                CertificateSummary::from_file(cert)
+                    .ok()
+                    .and_then(|v| v.into_iter().next())
+                    .is_none_or(|ca| ca.issuer != root.subject)
+            })?;
+        }
+        Ok(retired)
+    }
+
+    /// The CRL file of the root (`None`: `root-ca.crl.pem`, revoking cluster CAs) or of
+    /// a cluster's CA (`clusters/<c>/ca.crl.pem`, revoking its leaves).
+    pub fn crl_path(&self, cluster: Option<&ClusterName>) -> PathBuf {
+        match cluster {
+            None => self.dir.join("root-ca.crl.pem"),
+            Some(c) => self.cluster_dir(c).join("ca.crl.pem"),
+        }
+    }
+
+    /// Writes the CRL file of a level (see [`CaDirectory::crl_path`]): one CRL listing
+    /// `revoked`, signed by the CA in force and one by each CA of that level rotated out
+    /// and kept. A certificate's CRL is found by its issuer's name, so a leaf of a
+    /// rotated-out CA is revoked only by a CRL that CA signed. `crl_number` must grow
+    /// with every write. Returns the path and how many CRLs it holds.
+    pub fn write_crls(
+        &self,
+        cluster: Option<&ClusterName>,
+        revoked: &[Serial],
+        crl_number: u64,
+        validity: Validity,
+    ) -> Result<(PathBuf, usize), CertError> {
+        let crls = match cluster {
+            None => {
+                let mut crls = vec![self.root_ca()?.crl(revoked, crl_number, validity)?];
+                for old in self.previous_roots()? {
+                    crls.push(old.crl(revoked, crl_number, validity)?);
+                }
+                crls
+            }
+            Some(c) => {
+                let mut crls = vec![self.cluster_ca(c)?.crl(revoked, crl_number, validity)?];
+                for old in self.previous_cluster_cas(c)? {
+                    crls.push(old.crl(revoked, crl_number, validity)?);
+                }
+                crls
+            }
+        };
+        let pem: String = crls.iter().map(crate::ca::Crl::to_pem).collect();
+        let path = self.crl_path(cluster);
+        crate::files::write_public_file(&path, &pem)?;
+        Ok((path, crls.len()))
+    }
+
+    /// The clusters with a CA on file, in name order.
+    pub fn clusters(&self) -> Result<Vec<ClusterName>, CertError> {
+        let dir = self.dir.join("clusters");
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(CertError::io(&dir, e)),
+        };
+        let mut found: Vec<ClusterName> = entries
+            .flatten()
+            .filter_map(|e| ClusterName::new(e.file_name().to_str()?).ok())
+            .filter(|c| self.cluster_cert_path(c).is_file())
+            .collect();
+        found.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(found)
     }
 
     /// Issues a new certificate and key for gateway `name` in `cluster`, which must

@@ -398,3 +398,198 @@ fn show_summarises_without_key_material() {
     }
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// Checks chains the way a gateway does (webpki through the peer channel's verifier):
+/// against the bundle on file and every CRL file of the directory.
+struct Verifier {
+    config: isthmus_identity::ChannelConfig,
+}
+
+impl Verifier {
+    fn of(store: &CaDirectory, creds: &isthmus_certs::GatewayFiles) -> Self {
+        let mut crls = Vec::new();
+        let mut paths = vec![store.crl_path(None)];
+        paths.extend(
+            store
+                .clusters()
+                .unwrap()
+                .iter()
+                .map(|c| store.crl_path(Some(c))),
+        );
+        for path in paths.iter().filter(|p| p.is_file()) {
+            crls.extend(Crl::load_all(path).unwrap().iter().map(|c| c.der().clone()));
+        }
+        let trust = store.bundle().unwrap().to_mesh_trust(crls);
+        let credentials = isthmus_certs::load_credentials(&creds.chain, &creds.key).unwrap();
+        let config = isthmus_identity::ChannelConfig::new(
+            credentials,
+            &trust,
+            isthmus_identity::TunnelParams::without_tunnels(1420),
+        )
+        .unwrap();
+        Self { config }
+    }
+
+    /// Whether `chain` (PEM text) is accepted as gateway `name` of cluster `one`.
+    fn accepts(&self, chain_pem: &str, name: &str) -> Result<(), String> {
+        let chain = isthmus_certs::files::parse_certificates(chain_pem, "chain").unwrap();
+        let id =
+            isthmus_identity::GatewayId::new(td("mesh.test"), cluster("one"), gw(name)).spiffe_id();
+        self.config
+            .verify_peer(
+                &chain,
+                isthmus_identity::Role::Dialer,
+                &id,
+                SystemTime::now(),
+            )
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn serial_of(pem: &str) -> Serial {
+    CertificateSummary::from_pem(pem, "chain").unwrap()[0]
+        .serial
+        .clone()
+}
+
+/// A cluster CA rotated: the new CA has a subject of its own, every leaf of the cluster
+/// is re-issued under it, leaves of the old CA stay valid, and a leaf of the old CA is
+/// still revoked by the cluster's CRL file (signed by both CAs: CRLs are matched by
+/// issuer name, so a CRL of the new CA alone would not revoke it).
+#[test]
+fn a_rotated_cluster_ca_keeps_old_leaves_valid_and_revocable() {
+    let dir = temp_dir("rotate-ca");
+    let store = CaDirectory::init(&dir, &td("mesh.test"), Validity::days(365)).unwrap();
+    let one = cluster("one");
+    store.issue_cluster_ca(&one, Validity::days(90)).unwrap();
+    let a = store
+        .issue_gateway(&one, &gw("a"), Validity::days(30))
+        .unwrap();
+    let b = store
+        .issue_gateway(&one, &gw("b"), Validity::days(30))
+        .unwrap();
+    store
+        .issue_leaf(
+            isthmus_certs::LeafKind::Admin,
+            &one,
+            &gw("ops"),
+            Validity::days(7),
+        )
+        .unwrap();
+    let old_a = fs::read_to_string(&a.chain).unwrap();
+    let old_b = fs::read_to_string(&b.chain).unwrap();
+
+    let rotation = store.rotate_cluster_ca(&one, Validity::days(90)).unwrap();
+    assert_ne!(rotation.old.serial, rotation.new.serial);
+    assert_ne!(rotation.old.subject, rotation.new.subject);
+    let names: Vec<&str> = rotation.reissued.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(names, ["a", "b", "ops"]);
+    let new_a = fs::read_to_string(&a.chain).unwrap();
+    assert_ne!(serial_of(&new_a), serial_of(&old_a));
+    let chain = CertificateSummary::from_pem(&new_a, "a").unwrap();
+    assert_eq!(chain[1].serial, rotation.new.serial);
+    assert_eq!(chain[0].issuer, rotation.new.subject);
+    // The re-issued leaf keeps the lifetime it had (30 days), not a default.
+    let days = chain[0]
+        .not_after
+        .duration_since(chain[0].not_before)
+        .unwrap()
+        .as_secs()
+        / 86_400;
+    assert_eq!(days, 30);
+    assert_eq!(mode(&a.key), 0o600);
+    // The old CA is kept, key 0600, and loads.
+    let kept = store.previous_cluster_cas(&one).unwrap();
+    assert_eq!(kept.len(), 1);
+    let kept_key = dir.join(format!(
+        "clusters/one/previous/ca-{}.key",
+        hex::encode(rotation.old.serial.as_bytes())
+    ));
+    assert_eq!(mode(&kept_key), 0o600);
+
+    let v = Verifier::of(&store, &a);
+    v.accepts(&old_a, "a").unwrap();
+    v.accepts(&new_a, "a").unwrap();
+    v.accepts(&old_b, "b").unwrap();
+
+    // Revoking the old b (issued by the old CA) and the new a (by the new one).
+    let revoked = [serial_of(&old_b), serial_of(&new_a)];
+    let (path, n) = store
+        .write_crls(Some(&one), &revoked, 1, Validity::days(30))
+        .unwrap();
+    assert_eq!(n, 2, "one CRL per CA of the cluster");
+    assert_eq!(Crl::load_all(&path).unwrap().len(), 2);
+    let v = Verifier::of(&store, &a);
+    let refused = v.accepts(&old_b, "b").unwrap_err();
+    assert!(refused.to_lowercase().contains("revoked"), "{refused}");
+    assert!(v.accepts(&new_a, "a").is_err());
+    v.accepts(&old_a, "a").unwrap();
+    v.accepts(&fs::read_to_string(&b.chain).unwrap(), "b")
+        .unwrap();
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// The root rotated with overlap: the bundle holds both roots until every cluster CA
+/// moved under the new one; retiring is refused before that; afterwards chains under
+/// the old root are refused and the old root's and its cluster CAs' keys are gone.
+#[test]
+fn a_root_rotation_overlaps_then_retires_the_old_root() {
+    let dir = temp_dir("rotate-root");
+    let store = CaDirectory::init(&dir, &td("mesh.test"), Validity::days(365)).unwrap();
+    let one = cluster("one");
+    store.issue_cluster_ca(&one, Validity::days(90)).unwrap();
+    let a = store
+        .issue_gateway(&one, &gw("a"), Validity::days(30))
+        .unwrap();
+    let old_a = fs::read_to_string(&a.chain).unwrap();
+    let err = store.retire_previous_roots().unwrap_err();
+    assert!(err.to_string().contains("no previous root"), "{err}");
+
+    let rotation = store.rotate_root(Validity::days(365)).unwrap();
+    assert_eq!(rotation.bundle_roots, 2);
+    assert_ne!(rotation.old.subject, rotation.new.subject);
+    assert_eq!(store.previous_roots().unwrap().len(), 1);
+    // Nothing was issued under the new root yet: old chains verify with the new bundle.
+    Verifier::of(&store, &a).accepts(&old_a, "a").unwrap();
+    let err = store.retire_previous_roots().unwrap_err();
+    assert!(
+        err.to_string().contains("rotate --ca --cluster one"),
+        "{err}"
+    );
+    assert_eq!(
+        store.bundle().unwrap().roots().len(),
+        2,
+        "refused: nothing changed"
+    );
+
+    store.rotate_cluster_ca(&one, Validity::days(90)).unwrap();
+    let new_a = fs::read_to_string(&a.chain).unwrap();
+    let v = Verifier::of(&store, &a);
+    v.accepts(&old_a, "a").unwrap();
+    v.accepts(&new_a, "a").unwrap();
+    // A leaf left behind under the old CA (a copy put back) blocks the retirement.
+    let stale = a.chain.with_file_name("stale.pem");
+    fs::write(&stale, &old_a).unwrap();
+    fs::write(a.chain.with_file_name("stale.key"), "").unwrap();
+    let err = store.retire_previous_roots().unwrap_err();
+    assert!(err.to_string().contains("stale.pem"), "{err}");
+    fs::remove_file(&stale).unwrap();
+    fs::remove_file(a.chain.with_file_name("stale.key")).unwrap();
+
+    let retired = store.retire_previous_roots().unwrap();
+    assert_eq!(retired.len(), 1);
+    assert_eq!(retired[0].serial, rotation.old.serial);
+    assert_eq!(store.bundle().unwrap().roots().len(), 1);
+    assert!(store.previous_roots().unwrap().is_empty());
+    assert!(
+        store.previous_cluster_cas(&one).unwrap().is_empty(),
+        "the cluster CA issued by the retired root is gone with it"
+    );
+    let v = Verifier::of(&store, &a);
+    v.accepts(&new_a, "a").unwrap();
+    assert!(
+        v.accepts(&old_a, "a").is_err(),
+        "the old root is no longer trusted"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
