@@ -426,16 +426,19 @@ impl CaDirectory {
             let ca = summary(self.cluster_ca(&cluster)?.certificate())?;
             if ca.issuer != root.subject {
                 return Err(CertError::RotationRefused(format!(
-                    "the CA of cluster {cluster} was issued by {}, not by the root in force:                      rotate it first (isthmusctl certs rotate --ca --cluster {cluster})",
+                    "the CA of cluster {cluster} was issued by {}, not by the root in force: \
+                     rotate it first (isthmusctl certs rotate --ca --cluster {cluster})",
                     ca.issuer
                 )));
             }
-            for (_, name, files) in self.leaves(&cluster)? {
+            for (_, _, files) in self.leaves(&cluster)? {
                 let chain = CertificateSummary::from_file(&files.chain)?;
                 let chains_here = chain.get(1).is_some_and(|ca| ca.issuer == root.subject);
                 if !chains_here {
                     return Err(CertError::RotationRefused(format!(
-                        "{} chains to a previous root: re-issue it first (isthmusctl certs                          rotate --cluster {cluster} --name {name})",
+                        "{} chains to a previous root: re-issue it first \
+                         (isthmusctl certs rotate --ca --cluster {cluster} re-issues every \
+                         certificate of the cluster), or remove it",
                         files.chain.display()
                     )));
                 }

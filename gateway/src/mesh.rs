@@ -608,7 +608,43 @@ impl MeshLinks {
         if done.trust {
             self.recheck(now, true);
         }
+        if done.credentials {
+            self.renew_sessions();
+        }
         done
+    }
+
+    /// After this gateway's certificate changed: closes the live session of
+    /// every WireGuard peer by identity so that a new one, authenticated with
+    /// the new certificate, replaces it within a reconnect (the dialer side
+    /// dials again at once). The tunnel keeps its keys meanwhile (a lost
+    /// channel's grace) and the new session keeps the tunnel, so no packet is
+    /// lost; and once every peer holds a session under the new certificate,
+    /// the old one (or its CA, or its root) can be revoked or retired without
+    /// cutting anyone. ESP peers keep their session: a new one would re-key
+    /// their SAs at once on both sides, which can drop packets in flight.
+    /// Returns the peers whose session was renewed.
+    pub fn renew_sessions(&self) -> Vec<SpiffeId> {
+        let wireguard: Vec<SpiffeId> = self
+            .peers()
+            .iter()
+            .filter(|p| p.kind == TunnelKind::Wireguard)
+            .map(|p| p.spiffe_id.clone())
+            .collect();
+        let mut renewed = Vec::new();
+        let links = self.links();
+        for id in &wireguard {
+            let Some(session) = links.get(id).and_then(|l| l.session.as_ref()) else {
+                continue;
+            };
+            if session.is_closed() {
+                continue;
+            }
+            tracing::info!(peer = %id, "renewing the peer channel under the new certificate");
+            session.close();
+            renewed.push(id.clone());
+        }
+        renewed
     }
 
     /// Reloading as `isthmusctl status` shows it.

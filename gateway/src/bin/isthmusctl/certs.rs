@@ -56,25 +56,49 @@ pub enum CertsCmd {
         #[command(subcommand)]
         what: IssueCmd,
     },
-    /// Replace a gateway's certificate and key with new ones (new serial, new key),
-    /// each file atomically. A running gateway picks them up without a restart
-    /// (`[identity] reload_interval_ms`); its tunnels are untouched and later
-    /// handshakes present the new certificate. The old one stays valid until it
-    /// expires; revoke it (`certs revoke`) once every gateway uses the new one.
+    /// Rotate a gateway's certificate (--cluster C --name GW), a cluster CA
+    /// (--cluster C --ca) or the mesh root (--root). Files are replaced atomically and
+    /// running gateways pick them up without a restart (`[identity]
+    /// reload_interval_ms`), renewing their peer channels with the new certificate;
+    /// tunnels are untouched.
+    ///
+    /// A gateway: new key and serial; the old certificate stays valid until it expires
+    /// or is revoked. A cluster CA: a new CA under the root in force (the old one is
+    /// kept under clusters/C/previous/ and keeps signing the cluster's CRL), every
+    /// gateway and administrator certificate of the cluster re-issued under it. The
+    /// root: a new root is added to the trust bundle (both are trusted); give that
+    /// bundle to every gateway, rotate every cluster CA, then `certs retire-root`.
     Rotate {
         /// CA directory made by `isthmusctl certs init`.
         #[arg(long, value_name = "DIR")]
         dir: PathBuf,
-        /// Cluster of the gateway.
-        #[arg(long, value_name = "NAME")]
-        cluster: String,
+        /// Cluster of the gateway, or whose CA to rotate (with --ca).
+        #[arg(long, value_name = "NAME", required_unless_present = "root")]
+        cluster: Option<String>,
         /// Gateway name; it must have a certificate in DIR.
-        #[arg(long, value_name = "GW")]
-        name: String,
-        /// Validity in days (clamped to the cluster CA's).
-        #[arg(long, value_name = "N", default_value_t = 90,
+        #[arg(long, value_name = "GW", required_unless_present_any = ["ca", "root"],
+              conflicts_with_all = ["ca", "root"])]
+        name: Option<String>,
+        /// Rotate the cluster's CA and re-issue all its certificates.
+        #[arg(long, requires = "cluster", conflicts_with = "root")]
+        ca: bool,
+        /// Rotate the mesh root CA (a new root added to the trust bundle).
+        #[arg(long, conflicts_with = "cluster")]
+        root: bool,
+        /// Validity in days (clamped to the issuer's) [default: 90 for a gateway, 365
+        /// for a cluster CA, 3650 for the root; re-issued leaves keep their lifetime].
+        #[arg(long, value_name = "N",
               value_parser = clap::value_parser!(u32).range(1..=MAX_DAYS))]
-        days: u32,
+        days: Option<u32>,
+    },
+    /// Take the roots rotated out (`certs rotate --root`) out of the trust bundle and
+    /// delete their keys. Refused while a cluster CA or certificate in DIR still chains
+    /// to one of them. Give the new bundle to every gateway afterwards: a peer still
+    /// presenting a certificate under a retired root is cut when its gateway reloads.
+    RetireRoot {
+        /// CA directory made by `isthmusctl certs init`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
     },
     /// Print subject, issuer, SPIFFE ID, validity, serial and SHA-256 fingerprint of
     /// every certificate in a PEM file. Refuses private key files.
@@ -191,8 +215,18 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
             dir,
             cluster,
             name,
+            ca,
+            root,
             days,
-        } => rotate_gateway(&dir, &cluster, &name, days)?,
+        } => match (cluster, name) {
+            _ if root => rotate_root(&dir, days.unwrap_or(3650))?,
+            (Some(cluster), _) if ca => rotate_cluster_ca(&dir, &cluster, days.unwrap_or(365))?,
+            (Some(cluster), Some(name)) => {
+                rotate_gateway(&dir, &cluster, &name, days.unwrap_or(90))?
+            }
+            _ => bail!("certs rotate: give --cluster and --name, --cluster and --ca, or --root"),
+        },
+        CertsCmd::RetireRoot { dir } => retire_root(&dir)?,
         CertsCmd::Issue { dir, what } => match what {
             IssueCmd::Cluster { cluster, days } => issue_cluster(&dir, &cluster, days)?,
             IssueCmd::Gateway {
@@ -737,6 +771,142 @@ pub(crate) fn rotate_gateway(
     Ok(out)
 }
 
+/// One command at a time changes a CA directory (released when the file is dropped).
+fn lock_dir(store: &CaDirectory) -> anyhow::Result<File> {
+    File::open(store.path())
+        .and_then(|f| f.lock().map(|()| f))
+        .with_context(|| format!("locking {}", store.path().display()))
+}
+
+fn rotate_cluster_ca(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<String> {
+    let cluster = parse_cluster(cluster)?;
+    let store = open_dir(dir)?;
+    let _lock = lock_dir(&store)?;
+    if !store.cluster_cert_path(&cluster).is_file() {
+        bail!(
+            "unknown cluster \"{cluster}\": no cluster CA in {} to rotate (issue one with \
+             `isthmusctl certs issue --dir {} cluster --cluster {cluster}`)",
+            dir.display(),
+            dir.display()
+        );
+    }
+    let rotation = store.rotate_cluster_ca(&cluster, validity_days(days))?;
+    let mut out = format!(
+        "rotated the CA of cluster {cluster} (was serial {}, {})\n",
+        rotation.old.serial, rotation.old.subject
+    );
+    describe_new(&mut out, &rotation.new, days);
+    let cert = store.cluster_cert_path(&cluster);
+    let _ = writeln!(out, "  certificate:  {}", cert.display());
+    describe_key(&mut out, &cert.with_file_name("ca.key"))?;
+    let _ = writeln!(
+        out,
+        "  previous CA:  kept in {} (its certificates stay valid until they expire or it \
+         is revoked; it signs the cluster's CRL next to the new CA)",
+        cert.with_file_name("previous").display()
+    );
+    if rotation.reissued.is_empty() {
+        out.push_str("  re-issued:    no certificates on file for this cluster\n");
+    }
+    for (kind, name, files, serial) in &rotation.reissued {
+        let what = match kind {
+            LeafKind::Gateway => "gateway",
+            LeafKind::Admin => "administrator",
+        };
+        let _ = writeln!(
+            out,
+            "  re-issued:    {what} {name}, serial {serial} ({})",
+            files.chain.display()
+        );
+    }
+    if let Some(crls) = reissue_crls(&store, Some(&cluster))? {
+        let _ = writeln!(out, "{crls}");
+    }
+    let _ = writeln!(
+        out,
+        "  running gateways pick up their new certificates without a restart; once none \
+         uses the old CA's any more, revoke it: isthmusctl certs revoke --dir {} --serial {}",
+        dir.display(),
+        rotation.old.serial
+    );
+    Ok(out)
+}
+
+fn rotate_root(dir: &Path, days: u32) -> anyhow::Result<String> {
+    let store = open_dir(dir)?;
+    let _lock = lock_dir(&store)?;
+    let rotation = store.rotate_root(validity_days(days))?;
+    let mut out = format!(
+        "rotated the mesh root CA (was serial {}, {})\n",
+        rotation.old.serial, rotation.old.subject
+    );
+    describe_new(&mut out, &rotation.new, days);
+    let _ = writeln!(out, "  certificate:  {}", store.root_cert_path().display());
+    describe_key(&mut out, &dir.join("root-ca.key"))?;
+    let _ = writeln!(
+        out,
+        "  trust bundle: {} ({} roots: the previous one is kept until retired)",
+        store.bundle_path().display(),
+        rotation.bundle_roots
+    );
+    if let Some(crls) = reissue_crls(&store, None)? {
+        let _ = writeln!(out, "{crls}");
+    }
+    let clusters: Vec<String> = store.clusters()?.iter().map(ToString::to_string).collect();
+    let _ = writeln!(
+        out,
+        "  next: 1. give the new bundle to every gateway (they reload it without a restart);\n\
+         \x20       2. rotate each cluster CA under the new root: isthmusctl certs rotate --dir {} \
+         --ca --cluster C (clusters: {});\n\
+         \x20       3. retire the previous root: isthmusctl certs retire-root --dir {}",
+        dir.display(),
+        if clusters.is_empty() {
+            "none yet".to_owned()
+        } else {
+            clusters.join(", ")
+        },
+        dir.display()
+    );
+    Ok(out)
+}
+
+fn retire_root(dir: &Path) -> anyhow::Result<String> {
+    let store = open_dir(dir)?;
+    let _lock = lock_dir(&store)?;
+    let retired = store.retire_previous_roots()?;
+    let mut out = String::new();
+    for root in &retired {
+        let _ = writeln!(
+            out,
+            "retired the previous root CA serial {} ({})",
+            root.serial, root.subject
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  trust bundle: {} ({} root{})",
+        store.bundle_path().display(),
+        store.bundle()?.roots().len(),
+        if store.bundle()?.roots().len() == 1 {
+            ""
+        } else {
+            "s"
+        }
+    );
+    let mut levels = vec![None];
+    levels.extend(store.clusters()?.into_iter().map(Some));
+    for level in &levels {
+        if let Some(crls) = reissue_crls(&store, level.as_ref())? {
+            let _ = writeln!(out, "{crls}");
+        }
+    }
+    out.push_str(
+        "  give the new bundle to every gateway: a peer still presenting a certificate under \
+         a retired root is cut when its gateway reloads it\n",
+    );
+    Ok(out)
+}
+
 // ---------------------------------------------------------------------------------------
 // show
 
@@ -920,6 +1090,11 @@ fn inventory(store: &CaDirectory) -> Vec<(Owner, CertificateSummary)> {
     if let Some(s) = first(&store.root_cert_path()) {
         found.push((Owner::Root, s));
     }
+    for root in store.previous_roots().unwrap_or_default() {
+        if let Ok(s) = CertificateSummary::from_der(root.certificate()) {
+            found.push((Owner::Root, s));
+        }
+    }
     let Ok(clusters) = fs::read_dir(store.path().join("clusters")) else {
         return found;
     };
@@ -933,6 +1108,12 @@ fn inventory(store: &CaDirectory) -> Vec<(Owner, CertificateSummary)> {
         };
         if let Some(s) = first(&store.cluster_cert_path(&cluster)) {
             found.push((Owner::ClusterCa(cluster.clone()), s));
+        }
+        // Cluster CAs rotated out are still revocable (on the root's CRL).
+        for ca in store.previous_cluster_cas(&cluster).unwrap_or_default() {
+            if let Ok(s) = CertificateSummary::from_der(ca.certificate()) {
+                found.push((Owner::ClusterCa(cluster.clone()), s));
+            }
         }
         let Ok(gateways) = fs::read_dir(entry.path().join("gateways")) else {
             continue;
@@ -963,6 +1144,65 @@ fn load_state(path: &Path) -> anyhow::Result<RevocationState> {
     }
 }
 
+/// Who signs a level's CRL (for messages), its CRL file and its revocation state file.
+fn crl_files(store: &CaDirectory, cluster: Option<&ClusterName>) -> (String, PathBuf, PathBuf) {
+    let crl = store.crl_path(cluster);
+    let state = crl.with_file_name(match cluster {
+        None => "root-ca.revoked.json",
+        Some(_) => "ca.revoked.json",
+    });
+    let who = match cluster {
+        None => "the mesh root CA".to_owned(),
+        Some(c) => format!("the CA of cluster {c}"),
+    };
+    (who, crl, state)
+}
+
+fn state_serials(state: &RevocationState, path: &Path) -> anyhow::Result<Vec<Serial>> {
+    state
+        .revoked
+        .iter()
+        .map(|e| {
+            Serial::from_str(&e.serial)
+                .map_err(|err| anyhow!("{}: revoked entry: {err}", path.display()))
+        })
+        .collect()
+}
+
+/// After a CA of a level changed (rotated or retired), signs that level's CRL again with
+/// every CA it has now, under the next CRL number, if it has one. Returns a line saying
+/// so.
+fn reissue_crls(
+    store: &CaDirectory,
+    cluster: Option<&ClusterName>,
+) -> anyhow::Result<Option<String>> {
+    let (who, crl_path, state_path) = crl_files(store, cluster);
+    let mut state = load_state(&state_path)?;
+    if state.crl_number == 0 {
+        return Ok(None);
+    }
+    let serials = state_serials(&state, &state_path)?;
+    state.crl_number = state
+        .crl_number
+        .checked_add(1)
+        .ok_or_else(|| anyhow!("{}: CRL number overflow", state_path.display()))?;
+    let json = serde_json::to_string_pretty(&state)? + "\n";
+    isthmus_certs::write_public_file(&state_path, &json)?;
+    let (_, signers) = store.write_crls(cluster, &serials, state.crl_number, validity_days(30))?;
+    Crl::load_all(&crl_path)?;
+    Ok(Some(format!(
+        "  crl:          {} re-issued as CRL #{} of {who}, signed by {} (distribute it to \
+         every gateway)",
+        crl_path.display(),
+        state.crl_number,
+        if signers == 1 {
+            "its CA".to_owned()
+        } else {
+            format!("each of its {signers} CAs, the rotated-out ones too")
+        }
+    )))
+}
+
 fn revoke(
     dir: &Path,
     serial: &str,
@@ -974,32 +1214,18 @@ fn revoke(
     let cluster = cluster.map(parse_cluster).transpose()?;
     let store = open_dir(dir)?;
     // One revoke at a time per CA directory (released when `_lock` is dropped).
-    let _lock = File::open(store.path())
-        .and_then(|f| f.lock().map(|()| f))
-        .with_context(|| format!("locking {}", store.path().display()))?;
+    let _lock = lock_dir(&store)?;
 
     // Which CA signs the CRL, and where it and its state live.
-    let (issuer_name, crl_path, state_path) = match &cluster {
-        None => (
-            "the mesh root CA".to_owned(),
-            store.path().join("root-ca.crl.pem"),
-            store.path().join("root-ca.revoked.json"),
-        ),
-        Some(c) => {
-            let ca_path = store.cluster_cert_path(c);
-            if !ca_path.is_file() {
-                bail!(
-                    "unknown cluster \"{c}\": no cluster CA in {}",
-                    store.path().display()
-                );
-            }
-            (
-                format!("the CA of cluster {c}"),
-                ca_path.with_file_name("ca.crl.pem"),
-                ca_path.with_file_name("ca.revoked.json"),
-            )
+    if let Some(c) = &cluster {
+        if !store.cluster_cert_path(c).is_file() {
+            bail!(
+                "unknown cluster \"{c}\": no cluster CA in {}",
+                store.path().display()
+            );
         }
-    };
+    }
+    let (issuer_name, crl_path, state_path) = crl_files(&store, cluster.as_ref());
 
     // A serial revoked on the wrong CRL is silently useless: check whose it is.
     let known = inventory(&store);
@@ -1036,14 +1262,7 @@ fn revoke(
             state_path.display()
         );
     }
-    let mut serials = state
-        .revoked
-        .iter()
-        .map(|e| {
-            Serial::from_str(&e.serial)
-                .map_err(|err| anyhow!("{}: revoked entry: {err}", state_path.display()))
-        })
-        .collect::<anyhow::Result<Vec<Serial>>>()?;
+    let mut serials = state_serials(&state, &state_path)?;
     let already = serials.contains(&serial);
     if !already {
         serials.push(serial.clone());
@@ -1061,16 +1280,10 @@ fn revoke(
         .ok_or_else(|| anyhow!("{}: CRL number overflow", state_path.display()))?;
 
     let validity = validity_days(days);
-    let crl = match &cluster {
-        None => store.root_ca()?.crl(&serials, state.crl_number, validity)?,
-        Some(c) => store
-            .cluster_ca(c)?
-            .crl(&serials, state.crl_number, validity)?,
-    };
     // State first: if the CRL write then fails, the next revoke uses a higher number.
     let json = serde_json::to_string_pretty(&state)? + "\n";
     isthmus_certs::write_public_file(&state_path, &json)?;
-    crl.save(&crl_path)?;
+    let (_, signers) = store.write_crls(cluster.as_ref(), &serials, state.crl_number, validity)?;
     // Read back what gateways will load.
     Crl::load_all(&crl_path)?;
 
@@ -1085,12 +1298,17 @@ fn revoke(
     };
     let _ = writeln!(
         out,
-        "  crl:          {} (CRL #{} of {issuer_name}, {} serial{} revoked, next update {})",
+        "  crl:          {} (CRL #{} of {issuer_name}, {} serial{} revoked, next update {}{})",
         crl_path.display(),
         state.crl_number,
         serials.len(),
         if serials.len() == 1 { "" } else { "s" },
-        rfc3339(validity.not_after)
+        rfc3339(validity.not_after),
+        if signers > 1 {
+            format!("; signed by each of its {signers} CAs, the rotated-out ones too")
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(out, "  state:        {}", state_path.display());
     out.push_str("  distribute the CRL to every gateway\n");

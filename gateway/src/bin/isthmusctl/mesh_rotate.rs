@@ -20,6 +20,9 @@ struct GatewayRotation {
     old_serial: Option<String>,
     new_serial: Option<String>,
     certificate_in_force: bool,
+    /// WireGuard peers by identity whose channel was up before and is up again
+    /// in a new session (under the new certificate), of those that were up.
+    channels_renewed: (usize, usize),
     /// (peer, generation before, generation now)
     esp: Vec<(String, u64, u64)>,
     /// The WireGuard key, for a gateway with WireGuard peers by identity.
@@ -81,6 +84,7 @@ fn rotate_one(
         old_serial: reload.certificate_serial.clone(),
         new_serial: None,
         certificate_in_force: false,
+        channels_renewed: (0, 0),
         esp: Vec::new(),
         wireguard_key: None,
         done: false,
@@ -99,6 +103,30 @@ fn rotate_one(
         }
         if Instant::now() >= deadline {
             return Ok(out);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It renews its WireGuard peers' channels under the new certificate: wait
+    // for them, so that its peers hold it before anything else changes.
+    let wg_up: Vec<(String, u64)> = before
+        .channels
+        .iter()
+        .filter(|c| c.kind == "wireguard" && c.state == "up")
+        .map(|c| (c.spiffe_id.clone(), c.sessions))
+        .collect();
+    loop {
+        let now = admin::fetch_status(&path)?;
+        let renewed = wg_up
+            .iter()
+            .filter(|(id, n)| {
+                now.channels
+                    .iter()
+                    .any(|c| c.spiffe_id == *id && c.state == "up" && c.sessions > *n)
+            })
+            .count();
+        out.channels_renewed = (renewed, wg_up.len());
+        if renewed == wg_up.len() || Instant::now() >= deadline {
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -130,6 +158,7 @@ fn rotate_one(
         out.wireguard_key = Some(crate::keys::rotate(&path, deadline)?);
     }
     out.done = out.certificate_in_force
+        && out.channels_renewed.0 == out.channels_renewed.1
         && out.esp.iter().all(|(_, from, to)| to > from)
         && out.wireguard_key.as_ref().is_none_or(|k| k.done());
     Ok(out)
@@ -168,13 +197,18 @@ pub fn run(
                 )
             });
             println!(
-                "[{}/{}] {} ({}): certificate {} -> {}{}{}{}",
+                "[{}/{}] {} ({}): certificate {} -> {}{}{}{}{}",
                 i + 1,
                 gateways.len(),
                 r.gateway,
                 r.identity,
                 r.old_serial.as_deref().unwrap_or("?"),
                 r.new_serial.as_deref().unwrap_or("(not in force yet)"),
+                match r.channels_renewed {
+                    (_, 0) => String::new(),
+                    (n, m) if n == m => format!("; {m} channel(s) renewed"),
+                    (n, m) => format!("; {n} of {m} channel(s) renewed"),
+                },
                 if esp.is_empty() {
                     String::new()
                 } else {
