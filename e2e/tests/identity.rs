@@ -993,11 +993,12 @@ fn rotate_ca_and_wait(
     let dir = pki.d();
     let mut cmd = vec!["certs", "rotate", "--dir", &dir];
     cmd.extend_from_slice(args);
-    let said = ctl(&cmd).unwrap();
+    let said = ctl(&cmd).expect("certs rotate");
     for site in rotated {
-        let serial = serial_of(&creds[site.index - 1].0).unwrap();
+        let serial = serial_of(&creds[site.index - 1].0).expect("serial");
         for other in all.iter().filter(|o| o.index != site.index) {
-            wait_peer_serial(other, &format!("site-{}", site.index), &serial).unwrap();
+            wait_peer_serial(other, &format!("site-{}", site.index), &serial)
+                .expect("peer renewed its session");
         }
     }
     said

@@ -866,3 +866,135 @@ fn ctl_show(path: &Path) -> String {
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// `certs rotate --ca`, `--root` and `certs retire-root` from the command line: the
+/// documented order works and says what comes next, every step out of order or with
+/// bad arguments is refused with one line, a rotated-out CA is revocable without
+/// --force, and nothing printed shows key material (old keys included).
+#[test]
+fn certs_rotate_ca_and_root() {
+    let tmp = TempDir::new("rotate-ca");
+    let dir = tmp.0.join("ca");
+    let d = s(&dir);
+    let mut ctl = Ctl {
+        transcript: String::new(),
+    };
+    ctl.ok(&["certs", "init", "--dir", d, "--trust-domain", TD]);
+    ctl.ok(&["certs", "issue", "--dir", d, "cluster", "--cluster", "one"]);
+    ctl.ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        d,
+        "gateway",
+        "--cluster",
+        "one",
+        "--name",
+        "a",
+    ]);
+    let mut keys = vec![
+        fs::read_to_string(dir.join("root-ca.key")).unwrap(),
+        fs::read_to_string(dir.join("clusters/one/ca.key")).unwrap(),
+        fs::read_to_string(dir.join("clusters/one/gateways/a.key")).unwrap(),
+    ];
+
+    // Arguments: a CA rotation names its cluster; --root takes no cluster; unknown
+    // clusters and retiring with nothing to retire are refused.
+    let run = ctl.run(&["certs", "rotate", "--dir", d, "--ca"]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    assert!(run.stderr.contains("--cluster"), "{}", run.stderr);
+    let run = ctl.run(&["certs", "rotate", "--dir", d, "--root", "--cluster", "one"]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    let run = ctl.run(&[
+        "certs",
+        "rotate",
+        "--dir",
+        d,
+        "--cluster",
+        "one",
+        "--name",
+        "a",
+        "--ca",
+    ]);
+    assert_eq!(run.code, 64, "{}", run.stderr);
+    ctl.fails(
+        1,
+        &["certs", "rotate", "--dir", d, "--ca", "--cluster", "nope"],
+        &["unknown cluster \"nope\""],
+    );
+    ctl.fails(
+        1,
+        &["certs", "retire-root", "--dir", d],
+        &["no previous root"],
+    );
+
+    // A cluster CA: re-issues the gateway, keeps the old CA, and the old CA's serial
+    // is revocable on the root's CRL without --force.
+    let out = ctl.ok(&["certs", "rotate", "--dir", d, "--ca", "--cluster", "one"]);
+    assert!(
+        out.starts_with("rotated the CA of cluster one (was serial "),
+        "{out}"
+    );
+    assert!(out.contains("re-issued:    gateway a, serial "), "{out}");
+    let old_ca = out["rotated the CA of cluster one (was serial ".len()..]
+        .split(',')
+        .next()
+        .unwrap()
+        .to_owned();
+    assert!(is_colon_hex(&old_ca, 16), "{old_ca}");
+    let kept: Vec<_> = fs::read_dir(dir.join("clusters/one/previous"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    for path in kept
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "key"))
+    {
+        assert_eq!(mode(path), 0o600);
+    }
+    let out = ctl.ok(&["certs", "revoke", "--dir", d, "--serial", &old_ca]);
+    assert!(out.contains("the CA of cluster one"), "{out}");
+    keys.push(fs::read_to_string(dir.join("clusters/one/ca.key")).unwrap());
+    keys.push(fs::read_to_string(dir.join("clusters/one/gateways/a.key")).unwrap());
+
+    // The root: bundle of two, retiring refused until the cluster CA moved, then one.
+    let out = ctl.ok(&["certs", "rotate", "--dir", d, "--root"]);
+    assert!(out.contains("(2 roots"), "{out}");
+    assert!(out.contains("--ca --cluster C (clusters: one)"), "{out}");
+    assert!(
+        out.contains("re-issued as CRL #2 of the mesh root CA"),
+        "{out}"
+    );
+    assert_eq!(
+        ctl_show(&dir.join("bundle.pem"))
+            .matches("\"kind\": \"mesh root CA\"")
+            .count(),
+        2
+    );
+    ctl.fails(
+        1,
+        &["certs", "retire-root", "--dir", d],
+        &["the CA of cluster one was issued by", "rotate it first"],
+    );
+    ctl.ok(&["certs", "rotate", "--dir", d, "--ca", "--cluster", "one"]);
+    let out = ctl.ok(&["certs", "retire-root", "--dir", d]);
+    assert!(out.contains("retired the previous root CA serial"), "{out}");
+    assert!(out.contains("(1 root)"), "{out}");
+    assert_eq!(
+        ctl_show(&dir.join("bundle.pem"))
+            .matches("\"kind\": \"mesh root CA\"")
+            .count(),
+        1
+    );
+    assert!(
+        !dir.join("previous").read_dir().unwrap().any(|_| true),
+        "old root's files gone"
+    );
+
+    keys.push(fs::read_to_string(dir.join("root-ca.key")).unwrap());
+    for key in &keys {
+        assert_no_key_material(&ctl.transcript, key);
+    }
+}

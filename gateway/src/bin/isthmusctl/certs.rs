@@ -761,8 +761,9 @@ pub(crate) fn rotate_gateway(
     describe_key(&mut out, &files.key)?;
     let _ = writeln!(
         out,
-        "  the old certificate stays valid until it expires. Sessions that are up keep \
-         being authenticated by it: revoke it (isthmusctl certs revoke --dir {} --cluster \
+        "  the old certificate stays valid until it expires. The running gateway renews \
+         its WireGuard peers' channels under the new one (ESP peers' at their next \
+         reconnect): revoke the old one (isthmusctl certs revoke --dir {} --cluster \
          {cluster} --serial {}) only when no peer's `isthmusctl status` shows it as \
          peer_serial any more, or those peers are cut at once",
         dir.display(),

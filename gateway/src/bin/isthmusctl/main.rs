@@ -138,7 +138,8 @@ enum Cmd {
         write: Option<PathBuf>,
     },
     /// Mesh PKI: create the root CA, issue cluster CAs and gateway
-    /// certificates, show certificates, revoke, write Kubernetes Secrets.
+    /// certificates, rotate certificates and CAs, show certificates, revoke,
+    /// write Kubernetes Secrets.
     Certs {
         #[command(subcommand)]
         command: certs::CertsCmd,
