@@ -23,10 +23,14 @@ for arg in "$@"; do
 done
 
 # etcd-server: the real etcd the clustermesh tests start; protobuf-compiler: protoc for
-# the tonic/prost build of clustermesh-api.
+# the tonic/prost build of clustermesh-api; libprotobuf-dev: the well-known .proto files
+# (google/protobuf/descriptor.proto) that etcd-client's build imports (only a
+# "Recommends" of protobuf-compiler, which --no-install-recommends leaves out).
 # buildah, podman, runc: build and try the container image (scripts/image.sh);
 # python3-venv: the venv of the deploy/ checks.
-PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod etcd-server protobuf-compiler buildah podman runc binutils python3-venv)
+# strongswan-*, lib*-extra-plugins: a real IKEv2 peer (charon with kernel-libipsec and
+# curve25519) for the IKE interop tests.
+PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod etcd-server protobuf-compiler libprotobuf-dev buildah podman runc binutils python3-venv strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() {
