@@ -46,6 +46,9 @@ pub struct ClusterCaRotation {
     pub new: CertificateSummary,
     /// Every leaf re-issued under the new CA: (kind, name, files, new serial).
     pub reissued: Vec<(LeafKind, GatewayName, GatewayFiles, Serial)>,
+    /// Leaves left as they were: (kind, name, files, why): revoked ones (a revoked
+    /// gateway must not get a new certificate) and expired ones.
+    pub skipped: Vec<(LeafKind, GatewayName, GatewayFiles, String)>,
 }
 
 /// What a root rotation did.
@@ -331,6 +334,19 @@ impl CaDirectory {
             .collect()
     }
 
+    /// The certificate files of the CAs rotated out and kept (`previous/`): the roots'
+    /// (`cluster` `None`) or a cluster's. Listed by name, without reading them.
+    pub fn previous_ca_files(
+        &self,
+        cluster: Option<&ClusterName>,
+    ) -> Result<Vec<PathBuf>, CertError> {
+        let prefix = if cluster.is_some() { "ca" } else { "root-ca" };
+        Ok(archived(&self.previous_dir(cluster), prefix)?
+            .into_iter()
+            .map(|(cert, _)| cert)
+            .collect())
+    }
+
     /// The CAs of `cluster` rotated out and still kept (`previous/`): they sign the
     /// cluster's CRL next to the CA in force while their leaves may be in use.
     pub fn previous_cluster_cas(&self, cluster: &ClusterName) -> Result<Vec<ClusterCa>, CertError> {
@@ -344,33 +360,61 @@ impl CaDirectory {
     /// old one (certificate and key) under `clusters/<cluster>/previous/`, puts the new
     /// one in place, then re-issues every gateway and administrator certificate of the
     /// cluster under it (new key each, the lifetime it had), each file replaced
-    /// atomically. Old leaves stay valid until they expire or their CA is revoked.
+    /// atomically. Leaves whose serial is in `revoked`, or that have expired, are not
+    /// re-issued (see [`ClusterCaRotation::skipped`]). Old leaves stay valid until they
+    /// expire or their CA is revoked.
+    ///
+    /// Every leaf is read before anything changes, so an unreadable one refuses the
+    /// rotation with nothing changed; a rotation cut short (a crash) can be run again.
     pub fn rotate_cluster_ca(
         &self,
         cluster: &ClusterName,
         validity: Validity,
+        revoked: &[Serial],
     ) -> Result<ClusterCaRotation, CertError> {
         let old = self.cluster_ca(cluster)?;
         let old_summary = summary(old.certificate())?;
+        let now = std::time::SystemTime::now();
+        let mut plan = Vec::new();
+        let mut skipped = Vec::new();
+        for (kind, name, files) in self.leaves(cluster)? {
+            let leaf = CertificateSummary::from_file(&files.chain)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| CertError::NotAFile {
+                    path: files.chain.clone(),
+                })?;
+            if revoked.contains(&leaf.serial) {
+                let why = format!("serial {} is revoked", leaf.serial);
+                skipped.push((kind, name, files, why));
+                continue;
+            }
+            if leaf.not_after <= now {
+                skipped.push((kind, name, files, "expired".to_owned()));
+                continue;
+            }
+            let lifetime = leaf.not_after.duration_since(leaf.not_before).map_or(
+                std::time::Duration::from_secs(90 * 86_400),
+                |d| {
+                    d.saturating_sub(CLOCK_SKEW_ALLOWANCE)
+                        .max(std::time::Duration::from_secs(3600))
+                },
+            );
+            plan.push((kind, name, files, lifetime));
+        }
         let new = self.root_ca()?.issue_cluster_ca(cluster, validity)?;
         let new_summary = summary(new.certificate())?;
         let previous = self.previous_dir(Some(cluster));
         mkdir(&previous)?;
+        // Replaced, not created: a file left by a rotation cut short is the same CA.
         let (cert, key) = archive_files(&previous, "ca", &old_summary.serial);
-        old.save(&cert, &key)?;
+        old.replace(&cert, &key)?;
         new.replace(
             &self.cluster_cert_path(cluster),
             &self.cluster_key_path(cluster),
         )?;
         let mut reissued = Vec::new();
-        for (kind, name, files) in self.leaves(cluster)? {
-            let lifetime = CertificateSummary::from_file(&files.chain)?
-                .first()
-                .and_then(|s| s.not_after.duration_since(s.not_before).ok())
-                .map_or(std::time::Duration::from_secs(90 * 86_400), |d| {
-                    d.saturating_sub(CLOCK_SKEW_ALLOWANCE)
-                        .max(std::time::Duration::from_secs(3600))
-                });
+        for (kind, name, files, lifetime) in plan {
             let issued = new.issue_leaf(kind, &name, Validity::starting_now(lifetime))?;
             issued.replace(&files.chain, &files.key)?;
             reissued.push((kind, name, files, issued.serial().clone()));
@@ -379,6 +423,7 @@ impl CaDirectory {
             old: old_summary,
             new: new_summary,
             reissued,
+            skipped,
         })
     }
 
@@ -394,8 +439,9 @@ impl CaDirectory {
         let new_summary = summary(new.certificate())?;
         let previous = self.previous_dir(None);
         mkdir(&previous)?;
+        // Replaced, not created: a file left by a rotation cut short is the same root.
         let (cert, key) = archive_files(&previous, "root-ca", &old_summary.serial);
-        old.save(&cert, &key)?;
+        old.replace(&cert, &key)?;
         let mut bundle = self.bundle()?;
         bundle.add(old.certificate().clone())?;
         bundle.add(new.certificate().clone())?;
@@ -475,7 +521,9 @@ impl CaDirectory {
                 CertificateSummary::from_file(cert)
                     .ok()
                     .and_then(|v| v.into_iter().next())
-                    .is_none_or(|ca| ca.issuer != root.subject)
+                    // One that cannot be read is kept: only a key known to be
+                    // under a retired root is deleted.
+                    .is_some_and(|ca| ca.issuer != root.subject)
             })?;
         }
         Ok(retired)

@@ -479,7 +479,9 @@ fn a_rotated_cluster_ca_keeps_old_leaves_valid_and_revocable() {
     let old_a = fs::read_to_string(&a.chain).unwrap();
     let old_b = fs::read_to_string(&b.chain).unwrap();
 
-    let rotation = store.rotate_cluster_ca(&one, Validity::days(90)).unwrap();
+    let rotation = store
+        .rotate_cluster_ca(&one, Validity::days(90), &[])
+        .unwrap();
     assert_ne!(rotation.old.serial, rotation.new.serial);
     assert_ne!(rotation.old.subject, rotation.new.subject);
     let names: Vec<&str> = rotation.reissued.iter().map(|r| r.1.as_str()).collect();
@@ -562,7 +564,9 @@ fn a_root_rotation_overlaps_then_retires_the_old_root() {
         "refused: nothing changed"
     );
 
-    store.rotate_cluster_ca(&one, Validity::days(90)).unwrap();
+    store
+        .rotate_cluster_ca(&one, Validity::days(90), &[])
+        .unwrap();
     let new_a = fs::read_to_string(&a.chain).unwrap();
     let v = Verifier::of(&store, &a);
     v.accepts(&old_a, "a").unwrap();
@@ -591,5 +595,95 @@ fn a_root_rotation_overlaps_then_retires_the_old_root() {
         v.accepts(&old_a, "a").is_err(),
         "the old root is no longer trusted"
     );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// A revoked gateway does not get a new certificate when its cluster's CA is rotated:
+/// its files stay as they were (still revoked) and the rotation says it skipped it.
+#[test]
+fn a_cluster_ca_rotation_does_not_reissue_revoked_leaves() {
+    let dir = temp_dir("rotate-ca-revoked");
+    let store = CaDirectory::init(&dir, &td("mesh.test"), Validity::days(365)).unwrap();
+    let one = cluster("one");
+    store.issue_cluster_ca(&one, Validity::days(90)).unwrap();
+    let a = store
+        .issue_gateway(&one, &gw("a"), Validity::days(30))
+        .unwrap();
+    let b = store
+        .issue_gateway(&one, &gw("b"), Validity::days(30))
+        .unwrap();
+    let old_b = fs::read_to_string(&b.chain).unwrap();
+    let old_a = fs::read_to_string(&a.chain).unwrap();
+
+    let rotation = store
+        .rotate_cluster_ca(&one, Validity::days(90), &[serial_of(&old_b)])
+        .unwrap();
+    let reissued: Vec<&str> = rotation.reissued.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(reissued, ["a"]);
+    let skipped: Vec<(&str, &str)> = rotation
+        .skipped
+        .iter()
+        .map(|r| (r.1.as_str(), r.3.as_str()))
+        .collect();
+    assert_eq!(skipped.len(), 1);
+    assert_eq!(skipped[0].0, "b");
+    assert!(skipped[0].1.contains("revoked"), "{}", skipped[0].1);
+    assert_eq!(fs::read_to_string(&b.chain).unwrap(), old_b);
+    assert_ne!(fs::read_to_string(&a.chain).unwrap(), old_a);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// A rotation refused over an unreadable leaf changes nothing; a rotation cut short
+/// after the old CA's key was archived (its file left behind) can be run again.
+#[test]
+fn a_cluster_ca_rotation_is_all_or_nothing_and_can_be_retried() {
+    let dir = temp_dir("rotate-ca-retry");
+    let store = CaDirectory::init(&dir, &td("mesh.test"), Validity::days(365)).unwrap();
+    let one = cluster("one");
+    store.issue_cluster_ca(&one, Validity::days(90)).unwrap();
+    let a = store
+        .issue_gateway(&one, &gw("a"), Validity::days(30))
+        .unwrap();
+    let ca_before = fs::read_to_string(store.cluster_cert_path(&one)).unwrap();
+    let a_before = fs::read_to_string(&a.chain).unwrap();
+    let broken = a.chain.with_file_name("broken.pem");
+    fs::create_dir(&broken).unwrap();
+    assert!(store
+        .rotate_cluster_ca(&one, Validity::days(90), &[])
+        .is_err());
+    assert_eq!(
+        fs::read_to_string(store.cluster_cert_path(&one)).unwrap(),
+        ca_before
+    );
+    assert_eq!(fs::read_to_string(&a.chain).unwrap(), a_before);
+    assert!(store.previous_cluster_cas(&one).unwrap().is_empty());
+    fs::remove_dir(&broken).unwrap();
+
+    // The archived key of the CA in force already there, as after a crash.
+    let old_serial = serial_of(&ca_before);
+    let previous = dir.join("clusters/one/previous");
+    fs::create_dir_all(&previous).unwrap();
+    let left = previous.join(format!("ca-{}.key", hex::encode(old_serial.as_bytes())));
+    fs::copy(dir.join("clusters/one/ca.key"), &left).unwrap();
+    let rotation = store
+        .rotate_cluster_ca(&one, Validity::days(90), &[])
+        .unwrap();
+    assert_eq!(rotation.old.serial, old_serial);
+    assert_eq!(store.previous_cluster_cas(&one).unwrap().len(), 1);
+
+    // Likewise for the root.
+    let root_serial = serial_of(&fs::read_to_string(store.root_cert_path()).unwrap());
+    fs::create_dir_all(dir.join("previous")).unwrap();
+    fs::copy(
+        dir.join("root-ca.key"),
+        dir.join(format!(
+            "previous/root-ca-{}.key",
+            hex::encode(root_serial.as_bytes())
+        )),
+    )
+    .unwrap();
+    let rotation = store.rotate_root(Validity::days(365)).unwrap();
+    assert_eq!(rotation.old.serial, root_serial);
+    assert_eq!(store.previous_roots().unwrap().len(), 1);
     fs::remove_dir_all(dir).unwrap();
 }

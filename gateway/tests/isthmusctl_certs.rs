@@ -998,3 +998,65 @@ fn certs_rotate_ca_and_root() {
         assert_no_key_material(&ctl.transcript, key);
     }
 }
+
+/// Found by the third review: `certs rotate --ca` gave a revoked gateway a new, valid
+/// certificate; and an administrator's certificate could only be revoked with
+/// --force (it was not in the inventory).
+#[test]
+fn certs_rotate_ca_leaves_revoked_gateways_revoked() {
+    let tmp = TempDir::new("rotate-ca-revoked");
+    let dir = tmp.0.join("ca");
+    let d = s(&dir);
+    let mut ctl = Ctl {
+        transcript: String::new(),
+    };
+    ctl.ok(&["certs", "init", "--dir", d, "--trust-domain", TD]);
+    ctl.ok(&["certs", "issue", "--dir", d, "cluster", "--cluster", "one"]);
+    for name in ["a", "b"] {
+        ctl.ok(&[
+            "certs",
+            "issue",
+            "--dir",
+            d,
+            "gateway",
+            "--cluster",
+            "one",
+            "--name",
+            name,
+        ]);
+    }
+    ctl.ok(&[
+        "certs",
+        "issue",
+        "--dir",
+        d,
+        "admin",
+        "--cluster",
+        "one",
+        "--name",
+        "ops",
+    ]);
+    let serial = |path: &Path| -> String {
+        json(&ctl_show(path))["certificates"][0]["serial"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let b_chain = dir.join("clusters/one/gateways/b.pem");
+    let b_before = fs::read_to_string(&b_chain).unwrap();
+    let b = serial(&b_chain);
+    ctl.ok(&revoke_args(d, &b, Some("one")));
+    let ops = serial(&dir.join("clusters/one/admins/ops.pem"));
+    let out = ctl.ok(&revoke_args(d, &ops, Some("one")));
+    assert!(out.contains("administrator ops of cluster one"), "{out}");
+
+    let out = ctl.ok(&["certs", "rotate", "--dir", d, "--ca", "--cluster", "one"]);
+    assert!(out.contains("re-issued:    gateway a, serial "), "{out}");
+    assert!(!out.contains("re-issued:    gateway b"), "{out}");
+    assert!(
+        out.contains("not re-issued: gateway b (serial ") && out.contains("is revoked"),
+        "{out}"
+    );
+    assert!(out.contains("not re-issued: administrator ops"), "{out}");
+    assert_eq!(fs::read_to_string(&b_chain).unwrap(), b_before);
+}

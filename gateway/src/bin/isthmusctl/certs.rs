@@ -320,6 +320,8 @@ fn secrets(dir: &Path, cluster: &str, namespace: &str, out: &Path) -> anyhow::Re
         check_stdout_for_secrets()?;
     }
     let store = open_dir(dir)?;
+    // Read under the lock: never half of a rotation in progress.
+    let _lock = lock_dir(&store)?;
     if !store.cluster_cert_path(&cluster).is_file() {
         bail!(
             "unknown cluster \"{cluster}\": no cluster CA in {}",
@@ -670,6 +672,7 @@ fn init(dir: &Path, trust_domain: &str, days: u32) -> anyhow::Result<String> {
 fn issue_cluster(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<String> {
     let cluster = parse_cluster(cluster)?;
     let store = open_dir(dir)?;
+    let _lock = lock_dir(&store)?;
     let cert_path = store.cluster_cert_path(&cluster);
     if cert_path.exists() {
         bail!(
@@ -709,6 +712,7 @@ fn issue_leaf(
             dir.display()
         );
     }
+    let _lock = lock_dir(&store)?;
     let files = store.leaf_files(kind, &cluster, &name);
     for path in [&files.chain, &files.key] {
         if path.exists() {
@@ -742,6 +746,7 @@ pub(crate) fn rotate_gateway(
     let cluster = parse_cluster(cluster)?;
     let name = parse_gateway(name)?;
     let store = open_dir(dir)?;
+    let _lock = lock_dir(&store)?;
     let files = store.gateway_files(&cluster, &name);
     let old = summary_of(&files.chain).with_context(|| {
         format!(
@@ -791,7 +796,10 @@ fn rotate_cluster_ca(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<Str
             dir.display()
         );
     }
-    let rotation = store.rotate_cluster_ca(&cluster, validity_days(days))?;
+    // A revoked gateway must not come back with a new certificate.
+    let (_, _, state_path) = crl_files(&store, Some(&cluster));
+    let revoked = state_serials(&load_state(&state_path)?, &state_path)?;
+    let rotation = store.rotate_cluster_ca(&cluster, validity_days(days), &revoked)?;
     let mut out = format!(
         "rotated the CA of cluster {cluster} (was serial {}, {})\n",
         rotation.old.serial, rotation.old.subject
@@ -817,6 +825,17 @@ fn rotate_cluster_ca(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<Str
         let _ = writeln!(
             out,
             "  re-issued:    {what} {name}, serial {serial} ({})",
+            files.chain.display()
+        );
+    }
+    for (kind, name, files, why) in &rotation.skipped {
+        let what = match kind {
+            LeafKind::Gateway => "gateway",
+            LeafKind::Admin => "administrator",
+        };
+        let _ = writeln!(
+            out,
+            "  not re-issued: {what} {name} ({why}; {} left as it is)",
             files.chain.display()
         );
     }
@@ -1068,6 +1087,7 @@ enum Owner {
     Root,
     ClusterCa(ClusterName),
     Gateway(ClusterName, GatewayName),
+    Admin(ClusterName, GatewayName),
 }
 
 impl std::fmt::Display for Owner {
@@ -1076,6 +1096,7 @@ impl std::fmt::Display for Owner {
             Owner::Root => f.write_str("the mesh root CA"),
             Owner::ClusterCa(c) => write!(f, "the CA of cluster {c}"),
             Owner::Gateway(c, g) => write!(f, "gateway {g} of cluster {c}"),
+            Owner::Admin(c, a) => write!(f, "administrator {a} of cluster {c}"),
         }
     }
 }
@@ -1091,8 +1112,9 @@ fn inventory(store: &CaDirectory) -> Vec<(Owner, CertificateSummary)> {
     if let Some(s) = first(&store.root_cert_path()) {
         found.push((Owner::Root, s));
     }
-    for root in store.previous_roots().unwrap_or_default() {
-        if let Ok(s) = CertificateSummary::from_der(root.certificate()) {
+    // One unreadable file hides no other.
+    for path in store.previous_ca_files(None).unwrap_or_default() {
+        if let Some(s) = first(&path) {
             found.push((Owner::Root, s));
         }
     }
@@ -1111,25 +1133,18 @@ fn inventory(store: &CaDirectory) -> Vec<(Owner, CertificateSummary)> {
             found.push((Owner::ClusterCa(cluster.clone()), s));
         }
         // Cluster CAs rotated out are still revocable (on the root's CRL).
-        for ca in store.previous_cluster_cas(&cluster).unwrap_or_default() {
-            if let Ok(s) = CertificateSummary::from_der(ca.certificate()) {
+        for path in store.previous_ca_files(Some(&cluster)).unwrap_or_default() {
+            if let Some(s) = first(&path) {
                 found.push((Owner::ClusterCa(cluster.clone()), s));
             }
         }
-        let Ok(gateways) = fs::read_dir(entry.path().join("gateways")) else {
-            continue;
-        };
-        for gw in gateways.flatten() {
-            let file_name = gw.file_name();
-            let Some(name) = file_name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".pem"))
-                .and_then(|n| GatewayName::new(n).ok())
-            else {
-                continue;
-            };
-            if let Some(s) = first(&gw.path()) {
-                found.push((Owner::Gateway(cluster.clone(), name), s));
+        for (kind, name, files) in store.leaves(&cluster).unwrap_or_default() {
+            if let Some(s) = first(&files.chain) {
+                let owner = match kind {
+                    LeafKind::Gateway => Owner::Gateway(cluster.clone(), name),
+                    LeafKind::Admin => Owner::Admin(cluster.clone(), name),
+                };
+                found.push((owner, s));
             }
         }
     }
@@ -1241,8 +1256,8 @@ fn revoke(
             "serial {serial} is {owner}, which the root signed: revoke it on the root's CRL \
              (without --cluster)"
         ),
-        (Some((Owner::Gateway(c, _), _)), Some(wanted)) if c == wanted => {}
-        (Some((owner @ Owner::Gateway(c, _), _)), _) => bail!(
+        (Some((Owner::Gateway(c, _) | Owner::Admin(c, _), _)), Some(wanted)) if c == wanted => {}
+        (Some((owner @ (Owner::Gateway(c, _) | Owner::Admin(c, _)), _)), _) => bail!(
             "serial {serial} is {owner}, which the CA of cluster {c} signed: revoke it with \
              --cluster {c}"
         ),
