@@ -200,6 +200,10 @@ pub struct ChannelStatus {
     /// When the first certificate of that chain expires (Unix seconds).
     #[serde(default)]
     pub peer_cert_expires_unix: Option<u64>,
+    /// Serial of this gateway's certificate in the channel's live session (after a
+    /// certificate rotation, the new serial once the channel is renewed).
+    #[serde(default)]
+    pub local_serial: Option<String>,
     /// The WireGuard key of the tunnel this channel brought up (a public key).
     #[serde(default)]
     pub wireguard_key: Option<String>,
@@ -602,13 +606,16 @@ impl MeshLinks {
     /// certificate and key) and re-checks every peer when the trust did.
     pub fn reload(&self, now: std::time::SystemTime) -> crate::reload::Reloaded {
         let mut reloader = self.reloader.lock().unwrap_or_else(|e| e.into_inner());
+        let leaf_before = self.config.current_leaf();
         let done = reloader.poll(&self.config, now);
         *self.reload_status.lock().unwrap_or_else(|e| e.into_inner()) = reloader.status();
         drop(reloader);
         if done.trust {
             self.recheck(now, true);
         }
-        if done.credentials {
+        // Only a certificate that changed renews sessions (not the first poll, which
+        // reads again the files start-up read).
+        if done.credentials && self.config.current_leaf() != leaf_before {
             self.renew_sessions();
         }
         done
@@ -632,12 +639,13 @@ impl MeshLinks {
             .map(|p| p.spiffe_id.clone())
             .collect();
         let mut renewed = Vec::new();
+        let current = self.config.current_leaf();
         let links = self.links();
         for id in &wireguard {
             let Some(session) = links.get(id).and_then(|l| l.session.as_ref()) else {
                 continue;
             };
-            if session.is_closed() {
+            if session.is_closed() || session.local_leaf() == current.as_ref() {
                 continue;
             }
             tracing::info!(peer = %id, "renewing the peer channel under the new certificate");
@@ -834,6 +842,15 @@ impl MeshLinks {
             tracing::warn!(peer = %e.peer, %refusal, "session refused: its peer is no longer trusted");
             e.session.close();
             link.last_refusal = Some(refusal.to_string());
+            return;
+        }
+        // A session whose handshake began before this gateway's certificate
+        // changed may hold the peer to the old one, after renew_sessions() ran:
+        // renew it too (the dialer dials again at once).
+        let current = self.config.current_leaf();
+        if cfg.kind == TunnelKind::Wireguard && e.session.local_leaf() != current.as_ref() {
+            tracing::info!(peer = %e.peer, "session made under the previous certificate; renewing it");
+            e.session.close();
             return;
         }
         if let Some(old) = link.session.take() {
@@ -1506,6 +1523,12 @@ impl MeshLinks {
                         .and_then(|l| l.session.as_ref())
                         .and_then(|s| s.rtt())
                         .map(|d| d.as_secs_f64() * 1000.0),
+                    local_serial: link
+                        .filter(|_| up)
+                        .and_then(|l| l.session.as_ref())
+                        .and_then(|s| s.local_leaf())
+                        .and_then(|c| isthmus_certs::CertificateSummary::from_der(c).ok())
+                        .map(|s| s.serial.to_string()),
                     peer_cert_expires_unix: link.and_then(|l| l.not_after).and_then(|t| {
                         t.duration_since(std::time::UNIX_EPOCH)
                             .ok()
@@ -1857,6 +1880,90 @@ mod live_trust_tests {
             "{started:?}"
         );
         assert!(session.is_closed());
+    }
+
+    /// Found by the third review: the first reload after start (files unchanged)
+    /// closed every WireGuard peer's session, and a new certificate that the
+    /// gateway's own trust refuses was put in force, every session renewed onto it.
+    #[test]
+    fn sessions_are_renewed_only_under_a_new_trusted_certificate() {
+        let t = WithB::new("mesh-renew");
+        let (_, session) = up(&t, &PrivateKey::generate(), 1);
+        let now = std::time::SystemTime::now();
+        t.mesh.reload(now);
+        assert!(!session.is_closed(), "renewed by the first reload");
+        let serial = |m: &MeshLinks| m.reload_status().certificate_serial.unwrap();
+        let in_force = serial(&t.mesh);
+
+        // A certificate for this gateway from a root its bundle does not hold.
+        let gw = isthmus_identity::GatewayName::new("gw").unwrap();
+        let stranger =
+            isthmus_certs::MeshRootCa::create(&t.pki.td, isthmus_certs::Validity::days(30))
+                .unwrap()
+                .issue_cluster_ca(
+                    &isthmus_identity::ClusterName::new("a").unwrap(),
+                    isthmus_certs::Validity::days(30),
+                )
+                .unwrap()
+                .issue_gateway(&gw, isthmus_certs::Validity::days(30))
+                .unwrap();
+        let files = &t.pki.files;
+        stranger
+            .replace(&files.certificate, &files.private_key)
+            .unwrap();
+        assert!(!t.mesh.reload(now).credentials);
+        assert!(
+            !session.is_closed(),
+            "renewed under an untrusted certificate"
+        );
+        assert_eq!(serial(&t.mesh), in_force);
+        let error = t.mesh.reload_status().last_error.unwrap();
+        assert!(error.contains("own trust"), "{error}");
+
+        // A new certificate of its own CA renews the session.
+        let renewed = t
+            .pki
+            .ca_a
+            .issue_gateway(&gw, isthmus_certs::Validity::days(30))
+            .unwrap();
+        renewed
+            .replace(&files.certificate, &files.private_key)
+            .unwrap();
+        assert!(t.mesh.reload(now).credentials);
+        assert!(session.is_closed());
+        assert_ne!(serial(&t.mesh), in_force);
+        t.listener.shutdown();
+    }
+
+    /// Found by the third review: a session whose handshake was made under the old
+    /// certificate but reached the mesh after the renewal was kept, holding the
+    /// peer to the old certificate. It is renewed too, and `status` shows which
+    /// certificate of ours each channel's session was made under.
+    #[test]
+    fn a_session_made_under_the_previous_certificate_is_renewed() {
+        let t = WithB::new("mesh-stale");
+        let (_, live) = up(&t, &PrivateKey::generate(), 1);
+        let ours = t.mesh.reload_status().certificate_serial;
+        assert_eq!(t.mesh.status()[0].local_serial, ours);
+        let pending = t.session(params(&PrivateKey::generate().public_key()));
+        let gw = isthmus_identity::GatewayName::new("gw").unwrap();
+        let files = &t.pki.files;
+        t.pki
+            .ca_a
+            .issue_gateway(&gw, isthmus_certs::Validity::days(30))
+            .unwrap()
+            .replace(&files.certificate, &files.private_key)
+            .unwrap();
+        let now = std::time::SystemTime::now();
+        assert!(t.mesh.reload(now).credentials);
+        assert!(live.is_closed());
+        let stale = pending.session.clone();
+        t.mesh.established(pending);
+        assert!(
+            stale.is_closed(),
+            "a session under the old certificate was kept"
+        );
+        t.listener.shutdown();
     }
 
     /// A session whose peer was trusted during its TLS handshake but is revoked by

@@ -94,6 +94,9 @@ async fn dial_inner(
     stage: &Stage,
     local: &mut Option<SocketAddr>,
 ) -> Result<(Established, SessionDriver), ChannelError> {
+    // Taken before the handshake: the certificate it presents is this one or a
+    // newer one, never an older one (see `PeerSession::local_leaf`).
+    let local_leaf = config.current_leaf();
     let sock = connect(config.source_address, peer.addr)
         .await
         .map_err(|source| ChannelError::Connect {
@@ -121,6 +124,7 @@ async fn dial_inner(
         peer.link,
         peer.addr,
         Role::Dialer,
+        local_leaf,
     )
     .await
 }
@@ -154,6 +158,7 @@ async fn accept_inner(
     remote: SocketAddr,
     stage: &Stage,
 ) -> Result<(Established, SessionDriver), ChannelError> {
+    let local_leaf = config.current_leaf();
     sock.set_nodelay(true)?;
     let tls = match TlsAcceptor::from(tls).accept(sock).into_fallible().await {
         Ok(tls) => tls,
@@ -178,7 +183,16 @@ async fn accept_inner(
         return Err(refusal.into());
     };
     stage.set("hello exchange");
-    hello_exchange(config, tls, presented, ours, remote, Role::Acceptor).await
+    hello_exchange(
+        config,
+        tls,
+        presented,
+        ours,
+        remote,
+        Role::Acceptor,
+        local_leaf,
+    )
+    .await
 }
 
 fn presented_id(
@@ -199,6 +213,7 @@ async fn hello_exchange(
     ours: LinkParams,
     remote: SocketAddr,
     role: Role,
+    local_leaf: Option<rustls::pki_types::CertificateDer<'static>>,
 ) -> Result<(Established, SessionDriver), ChannelError> {
     let mut decoder = FrameDecoder::new();
     let checked = async {
@@ -250,6 +265,7 @@ async fn hello_exchange(
         peer: peer.clone(),
         remote,
         role,
+        local_leaf,
         timing: config.timing,
     });
     Ok((

@@ -378,8 +378,9 @@ impl ChannelConfig {
     }
 
     /// Replaces this gateway's certificate chain and key for every later handshake
-    /// (sessions up now keep theirs). The new leaf must carry this gateway's SPIFFE ID
-    /// and match the key; otherwise nothing changes.
+    /// (sessions up now keep theirs). The new leaf must carry this gateway's SPIFFE ID,
+    /// match the key, and be valid now under this gateway's own trust in force (bundle,
+    /// CRLs: what its peers check it against); otherwise nothing changes.
     pub fn reload_credentials(&self, credentials: LocalCredentials) -> Result<(), ChannelError> {
         let leaf = credentials
             .chain
@@ -391,6 +392,16 @@ impl ChannelConfig {
                 "the new certificate is for {id}, this gateway is {}",
                 self.local_id
             )));
+        }
+        // Peers would refuse it: keep the certificate that works.
+        for role in [Role::Dialer, Role::Acceptor] {
+            self.verify_peer(&credentials.chain, role, &id, std::time::SystemTime::now())
+                .map_err(|refusal| {
+                    ChannelError::Credentials(format!(
+                        "the new certificate is not valid under this gateway's own trust \
+                         bundle and CRLs ({refusal})"
+                    ))
+                })?;
         }
         let certified = certified_key(credentials, &self.provider)?;
         self.credentials.replace(certified);

@@ -173,6 +173,7 @@ pub(crate) struct SessionState {
     pub(crate) peer: SpiffeId,
     pub(crate) remote: SocketAddr,
     pub(crate) role: Role,
+    local_leaf: Option<rustls::pki_types::CertificateDer<'static>>,
     closing: AtomicBool,
     /// A frame could not be queued whole (the peer does not read): the stream is no
     /// longer well framed and the session must end.
@@ -244,6 +245,14 @@ impl PeerSession {
     /// Whether this side dialed or accepted.
     pub fn role(&self) -> Role {
         self.state.role
+    }
+
+    /// This side's leaf certificate in force when the session's handshake began. The
+    /// handshake presented this one or, if a reload came in between, a newer one: a
+    /// session whose `local_leaf` is not the certificate in force now may still hold
+    /// the peer to an older certificate, and is renewed.
+    pub fn local_leaf(&self) -> Option<&rustls::pki_types::CertificateDer<'static>> {
+        self.state.local_leaf.as_ref()
     }
 
     /// The certificate chain the peer presented (leaf first).
@@ -385,6 +394,8 @@ pub(crate) struct SessionStart {
     pub(crate) peer: SpiffeId,
     pub(crate) remote: SocketAddr,
     pub(crate) role: Role,
+    /// This side's leaf certificate in force when the handshake began.
+    pub(crate) local_leaf: Option<rustls::pki_types::CertificateDer<'static>>,
     pub(crate) timing: ChannelTiming,
 }
 
@@ -407,6 +418,7 @@ pub(crate) fn prepare(start: SessionStart) -> (PeerSession, SessionDriver) {
         peer,
         remote,
         role,
+        local_leaf,
         timing,
     } = start;
     conn.set_buffer_limit(Some(SEND_BUFFER_LIMIT));
@@ -416,6 +428,7 @@ pub(crate) fn prepare(start: SessionStart) -> (PeerSession, SessionDriver) {
         peer,
         remote,
         role,
+        local_leaf,
         closing: AtomicBool::new(false),
         broken: AtomicBool::new(false),
         ended: Mutex::new(None),

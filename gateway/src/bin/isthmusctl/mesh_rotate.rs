@@ -108,20 +108,24 @@ fn rotate_one(
     }
     // It renews its WireGuard peers' channels under the new certificate: wait
     // for them, so that its peers hold it before anything else changes.
-    let wg_up: Vec<(String, u64)> = before
+    let wg_up: Vec<String> = before
         .channels
         .iter()
         .filter(|c| c.kind == "wireguard" && c.state == "up")
-        .map(|c| (c.spiffe_id.clone(), c.sessions))
+        .map(|c| c.spiffe_id.clone())
         .collect();
     loop {
         let now = admin::fetch_status(&path)?;
+        // Renewed: the live session is one made under the new certificate.
         let renewed = wg_up
             .iter()
-            .filter(|(id, n)| {
-                now.channels
-                    .iter()
-                    .any(|c| c.spiffe_id == *id && c.state == "up" && c.sessions > *n)
+            .filter(|id| {
+                now.channels.iter().any(|c| {
+                    c.spiffe_id == **id
+                        && c.state == "up"
+                        && c.local_serial.is_some()
+                        && c.local_serial == out.new_serial
+                })
             })
             .count();
         out.channels_renewed = (renewed, wg_up.len());
