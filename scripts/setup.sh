@@ -28,9 +28,9 @@ done
 # "Recommends" of protobuf-compiler, which --no-install-recommends leaves out).
 # buildah, podman, runc: build and try the container image (scripts/image.sh);
 # python3-venv: the venv of the deploy/ checks.
-# strongswan-*, lib*-extra-plugins: a real IKEv2 peer (charon with kernel-libipsec and
-# curve25519) for the IKE interop tests.
-PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod etcd-server protobuf-compiler libprotobuf-dev buildah podman runc binutils python3-venv strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-extra-plugins)
+# strongswan-*, lib*-standard/extra-plugins: a real IKEv2 peer (charon with AES-GCM,
+# kernel-libipsec and curve25519) for the IKE interop tests.
+PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod etcd-server protobuf-compiler libprotobuf-dev buildah podman runc binutils python3-venv strongswan-charon strongswan-swanctl libstrongswan-standard-plugins libcharon-extra-plugins libstrongswan-extra-plugins)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() {

@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod netns;
 pub mod process;
 pub mod run;
+pub mod strongswan;
 pub mod topology;
 pub mod traffic;
 pub mod userspace_wg;

@@ -1,0 +1,273 @@
+//! Isthmus's IKEv2 initiator against a real strongSwan 5.9 responder (charon with
+//! kernel-libipsec) across network namespaces: the IKE SA and its CHILD_SA come up with
+//! a pre-shared key, charon lists them with our SPIs and logs the very ESP keys we
+//! derived; a COOKIE and then an INVALID_KE_PAYLOAD are followed; DPD is answered; a
+//! delete from charon closes the SA; a wrong key is refused by charon.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use isthmus_e2e::netns;
+use isthmus_e2e::strongswan::Charon;
+use isthmus_e2e::{Site, Topology, Underlay};
+use isthmus_ike::sa::{ChildSa, Config, Event, IkeError, Initiator, Prefix};
+use isthmus_ike::wire::Identification;
+
+const PSK: &str = "e2e-psk-5a1c9b7d3e0f24681357902468ace0bd";
+
+/// charon as the responder of site 2, the peer of site 1 (`gw1.test` / `gw2.test`).
+fn responder_conf(proposals: &str) -> String {
+    format!(
+        "connections {{\n  lab {{\n    version = 2\n    local_addrs = 192.0.2.2\n    \
+         remote_addrs = 192.0.2.1\n    proposals = {proposals}\n    encap = yes\n    \
+         mobike = no\n    dpd_delay = 1s\n    \
+         local {{\n      auth = psk\n      id = gw2.test\n    }}\n    \
+         remote {{\n      auth = psk\n      id = gw1.test\n    }}\n    \
+         children {{\n      net {{\n        mode = tunnel\n        \
+         local_ts = 100.64.2.0/24\n        remote_ts = 100.64.1.0/24\n        \
+         esp_proposals = aes256gcm16\n      }}\n    }}\n  }}\n}}\n\
+         secrets {{\n  ike-lab {{\n    id-1 = gw1.test\n    id-2 = gw2.test\n    \
+         secret = \"{PSK}\"\n  }}\n}}\n"
+    )
+}
+
+fn fqdn(name: &str) -> Identification {
+    Identification {
+        id_type: 2,
+        data: name.as_bytes().to_vec(),
+    }
+}
+
+fn prefix(s: &str) -> Prefix {
+    let (addr, len) = s.split_once('/').expect("prefix");
+    Prefix {
+        addr: addr.parse().expect("address"),
+        len: len.parse().expect("length"),
+    }
+}
+
+fn config(groups: &[u16], psk: &str) -> Config {
+    Config {
+        local_id: fqdn("gw1.test"),
+        remote_id: fqdn("gw2.test"),
+        psk: psk.as_bytes().to_vec().into(),
+        groups: groups.to_vec(),
+        key_bits: vec![256, 128],
+        local_prefixes: vec![prefix("100.64.1.0/24")],
+        remote_prefixes: vec![prefix("100.64.2.0/24")],
+        local: "192.0.2.1:4500".parse().expect("address"),
+        remote: "192.0.2.2:4500".parse().expect("address"),
+        esn: false,
+    }
+}
+
+/// What driving an initiator gave.
+#[derive(Debug)]
+struct Outcome {
+    child: Option<ChildSa>,
+    error: Option<IkeError>,
+    /// Requests from the peer answered after the SA was up (DPD, deletes).
+    answered: usize,
+    closed: Option<String>,
+}
+
+/// Drives `initiator` over a UDP socket on port 4500 (non-ESP marker added and
+/// stripped) for `until`, or until it fails or closes.
+fn drive(socket: &UdpSocket, mut initiator: Initiator, first: Vec<u8>, until: Duration) -> Outcome {
+    let peer: SocketAddr = "192.0.2.2:4500".parse().expect("address");
+    let send = |bytes: &[u8]| {
+        let mut d = vec![0u8; 4];
+        d.extend_from_slice(bytes);
+        socket.send_to(&d, peer).expect("send");
+    };
+    send(&first);
+    let mut out = Outcome {
+        child: None,
+        error: None,
+        answered: 0,
+        closed: None,
+    };
+    let end = Instant::now() + until;
+    let mut buf = [0u8; 65536];
+    while Instant::now() < end && out.closed.is_none() {
+        let events = match socket.recv_from(&mut buf) {
+            Ok((n, _)) if n > 4 && buf[..4] == [0, 0, 0, 0] => {
+                initiator.handle(&buf[4..n], Instant::now())
+            }
+            Ok(_) => continue, // ESP or a keepalive
+            Err(_) => initiator.on_timer(Instant::now()),
+        };
+        match events {
+            Ok(events) => {
+                for e in events {
+                    match e {
+                        Event::Send(bytes) => {
+                            if out.child.is_some() {
+                                out.answered += 1;
+                            }
+                            send(&bytes);
+                        }
+                        Event::Established(child) => out.child = Some(child),
+                        Event::ChildDeleted(_) => {}
+                        Event::Closed(why) => out.closed = Some(why),
+                    }
+                }
+            }
+            Err(e) => {
+                out.error = Some(e);
+                break;
+            }
+        }
+    }
+    out
+}
+
+fn initiate(
+    site: &Site,
+    groups: &'static [u16],
+    psk: &'static str,
+    until: Duration,
+) -> Result<Outcome> {
+    netns::run_in(&site.gw_ns, move || {
+        let socket = UdpSocket::bind("192.0.2.1:4500").context("binding 4500")?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let (initiator, first) = Initiator::start(config(groups, psk), Instant::now())?;
+        Ok(drive(&socket, initiator, first, until))
+    })
+}
+
+fn wait_for(charon: &Charon, what: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let sas = charon.swanctl(&["--list-sas"])?;
+        if sas.contains(what) {
+            return Ok(sas);
+        }
+        if Instant::now() > deadline {
+            bail!("charon never listed {what:?}:\n{sas}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn isthmus_initiates_a_psk_ike_sa_with_strongswan() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let charon = Charon::start(
+        topo.run(),
+        &s2.gw_ns,
+        "g2",
+        "",
+        &responder_conf("aes256gcm16-prfsha256-x25519"),
+    )
+    .expect("charon");
+
+    // The IKE SA and its CHILD_SA, answering charon's DPD (every second) meanwhile.
+    let driver = {
+        let s1 = s1.clone();
+        std::thread::spawn(move || initiate(&s1, &[31, 19], PSK, Duration::from_secs(6)))
+    };
+    let sas = wait_for(&charon, "INSTALLED", Duration::from_secs(10)).expect("CHILD_SA");
+    assert!(sas.contains("ESTABLISHED"), "{sas}");
+    assert!(
+        sas.contains("AES_GCM_16-256/PRF_HMAC_SHA2_256/CURVE_25519"),
+        "{sas}"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let sas = charon.swanctl(&["--list-sas"]).expect("list-sas");
+    assert!(sas.contains("ESTABLISHED"), "DPD unanswered? {sas}");
+    charon
+        .swanctl(&["--terminate", "--ike", "lab"])
+        .expect("terminate");
+    let outcome = driver.join().expect("driver").expect("driver ran");
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let child = outcome.child.expect("CHILD_SA established");
+    assert_eq!(child.local_prefixes, vec![prefix("100.64.1.0/24")]);
+    assert_eq!(child.remote_prefixes, vec![prefix("100.64.2.0/24")]);
+    assert!(!child.esn);
+    // charon, the responder, lists our outbound SPI as its inbound one and vice versa.
+    assert!(
+        sas.contains(&format!("in  {:08x},", child.outbound_spi))
+            && sas.contains(&format!("out {:08x},", child.inbound_spi)),
+        "{sas}"
+    );
+    // And derived the same ESP keys (its log prints them: test keys only).
+    assert_eq!(
+        charon
+            .logged("encryption initiator key")
+            .first()
+            .map(Vec::as_slice),
+        Some(child.outbound_key.as_slice())
+    );
+    assert_eq!(
+        charon
+            .logged("encryption responder key")
+            .first()
+            .map(Vec::as_slice),
+        Some(child.inbound_key.as_slice())
+    );
+    assert!(
+        outcome.answered >= 2,
+        "DPD requests answered: {}",
+        outcome.answered
+    );
+    assert_eq!(
+        outcome.closed.as_deref(),
+        Some("the peer deleted the IKE SA")
+    );
+}
+
+/// charon demands a COOKIE once a half-open SA exists from our address
+/// (`cookie_threshold_ip = 1`), then wants ECP-256 where we offered Curve25519 first:
+/// the initiator echoes the cookie, retries with group 19 keeping it, and gets through.
+/// With a wrong pre-shared key charon answers AUTHENTICATION_FAILED.
+#[test]
+fn cookie_then_invalid_ke_then_a_wrong_key_with_strongswan() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let charon = Charon::start(
+        topo.run(),
+        &s2.gw_ns,
+        "g2",
+        "cookie_threshold = 10\n  cookie_threshold_ip = 1",
+        &responder_conf("aes256gcm16-prfsha256-ecp256"),
+    )
+    .expect("charon");
+    // A half-open SA: an IKE_SA_INIT that is never followed up (from another port).
+    netns::run_in(&s1.gw_ns, || {
+        let socket = UdpSocket::bind("192.0.2.1:0")?;
+        let (_, first) = Initiator::start(config(&[19], PSK), Instant::now())?;
+        let mut d = vec![0u8; 4];
+        d.extend_from_slice(&first);
+        socket.send_to(&d, "192.0.2.2:4500")?;
+        socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut buf = [0u8; 2048];
+        socket.recv_from(&mut buf).context("IKE_SA_INIT response")?;
+        Ok(())
+    })
+    .expect("half-open SA");
+
+    let outcome = initiate(s1, &[31, 19], PSK, Duration::from_secs(3)).expect("driver");
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    assert!(outcome.child.is_some(), "{outcome:?}");
+    let log = charon.log();
+    assert!(
+        log.contains("generating IKE_SA_INIT response 0 [ N(COOKIE) ]"),
+        "charon asked for no cookie"
+    );
+    assert!(
+        log.contains("generating IKE_SA_INIT response 0 [ N(INVAL_KE) ]"),
+        "charon asked for no other group"
+    );
+    let sas = wait_for(&charon, "ECP_256", Duration::from_secs(5)).expect("IKE SA");
+    assert!(sas.contains("ESTABLISHED"), "{sas}");
+
+    let outcome = initiate(s1, &[19], "not-the-key", Duration::from_secs(3)).expect("driver");
+    assert!(
+        matches!(outcome.error, Some(IkeError::Refused { code: 24, .. })),
+        "{outcome:?}"
+    );
+    assert!(outcome.child.is_none());
+}

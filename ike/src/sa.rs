@@ -1,0 +1,1062 @@
+//! An IKE SA as initiator (RFC 7296 §1.2, §2): IKE_SA_INIT (with COOKIE and
+//! INVALID_KE_PAYLOAD retries), IKE_AUTH with a pre-shared key and the first CHILD_SA,
+//! then, established, the peer's liveness checks and deletes. Sans-IO: datagrams and
+//! `now` in, [`Event`]s out; the driver owns the socket (always UDP-encapsulated: port
+//! 4500 with the non-ESP marker, which it adds and strips).
+//!
+//! Not yet here (see the crate docs): the responder, certificate AUTH in the exchange
+//! itself, CREATE_CHILD_SA (rekeys are answered NO_ADDITIONAL_SAS, so the peer keeps the
+//! SAs until their hard lifetime), and sending fragments.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use ring::rand::SecureRandom;
+use zeroize::Zeroizing;
+
+use crate::crypto::{self, CryptoError, IkeKeys, KeyExchange, Reassembly, SkCipher};
+use crate::wire::{
+    self, exchange, flags, Header, Identification, Message, Notify, Payload, Proposal,
+    TrafficSelector, Transform, WireError,
+};
+
+/// Notify message types used here (RFC 7296 §3.10.1, RFC 7383).
+pub mod notify {
+    /// The peer does not know a critical payload.
+    pub const UNSUPPORTED_CRITICAL_PAYLOAD: u16 = 1;
+    /// No proposal was acceptable.
+    pub const NO_PROPOSAL_CHOSEN: u16 = 14;
+    /// The KE payload's group is not the one the responder wants (data: that group).
+    pub const INVALID_KE_PAYLOAD: u16 = 17;
+    /// The AUTH payload did not verify.
+    pub const AUTHENTICATION_FAILED: u16 = 24;
+    /// No CHILD_SA can be added.
+    pub const NO_ADDITIONAL_SAS: u16 = 35;
+    /// The traffic selectors are not acceptable.
+    pub const TS_UNACCEPTABLE: u16 = 38;
+    /// Try again later.
+    pub const TEMPORARY_FAILURE: u16 = 43;
+    /// The sender has no other IKE SA with the receiver.
+    pub const INITIAL_CONTACT: u16 = 16384;
+    /// NAT detection: hash of the sender's address.
+    pub const NAT_DETECTION_SOURCE_IP: u16 = 16388;
+    /// NAT detection: hash of the receiver's address.
+    pub const NAT_DETECTION_DESTINATION_IP: u16 = 16389;
+    /// A stateless cookie to echo.
+    pub const COOKIE: u16 = 16390;
+    /// RFC 7383 fragmentation supported.
+    pub const IKEV2_FRAGMENTATION_SUPPORTED: u16 = 16430;
+}
+
+/// Protocol IDs.
+const PROTO_IKE: u8 = 1;
+const PROTO_ESP: u8 = 3;
+/// Transform types.
+const ENCR: u8 = 1;
+const PRF: u8 = 2;
+const INTEG: u8 = 3;
+const DH: u8 = 4;
+const ESN: u8 = 5;
+
+/// Why an exchange failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IkeError {
+    /// The datagram is not an IKEv2 message.
+    #[error("malformed message: {0}")]
+    Wire(#[from] WireError),
+    /// Its encrypted payload did not open.
+    #[error("{0}")]
+    Crypto(#[from] CryptoError),
+    /// The peer answered with an error notification.
+    #[error("the peer refused: {name} ({code})")]
+    Refused {
+        /// Notify message type.
+        code: u16,
+        /// Its name.
+        name: &'static str,
+    },
+    /// The peer's answer breaks the protocol or our policy.
+    #[error("{0}")]
+    Protocol(String),
+    /// The peer's AUTH payload does not verify with the pre-shared key.
+    #[error("the peer's AUTH does not verify (wrong pre-shared key or identity)")]
+    AuthenticationFailed,
+    /// The peer did not answer.
+    #[error("no answer after {0} transmissions")]
+    Timeout(u32),
+}
+
+fn notify_name(code: u16) -> &'static str {
+    match code {
+        notify::UNSUPPORTED_CRITICAL_PAYLOAD => "UNSUPPORTED_CRITICAL_PAYLOAD",
+        4 => "INVALID_IKE_SPI",
+        5 => "INVALID_MAJOR_VERSION",
+        7 => "INVALID_SYNTAX",
+        9 => "INVALID_MESSAGE_ID",
+        11 => "INVALID_SPI",
+        notify::NO_PROPOSAL_CHOSEN => "NO_PROPOSAL_CHOSEN",
+        notify::INVALID_KE_PAYLOAD => "INVALID_KE_PAYLOAD",
+        notify::AUTHENTICATION_FAILED => "AUTHENTICATION_FAILED",
+        34 => "SINGLE_PAIR_REQUIRED",
+        notify::NO_ADDITIONAL_SAS => "NO_ADDITIONAL_SAS",
+        36 => "INTERNAL_ADDRESS_FAILURE",
+        37 => "FAILED_CP_REQUIRED",
+        notify::TS_UNACCEPTABLE => "TS_UNACCEPTABLE",
+        39 => "INVALID_SELECTORS",
+        notify::TEMPORARY_FAILURE => "TEMPORARY_FAILURE",
+        44 => "CHILD_SA_NOT_FOUND",
+        _ => "error notification",
+    }
+}
+
+/// An IP prefix (address with its host bits clear, and a length).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Prefix {
+    /// Network address.
+    pub addr: IpAddr,
+    /// Prefix length.
+    pub len: u8,
+}
+
+impl Prefix {
+    fn last(&self) -> IpAddr {
+        match self.addr {
+            IpAddr::V4(a) => {
+                let host = u32::MAX.checked_shr(u32::from(self.len)).unwrap_or(0);
+                IpAddr::V4((u32::from(a) | host).into())
+            }
+            IpAddr::V6(a) => {
+                let host = u128::MAX.checked_shr(u32::from(self.len)).unwrap_or(0);
+                IpAddr::V6((u128::from(a) | host).into())
+            }
+        }
+    }
+
+    fn selector(&self) -> TrafficSelector {
+        TrafficSelector::Range {
+            protocol: 0,
+            start_port: 0,
+            end_port: 65535,
+            start: self.addr,
+            end: self.last(),
+        }
+    }
+
+    /// The prefix a range is, if it is exactly one.
+    fn of_range(start: IpAddr, end: IpAddr) -> Option<Self> {
+        let (s, e, bits) = match (start, end) {
+            (IpAddr::V4(s), IpAddr::V4(e)) => {
+                (u128::from(u32::from(s)), u128::from(u32::from(e)), 32)
+            }
+            (IpAddr::V6(s), IpAddr::V6(e)) => (u128::from(s), u128::from(e), 128),
+            _ => return None,
+        };
+        let span = e.checked_sub(s)?;
+        let host_bits = 128 - span.leading_zeros();
+        if span.checked_add(1).is_some_and(|n| !n.is_power_of_two()) && span != u128::MAX {
+            return None;
+        }
+        let mask = if host_bits >= 128 {
+            u128::MAX
+        } else {
+            (1u128 << host_bits) - 1
+        };
+        if s & mask != 0 {
+            return None;
+        }
+        let len = u8::try_from(bits - host_bits.min(bits)).ok()?;
+        Some(Self { addr: start, len })
+    }
+
+    fn contains(&self, start: IpAddr, end: IpAddr) -> bool {
+        let (lo, hi) = (self.addr, self.last());
+        match (lo, hi, start, end) {
+            (IpAddr::V4(lo), IpAddr::V4(hi), IpAddr::V4(s), IpAddr::V4(e)) => {
+                lo <= s && s <= e && e <= hi
+            }
+            (IpAddr::V6(lo), IpAddr::V6(hi), IpAddr::V6(s), IpAddr::V6(e)) => {
+                lo <= s && s <= e && e <= hi
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What the initiator needs.
+pub struct Config {
+    /// This end's identity (sent as IDi).
+    pub local_id: Identification,
+    /// The identity the peer must present as IDr (also sent, as a hint).
+    pub remote_id: Identification,
+    /// The pre-shared key.
+    pub psk: Zeroizing<Vec<u8>>,
+    /// Diffie-Hellman groups, most preferred first (19, 20, 31).
+    pub groups: Vec<u16>,
+    /// AES-GCM-16 key sizes in bits, most preferred first (256, 128).
+    pub key_bits: Vec<u16>,
+    /// Our side's prefixes (TSi).
+    pub local_prefixes: Vec<Prefix>,
+    /// The peer's side's prefixes (TSr).
+    pub remote_prefixes: Vec<Prefix>,
+    /// Our address and port as the peer sees them (NAT detection).
+    pub local: SocketAddr,
+    /// The peer's address and port.
+    pub remote: SocketAddr,
+    /// Offer extended sequence numbers for the CHILD_SA (both ESN and no ESN are offered,
+    /// ESN first, when set; only no ESN otherwise).
+    pub esn: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("local_id", &self.local_id)
+            .field("remote_id", &self.remote_id)
+            .field("psk", &"<redacted>")
+            .field("groups", &self.groups)
+            .field("local_prefixes", &self.local_prefixes)
+            .field("remote_prefixes", &self.remote_prefixes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A CHILD_SA's ESP parameters, as the data path takes them.
+pub struct ChildSa {
+    /// The SPI the peer sends to (ours).
+    pub inbound_spi: u32,
+    /// The SPI we send to (the peer's).
+    pub outbound_spi: u32,
+    /// AES-GCM key and 4-byte salt of inbound packets.
+    pub inbound_key: Zeroizing<Vec<u8>>,
+    /// AES-GCM key and 4-byte salt of outbound packets.
+    pub outbound_key: Zeroizing<Vec<u8>>,
+    /// Extended sequence numbers negotiated.
+    pub esn: bool,
+    /// Our side's prefixes, as narrowed by the responder.
+    pub local_prefixes: Vec<Prefix>,
+    /// The peer's side's prefixes.
+    pub remote_prefixes: Vec<Prefix>,
+}
+
+impl std::fmt::Debug for ChildSa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChildSa")
+            .field("inbound_spi", &format_args!("{:08x}", self.inbound_spi))
+            .field("outbound_spi", &format_args!("{:08x}", self.outbound_spi))
+            .field("esn", &self.esn)
+            .field("local_prefixes", &self.local_prefixes)
+            .field("remote_prefixes", &self.remote_prefixes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What handling a datagram or a timer gave.
+#[derive(Debug)]
+pub enum Event {
+    /// Send this datagram to the peer.
+    Send(Vec<u8>),
+    /// The IKE SA and its first CHILD_SA are up.
+    Established(ChildSa),
+    /// The peer deleted the CHILD_SA with this inbound SPI of ours.
+    ChildDeleted(u32),
+    /// The IKE SA is gone (deleted by the peer, or failed); nothing more will be sent.
+    Closed(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    InitSent,
+    AuthSent,
+    Established,
+    Closed,
+}
+
+/// First retransmission delay; doubled each time (RFC 7296 §2.1).
+pub const RETRANSMIT_BASE: Duration = Duration::from_millis(500);
+/// Transmissions of a request before giving up.
+pub const TRANSMISSIONS: u32 = 5;
+/// COOKIE and INVALID_KE_PAYLOAD answers followed before giving up.
+pub const MAX_INIT_RETRIES: u8 = 3;
+
+/// An IKE SA this end initiates.
+pub struct Initiator {
+    config: Config,
+    rng: ring::rand::SystemRandom,
+    state: State,
+    spi_i: [u8; 8],
+    spi_r: [u8; 8],
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+    ke: Option<KeyExchange>,
+    cookie: Option<Vec<u8>>,
+    /// IKE_SA_INIT request as last sent (our AUTH signs it).
+    init_request: Vec<u8>,
+    /// IKE_SA_INIT response as received (the responder's AUTH signs it).
+    init_response: Vec<u8>,
+    /// COOKIE and INVALID_KE_PAYLOAD retries so far.
+    init_retries: u8,
+    keys: Option<IkeKeys>,
+    ours: Option<SkCipher>,
+    theirs: Option<SkCipher>,
+    key_bytes: usize,
+    iv: u64,
+    /// Our next request's Message ID.
+    next_id: u32,
+    /// The request in flight: (bytes, sent at, transmissions).
+    in_flight: Option<(Vec<u8>, Instant, u32)>,
+    /// The peer's next request's Message ID, and our response to the one before.
+    peer_next_id: u32,
+    last_response: Option<(u32, Vec<u8>)>,
+    inbound_spi: u32,
+    child_outbound_spi: Option<u32>,
+    fragments: Reassembly,
+}
+
+impl std::fmt::Debug for Initiator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Initiator")
+            .field("state", &self.state)
+            .field("spi_i", &hex8(&self.spi_i))
+            .field("spi_r", &hex8(&self.spi_r))
+            .finish_non_exhaustive()
+    }
+}
+
+fn hex8(b: &[u8; 8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn random<const N: usize>(rng: &dyn SecureRandom) -> Result<[u8; N], IkeError> {
+    let mut out = [0u8; N];
+    rng.fill(&mut out)
+        .map_err(|_| IkeError::Crypto(CryptoError::Random))?;
+    Ok(out)
+}
+
+/// SHA-1 of SPIi | SPIr | address | port (RFC 7296 §2.23).
+fn nat_hash(spi_i: &[u8; 8], spi_r: &[u8; 8], addr: SocketAddr) -> Vec<u8> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+    ctx.update(spi_i);
+    ctx.update(spi_r);
+    match addr.ip() {
+        IpAddr::V4(a) => ctx.update(&a.octets()),
+        IpAddr::V6(a) => ctx.update(&a.octets()),
+    }
+    ctx.update(&addr.port().to_be_bytes());
+    ctx.finish().as_ref().to_vec()
+}
+
+fn status(kind: u16, data: Vec<u8>) -> Payload {
+    Payload::Notify(Notify {
+        protocol: 0,
+        spi: Vec::new(),
+        kind,
+        data,
+    })
+}
+
+fn first_error(payloads: &[Payload]) -> Option<u16> {
+    payloads.iter().find_map(|p| match p {
+        Payload::Notify(n) if n.kind < 16384 => Some(n.kind),
+        _ => None,
+    })
+}
+
+impl Initiator {
+    /// Starts an IKE SA: returns the initiator and the IKE_SA_INIT request to send.
+    pub fn start(config: Config, now: Instant) -> Result<(Self, Vec<u8>), IkeError> {
+        if config.groups.iter().any(|g| !crypto::supported_group(*g)) || config.groups.is_empty() {
+            return Err(IkeError::Protocol(
+                "Diffie-Hellman groups: 19, 20 or 31".into(),
+            ));
+        }
+        if config.key_bits.is_empty() || config.key_bits.iter().any(|b| !matches!(b, 128 | 256)) {
+            return Err(IkeError::Protocol("AES-GCM key sizes: 128 or 256".into()));
+        }
+        if config.local_prefixes.is_empty() || config.remote_prefixes.is_empty() {
+            return Err(IkeError::Protocol(
+                "traffic selectors: at least one prefix each".into(),
+            ));
+        }
+        let rng = ring::rand::SystemRandom::new();
+        let spi_i = random::<8>(&rng)?;
+        let ni = random::<32>(&rng)?.to_vec();
+        let inbound_spi = u32::from_be_bytes(random::<4>(&rng)?) | 0x0000_0100;
+        let mut this = Self {
+            ke: Some(KeyExchange::new(config.groups[0], &rng)?),
+            config,
+            rng,
+            state: State::InitSent,
+            spi_i,
+            spi_r: [0; 8],
+            ni,
+            nr: Vec::new(),
+            cookie: None,
+            init_request: Vec::new(),
+            init_response: Vec::new(),
+            init_retries: 0,
+            keys: None,
+            ours: None,
+            theirs: None,
+            key_bytes: 0,
+            iv: 0,
+            next_id: 0,
+            in_flight: None,
+            peer_next_id: 0,
+            last_response: None,
+            inbound_spi,
+            child_outbound_spi: None,
+            fragments: Reassembly::default(),
+        };
+        let request = this.init_request()?;
+        this.in_flight = Some((request.clone(), now, 1));
+        Ok((this, request))
+    }
+
+    /// The IKE SA's SPIs (initiator's, responder's; the latter zero until it answered).
+    pub fn spis(&self) -> ([u8; 8], [u8; 8]) {
+        (self.spi_i, self.spi_r)
+    }
+
+    /// Whether the IKE SA is established.
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    fn ike_proposal(&self) -> Proposal {
+        let mut transforms: Vec<Transform> = self
+            .config
+            .key_bits
+            .iter()
+            .map(|b| Transform::with_key_length(ENCR, crypto::ENCR_AES_GCM_16, *b))
+            .collect();
+        transforms.push(Transform::new(PRF, crypto::PRF_HMAC_SHA2_256));
+        transforms.extend(self.config.groups.iter().map(|g| Transform::new(DH, *g)));
+        Proposal {
+            number: 1,
+            protocol: PROTO_IKE,
+            spi: Vec::new(),
+            transforms,
+        }
+    }
+
+    fn init_request(&mut self) -> Result<Vec<u8>, IkeError> {
+        let ke = self
+            .ke
+            .as_ref()
+            .ok_or_else(|| IkeError::Protocol("no key exchange".into()))?;
+        let mut payloads = Vec::new();
+        if let Some(cookie) = &self.cookie {
+            payloads.push(status(notify::COOKIE, cookie.clone()));
+        }
+        payloads.push(Payload::Sa(vec![self.ike_proposal()]));
+        payloads.push(Payload::Ke {
+            group: ke.group(),
+            data: ke.public_value().to_vec(),
+        });
+        payloads.push(Payload::Nonce(self.ni.clone()));
+        // Always UDP-encapsulated: claim a NAT in front of us (a hash over a random
+        // address), as strongSwan does when encapsulation is forced.
+        let fake = SocketAddr::new(IpAddr::from(random::<16>(&self.rng)?), 4500);
+        payloads.push(status(
+            notify::NAT_DETECTION_SOURCE_IP,
+            nat_hash(&self.spi_i, &[0; 8], fake),
+        ));
+        payloads.push(status(
+            notify::NAT_DETECTION_DESTINATION_IP,
+            nat_hash(&self.spi_i, &[0; 8], self.config.remote),
+        ));
+        payloads.push(status(notify::IKEV2_FRAGMENTATION_SUPPORTED, Vec::new()));
+        let message = Message {
+            header: Header {
+                spi_i: self.spi_i,
+                spi_r: [0; 8],
+                next_payload: 0,
+                version: wire::IKE_VERSION,
+                exchange: exchange::IKE_SA_INIT,
+                flags: flags::INITIATOR,
+                message_id: 0,
+                length: 0,
+            },
+            payloads,
+        };
+        let bytes = message.encode()?;
+        self.init_request = bytes.clone();
+        self.next_id = 1;
+        Ok(bytes)
+    }
+
+    /// Handles a datagram from the peer (non-ESP marker removed).
+    pub fn handle(&mut self, datagram: &[u8], now: Instant) -> Result<Vec<Event>, IkeError> {
+        let header = Header::decode(datagram)?;
+        if header.spi_i != self.spi_i || header.from_initiator() {
+            return Err(IkeError::Protocol("not for this IKE SA".into()));
+        }
+        match self.state {
+            State::InitSent => self.on_init_response(datagram, header, now),
+            State::AuthSent => self.on_auth_response(datagram, header),
+            State::Established => self.on_established(datagram, header),
+            State::Closed => Ok(Vec::new()),
+        }
+    }
+
+    /// Retransmits the request in flight when its time has come; gives up after
+    /// [`TRANSMISSIONS`].
+    pub fn on_timer(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
+        let Some((bytes, sent, count)) = &mut self.in_flight else {
+            return Ok(Vec::new());
+        };
+        let wait = RETRANSMIT_BASE * 2u32.saturating_pow(count.saturating_sub(1));
+        if now.saturating_duration_since(*sent) < wait {
+            return Ok(Vec::new());
+        }
+        if *count >= TRANSMISSIONS {
+            let n = *count;
+            self.in_flight = None;
+            self.state = State::Closed;
+            return Err(IkeError::Timeout(n));
+        }
+        *count += 1;
+        *sent = now;
+        Ok(vec![Event::Send(bytes.clone())])
+    }
+
+    /// When [`Initiator::on_timer`] next has something to do.
+    pub fn next_timer(&self) -> Option<Instant> {
+        self.in_flight.as_ref().map(|(_, sent, count)| {
+            *sent + RETRANSMIT_BASE * 2u32.saturating_pow(count.saturating_sub(1))
+        })
+    }
+
+    fn on_init_response(
+        &mut self,
+        datagram: &[u8],
+        header: Header,
+        now: Instant,
+    ) -> Result<Vec<Event>, IkeError> {
+        if header.exchange != exchange::IKE_SA_INIT
+            || !header.is_response()
+            || header.message_id != 0
+        {
+            return Err(IkeError::Protocol(
+                "expected the IKE_SA_INIT response".into(),
+            ));
+        }
+        let message = Message::decode(datagram)?;
+        if let Some(cookie) = message.notify(notify::COOKIE) {
+            if cookie.data.is_empty() || cookie.data.len() > 64 {
+                return Err(IkeError::Protocol("COOKIE of a bad length".into()));
+            }
+            self.cookie = Some(cookie.data.clone());
+            return self.resend_init(now);
+        }
+        if let Some(n) = message.notify(notify::INVALID_KE_PAYLOAD) {
+            let group = n
+                .data
+                .get(..2)
+                .map(|g| u16::from_be_bytes([g[0], g[1]]))
+                .ok_or_else(|| IkeError::Protocol("INVALID_KE_PAYLOAD without a group".into()))?;
+            let current = self.ke.as_ref().map(KeyExchange::group);
+            if !self.config.groups.contains(&group) || current == Some(group) {
+                return Err(IkeError::Refused {
+                    code: notify::INVALID_KE_PAYLOAD,
+                    name: "INVALID_KE_PAYLOAD (the group it wants is not offered)",
+                });
+            }
+            self.ke = Some(KeyExchange::new(group, &self.rng)?);
+            return self.resend_init(now);
+        }
+        if let Some(code) = first_error(&message.payloads) {
+            self.state = State::Closed;
+            self.in_flight = None;
+            return Err(IkeError::Refused {
+                code,
+                name: notify_name(code),
+            });
+        }
+        let mut chosen = None;
+        let mut ke = None;
+        let mut nr = None;
+        for p in &message.payloads {
+            match p {
+                Payload::Sa(ps) => chosen = Some(ps.clone()),
+                Payload::Ke { group, data } => ke = Some((*group, data.clone())),
+                Payload::Nonce(n) => nr = Some(n.clone()),
+                Payload::Unknown {
+                    critical: true,
+                    kind,
+                    ..
+                } => {
+                    return Err(IkeError::Protocol(format!(
+                        "unknown critical payload type {kind}"
+                    )))
+                }
+                _ => {}
+            }
+        }
+        let (Some(chosen), Some((group, public)), Some(nr)) = (chosen, ke, nr) else {
+            return Err(IkeError::Protocol(
+                "IKE_SA_INIT response without SA, KE or Nonce".into(),
+            ));
+        };
+        if !(16..=256).contains(&nr.len()) {
+            return Err(IkeError::Protocol("nonce of a bad length".into()));
+        }
+        let key_bits = self.check_ike_choice(&chosen, group)?;
+        let ke = self
+            .ke
+            .take()
+            .ok_or_else(|| IkeError::Protocol("no key exchange".into()))?;
+        let g_ir = ke.agree(&public)?;
+        self.spi_r = header.spi_r;
+        self.nr = nr;
+        self.init_response = datagram.to_vec();
+        self.key_bytes = usize::from(key_bits / 8);
+        let keys = IkeKeys::derive(
+            &self.ni,
+            &self.nr,
+            &g_ir,
+            &self.spi_i,
+            &self.spi_r,
+            self.key_bytes,
+        );
+        self.ours = Some(SkCipher::new(&keys.sk_ei)?);
+        self.theirs = Some(SkCipher::new(&keys.sk_er)?);
+        self.keys = Some(keys);
+        let request = self.auth_request()?;
+        self.state = State::AuthSent;
+        self.in_flight = Some((request.clone(), now, 1));
+        Ok(vec![Event::Send(request)])
+    }
+
+    fn resend_init(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
+        // A peer asking for a cookie or a group again and again gets nowhere.
+        self.init_retries += 1;
+        if self.init_retries > MAX_INIT_RETRIES {
+            self.state = State::Closed;
+            self.in_flight = None;
+            return Err(IkeError::Protocol(
+                "the responder keeps asking for a COOKIE or another group".into(),
+            ));
+        }
+        let request = self.init_request()?;
+        self.in_flight = Some((request.clone(), now, 1));
+        Ok(vec![Event::Send(request)])
+    }
+
+    /// Checks the responder's IKE proposal against ours; returns its key size.
+    fn check_ike_choice(&self, chosen: &[Proposal], group: u16) -> Result<u16, IkeError> {
+        let [p] = chosen else {
+            return Err(IkeError::Protocol(
+                "the responder chose more than one proposal".into(),
+            ));
+        };
+        if p.protocol != PROTO_IKE || !p.spi.is_empty() {
+            return Err(IkeError::Protocol(
+                "the responder's proposal is not an IKE proposal".into(),
+            ));
+        }
+        let mut encr = None;
+        let mut prf = false;
+        let mut dh = None;
+        for t in &p.transforms {
+            match t.kind {
+                ENCR if t.id == crypto::ENCR_AES_GCM_16
+                    && t.key_length()
+                        .is_some_and(|b| self.config.key_bits.contains(&b))
+                    && encr.is_none() =>
+                {
+                    encr = t.key_length();
+                }
+                PRF if t.id == crypto::PRF_HMAC_SHA2_256 && !prf => prf = true,
+                DH if self.config.groups.contains(&t.id) && dh.is_none() => dh = Some(t.id),
+                INTEG if t.id == 0 => {}
+                _ => {
+                    return Err(IkeError::Protocol(format!(
+                        "the responder chose a transform not offered (type {}, id {})",
+                        t.kind, t.id
+                    )))
+                }
+            }
+        }
+        match (encr, prf, dh) {
+            (Some(bits), true, Some(g)) if g == group => Ok(bits),
+            _ => Err(IkeError::Protocol(
+                "the responder's IKE proposal lacks a transform, or its DH group is not its KE's"
+                    .into(),
+            )),
+        }
+    }
+
+    fn esp_proposal(&self) -> Proposal {
+        let mut transforms: Vec<Transform> = self
+            .config
+            .key_bits
+            .iter()
+            .map(|b| Transform::with_key_length(ENCR, crypto::ENCR_AES_GCM_16, *b))
+            .collect();
+        if self.config.esn {
+            transforms.push(Transform::new(ESN, 1));
+        }
+        transforms.push(Transform::new(ESN, 0));
+        Proposal {
+            number: 1,
+            protocol: PROTO_ESP,
+            spi: self.inbound_spi.to_be_bytes().to_vec(),
+            transforms,
+        }
+    }
+
+    fn next_iv(&mut self) -> [u8; crypto::IV_LEN] {
+        // A counter: unique per key, which is all AES-GCM asks of the IV (RFC 5282 §3.1).
+        self.iv += 1;
+        self.iv.to_be_bytes()
+    }
+
+    fn seal(
+        &mut self,
+        exchange: u8,
+        response: bool,
+        message_id: u32,
+        payloads: &[Payload],
+    ) -> Result<Vec<u8>, IkeError> {
+        let mut inner = Vec::new();
+        let first = wire::encode_payloads(payloads, &mut inner)?;
+        let header = Header {
+            spi_i: self.spi_i,
+            spi_r: self.spi_r,
+            next_payload: 0,
+            version: wire::IKE_VERSION,
+            exchange,
+            flags: flags::INITIATOR | if response { flags::RESPONSE } else { 0 },
+            message_id,
+            length: 0,
+        };
+        let iv = self.next_iv();
+        let cipher = self
+            .ours
+            .as_ref()
+            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
+        Ok(cipher.seal(header, first, None, &inner, &[], iv)?)
+    }
+
+    fn auth_request(&mut self) -> Result<Vec<u8>, IkeError> {
+        let keys = self
+            .keys
+            .as_ref()
+            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
+        let id = self.config.local_id.clone();
+        let octets = crypto::signed_octets(&self.init_request, &self.nr, &keys.sk_pi, &id.body());
+        let auth = crypto::psk_auth(&self.config.psk, &octets);
+        let payloads = vec![
+            Payload::IdI(id),
+            Payload::IdR(self.config.remote_id.clone()),
+            Payload::Auth {
+                method: crypto::AUTH_SHARED_KEY,
+                data: auth.to_vec(),
+            },
+            status(notify::INITIAL_CONTACT, Vec::new()),
+            Payload::Sa(vec![self.esp_proposal()]),
+            Payload::TsI(
+                self.config
+                    .local_prefixes
+                    .iter()
+                    .map(Prefix::selector)
+                    .collect(),
+            ),
+            Payload::TsR(
+                self.config
+                    .remote_prefixes
+                    .iter()
+                    .map(Prefix::selector)
+                    .collect(),
+            ),
+        ];
+        let id = self.next_id;
+        self.next_id += 1;
+        self.seal(exchange::IKE_AUTH, false, id, &payloads)
+    }
+
+    /// Opens an encrypted message from the peer; fragments are collected until the
+    /// message is whole (`None` until then).
+    fn open(&mut self, datagram: &[u8]) -> Result<Option<Vec<Payload>>, IkeError> {
+        let cipher = self
+            .theirs
+            .as_ref()
+            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
+        let opened = cipher.open(datagram)?;
+        let (first, bytes) = if opened.fragment.is_some() {
+            match self.fragments.add(&opened)? {
+                Some(whole) => whole,
+                None => return Ok(None),
+            }
+        } else {
+            (opened.first_inner, opened.payloads)
+        };
+        let payloads = wire::decode_payloads(first, &bytes)?;
+        if let Some(kind) = payloads.iter().find_map(|p| match p {
+            Payload::Unknown {
+                critical: true,
+                kind,
+                ..
+            } => Some(*kind),
+            _ => None,
+        }) {
+            return Err(IkeError::Protocol(format!(
+                "unknown critical payload type {kind}"
+            )));
+        }
+        Ok(Some(payloads))
+    }
+
+    fn on_auth_response(
+        &mut self,
+        datagram: &[u8],
+        header: Header,
+    ) -> Result<Vec<Event>, IkeError> {
+        if header.exchange != exchange::IKE_AUTH
+            || !header.is_response()
+            || header.message_id != 1
+            || header.spi_r != self.spi_r
+        {
+            return Err(IkeError::Protocol("expected the IKE_AUTH response".into()));
+        }
+        let Some(payloads) = self.open(datagram)? else {
+            return Ok(Vec::new());
+        };
+        if let Some(code) = first_error(&payloads) {
+            self.state = State::Closed;
+            self.in_flight = None;
+            return Err(IkeError::Refused {
+                code,
+                name: notify_name(code),
+            });
+        }
+        let keys = self
+            .keys
+            .as_ref()
+            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
+        let id_r = payloads.iter().find_map(|p| match p {
+            Payload::IdR(id) => Some(id.clone()),
+            _ => None,
+        });
+        let auth = payloads.iter().find_map(|p| match p {
+            Payload::Auth { method, data } => Some((*method, data.clone())),
+            _ => None,
+        });
+        let (Some(id_r), Some((method, data))) = (id_r, auth) else {
+            return Err(IkeError::Protocol(
+                "IKE_AUTH response without IDr or AUTH".into(),
+            ));
+        };
+        if id_r != self.config.remote_id {
+            return Err(IkeError::Protocol(format!(
+                "the responder presents identity type {} {:?}, not the configured one",
+                id_r.id_type,
+                String::from_utf8_lossy(&id_r.data)
+            )));
+        }
+        if method != crypto::AUTH_SHARED_KEY {
+            return Err(IkeError::Protocol(format!(
+                "the responder authenticates with method {method}, not a pre-shared key"
+            )));
+        }
+        // The responder signs its IKE_SA_INIT response as it sent it.
+        let first = self.init_response.clone();
+        let octets = crypto::signed_octets(&first, &self.ni, &keys.sk_pr, &id_r.body());
+        if !crypto::equal(&crypto::psk_auth(&self.config.psk, &octets), &data) {
+            self.state = State::Closed;
+            self.in_flight = None;
+            return Err(IkeError::AuthenticationFailed);
+        }
+        self.in_flight = None;
+        self.state = State::Established;
+        let child = self.child_from(&payloads)?;
+        self.child_outbound_spi = Some(child.outbound_spi);
+        Ok(vec![Event::Established(child)])
+    }
+
+    fn child_from(&self, payloads: &[Payload]) -> Result<ChildSa, IkeError> {
+        let mut sa = None;
+        let mut ts_i = None;
+        let mut ts_r = None;
+        for p in payloads {
+            match p {
+                Payload::Sa(ps) => sa = Some(ps.clone()),
+                Payload::TsI(t) => ts_i = Some(t.clone()),
+                Payload::TsR(t) => ts_r = Some(t.clone()),
+                _ => {}
+            }
+        }
+        let (Some(sa), Some(ts_i), Some(ts_r)) = (sa, ts_i, ts_r) else {
+            return Err(IkeError::Protocol(
+                "IKE_AUTH response without SA, TSi or TSr: no CHILD_SA".into(),
+            ));
+        };
+        let [p] = sa.as_slice() else {
+            return Err(IkeError::Protocol(
+                "the responder chose more than one ESP proposal".into(),
+            ));
+        };
+        let spi: [u8; 4] = p
+            .spi
+            .as_slice()
+            .try_into()
+            .map_err(|_| IkeError::Protocol("ESP SPI is not 4 bytes".into()))?;
+        let outbound_spi = u32::from_be_bytes(spi);
+        if p.protocol != PROTO_ESP || outbound_spi < 256 {
+            return Err(IkeError::Protocol(
+                "not an ESP proposal, or a reserved SPI".into(),
+            ));
+        }
+        let mut bits = None;
+        let mut esn = None;
+        for t in &p.transforms {
+            match t.kind {
+                ENCR if t.id == crypto::ENCR_AES_GCM_16
+                    && t.key_length()
+                        .is_some_and(|b| self.config.key_bits.contains(&b))
+                    && bits.is_none() =>
+                {
+                    bits = t.key_length();
+                }
+                ESN if (t.id == 0 || (t.id == 1 && self.config.esn)) && esn.is_none() => {
+                    esn = Some(t.id == 1);
+                }
+                INTEG if t.id == 0 => {}
+                _ => {
+                    return Err(IkeError::Protocol(format!(
+                        "the responder chose an ESP transform not offered (type {}, id {})",
+                        t.kind, t.id
+                    )))
+                }
+            }
+        }
+        let (Some(bits), Some(esn)) = (bits, esn) else {
+            return Err(IkeError::Protocol(
+                "the responder's ESP proposal lacks ENCR or ESN".into(),
+            ));
+        };
+        let narrowed =
+            |selectors: &[TrafficSelector], ours: &[Prefix]| -> Result<Vec<Prefix>, IkeError> {
+                let mut out = Vec::new();
+                for ts in selectors {
+                    let TrafficSelector::Range {
+                        start,
+                        end,
+                        protocol,
+                        start_port,
+                        end_port,
+                    } = ts
+                    else {
+                        return Err(IkeError::Protocol(
+                            "a traffic selector type not offered".into(),
+                        ));
+                    };
+                    let whole_ports = *protocol == 0 && *start_port == 0 && *end_port == 65535;
+                    let inside = ours.iter().any(|p| p.contains(*start, *end));
+                    let prefix = Prefix::of_range(*start, *end);
+                    match (whole_ports, inside, prefix) {
+                        (true, true, Some(prefix)) => out.push(prefix),
+                        _ => {
+                            return Err(IkeError::Protocol(format!(
+                                "traffic selector {start}-{end} (protocol {protocol}, ports \
+                             {start_port}-{end_port}) is not a prefix within ours"
+                            )))
+                        }
+                    }
+                }
+                if out.is_empty() {
+                    return Err(IkeError::Protocol("no traffic selectors".into()));
+                }
+                Ok(out)
+            };
+        let local_prefixes = narrowed(&ts_i, &self.config.local_prefixes)?;
+        let remote_prefixes = narrowed(&ts_r, &self.config.remote_prefixes)?;
+        let keys = self
+            .keys
+            .as_ref()
+            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
+        let (i2r, r2i) =
+            crypto::child_keymat(&keys.sk_d, None, &self.ni, &self.nr, usize::from(bits / 8));
+        Ok(ChildSa {
+            inbound_spi: self.inbound_spi,
+            outbound_spi,
+            inbound_key: r2i,
+            outbound_key: i2r,
+            esn,
+            local_prefixes,
+            remote_prefixes,
+        })
+    }
+
+    fn on_established(&mut self, datagram: &[u8], header: Header) -> Result<Vec<Event>, IkeError> {
+        if header.spi_r != self.spi_r {
+            return Err(IkeError::Protocol("not for this IKE SA".into()));
+        }
+        if header.is_response() {
+            // No request of ours is in flight once established.
+            return Ok(Vec::new());
+        }
+        // Window size 1: the request before is answered from the cache; older ones and
+        // ones from the future are dropped.
+        if let Some((id, response)) = &self.last_response {
+            if header.message_id == *id {
+                return Ok(vec![Event::Send(response.clone())]);
+            }
+        }
+        if header.message_id != self.peer_next_id {
+            return Err(IkeError::Protocol(format!(
+                "request with Message ID {}, expected {}",
+                header.message_id, self.peer_next_id
+            )));
+        }
+        let Some(payloads) = self.open(datagram)? else {
+            return Ok(Vec::new());
+        };
+        let mut events = Vec::new();
+        let reply: Vec<Payload> = match header.exchange {
+            exchange::INFORMATIONAL => {
+                let mut reply = Vec::new();
+                for p in &payloads {
+                    if let Payload::Delete { protocol, spis, .. } = p {
+                        if *protocol == PROTO_IKE {
+                            events.push(Event::Closed("the peer deleted the IKE SA".into()));
+                            self.state = State::Closed;
+                        } else if *protocol == PROTO_ESP {
+                            let ours: Vec<u32> = spis
+                                .iter()
+                                .filter_map(|s| <[u8; 4]>::try_from(s.as_slice()).ok())
+                                .map(u32::from_be_bytes)
+                                .filter(|s| Some(*s) == self.child_outbound_spi)
+                                .collect();
+                            if !ours.is_empty() {
+                                reply.push(Payload::Delete {
+                                    protocol: PROTO_ESP,
+                                    spi_size: 4,
+                                    spis: vec![self.inbound_spi.to_be_bytes().to_vec()],
+                                });
+                                events.push(Event::ChildDeleted(self.inbound_spi));
+                                self.child_outbound_spi = None;
+                            }
+                        }
+                    }
+                }
+                reply
+            }
+            // Rekeys and new CHILD_SAs are not offered yet.
+            exchange::CREATE_CHILD_SA => vec![status(notify::NO_ADDITIONAL_SAS, Vec::new())],
+            _ => {
+                return Err(IkeError::Protocol(format!(
+                    "exchange type {} after IKE_AUTH",
+                    header.exchange
+                )))
+            }
+        };
+        let response = self.seal(header.exchange, true, header.message_id, &reply)?;
+        self.last_response = Some((header.message_id, response.clone()));
+        self.peer_next_id = self.peer_next_id.wrapping_add(1);
+        events.insert(0, Event::Send(response));
+        Ok(events)
+    }
+}
