@@ -22,7 +22,8 @@ for arg in "$@"; do
     esac
 done
 
-# etcd-server: the real etcd the clustermesh tests start; protobuf-compiler: protoc for
+# etcd-server, etcd-client: the real etcd the clustermesh tests start, and etcdctl,
+# which they ask whether it is healthy; protobuf-compiler: protoc for
 # the tonic/prost build of clustermesh-api; libprotobuf-dev: the well-known .proto files
 # (google/protobuf/descriptor.proto) that etcd-client's build imports (only a
 # "Recommends" of protobuf-compiler, which --no-install-recommends leaves out).
@@ -30,7 +31,7 @@ done
 # python3-venv: the venv of the deploy/ checks.
 # strongswan-*, lib*-standard/extra-plugins: a real IKEv2 peer (charon with AES-GCM,
 # kernel-libipsec and curve25519) for the IKE interop tests.
-PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod etcd-server protobuf-compiler libprotobuf-dev buildah podman runc binutils python3-venv strongswan-charon strongswan-swanctl libstrongswan-standard-plugins libcharon-extra-plugins libstrongswan-extra-plugins)
+PACKAGES=(iproute2 iputils-ping wireguard-go wireguard-tools tshark tcpdump iperf3 socat nftables procps kmod etcd-server etcd-client protobuf-compiler libprotobuf-dev buildah podman runc binutils python3-venv strongswan-charon strongswan-swanctl libstrongswan-standard-plugins libcharon-extra-plugins libstrongswan-extra-plugins)
 
 say() { printf 'setup: %s\n' "$*"; }
 die() {
