@@ -30,7 +30,7 @@ use std::fs::DirBuilder;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use isthmus_identity::{ClusterName, GatewayName, TrustDomain};
+use isthmus_identity::{ClusterName, GatewayId, GatewayName, SpiffeId, TrustDomain};
 
 use crate::bundle::TrustBundle;
 use crate::ca::{ClusterCa, LeafKind, MeshRootCa, Validity, CLOCK_SKEW_ALLOWANCE};
@@ -60,6 +60,24 @@ pub struct RootRotation {
     pub new: CertificateSummary,
     /// How many roots the bundle holds now.
     pub bundle_roots: usize,
+}
+
+/// Whether `leaf` (DER) carries `id` and was signed by one of `cas` (DER): a file in the
+/// directory is re-issued only if the directory's own CAs issued it for that name, not
+/// whatever certificate was put in its place.
+fn issued_for(leaf: &[u8], id: &SpiffeId, cas: &[&[u8]]) -> bool {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+        return false;
+    };
+    let names_it = crate::show::CertificateSummary::from_der(leaf)
+        .ok()
+        .and_then(|s| s.spiffe_id)
+        .is_some_and(|found| found == *id);
+    names_it
+        && cas.iter().any(|ca| {
+            x509_parser::parse_x509_certificate(ca)
+                .is_ok_and(|(_, ca)| cert.verify_signature(Some(ca.public_key())).is_ok())
+        })
 }
 
 fn summary(cert: &rustls_pki_types::CertificateDer<'_>) -> Result<CertificateSummary, CertError> {
@@ -347,6 +365,25 @@ impl CaDirectory {
             .collect())
     }
 
+    /// The CAs of a level rotated out and kept that load (`cluster` `None`: roots), and
+    /// the files of those that do not (skipped: one bad file must not stop revocation).
+    fn loadable_previous<T>(
+        &self,
+        cluster: Option<&ClusterName>,
+        load: impl Fn(&Path, &Path) -> Result<T, CertError>,
+    ) -> Result<(Vec<T>, Vec<PathBuf>), CertError> {
+        let prefix = if cluster.is_some() { "ca" } else { "root-ca" };
+        let mut loaded = Vec::new();
+        let mut unreadable = Vec::new();
+        for (cert, key) in archived(&self.previous_dir(cluster), prefix)? {
+            match load(&cert, &key) {
+                Ok(ca) => loaded.push(ca),
+                Err(_) => unreadable.push(cert),
+            }
+        }
+        Ok((loaded, unreadable))
+    }
+
     /// The CAs of `cluster` rotated out and still kept (`previous/`): they sign the
     /// cluster's CRL next to the CA in force while their leaves may be in use.
     pub fn previous_cluster_cas(&self, cluster: &ClusterName) -> Result<Vec<ClusterCa>, CertError> {
@@ -360,9 +397,10 @@ impl CaDirectory {
     /// old one (certificate and key) under `clusters/<cluster>/previous/`, puts the new
     /// one in place, then re-issues every gateway and administrator certificate of the
     /// cluster under it (new key each, the lifetime it had), each file replaced
-    /// atomically. Leaves whose serial is in `revoked`, or that have expired, are not
-    /// re-issued (see [`ClusterCaRotation::skipped`]). Old leaves stay valid until they
-    /// expire or their CA is revoked.
+    /// atomically. Not re-issued (see [`ClusterCaRotation::skipped`]): a leaf for which
+    /// `skip` gives a reason (the caller's revocation records), an expired one, and a
+    /// file that is not a certificate of this cluster's CAs (current or rotated out) for
+    /// its own name. Old leaves stay valid until they expire or their CA is revoked.
     ///
     /// Every leaf is read before anything changes, so an unreadable one refuses the
     /// rotation with nothing changed; a rotation cut short (a crash) can be run again.
@@ -370,22 +408,35 @@ impl CaDirectory {
         &self,
         cluster: &ClusterName,
         validity: Validity,
-        revoked: &[Serial],
+        skip: &dyn Fn(&CertificateSummary) -> Option<String>,
     ) -> Result<ClusterCaRotation, CertError> {
         let old = self.cluster_ca(cluster)?;
         let old_summary = summary(old.certificate())?;
+        let previous = self.previous_cluster_cas(cluster)?;
+        let mut cas: Vec<&[u8]> = vec![old.certificate().as_ref()];
+        cas.extend(previous.iter().map(|ca| ca.certificate().as_ref()));
         let now = std::time::SystemTime::now();
         let mut plan = Vec::new();
         let mut skipped = Vec::new();
         for (kind, name, files) in self.leaves(cluster)? {
-            let leaf = CertificateSummary::from_file(&files.chain)?
-                .into_iter()
-                .next()
-                .ok_or_else(|| CertError::NotAFile {
-                    path: files.chain.clone(),
-                })?;
-            if revoked.contains(&leaf.serial) {
-                let why = format!("serial {} is revoked", leaf.serial);
+            let chain = crate::files::load_certificates(&files.chain)?;
+            let leaf_der = chain.first().ok_or_else(|| CertError::NotAFile {
+                path: files.chain.clone(),
+            })?;
+            let leaf = CertificateSummary::from_der(leaf_der)?;
+            let id = match kind {
+                LeafKind::Gateway => {
+                    GatewayId::new(old.trust_domain().clone(), cluster.clone(), name.clone())
+                        .spiffe_id()
+                }
+                LeafKind::Admin => SpiffeId::admin(old.trust_domain(), cluster, &name),
+            };
+            if !issued_for(leaf_der, &id, &cas) {
+                let why = format!("not a certificate of this cluster's CAs for {id}");
+                skipped.push((kind, name, files, why));
+                continue;
+            }
+            if let Some(why) = skip(&leaf) {
                 skipped.push((kind, name, files, why));
                 continue;
             }
@@ -404,10 +455,10 @@ impl CaDirectory {
         }
         let new = self.root_ca()?.issue_cluster_ca(cluster, validity)?;
         let new_summary = summary(new.certificate())?;
-        let previous = self.previous_dir(Some(cluster));
-        mkdir(&previous)?;
+        let archive = self.previous_dir(Some(cluster));
+        mkdir(&archive)?;
         // Replaced, not created: a file left by a rotation cut short is the same CA.
-        let (cert, key) = archive_files(&previous, "ca", &old_summary.serial);
+        let (cert, key) = archive_files(&archive, "ca", &old_summary.serial);
         old.replace(&cert, &key)?;
         new.replace(
             &self.cluster_cert_path(cluster),
@@ -483,8 +534,9 @@ impl CaDirectory {
                 if !chains_here {
                     return Err(CertError::RotationRefused(format!(
                         "{} chains to a previous root: re-issue it first \
-                         (isthmusctl certs rotate --ca --cluster {cluster} re-issues every \
-                         certificate of the cluster), or remove it",
+                         (isthmusctl certs rotate --ca --cluster {cluster} re-issues the \
+                         cluster's certificates that are neither revoked nor expired), or \
+                         remove it (a revoked or expired one is never re-issued)",
                         files.chain.display()
                     )));
                 }
@@ -550,22 +602,29 @@ impl CaDirectory {
         crl_number: u64,
         validity: Validity,
     ) -> Result<(PathBuf, usize), CertError> {
-        let crls = match cluster {
+        // An archived CA that does not load signs nothing; the CA in force and the
+        // others still do (the caller is told which files were skipped).
+        let (crls, unreadable) = match cluster {
             None => {
                 let mut crls = vec![self.root_ca()?.crl(revoked, crl_number, validity)?];
-                for old in self.previous_roots()? {
-                    crls.push(old.crl(revoked, crl_number, validity)?);
+                let (old, unreadable) = self.loadable_previous(None, MeshRootCa::load)?;
+                for ca in old {
+                    crls.push(ca.crl(revoked, crl_number, validity)?);
                 }
-                crls
+                (crls, unreadable)
             }
             Some(c) => {
                 let mut crls = vec![self.cluster_ca(c)?.crl(revoked, crl_number, validity)?];
-                for old in self.previous_cluster_cas(c)? {
-                    crls.push(old.crl(revoked, crl_number, validity)?);
+                let (old, unreadable) = self.loadable_previous(Some(c), ClusterCa::load)?;
+                for ca in old {
+                    crls.push(ca.crl(revoked, crl_number, validity)?);
                 }
-                crls
+                (crls, unreadable)
             }
         };
+        for path in &unreadable {
+            tracing::warn!(file = %path.display(), "archived CA does not load: it signs no CRL");
+        }
         let pem: String = crls.iter().map(crate::ca::Crl::to_pem).collect();
         let path = self.crl_path(cluster);
         crate::files::write_public_file(&path, &pem)?;

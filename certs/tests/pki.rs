@@ -480,7 +480,7 @@ fn a_rotated_cluster_ca_keeps_old_leaves_valid_and_revocable() {
     let old_b = fs::read_to_string(&b.chain).unwrap();
 
     let rotation = store
-        .rotate_cluster_ca(&one, Validity::days(90), &[])
+        .rotate_cluster_ca(&one, Validity::days(90), &|_| None)
         .unwrap();
     assert_ne!(rotation.old.serial, rotation.new.serial);
     assert_ne!(rotation.old.subject, rotation.new.subject);
@@ -565,7 +565,7 @@ fn a_root_rotation_overlaps_then_retires_the_old_root() {
     );
 
     store
-        .rotate_cluster_ca(&one, Validity::days(90), &[])
+        .rotate_cluster_ca(&one, Validity::days(90), &|_| None)
         .unwrap();
     let new_a = fs::read_to_string(&a.chain).unwrap();
     let v = Verifier::of(&store, &a);
@@ -616,7 +616,9 @@ fn a_cluster_ca_rotation_does_not_reissue_revoked_leaves() {
     let old_a = fs::read_to_string(&a.chain).unwrap();
 
     let rotation = store
-        .rotate_cluster_ca(&one, Validity::days(90), &[serial_of(&old_b)])
+        .rotate_cluster_ca(&one, Validity::days(90), &|leaf| {
+            (leaf.serial == serial_of(&old_b)).then(|| "revoked".to_owned())
+        })
         .unwrap();
     let reissued: Vec<&str> = rotation.reissued.iter().map(|r| r.1.as_str()).collect();
     assert_eq!(reissued, ["a"]);
@@ -649,7 +651,7 @@ fn a_cluster_ca_rotation_is_all_or_nothing_and_can_be_retried() {
     let broken = a.chain.with_file_name("broken.pem");
     fs::create_dir(&broken).unwrap();
     assert!(store
-        .rotate_cluster_ca(&one, Validity::days(90), &[])
+        .rotate_cluster_ca(&one, Validity::days(90), &|_| None)
         .is_err());
     assert_eq!(
         fs::read_to_string(store.cluster_cert_path(&one)).unwrap(),
@@ -666,7 +668,7 @@ fn a_cluster_ca_rotation_is_all_or_nothing_and_can_be_retried() {
     let left = previous.join(format!("ca-{}.key", hex::encode(old_serial.as_bytes())));
     fs::copy(dir.join("clusters/one/ca.key"), &left).unwrap();
     let rotation = store
-        .rotate_cluster_ca(&one, Validity::days(90), &[])
+        .rotate_cluster_ca(&one, Validity::days(90), &|_| None)
         .unwrap();
     assert_eq!(rotation.old.serial, old_serial);
     assert_eq!(store.previous_cluster_cas(&one).unwrap().len(), 1);
@@ -685,5 +687,79 @@ fn a_cluster_ca_rotation_is_all_or_nothing_and_can_be_retried() {
     let rotation = store.rotate_root(Validity::days(365)).unwrap();
     assert_eq!(rotation.old.serial, root_serial);
     assert_eq!(store.previous_roots().unwrap().len(), 1);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// Found by the second review: a gateway's chain file (owned by the gateway's user)
+/// replaced by another gateway's certificate, or one from outside, was re-issued as if
+/// it were that gateway's: only a certificate of this cluster's CAs for that very name
+/// is.
+#[test]
+fn a_cluster_ca_rotation_reissues_only_the_directorys_own_certificates() {
+    let dir = temp_dir("rotate-ca-foreign");
+    let store = CaDirectory::init(&dir, &td("mesh.test"), Validity::days(365)).unwrap();
+    let one = cluster("one");
+    store.issue_cluster_ca(&one, Validity::days(90)).unwrap();
+    let a = store
+        .issue_gateway(&one, &gw("a"), Validity::days(30))
+        .unwrap();
+    let b = store
+        .issue_gateway(&one, &gw("b"), Validity::days(30))
+        .unwrap();
+    let c = store
+        .issue_gateway(&one, &gw("c"), Validity::days(30))
+        .unwrap();
+    // b's file now holds a's certificate; c's, one of another mesh's CA for c.
+    fs::copy(&a.chain, &b.chain).unwrap();
+    let other = MeshRootCa::create(&td("mesh.test"), Validity::days(30))
+        .unwrap()
+        .issue_cluster_ca(&one, Validity::days(30))
+        .unwrap()
+        .issue_gateway(&gw("c"), Validity::days(30))
+        .unwrap();
+    fs::write(&c.chain, other.chain_pem()).unwrap();
+    let rotation = store
+        .rotate_cluster_ca(&one, Validity::days(90), &|_| None)
+        .unwrap();
+    let reissued: Vec<&str> = rotation.reissued.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(reissued, ["a"]);
+    let skipped: Vec<&str> = rotation.skipped.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(skipped, ["b", "c"]);
+    assert!(rotation.skipped[0]
+        .3
+        .contains("not a certificate of this cluster"));
+
+    // A leaf of a rotated-out CA of the cluster is its own: a's first certificate,
+    // put back, is re-issued by the next rotation.
+    fs::copy(&b.chain, &a.chain).unwrap();
+    let rotation = store
+        .rotate_cluster_ca(&one, Validity::days(90), &|_| None)
+        .unwrap();
+    let reissued: Vec<&str> = rotation.reissued.iter().map(|r| r.1.as_str()).collect();
+    assert_eq!(reissued, ["a"]);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// Found by the second review: one archived CA that no longer loads made every CRL write
+/// of its level fail, so nothing more could be revoked.
+#[test]
+fn an_unreadable_archived_ca_does_not_stop_revocation() {
+    let dir = temp_dir("crl-bad-archive");
+    let store = CaDirectory::init(&dir, &td("mesh.test"), Validity::days(365)).unwrap();
+    let one = cluster("one");
+    store.issue_cluster_ca(&one, Validity::days(90)).unwrap();
+    let a = store
+        .issue_gateway(&one, &gw("a"), Validity::days(30))
+        .unwrap();
+    store
+        .rotate_cluster_ca(&one, Validity::days(90), &|_| None)
+        .unwrap();
+    fs::write(dir.join("clusters/one/previous/ca-00.pem"), "garbage").unwrap();
+    let serial = serial_of(&fs::read_to_string(&a.chain).unwrap());
+    let (path, n) = store
+        .write_crls(Some(&one), &[serial], 1, Validity::days(7))
+        .unwrap();
+    assert_eq!(n, 2, "the CA in force and the loadable archived one");
+    assert_eq!(Crl::load_all(&path).unwrap().len(), 2);
     fs::remove_dir_all(dir).unwrap();
 }

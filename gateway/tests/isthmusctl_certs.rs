@@ -1042,10 +1042,38 @@ fn certs_rotate_ca_leaves_revoked_gateways_revoked() {
             .unwrap()
             .to_owned()
     };
+    // b's first certificate is rotated out (not revoked), its second one revoked.
     let b_chain = dir.join("clusters/one/gateways/b.pem");
+    let b_first = fs::read_to_string(&b_chain).unwrap();
+    ctl.ok(&[
+        "certs",
+        "rotate",
+        "--dir",
+        d,
+        "--cluster",
+        "one",
+        "--name",
+        "b",
+    ]);
     let b_before = fs::read_to_string(&b_chain).unwrap();
     let b = serial(&b_chain);
     ctl.ok(&revoke_args(d, &b, Some("one")));
+    // A revoked gateway gets no new certificate by accident.
+    ctl.fails(
+        1,
+        &[
+            "certs",
+            "rotate",
+            "--dir",
+            d,
+            "--cluster",
+            "one",
+            "--name",
+            "b",
+        ],
+        &["is revoked", "--force"],
+    );
+    assert_eq!(fs::read_to_string(&b_chain).unwrap(), b_before);
     let ops = serial(&dir.join("clusters/one/admins/ops.pem"));
     let out = ctl.ok(&revoke_args(d, &ops, Some("one")));
     assert!(out.contains("administrator ops of cluster one"), "{out}");
@@ -1059,4 +1087,25 @@ fn certs_rotate_ca_leaves_revoked_gateways_revoked() {
     );
     assert!(out.contains("not re-issued: administrator ops"), "{out}");
     assert_eq!(fs::read_to_string(&b_chain).unwrap(), b_before);
+
+    // b's older certificate put back in place of the revoked one: not re-issued either.
+    fs::write(&b_chain, &b_first).unwrap();
+    let out = ctl.ok(&["certs", "rotate", "--dir", d, "--ca", "--cluster", "one"]);
+    assert!(
+        out.contains("not re-issued: gateway b (a certificate of spiffe://"),
+        "{out}"
+    );
+    // Deliberately, with --force, it gets one.
+    ctl.ok(&[
+        "certs",
+        "rotate",
+        "--dir",
+        d,
+        "--cluster",
+        "one",
+        "--name",
+        "b",
+        "--force",
+    ]);
+    assert_ne!(fs::read_to_string(&b_chain).unwrap(), b_first);
 }

@@ -90,6 +90,10 @@ pub enum CertsCmd {
         #[arg(long, value_name = "N",
               value_parser = clap::value_parser!(u32).range(1..=MAX_DAYS))]
         days: Option<u32>,
+        /// Give a gateway whose certificate is revoked a new one (it is trusted again:
+        /// a new key, a new host). Without it, that is refused.
+        #[arg(long, requires = "name")]
+        force: bool,
     },
     /// Take the roots rotated out (`certs rotate --root`) out of the trust bundle and
     /// delete their keys. Refused while a cluster CA or certificate in DIR still chains
@@ -218,11 +222,12 @@ pub fn run(cmd: CertsCmd) -> anyhow::Result<()> {
             ca,
             root,
             days,
+            force,
         } => match (cluster, name) {
             _ if root => rotate_root(&dir, days.unwrap_or(3650))?,
             (Some(cluster), _) if ca => rotate_cluster_ca(&dir, &cluster, days.unwrap_or(365))?,
             (Some(cluster), Some(name)) => {
-                rotate_gateway(&dir, &cluster, &name, days.unwrap_or(90))?
+                rotate_gateway(&dir, &cluster, &name, days.unwrap_or(90), force)?
             }
             _ => bail!("certs rotate: give --cluster and --name, --cluster and --ca, or --root"),
         },
@@ -742,6 +747,7 @@ pub(crate) fn rotate_gateway(
     cluster: &str,
     name: &str,
     days: u32,
+    force: bool,
 ) -> anyhow::Result<String> {
     let cluster = parse_cluster(cluster)?;
     let name = parse_gateway(name)?;
@@ -755,6 +761,14 @@ pub(crate) fn rotate_gateway(
             dir.display()
         )
     })?;
+    if !force {
+        if let Some(why) = revoked_reason(&store, &cluster, &old)? {
+            bail!(
+                "gateway {name} of cluster {cluster}: {why}; a new certificate would make it \
+                 trusted again. If it is (a new key, a new host), pass --force"
+            );
+        }
+    }
     store.rotate_gateway(&cluster, &name, validity_days(days))?;
     let leaf = summary_of(&files.chain)?;
     let mut out = format!(
@@ -775,6 +789,42 @@ pub(crate) fn rotate_gateway(
         old.serial
     );
     Ok(out)
+}
+
+/// Why `leaf` counts as revoked by a cluster's revocation records: its serial is listed,
+/// or a certificate of its identity was revoked after it was issued (an older
+/// certificate put back in place of a revoked one does not count as new).
+fn revoked_in(
+    state: &RevocationState,
+    serials: &[Serial],
+    leaf: &CertificateSummary,
+) -> Option<String> {
+    if serials.contains(&leaf.serial) {
+        return Some(format!("serial {} is revoked", leaf.serial));
+    }
+    let id = leaf.spiffe_id.as_ref()?.to_string();
+    // not_before is set back by the clock skew allowance from when it was issued.
+    let issued = rfc3339(leaf.not_before + isthmus_certs::ca::CLOCK_SKEW_ALLOWANCE);
+    state
+        .revoked
+        .iter()
+        .filter(|e| e.spiffe_id.as_deref() == Some(id.as_str()))
+        .map(|e| e.revoked_at.as_str())
+        // Whole seconds: issued in the second of a revocation counts as before it.
+        .find(|at| issued.as_str() <= *at)
+        .map(|at| format!("a certificate of {id} was revoked at {at}, after this one was issued"))
+}
+
+/// [`revoked_in`] with the records of `cluster` in `store`.
+fn revoked_reason(
+    store: &CaDirectory,
+    cluster: &ClusterName,
+    leaf: &CertificateSummary,
+) -> anyhow::Result<Option<String>> {
+    let (_, _, state_path) = crl_files(store, Some(cluster));
+    let state = load_state(&state_path)?;
+    let serials = state_serials(&state, &state_path)?;
+    Ok(revoked_in(&state, &serials, leaf))
 }
 
 /// One command at a time changes a CA directory (released when the file is dropped).
@@ -798,8 +848,10 @@ fn rotate_cluster_ca(dir: &Path, cluster: &str, days: u32) -> anyhow::Result<Str
     }
     // A revoked gateway must not come back with a new certificate.
     let (_, _, state_path) = crl_files(&store, Some(&cluster));
-    let revoked = state_serials(&load_state(&state_path)?, &state_path)?;
-    let rotation = store.rotate_cluster_ca(&cluster, validity_days(days), &revoked)?;
+    let state = load_state(&state_path)?;
+    let serials = state_serials(&state, &state_path)?;
+    let skip = |leaf: &CertificateSummary| revoked_in(&state, &serials, leaf);
+    let rotation = store.rotate_cluster_ca(&cluster, validity_days(days), &skip)?;
     let mut out = format!(
         "rotated the CA of cluster {cluster} (was serial {}, {})\n",
         rotation.old.serial, rotation.old.subject

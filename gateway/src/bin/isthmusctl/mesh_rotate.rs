@@ -77,7 +77,8 @@ fn rotate_one(
         .as_gateway()
         .with_context(|| format!("{id} is not a gateway identity"))?;
     let deadline = Instant::now() + wait;
-    crate::certs::rotate_gateway(dir, gw.cluster.as_str(), gw.name.as_str(), days)?;
+    // A revoked gateway is refused, as `certs rotate` refuses it without --force.
+    crate::certs::rotate_gateway(dir, gw.cluster.as_str(), gw.name.as_str(), days, false)?;
     let mut out = GatewayRotation {
         gateway: gateway.to_string(),
         identity: id.to_string(),
