@@ -1,8 +1,8 @@
-//! Isthmus's IKEv2 initiator against a real strongSwan 5.9 responder (charon with
-//! kernel-libipsec) across network namespaces: the IKE SA and its CHILD_SA come up with
-//! a pre-shared key, charon lists them with our SPIs and logs the very ESP keys we
-//! derived; a COOKIE and then an INVALID_KE_PAYLOAD are followed; DPD is answered; a
-//! delete from charon closes the SA; a wrong key is refused by charon.
+//! Isthmus's IKEv2 against a real strongSwan 5.9 (charon with kernel-libipsec) across
+//! network namespaces, as initiator and as responder: the IKE SA and its CHILD_SA come
+//! up with a pre-shared key, charon lists them with our SPIs and logs the very ESP keys
+//! we derived; a COOKIE and then an INVALID_KE_PAYLOAD are followed; DPD is answered; a
+//! delete from charon closes the SA; a wrong key is refused (by charon, and by us).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use isthmus_e2e::netns;
 use isthmus_e2e::strongswan::Charon;
 use isthmus_e2e::{Site, Topology, Underlay};
-use isthmus_ike::sa::{ChildSa, Config, Event, IkeError, Initiator, Prefix};
+use isthmus_ike::sa::{Accepted, ChildSa, Config, Event, IkeError, Initiator, Prefix, Responder};
 use isthmus_ike::wire::Identification;
 
 const PSK: &str = "e2e-psk-5a1c9b7d3e0f24681357902468ace0bd";
@@ -29,6 +29,22 @@ fn responder_conf(proposals: &str) -> String {
          esp_proposals = aes256gcm16\n      }}\n    }}\n  }}\n}}\n\
          secrets {{\n  ike-lab {{\n    id-1 = gw1.test\n    id-2 = gw2.test\n    \
          secret = \"{PSK}\"\n  }}\n}}\n"
+    )
+}
+
+/// charon as the initiator of site 2 toward site 1 (Isthmus), straight to port 4500.
+fn initiator_conf(proposals: &str, psk: &str) -> String {
+    format!(
+        "connections {{\n  lab {{\n    version = 2\n    local_addrs = 192.0.2.2\n    \
+         remote_addrs = 192.0.2.1\n    local_port = 4500\n    remote_port = 4500\n    proposals = {proposals}\n    \
+         encap = yes\n    mobike = no\n    dpd_delay = 1s\n    \
+         local {{\n      auth = psk\n      id = gw2.test\n    }}\n    \
+         remote {{\n      auth = psk\n      id = gw1.test\n    }}\n    \
+         children {{\n      net {{\n        mode = tunnel\n        \
+         local_ts = 100.64.2.0/24\n        remote_ts = 100.64.1.0/24\n        \
+         esp_proposals = aes128gcm16\n      }}\n    }}\n  }}\n}}\n\
+         secrets {{\n  ike-lab {{\n    id-1 = gw1.test\n    id-2 = gw2.test\n    \
+         secret = \"{psk}\"\n  }}\n}}\n"
     )
 }
 
@@ -62,14 +78,35 @@ fn config(groups: &[u16], psk: &str) -> Config {
     }
 }
 
-/// What driving an initiator gave.
-#[derive(Debug)]
+/// What driving an end of an IKE SA gave.
+#[derive(Debug, Default)]
 struct Outcome {
     child: Option<ChildSa>,
     error: Option<IkeError>,
     /// Requests from the peer answered after the SA was up (DPD, deletes).
     answered: usize,
     closed: Option<String>,
+}
+
+impl Outcome {
+    /// Takes an end's events in; returns the datagrams to send.
+    fn apply(&mut self, events: Vec<Event>) -> Vec<Vec<u8>> {
+        let mut send = Vec::new();
+        for e in events {
+            match e {
+                Event::Send(bytes) => {
+                    if self.child.is_some() {
+                        self.answered += 1;
+                    }
+                    send.push(bytes);
+                }
+                Event::Established(child) => self.child = Some(child),
+                Event::ChildDeleted(_) => {}
+                Event::Closed(why) => self.closed = Some(why),
+            }
+        }
+        send
+    }
 }
 
 /// Drives `initiator` over a UDP socket on port 4500 (non-ESP marker added and
@@ -82,12 +119,7 @@ fn drive(socket: &UdpSocket, mut initiator: Initiator, first: Vec<u8>, until: Du
         socket.send_to(&d, peer).expect("send");
     };
     send(&first);
-    let mut out = Outcome {
-        child: None,
-        error: None,
-        answered: 0,
-        closed: None,
-    };
+    let mut out = Outcome::default();
     let end = Instant::now() + until;
     let mut buf = [0u8; 65536];
     while Instant::now() < end && out.closed.is_none() {
@@ -100,18 +132,8 @@ fn drive(socket: &UdpSocket, mut initiator: Initiator, first: Vec<u8>, until: Du
         };
         match events {
             Ok(events) => {
-                for e in events {
-                    match e {
-                        Event::Send(bytes) => {
-                            if out.child.is_some() {
-                                out.answered += 1;
-                            }
-                            send(&bytes);
-                        }
-                        Event::Established(child) => out.child = Some(child),
-                        Event::ChildDeleted(_) => {}
-                        Event::Closed(why) => out.closed = Some(why),
-                    }
+                for bytes in out.apply(events) {
+                    send(&bytes);
                 }
             }
             Err(e) => {
@@ -134,6 +156,60 @@ fn initiate(
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
         let (initiator, first) = Initiator::start(config(groups, psk), Instant::now())?;
         Ok(drive(&socket, initiator, first, until))
+    })
+}
+
+/// Answers IKE on site 1's port 4500 as a responder for `until`: the first IKE_SA_INIT
+/// request makes the IKE SA (stateless answers keep none), the rest goes to it.
+fn respond(
+    site: &Site,
+    groups: &'static [u16],
+    psk: &'static str,
+    until: Duration,
+) -> Result<Outcome> {
+    netns::run_in(&site.gw_ns, move || {
+        let socket = UdpSocket::bind("192.0.2.1:4500").context("binding 4500")?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let mut out = Outcome::default();
+        let mut responder: Option<Box<Responder>> = None;
+        let end = Instant::now() + until;
+        let mut buf = [0u8; 65536];
+        while Instant::now() < end && out.closed.is_none() {
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                continue;
+            };
+            if n <= 4 || buf[..4] != [0, 0, 0, 0] {
+                continue; // ESP or a keepalive
+            }
+            let datagram = &buf[4..n];
+            let events = match responder.as_mut() {
+                Some(r) => r.handle(datagram, Instant::now()),
+                None => {
+                    // Site 1's side, as when it initiates.
+                    match Responder::accept(config(groups, psk), datagram) {
+                        Ok(Accepted::Sa(r, answer)) => {
+                            responder = Some(r);
+                            Ok(vec![Event::Send(answer)])
+                        }
+                        Ok(Accepted::Answer(answer)) => Ok(vec![Event::Send(answer)]),
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            let events = match events {
+                Ok(events) => events,
+                Err(e) => {
+                    out.error = Some(e);
+                    continue;
+                }
+            };
+            for bytes in out.apply(events) {
+                let mut d = vec![0u8; 4];
+                d.extend_from_slice(&bytes);
+                socket.send_to(&d, from).context("send")?;
+            }
+        }
+        Ok(out)
     })
 }
 
@@ -270,4 +346,103 @@ fn cookie_then_invalid_ke_then_a_wrong_key_with_strongswan() {
         "{outcome:?}"
     );
     assert!(outcome.child.is_none());
+}
+
+/// charon initiates toward an Isthmus responder: it gets the group it asked for (or is
+/// told which one to use), both sides derive the same ESP keys for the narrowed prefixes,
+/// DPD is answered and charon's delete closes the SA. A wrong key is refused by us.
+#[test]
+fn strongswan_initiates_to_an_isthmus_responder() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let charon = Charon::start(
+        topo.run(),
+        &s2.gw_ns,
+        "g2",
+        "",
+        &initiator_conf("aes256gcm16-prfsha256-x25519-ecp256", PSK),
+    )
+    .expect("charon");
+    // We want ECP-256 only: charon's first KE (Curve25519) gets INVALID_KE_PAYLOAD.
+    let driver = {
+        let s1 = s1.clone();
+        std::thread::spawn(move || respond(&s1, &[19], PSK, Duration::from_secs(6)))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    charon
+        .swanctl(&["--initiate", "--child", "net", "--timeout", "5"])
+        .expect("charon's initiate");
+    let sas = wait_for(&charon, "INSTALLED", Duration::from_secs(5)).expect("CHILD_SA");
+    assert!(
+        sas.contains("AES_GCM_16-256/PRF_HMAC_SHA2_256/ECP_256"),
+        "{sas}"
+    );
+    assert!(sas.contains("ESP:AES_GCM_16-128"), "{sas}");
+    assert!(
+        charon
+            .log()
+            .contains("peer didn't accept DH group CURVE_25519, it requested ECP_256"),
+        "charon was not asked for another group"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    charon
+        .swanctl(&["--terminate", "--ike", "lab"])
+        .expect("terminate");
+    let outcome = driver.join().expect("driver").expect("driver ran");
+    let child = outcome.child.expect("CHILD_SA established");
+    assert_eq!(child.local_prefixes, vec![prefix("100.64.1.0/24")]);
+    assert_eq!(child.remote_prefixes, vec![prefix("100.64.2.0/24")]);
+    // charon, the initiator, sends to our inbound SPI.
+    assert!(
+        sas.contains(&format!("in  {:08x},", child.outbound_spi))
+            && sas.contains(&format!("out {:08x},", child.inbound_spi)),
+        "{sas}"
+    );
+    assert_eq!(
+        charon
+            .logged("encryption initiator key")
+            .first()
+            .map(Vec::as_slice),
+        Some(child.inbound_key.as_slice())
+    );
+    assert_eq!(
+        charon
+            .logged("encryption responder key")
+            .first()
+            .map(Vec::as_slice),
+        Some(child.outbound_key.as_slice())
+    );
+    assert!(
+        outcome.answered >= 2,
+        "DPD requests answered: {}",
+        outcome.answered
+    );
+    assert_eq!(
+        outcome.closed.as_deref(),
+        Some("the peer deleted the IKE SA")
+    );
+
+    // The same with a key that is not ours: refused, and charon says so.
+    let driver = {
+        let s1 = s1.clone();
+        std::thread::spawn(move || respond(&s1, &[19, 31], "not-the-key", Duration::from_secs(3)))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let attempt = charon.swanctl(&["--initiate", "--child", "net", "--timeout", "3"]);
+    assert!(attempt.is_err(), "{attempt:?}");
+    let outcome = driver.join().expect("driver").expect("driver ran");
+    assert!(outcome.child.is_none(), "{outcome:?}");
+    assert!(
+        outcome
+            .closed
+            .as_deref()
+            .is_some_and(|w| w.contains("did not verify")),
+        "{outcome:?}"
+    );
+    assert!(
+        charon
+            .log()
+            .contains("received AUTHENTICATION_FAILED notify error"),
+        "charon saw no AUTHENTICATION_FAILED"
+    );
 }

@@ -117,7 +117,7 @@ impl IkeKeys {
         enc_key_len: usize,
     ) -> Self {
         let nonces = [ni, nr].concat();
-        let skeyseed = prf(&nonces, g_ir);
+        let skeyseed = Zeroizing::new(prf(&nonces, g_ir));
         Self::split(&skeyseed, &nonces, spi_i, spi_r, enc_key_len)
     }
 
@@ -132,7 +132,9 @@ impl IkeKeys {
         spi_r: &[u8; 8],
         enc_key_len: usize,
     ) -> Self {
-        let skeyseed = prf(old_sk_d, &[g_ir, ni, nr].concat());
+        // The seed holds g^ir: wiped, as the result is.
+        let seed = Zeroizing::new([g_ir, ni, nr].concat());
+        let skeyseed = Zeroizing::new(prf(old_sk_d, &seed));
         Self::split(&skeyseed, &[ni, nr].concat(), spi_i, spi_r, enc_key_len)
     }
 
@@ -169,7 +171,7 @@ pub fn child_keymat(
     enc_key_len: usize,
 ) -> (Zeroizing<Vec<u8>>, Zeroizing<Vec<u8>>) {
     let e = enc_key_len + SALT_LEN;
-    let seed = [g_ir.unwrap_or_default(), ni, nr].concat();
+    let seed = Zeroizing::new([g_ir.unwrap_or_default(), ni, nr].concat());
     let km = prf_plus(sk_d, &seed, 2 * e);
     (
         Zeroizing::new(km[..e].to_vec()),
@@ -480,7 +482,9 @@ pub fn signed_octets(
 /// The AUTH data of method 2 (shared key message integrity code): prf(prf(PSK, "Key Pad
 /// for IKEv2"), signed octets).
 pub fn psk_auth(psk: &[u8], signed_octets: &[u8]) -> [u8; PRF_LEN] {
-    prf(&prf(psk, b"Key Pad for IKEv2"), signed_octets)
+    // As good as the key itself: wiped after use.
+    let pad = Zeroizing::new(prf(psk, b"Key Pad for IKEv2"));
+    prf(&*pad, signed_octets)
 }
 
 /// AUTH method 14, digital signature (RFC 7427).

@@ -1,12 +1,16 @@
-//! An IKE SA as initiator (RFC 7296 §1.2, §2): IKE_SA_INIT (with COOKIE and
-//! INVALID_KE_PAYLOAD retries), IKE_AUTH with a pre-shared key and the first CHILD_SA,
-//! then, established, the peer's liveness checks and deletes. Sans-IO: datagrams and
-//! `now` in, [`Event`]s out; the driver owns the socket (always UDP-encapsulated: port
-//! 4500 with the non-ESP marker, which it adds and strips).
+//! IKE SAs (RFC 7296 §1.2, §2), both ends. [`Initiator`]: IKE_SA_INIT (with COOKIE and
+//! INVALID_KE_PAYLOAD retries), IKE_AUTH with a pre-shared key and the first CHILD_SA.
+//! [`Responder`]: IKE_SA_INIT (a proposal picked, INVALID_KE_PAYLOAD for another group,
+//! retransmitted requests answered again), IKE_AUTH (identity and AUTH checked, ESP
+//! proposal picked, traffic selectors narrowed to our prefixes). Established, either end
+//! answers the peer's liveness checks and deletes, in order, window size 1. Sans-IO:
+//! datagrams and `now` in, [`Event`]s out; the driver owns the socket (always
+//! UDP-encapsulated: port 4500 with the non-ESP marker, which it adds and strips).
 //!
-//! Not yet here (see the crate docs): the responder, certificate AUTH in the exchange
-//! itself, CREATE_CHILD_SA (rekeys are answered NO_ADDITIONAL_SAS, so the peer keeps the
-//! SAs until their hard lifetime), and sending fragments.
+//! Not yet here (see the crate docs): certificate AUTH in the exchange itself, COOKIEs
+//! sent by the responder, CREATE_CHILD_SA (rekeys are answered NO_ADDITIONAL_SAS, so the
+//! peer keeps the SAs until their hard lifetime), requests of our own once established
+//! (DPD, delete), and sending fragments.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -207,6 +211,25 @@ pub struct Config {
     pub esn: bool,
 }
 
+impl Config {
+    fn check(&self) -> Result<(), IkeError> {
+        if self.groups.iter().any(|g| !crypto::supported_group(*g)) || self.groups.is_empty() {
+            return Err(IkeError::Protocol(
+                "Diffie-Hellman groups: 19, 20 or 31".into(),
+            ));
+        }
+        if self.key_bits.is_empty() || self.key_bits.iter().any(|b| !matches!(b, 128 | 256)) {
+            return Err(IkeError::Protocol("AES-GCM key sizes: 128 or 256".into()));
+        }
+        if self.local_prefixes.is_empty() || self.remote_prefixes.is_empty() {
+            return Err(IkeError::Protocol(
+                "traffic selectors: at least one prefix each".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
@@ -296,20 +319,15 @@ pub struct Initiator {
     /// COOKIE and INVALID_KE_PAYLOAD retries so far.
     init_retries: u8,
     keys: Option<IkeKeys>,
-    ours: Option<SkCipher>,
-    theirs: Option<SkCipher>,
+    keyed: Option<Keyed>,
     key_bytes: usize,
-    iv: u64,
     /// Our next request's Message ID.
     next_id: u32,
     /// The request in flight: (bytes, sent at, transmissions).
     in_flight: Option<(Vec<u8>, Instant, u32)>,
-    /// The peer's next request's Message ID, and our response to the one before.
-    peer_next_id: u32,
-    last_response: Option<(u32, Vec<u8>)>,
-    inbound_spi: u32,
-    child_outbound_spi: Option<u32>,
-    fragments: Reassembly,
+    child: Child,
+    /// An error the responder sent in clear to our IKE_SA_INIT (see `on_init_response`).
+    refused_hint: Option<u16>,
 }
 
 impl std::fmt::Debug for Initiator {
@@ -355,6 +373,44 @@ fn status(kind: u16, data: Vec<u8>) -> Payload {
     })
 }
 
+/// The SA, KE (group, public value) and Nonce of an IKE_SA_INIT `what` (request or
+/// response); an unknown critical payload refuses it.
+#[allow(clippy::type_complexity)]
+fn init_payloads<'m>(
+    message: &'m Message,
+    what: &str,
+) -> Result<(&'m [Proposal], (u16, &'m [u8]), &'m [u8]), IkeError> {
+    let mut sa = None;
+    let mut ke = None;
+    let mut nonce = None;
+    for p in &message.payloads {
+        match p {
+            Payload::Sa(ps) => sa = Some(ps.as_slice()),
+            Payload::Ke { group, data } => ke = Some((*group, data.as_slice())),
+            Payload::Nonce(n) => nonce = Some(n.as_slice()),
+            Payload::Unknown {
+                critical: true,
+                kind,
+                ..
+            } => {
+                return Err(IkeError::Protocol(format!(
+                    "unknown critical payload type {kind}"
+                )))
+            }
+            _ => {}
+        }
+    }
+    let (Some(sa), Some(ke), Some(nonce)) = (sa, ke, nonce) else {
+        return Err(IkeError::Protocol(format!(
+            "IKE_SA_INIT {what} without SA, KE or Nonce"
+        )));
+    };
+    if !(16..=256).contains(&nonce.len()) {
+        return Err(IkeError::Protocol("nonce of a bad length".into()));
+    }
+    Ok((sa, ke, nonce))
+}
+
 fn first_error(payloads: &[Payload]) -> Option<u16> {
     payloads.iter().find_map(|p| match p {
         Payload::Notify(n) if n.kind < 16384 => Some(n.kind),
@@ -365,19 +421,7 @@ fn first_error(payloads: &[Payload]) -> Option<u16> {
 impl Initiator {
     /// Starts an IKE SA: returns the initiator and the IKE_SA_INIT request to send.
     pub fn start(config: Config, now: Instant) -> Result<(Self, Vec<u8>), IkeError> {
-        if config.groups.iter().any(|g| !crypto::supported_group(*g)) || config.groups.is_empty() {
-            return Err(IkeError::Protocol(
-                "Diffie-Hellman groups: 19, 20 or 31".into(),
-            ));
-        }
-        if config.key_bits.is_empty() || config.key_bits.iter().any(|b| !matches!(b, 128 | 256)) {
-            return Err(IkeError::Protocol("AES-GCM key sizes: 128 or 256".into()));
-        }
-        if config.local_prefixes.is_empty() || config.remote_prefixes.is_empty() {
-            return Err(IkeError::Protocol(
-                "traffic selectors: at least one prefix each".into(),
-            ));
-        }
+        config.check()?;
         let rng = ring::rand::SystemRandom::new();
         let spi_i = random::<8>(&rng)?;
         let ni = random::<32>(&rng)?.to_vec();
@@ -396,17 +440,15 @@ impl Initiator {
             init_response: Vec::new(),
             init_retries: 0,
             keys: None,
-            ours: None,
-            theirs: None,
+            keyed: None,
             key_bytes: 0,
-            iv: 0,
             next_id: 0,
             in_flight: None,
-            peer_next_id: 0,
-            last_response: None,
-            inbound_spi,
-            child_outbound_spi: None,
-            fragments: Reassembly::default(),
+            child: Child {
+                inbound_spi,
+                outbound_spi: None,
+            },
+            refused_hint: None,
         };
         let request = this.init_request()?;
         this.in_flight = Some((request.clone(), now, 1));
@@ -514,6 +556,12 @@ impl Initiator {
             let n = *count;
             self.in_flight = None;
             self.state = State::Closed;
+            if let Some(code) = self.refused_hint.filter(|_| self.keyed.is_none()) {
+                return Err(IkeError::Refused {
+                    code,
+                    name: notify_name(code),
+                });
+            }
             return Err(IkeError::Timeout(n));
         }
         *count += 1;
@@ -567,41 +615,13 @@ impl Initiator {
             return self.resend_init(now);
         }
         if let Some(code) = first_error(&message.payloads) {
-            self.state = State::Closed;
-            self.in_flight = None;
-            return Err(IkeError::Refused {
-                code,
-                name: notify_name(code),
-            });
+            // Unprotected: anyone who saw our request could have sent it. Kept as the
+            // reason to give if no real answer comes before the retransmissions run out.
+            self.refused_hint = Some(code);
+            return Ok(Vec::new());
         }
-        let mut chosen = None;
-        let mut ke = None;
-        let mut nr = None;
-        for p in &message.payloads {
-            match p {
-                Payload::Sa(ps) => chosen = Some(ps.clone()),
-                Payload::Ke { group, data } => ke = Some((*group, data.clone())),
-                Payload::Nonce(n) => nr = Some(n.clone()),
-                Payload::Unknown {
-                    critical: true,
-                    kind,
-                    ..
-                } => {
-                    return Err(IkeError::Protocol(format!(
-                        "unknown critical payload type {kind}"
-                    )))
-                }
-                _ => {}
-            }
-        }
-        let (Some(chosen), Some((group, public)), Some(nr)) = (chosen, ke, nr) else {
-            return Err(IkeError::Protocol(
-                "IKE_SA_INIT response without SA, KE or Nonce".into(),
-            ));
-        };
-        if !(16..=256).contains(&nr.len()) {
-            return Err(IkeError::Protocol("nonce of a bad length".into()));
-        }
+        let (chosen, (group, public), nr) = init_payloads(&message, "response")?;
+        let (chosen, public, nr) = (chosen.to_vec(), public.to_vec(), nr.to_vec());
         let key_bits = self.check_ike_choice(&chosen, group)?;
         let ke = self
             .ke
@@ -620,8 +640,8 @@ impl Initiator {
             &self.spi_r,
             self.key_bytes,
         );
-        self.ours = Some(SkCipher::new(&keys.sk_ei)?);
-        self.theirs = Some(SkCipher::new(&keys.sk_er)?);
+        // The responder's requests start at Message ID 0.
+        self.keyed = Some(Keyed::new(true, self.spi_i, self.spi_r, &keys, 0)?);
         self.keys = Some(keys);
         let request = self.auth_request()?;
         self.state = State::AuthSent;
@@ -702,42 +722,15 @@ impl Initiator {
         Proposal {
             number: 1,
             protocol: PROTO_ESP,
-            spi: self.inbound_spi.to_be_bytes().to_vec(),
+            spi: self.child.inbound_spi.to_be_bytes().to_vec(),
             transforms,
         }
     }
 
-    fn next_iv(&mut self) -> [u8; crypto::IV_LEN] {
-        // A counter: unique per key, which is all AES-GCM asks of the IV (RFC 5282 §3.1).
-        self.iv += 1;
-        self.iv.to_be_bytes()
-    }
-
-    fn seal(
-        &mut self,
-        exchange: u8,
-        response: bool,
-        message_id: u32,
-        payloads: &[Payload],
-    ) -> Result<Vec<u8>, IkeError> {
-        let mut inner = Vec::new();
-        let first = wire::encode_payloads(payloads, &mut inner)?;
-        let header = Header {
-            spi_i: self.spi_i,
-            spi_r: self.spi_r,
-            next_payload: 0,
-            version: wire::IKE_VERSION,
-            exchange,
-            flags: flags::INITIATOR | if response { flags::RESPONSE } else { 0 },
-            message_id,
-            length: 0,
-        };
-        let iv = self.next_iv();
-        let cipher = self
-            .ours
-            .as_ref()
-            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
-        Ok(cipher.seal(header, first, None, &inner, &[], iv)?)
+    fn keyed(&mut self) -> Result<&mut Keyed, IkeError> {
+        self.keyed
+            .as_mut()
+            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))
     }
 
     fn auth_request(&mut self) -> Result<Vec<u8>, IkeError> {
@@ -774,39 +767,7 @@ impl Initiator {
         ];
         let id = self.next_id;
         self.next_id += 1;
-        self.seal(exchange::IKE_AUTH, false, id, &payloads)
-    }
-
-    /// Opens an encrypted message from the peer; fragments are collected until the
-    /// message is whole (`None` until then).
-    fn open(&mut self, datagram: &[u8]) -> Result<Option<Vec<Payload>>, IkeError> {
-        let cipher = self
-            .theirs
-            .as_ref()
-            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
-        let opened = cipher.open(datagram)?;
-        let (first, bytes) = if opened.fragment.is_some() {
-            match self.fragments.add(&opened)? {
-                Some(whole) => whole,
-                None => return Ok(None),
-            }
-        } else {
-            (opened.first_inner, opened.payloads)
-        };
-        let payloads = wire::decode_payloads(first, &bytes)?;
-        if let Some(kind) = payloads.iter().find_map(|p| match p {
-            Payload::Unknown {
-                critical: true,
-                kind,
-                ..
-            } => Some(*kind),
-            _ => None,
-        }) {
-            return Err(IkeError::Protocol(format!(
-                "unknown critical payload type {kind}"
-            )));
-        }
-        Ok(Some(payloads))
+        self.keyed()?.seal(exchange::IKE_AUTH, false, id, &payloads)
     }
 
     fn on_auth_response(
@@ -821,7 +782,7 @@ impl Initiator {
         {
             return Err(IkeError::Protocol("expected the IKE_AUTH response".into()));
         }
-        let Some(payloads) = self.open(datagram)? else {
+        let Some(payloads) = self.keyed()?.open(datagram)? else {
             return Ok(Vec::new());
         };
         if let Some(code) = first_error(&payloads) {
@@ -872,7 +833,7 @@ impl Initiator {
         self.in_flight = None;
         self.state = State::Established;
         let child = self.child_from(&payloads)?;
-        self.child_outbound_spi = Some(child.outbound_spi);
+        self.child.outbound_spi = Some(child.outbound_spi);
         Ok(vec![Event::Established(child)])
     }
 
@@ -980,7 +941,7 @@ impl Initiator {
         let (i2r, r2i) =
             crypto::child_keymat(&keys.sk_d, None, &self.ni, &self.nr, usize::from(bits / 8));
         Ok(ChildSa {
-            inbound_spi: self.inbound_spi,
+            inbound_spi: self.child.inbound_spi,
             outbound_spi,
             inbound_key: r2i,
             outbound_key: i2r,
@@ -998,11 +959,166 @@ impl Initiator {
             // No request of ours is in flight once established.
             return Ok(Vec::new());
         }
-        // Window size 1: the request before is answered from the cache; older ones and
-        // ones from the future are dropped.
+        let keyed = self
+            .keyed
+            .as_mut()
+            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
+        let (events, closed) = keyed.established_request(datagram, &header, &mut self.child)?;
+        if closed {
+            self.state = State::Closed;
+        }
+        Ok(events)
+    }
+}
+
+/// The CHILD_SA as its IKE SA knows it.
+#[derive(Debug, Clone, Copy)]
+struct Child {
+    /// Ours (the peer sends to it).
+    inbound_spi: u32,
+    /// The peer's, once the CHILD_SA is up.
+    outbound_spi: Option<u32>,
+}
+
+/// The protected half of an IKE SA, the same at both ends once the keys exist: SK
+/// payloads sealed and opened (fragments reassembled), and the peer's requests taken in
+/// order (window size 1: the request before is answered again from the cache).
+struct Keyed {
+    initiator: bool,
+    spi_i: [u8; 8],
+    spi_r: [u8; 8],
+    ours: SkCipher,
+    theirs: SkCipher,
+    iv: u64,
+    fragments: Reassembly,
+    /// The peer's next request's Message ID, and our response to the one before.
+    peer_next_id: u32,
+    last_response: Option<(u32, Vec<u8>)>,
+    /// SHA-256 of the datagrams (fragments) of the request answered last: only those
+    /// get its response again, not any datagram that copies its header.
+    last_request: Vec<[u8; 32]>,
+    /// Likewise for the request being reassembled.
+    receiving: Vec<[u8; 32]>,
+}
+
+/// Fragments of one request remembered for retransmissions.
+const MAX_REMEMBERED_DATAGRAMS: usize = 64;
+
+fn digest(datagram: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, datagram).as_ref());
+    out
+}
+
+/// A request of the peer, as [`Keyed::request`] sorts it.
+enum Request {
+    /// The one answered last, again: send this again.
+    Again(Vec<u8>),
+    /// A fragment of a message not whole yet.
+    Partial,
+    /// The next request, opened.
+    New(Vec<Payload>),
+}
+
+impl Keyed {
+    fn new(
+        initiator: bool,
+        spi_i: [u8; 8],
+        spi_r: [u8; 8],
+        keys: &IkeKeys,
+        peer_next_id: u32,
+    ) -> Result<Self, IkeError> {
+        let (ours, theirs) = if initiator {
+            (&keys.sk_ei, &keys.sk_er)
+        } else {
+            (&keys.sk_er, &keys.sk_ei)
+        };
+        Ok(Self {
+            initiator,
+            spi_i,
+            spi_r,
+            ours: SkCipher::new(ours)?,
+            theirs: SkCipher::new(theirs)?,
+            iv: 0,
+            fragments: Reassembly::default(),
+            peer_next_id,
+            last_response: None,
+            last_request: Vec::new(),
+            receiving: Vec::new(),
+        })
+    }
+
+    fn seal(
+        &mut self,
+        exchange: u8,
+        response: bool,
+        message_id: u32,
+        payloads: &[Payload],
+    ) -> Result<Vec<u8>, IkeError> {
+        let mut inner = Vec::new();
+        let first = wire::encode_payloads(payloads, &mut inner)?;
+        let mut bits = if response { flags::RESPONSE } else { 0 };
+        if self.initiator {
+            bits |= flags::INITIATOR;
+        }
+        let header = Header {
+            spi_i: self.spi_i,
+            spi_r: self.spi_r,
+            next_payload: 0,
+            version: wire::IKE_VERSION,
+            exchange,
+            flags: bits,
+            message_id,
+            length: 0,
+        };
+        // A counter: unique per key, which is all AES-GCM asks of the IV (RFC 5282 §3.1).
+        self.iv += 1;
+        Ok(self
+            .ours
+            .seal(header, first, None, &inner, &[], self.iv.to_be_bytes())?)
+    }
+
+    /// Opens an encrypted message from the peer; fragments are collected until the
+    /// message is whole (`None` until then).
+    fn open(&mut self, datagram: &[u8]) -> Result<Option<Vec<Payload>>, IkeError> {
+        let opened = self.theirs.open(datagram)?;
+        let (first, bytes) = if opened.fragment.is_some() {
+            match self.fragments.add(&opened)? {
+                Some(whole) => whole,
+                None => return Ok(None),
+            }
+        } else {
+            (opened.first_inner, opened.payloads)
+        };
+        let payloads = wire::decode_payloads(first, &bytes)?;
+        if let Some(kind) = payloads.iter().find_map(|p| match p {
+            Payload::Unknown {
+                critical: true,
+                kind,
+                ..
+            } => Some(*kind),
+            _ => None,
+        }) {
+            return Err(IkeError::Protocol(format!(
+                "unknown critical payload type {kind}"
+            )));
+        }
+        Ok(Some(payloads))
+    }
+
+    /// Sorts a request of the peer: the one before is answered from the cache, the next
+    /// one is opened, others are refused.
+    fn request(&mut self, datagram: &[u8], header: &Header) -> Result<Request, IkeError> {
+        let hash = digest(datagram);
         if let Some((id, response)) = &self.last_response {
             if header.message_id == *id {
-                return Ok(vec![Event::Send(response.clone())]);
+                if self.last_request.contains(&hash) {
+                    return Ok(Request::Again(response.clone()));
+                }
+                return Err(IkeError::Protocol(format!(
+                    "a datagram with Message ID {id}, answered already, that is not the \
+                     request answered"
+                )));
             }
         }
         if header.message_id != self.peer_next_id {
@@ -1011,34 +1127,67 @@ impl Initiator {
                 header.message_id, self.peer_next_id
             )));
         }
-        let Some(payloads) = self.open(datagram)? else {
-            return Ok(Vec::new());
+        let opened = self.open(datagram)?;
+        if self.receiving.len() < MAX_REMEMBERED_DATAGRAMS {
+            self.receiving.push(hash);
+        }
+        Ok(match opened {
+            Some(payloads) => {
+                self.last_request = std::mem::take(&mut self.receiving);
+                Request::New(payloads)
+            }
+            None => Request::Partial,
+        })
+    }
+
+    /// Seals the response to the request `header` and keeps it for a retransmission.
+    fn respond(&mut self, header: &Header, payloads: &[Payload]) -> Result<Vec<u8>, IkeError> {
+        let response = self.seal(header.exchange, true, header.message_id, payloads)?;
+        self.last_response = Some((header.message_id, response.clone()));
+        self.peer_next_id = self.peer_next_id.wrapping_add(1);
+        Ok(response)
+    }
+
+    /// A request of the peer once the IKE SA is up: liveness checks and deletes are
+    /// answered, CHILD_SA rekeys refused (not offered yet). Returns the events and
+    /// whether the IKE SA is gone.
+    fn established_request(
+        &mut self,
+        datagram: &[u8],
+        header: &Header,
+        child: &mut Child,
+    ) -> Result<(Vec<Event>, bool), IkeError> {
+        let payloads = match self.request(datagram, header)? {
+            Request::Again(bytes) => return Ok((vec![Event::Send(bytes)], false)),
+            Request::Partial => return Ok((Vec::new(), false)),
+            Request::New(payloads) => payloads,
         };
         let mut events = Vec::new();
+        let mut closed = false;
         let reply: Vec<Payload> = match header.exchange {
             exchange::INFORMATIONAL => {
                 let mut reply = Vec::new();
                 for p in &payloads {
-                    if let Payload::Delete { protocol, spis, .. } = p {
-                        if *protocol == PROTO_IKE {
-                            events.push(Event::Closed("the peer deleted the IKE SA".into()));
-                            self.state = State::Closed;
-                        } else if *protocol == PROTO_ESP {
-                            let ours: Vec<u32> = spis
-                                .iter()
-                                .filter_map(|s| <[u8; 4]>::try_from(s.as_slice()).ok())
-                                .map(u32::from_be_bytes)
-                                .filter(|s| Some(*s) == self.child_outbound_spi)
-                                .collect();
-                            if !ours.is_empty() {
-                                reply.push(Payload::Delete {
-                                    protocol: PROTO_ESP,
-                                    spi_size: 4,
-                                    spis: vec![self.inbound_spi.to_be_bytes().to_vec()],
-                                });
-                                events.push(Event::ChildDeleted(self.inbound_spi));
-                                self.child_outbound_spi = None;
-                            }
+                    let Payload::Delete { protocol, spis, .. } = p else {
+                        continue;
+                    };
+                    if *protocol == PROTO_IKE {
+                        events.push(Event::Closed("the peer deleted the IKE SA".into()));
+                        closed = true;
+                    } else if *protocol == PROTO_ESP {
+                        let ours = spis
+                            .iter()
+                            .filter_map(|s| <[u8; 4]>::try_from(s.as_slice()).ok())
+                            .map(u32::from_be_bytes)
+                            .any(|s| Some(s) == child.outbound_spi);
+                        if ours {
+                            reply.push(Payload::Delete {
+                                protocol: PROTO_ESP,
+                                spi_size: 4,
+                                spis: vec![child.inbound_spi.to_be_bytes().to_vec()],
+                            });
+                            events.push(Event::ChildDeleted(child.inbound_spi));
+                            child.outbound_spi = None;
                         }
                     }
                 }
@@ -1046,17 +1195,452 @@ impl Initiator {
             }
             // Rekeys and new CHILD_SAs are not offered yet.
             exchange::CREATE_CHILD_SA => vec![status(notify::NO_ADDITIONAL_SAS, Vec::new())],
-            _ => {
+            other => {
                 return Err(IkeError::Protocol(format!(
-                    "exchange type {} after IKE_AUTH",
-                    header.exchange
+                    "exchange type {other} after IKE_AUTH"
                 )))
             }
         };
-        let response = self.seal(header.exchange, true, header.message_id, &reply)?;
-        self.last_response = Some((header.message_id, response.clone()));
-        self.peer_next_id = self.peer_next_id.wrapping_add(1);
+        let response = self.respond(header, &reply)?;
         events.insert(0, Event::Send(response));
-        Ok(events)
+        Ok((events, closed))
+    }
+}
+
+/// Whether `prefix` lies within the range `start`..=`end` (same address family).
+fn within(prefix: &Prefix, start: IpAddr, end: IpAddr) -> bool {
+    match (prefix.addr, prefix.last(), start, end) {
+        (IpAddr::V4(lo), IpAddr::V4(hi), IpAddr::V4(s), IpAddr::V4(e)) => s <= lo && hi <= e,
+        (IpAddr::V6(lo), IpAddr::V6(hi), IpAddr::V6(s), IpAddr::V6(e)) => s <= lo && hi <= e,
+        _ => false,
+    }
+}
+
+/// A responder's narrowing (RFC 7296 §2.9): the prefixes of ours that one of the
+/// initiator's selectors (any protocol, all ports) covers.
+fn narrow_to_ours(offered: &[TrafficSelector], ours: &[Prefix]) -> Vec<Prefix> {
+    ours.iter()
+        .filter(|p| {
+            offered.iter().any(|ts| match ts {
+                TrafficSelector::Range {
+                    protocol: 0,
+                    start_port: 0,
+                    end_port: 65535,
+                    start,
+                    end,
+                } => within(p, *start, *end),
+                _ => false,
+            })
+        })
+        .copied()
+        .collect()
+}
+
+/// What a responder makes of a first IKE_SA_INIT request.
+#[derive(Debug)]
+pub enum Accepted {
+    /// A new IKE SA and its IKE_SA_INIT response to send; later datagrams with its SPIs
+    /// go to [`Responder::handle`].
+    Sa(Box<Responder>, Vec<u8>),
+    /// No IKE SA: send this answer (INVALID_KE_PAYLOAD naming the group wanted, or
+    /// NO_PROPOSAL_CHOSEN); nothing is kept.
+    Answer(Vec<u8>),
+}
+
+/// An IKE SA this end responds to: IKE_SA_INIT, IKE_AUTH with a pre-shared key and
+/// the first CHILD_SA, then the initiator's liveness checks and deletes.
+pub struct Responder {
+    config: Config,
+    state: State,
+    spi_i: [u8; 8],
+    spi_r: [u8; 8],
+    ni: Vec<u8>,
+    nr: Vec<u8>,
+    /// IKE_SA_INIT request as received (the initiator's AUTH signs it).
+    init_request: Vec<u8>,
+    /// IKE_SA_INIT response as sent (our AUTH signs it).
+    init_response: Vec<u8>,
+    keys: IkeKeys,
+    keyed: Keyed,
+    child: Child,
+}
+
+impl std::fmt::Debug for Responder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Responder")
+            .field("state", &self.state)
+            .field("spi_i", &hex8(&self.spi_i))
+            .field("spi_r", &hex8(&self.spi_r))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A plaintext IKE_SA_INIT answer that keeps no state (SPIr zero).
+fn stateless_answer(request: &Header, kind: u16, data: Vec<u8>) -> Result<Vec<u8>, IkeError> {
+    Ok(Message {
+        header: Header {
+            spi_i: request.spi_i,
+            spi_r: [0; 8],
+            next_payload: 0,
+            version: wire::IKE_VERSION,
+            exchange: exchange::IKE_SA_INIT,
+            flags: flags::RESPONSE,
+            message_id: 0,
+            length: 0,
+        },
+        payloads: vec![status(kind, data)],
+    }
+    .encode()?)
+}
+
+/// The responder's pick of an IKE proposal: (proposal number, key bits, the groups it
+/// offers that we take, ours first).
+fn pick_ike(config: &Config, offered: &[Proposal]) -> Option<(u8, u16, Vec<u16>)> {
+    offered.iter().find_map(|p| {
+        if p.protocol != PROTO_IKE || !p.spi.is_empty() {
+            return None;
+        }
+        let has = |kind: u8, id: u16| p.transforms.iter().any(|t| t.kind == kind && t.id == id);
+        let aead_only = p.transforms.iter().all(|t| t.kind != INTEG || t.id == 0);
+        let bits = config.key_bits.iter().copied().find(|b| {
+            p.transforms.iter().any(|t| {
+                t.kind == ENCR && t.id == crypto::ENCR_AES_GCM_16 && t.key_length() == Some(*b)
+            })
+        })?;
+        let groups: Vec<u16> = config
+            .groups
+            .iter()
+            .copied()
+            .filter(|g| has(DH, *g))
+            .collect();
+        (aead_only && has(PRF, crypto::PRF_HMAC_SHA2_256) && !groups.is_empty())
+            .then_some((p.number, bits, groups))
+    })
+}
+
+/// The responder's pick of an ESP proposal: (our answer, the peer's SPI, key bits, ESN).
+fn pick_esp(
+    config: &Config,
+    inbound_spi: u32,
+    offered: &[Proposal],
+) -> Option<(Proposal, u32, u16, bool)> {
+    offered.iter().find_map(|p| {
+        let spi = u32::from_be_bytes(<[u8; 4]>::try_from(p.spi.as_slice()).ok()?);
+        if p.protocol != PROTO_ESP || spi < 256 {
+            return None;
+        }
+        if p.transforms.iter().any(|t| t.kind == INTEG && t.id != 0) {
+            return None;
+        }
+        let bits = config.key_bits.iter().copied().find(|b| {
+            p.transforms.iter().any(|t| {
+                t.kind == ENCR && t.id == crypto::ENCR_AES_GCM_16 && t.key_length() == Some(*b)
+            })
+        })?;
+        let esn_offered = |v: u16| p.transforms.iter().any(|t| t.kind == ESN && t.id == v);
+        let esn = if config.esn && esn_offered(1) {
+            true
+        } else if esn_offered(0) {
+            false
+        } else {
+            return None;
+        };
+        let answer = Proposal {
+            number: p.number,
+            protocol: PROTO_ESP,
+            spi: inbound_spi.to_be_bytes().to_vec(),
+            transforms: vec![
+                Transform::with_key_length(ENCR, crypto::ENCR_AES_GCM_16, bits),
+                Transform::new(ESN, u16::from(esn)),
+            ],
+        };
+        Some((answer, spi, bits, esn))
+    })
+}
+
+impl Responder {
+    /// Takes a first IKE_SA_INIT request (non-ESP marker removed): a new IKE SA and its
+    /// response, or a stateless answer (another group wanted, nothing acceptable).
+    pub fn accept(config: Config, datagram: &[u8]) -> Result<Accepted, IkeError> {
+        config.check()?;
+        let header = Header::decode(datagram)?;
+        if header.exchange != exchange::IKE_SA_INIT
+            || !header.from_initiator()
+            || header.is_response()
+            || header.message_id != 0
+            || header.spi_r != [0; 8]
+        {
+            return Err(IkeError::Protocol("expected an IKE_SA_INIT request".into()));
+        }
+        let message = Message::decode(datagram)?;
+        let (offered, (group, public), ni) = init_payloads(&message, "request")?;
+        let ni = ni.to_vec();
+        let Some((number, bits, groups)) = pick_ike(&config, offered) else {
+            return Ok(Accepted::Answer(stateless_answer(
+                &header,
+                notify::NO_PROPOSAL_CHOSEN,
+                Vec::new(),
+            )?));
+        };
+        if !groups.contains(&group) {
+            return Ok(Accepted::Answer(stateless_answer(
+                &header,
+                notify::INVALID_KE_PAYLOAD,
+                groups[0].to_be_bytes().to_vec(),
+            )?));
+        }
+        let rng = ring::rand::SystemRandom::new();
+        let mut spi_r = random::<8>(&rng)?;
+        if spi_r == [0; 8] {
+            spi_r[7] = 1;
+        }
+        let nr = random::<32>(&rng)?.to_vec();
+        let inbound_spi = u32::from_be_bytes(random::<4>(&rng)?) | 0x0000_0100;
+        let exchange_key = KeyExchange::new(group, &rng)?;
+        let our_public = exchange_key.public_value().to_vec();
+        let g_ir = exchange_key.agree(public)?;
+        let keys = IkeKeys::derive(
+            &ni,
+            &nr,
+            &g_ir,
+            &header.spi_i,
+            &spi_r,
+            usize::from(bits / 8),
+        );
+        let mut payloads = vec![
+            Payload::Sa(vec![Proposal {
+                number,
+                protocol: PROTO_IKE,
+                spi: Vec::new(),
+                transforms: vec![
+                    Transform::with_key_length(ENCR, crypto::ENCR_AES_GCM_16, bits),
+                    Transform::new(PRF, crypto::PRF_HMAC_SHA2_256),
+                    Transform::new(DH, group),
+                ],
+            }]),
+            Payload::Ke {
+                group,
+                data: our_public,
+            },
+            Payload::Nonce(nr.clone()),
+        ];
+        // Always UDP-encapsulated: claim a NAT in front of us, as the initiator does.
+        let fake = SocketAddr::new(IpAddr::from(random::<16>(&rng)?), 4500);
+        payloads.push(status(
+            notify::NAT_DETECTION_SOURCE_IP,
+            nat_hash(&header.spi_i, &spi_r, fake),
+        ));
+        payloads.push(status(
+            notify::NAT_DETECTION_DESTINATION_IP,
+            nat_hash(&header.spi_i, &spi_r, config.remote),
+        ));
+        if message
+            .notify(notify::IKEV2_FRAGMENTATION_SUPPORTED)
+            .is_some()
+        {
+            payloads.push(status(notify::IKEV2_FRAGMENTATION_SUPPORTED, Vec::new()));
+        }
+        let init_response = Message {
+            header: Header {
+                spi_i: header.spi_i,
+                spi_r,
+                next_payload: 0,
+                version: wire::IKE_VERSION,
+                exchange: exchange::IKE_SA_INIT,
+                flags: flags::RESPONSE,
+                message_id: 0,
+                length: 0,
+            },
+            payloads,
+        }
+        .encode()?;
+        // The initiator's IKE_AUTH is its request 1.
+        let keyed = Keyed::new(false, header.spi_i, spi_r, &keys, 1)?;
+        let responder = Self {
+            config,
+            state: State::InitSent,
+            spi_i: header.spi_i,
+            spi_r,
+            ni,
+            nr,
+            init_request: datagram.to_vec(),
+            init_response: init_response.clone(),
+            keys,
+            keyed,
+            child: Child {
+                inbound_spi,
+                outbound_spi: None,
+            },
+        };
+        Ok(Accepted::Sa(Box::new(responder), init_response))
+    }
+
+    /// The IKE SA's SPIs (initiator's, responder's).
+    pub fn spis(&self) -> ([u8; 8], [u8; 8]) {
+        (self.spi_i, self.spi_r)
+    }
+
+    /// Whether the IKE SA is established.
+    pub fn is_established(&self) -> bool {
+        self.state == State::Established
+    }
+
+    /// Handles a datagram from the initiator (non-ESP marker removed).
+    pub fn handle(&mut self, datagram: &[u8], _now: Instant) -> Result<Vec<Event>, IkeError> {
+        let header = Header::decode(datagram)?;
+        if header.spi_i != self.spi_i || !header.from_initiator() {
+            return Err(IkeError::Protocol("not for this IKE SA".into()));
+        }
+        if header.exchange == exchange::IKE_SA_INIT {
+            // The request we answered, again: its answer was lost.
+            if datagram == self.init_request.as_slice() {
+                return Ok(vec![Event::Send(self.init_response.clone())]);
+            }
+            return Ok(Vec::new());
+        }
+        if header.spi_r != self.spi_r {
+            return Err(IkeError::Protocol("not for this IKE SA".into()));
+        }
+        if header.is_response() || self.state == State::Closed {
+            // We send no requests.
+            return Ok(Vec::new());
+        }
+        if self.state == State::Established {
+            let (events, closed) =
+                self.keyed
+                    .established_request(datagram, &header, &mut self.child)?;
+            if closed {
+                self.state = State::Closed;
+            }
+            return Ok(events);
+        }
+        if header.exchange != exchange::IKE_AUTH {
+            return Err(IkeError::Protocol("expected the IKE_AUTH request".into()));
+        }
+        let payloads = match self.keyed.request(datagram, &header)? {
+            Request::Again(bytes) => return Ok(vec![Event::Send(bytes)]),
+            Request::Partial => return Ok(Vec::new()),
+            Request::New(payloads) => payloads,
+        };
+        self.on_auth_request(&header, &payloads)
+    }
+
+    fn refuse(&mut self, header: &Header, kind: u16, why: String) -> Result<Vec<Event>, IkeError> {
+        let response = self.keyed.respond(header, &[status(kind, Vec::new())])?;
+        self.state = State::Closed;
+        Ok(vec![Event::Send(response), Event::Closed(why)])
+    }
+
+    fn on_auth_request(
+        &mut self,
+        header: &Header,
+        payloads: &[Payload],
+    ) -> Result<Vec<Event>, IkeError> {
+        let mut id_i = None;
+        let mut auth = None;
+        let mut offered = None;
+        let mut ts_i = None;
+        let mut ts_r = None;
+        for p in payloads {
+            match p {
+                Payload::IdI(id) => id_i = Some(id),
+                Payload::Auth { method, data } => auth = Some((*method, data.as_slice())),
+                Payload::Sa(ps) => offered = Some(ps.as_slice()),
+                Payload::TsI(t) => ts_i = Some(t.as_slice()),
+                Payload::TsR(t) => ts_r = Some(t.as_slice()),
+                _ => {}
+            }
+        }
+        let (Some(id_i), Some((method, data))) = (id_i, auth) else {
+            return self.refuse(
+                header,
+                notify::AUTHENTICATION_FAILED,
+                "IKE_AUTH request without IDi or AUTH".into(),
+            );
+        };
+        // Who it claims to be, then whether it holds the key: the same answer either
+        // way, so a prober learns nothing of which identities are configured.
+        let octets =
+            crypto::signed_octets(&self.init_request, &self.nr, &self.keys.sk_pi, &id_i.body());
+        let verified = *id_i == self.config.remote_id
+            && method == crypto::AUTH_SHARED_KEY
+            && crypto::equal(&crypto::psk_auth(&self.config.psk, &octets), data);
+        if !verified {
+            return self.refuse(
+                header,
+                notify::AUTHENTICATION_FAILED,
+                "the initiator's identity or AUTH did not verify (wrong pre-shared key or \
+                 identity)"
+                    .into(),
+            );
+        }
+        let id_r = self.config.local_id.clone();
+        let octets = crypto::signed_octets(
+            &self.init_response,
+            &self.ni,
+            &self.keys.sk_pr,
+            &id_r.body(),
+        );
+        let our_auth = Payload::Auth {
+            method: crypto::AUTH_SHARED_KEY,
+            data: crypto::psk_auth(&self.config.psk, &octets).to_vec(),
+        };
+        let picked = offered.and_then(|o| pick_esp(&self.config, self.child.inbound_spi, o));
+        let remote = ts_i.map(|t| narrow_to_ours(t, &self.config.remote_prefixes));
+        let local = ts_r.map(|t| narrow_to_ours(t, &self.config.local_prefixes));
+        let failure = match (&picked, &remote, &local) {
+            (None, _, _) => Some((notify::NO_PROPOSAL_CHOSEN, "no acceptable ESP proposal")),
+            (_, Some(r), Some(l)) if !r.is_empty() && !l.is_empty() => None,
+            _ => Some((
+                notify::TS_UNACCEPTABLE,
+                "the traffic selectors cover none of our prefixes",
+            )),
+        };
+        if let Some((kind, why)) = failure {
+            // Authenticated, but no CHILD_SA: say why, then close.
+            let response = self.keyed.respond(
+                header,
+                &[Payload::IdR(id_r), our_auth, status(kind, Vec::new())],
+            )?;
+            self.state = State::Closed;
+            return Ok(vec![
+                Event::Send(response),
+                Event::Closed(format!("no CHILD_SA: {why}")),
+            ]);
+        }
+        let (Some((answer, outbound_spi, bits, esn)), Some(remote), Some(local)) =
+            (picked, remote, local)
+        else {
+            return Err(IkeError::Protocol("no CHILD_SA".into()));
+        };
+        let reply = vec![
+            Payload::IdR(id_r),
+            our_auth,
+            Payload::Sa(vec![answer]),
+            Payload::TsI(remote.iter().map(Prefix::selector).collect()),
+            Payload::TsR(local.iter().map(Prefix::selector).collect()),
+        ];
+        let response = self.keyed.respond(header, &reply)?;
+        let (i2r, r2i) = crypto::child_keymat(
+            &self.keys.sk_d,
+            None,
+            &self.ni,
+            &self.nr,
+            usize::from(bits / 8),
+        );
+        self.child.outbound_spi = Some(outbound_spi);
+        self.state = State::Established;
+        Ok(vec![
+            Event::Send(response),
+            Event::Established(ChildSa {
+                inbound_spi: self.child.inbound_spi,
+                outbound_spi,
+                inbound_key: i2r,
+                outbound_key: r2i,
+                esn,
+                local_prefixes: local,
+                remote_prefixes: remote,
+            }),
+        ])
     }
 }

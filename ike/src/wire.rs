@@ -154,6 +154,10 @@ impl<'a> Reader<'a> {
     fn is_empty(&self) -> bool {
         self.bytes.is_empty()
     }
+
+    fn rest_len(&self) -> usize {
+        self.bytes.len()
+    }
 }
 
 fn put_u16(out: &mut Vec<u8>, v: u16) {
@@ -783,7 +787,15 @@ fn decode_body(kind: u8, critical: bool, first_inner: u8, body: &[u8]) -> Result
             let protocol = r.u8()?;
             let spi_size = r.u8()?;
             let count = r.u16()?;
-            let mut spis = Vec::new();
+            // The SPIs must fill the payload exactly: a count is never taken on trust
+            // (65,535 empty SPIs in 8 bytes, many times over, would be gigabytes).
+            let size = usize::from(count) * usize::from(spi_size);
+            if size != r.rest_len() || (spi_size == 0 && count != 0) {
+                return Err(WireError::Malformed(
+                    "delete payload: its SPI count and size do not fill it",
+                ));
+            }
+            let mut spis = Vec::with_capacity(usize::from(count));
             for _ in 0..count {
                 spis.push(r.take(usize::from(spi_size))?.to_vec());
             }
@@ -1138,6 +1150,24 @@ mod tests {
                 let _ = encrypted_view(&b);
             }
         }
+    }
+
+    /// Found by review: a DELETE payload claiming 65,535 SPIs of size 0 took 8 bytes and
+    /// allocated a vector of 65,535; a datagram full of them, gigabytes.
+    #[test]
+    fn a_delete_payload_is_filled_exactly_by_its_spis() {
+        let decode = |body: &[u8]| {
+            decode_payloads(payload_type::DELETE, &{
+                let mut p = vec![0, 0];
+                p.extend_from_slice(&((4 + body.len()) as u16).to_be_bytes());
+                p.extend_from_slice(body);
+                p
+            })
+        };
+        assert!(decode(&[1, 0, 0xff, 0xff]).is_err());
+        assert!(decode(&[3, 4, 0, 2, 1, 2, 3, 4]).is_err(), "one SPI short");
+        assert!(decode(&[3, 4, 0, 1, 1, 2, 3, 4]).is_ok());
+        assert!(decode(&[1, 0, 0, 0]).is_ok(), "the IKE SA's own delete");
     }
 
     #[test]
