@@ -32,4 +32,6 @@ pub use files::{
     replace_private_key, write_private_key, write_public_file,
 };
 pub use show::{CertificateSummary, Serial};
-pub use store::{CaDirectory, ClusterCaRotation, GatewayFiles, RootRotation};
+pub use store::{
+    CaDirectory, ClusterCaRotation, CrlsWritten, GatewayFiles, LeafCheck, RootRotation,
+};

@@ -51,6 +51,30 @@ pub struct ClusterCaRotation {
     pub skipped: Vec<(LeafKind, GatewayName, GatewayFiles, String)>,
 }
 
+/// A caller's verdict on a leaf on file: why it must not get a new certificate (its
+/// revocation records), or `None`.
+pub type LeafCheck<'a> = dyn Fn(&CertificateSummary) -> Option<String> + 'a;
+
+/// What [`CaDirectory::write_crls`] wrote.
+#[derive(Debug, Clone)]
+pub struct CrlsWritten {
+    /// The CRL file.
+    pub path: PathBuf,
+    /// How many CRLs were signed (the CA in force and each archived one that loads).
+    pub signed: usize,
+    /// Issuers (subjects) of archived CAs whose key did not load: their last CRL was
+    /// kept as it was, and stops being valid at its nextUpdate.
+    pub carried_over: Vec<String>,
+    /// Archived CA certificate files that do not parse (nothing of theirs was kept).
+    pub unreadable: Vec<PathBuf>,
+}
+
+fn crl_issuer(crl: &crate::ca::Crl) -> Option<String> {
+    x509_parser::parse_x509_crl(crl.der().as_ref())
+        .ok()
+        .map(|(_, c)| c.issuer().to_string())
+}
+
 /// What a root rotation did.
 #[derive(Debug, Clone)]
 pub struct RootRotation {
@@ -408,38 +432,21 @@ impl CaDirectory {
         &self,
         cluster: &ClusterName,
         validity: Validity,
-        skip: &dyn Fn(&CertificateSummary) -> Option<String>,
+        skip: &LeafCheck<'_>,
     ) -> Result<ClusterCaRotation, CertError> {
         let old = self.cluster_ca(cluster)?;
         let old_summary = summary(old.certificate())?;
-        let previous = self.previous_cluster_cas(cluster)?;
-        let mut cas: Vec<&[u8]> = vec![old.certificate().as_ref()];
-        cas.extend(previous.iter().map(|ca| ca.certificate().as_ref()));
         let now = std::time::SystemTime::now();
         let mut plan = Vec::new();
         let mut skipped = Vec::new();
         for (kind, name, files) in self.leaves(cluster)? {
-            let chain = crate::files::load_certificates(&files.chain)?;
-            let leaf_der = chain.first().ok_or_else(|| CertError::NotAFile {
-                path: files.chain.clone(),
-            })?;
-            let leaf = CertificateSummary::from_der(leaf_der)?;
-            let id = match kind {
-                LeafKind::Gateway => {
-                    GatewayId::new(old.trust_domain().clone(), cluster.clone(), name.clone())
-                        .spiffe_id()
+            let leaf = match self.own_leaf(kind, cluster, &name, &files, skip)? {
+                Ok(leaf) => leaf,
+                Err(why) => {
+                    skipped.push((kind, name, files, why));
+                    continue;
                 }
-                LeafKind::Admin => SpiffeId::admin(old.trust_domain(), cluster, &name),
             };
-            if !issued_for(leaf_der, &id, &cas) {
-                let why = format!("not a certificate of this cluster's CAs for {id}");
-                skipped.push((kind, name, files, why));
-                continue;
-            }
-            if let Some(why) = skip(&leaf) {
-                skipped.push((kind, name, files, why));
-                continue;
-            }
             if leaf.not_after <= now {
                 skipped.push((kind, name, files, "expired".to_owned()));
                 continue;
@@ -475,6 +482,43 @@ impl CaDirectory {
             new: new_summary,
             reissued,
             skipped,
+        })
+    }
+
+    /// The leaf on file at `files`, if it is this cluster's own for `name` (issued for
+    /// that identity by the cluster's CA in force or one rotated out) and `skip` gives no
+    /// reason against it; else why not.
+    fn own_leaf(
+        &self,
+        kind: LeafKind,
+        cluster: &ClusterName,
+        name: &GatewayName,
+        files: &GatewayFiles,
+        skip: &LeafCheck<'_>,
+    ) -> Result<Result<CertificateSummary, String>, CertError> {
+        let ca = self.cluster_ca(cluster)?;
+        let previous = self.loadable_previous(Some(cluster), ClusterCa::load)?.0;
+        let mut cas: Vec<&[u8]> = vec![ca.certificate().as_ref()];
+        cas.extend(previous.iter().map(|ca| ca.certificate().as_ref()));
+        let chain = crate::files::load_certificates(&files.chain)?;
+        let leaf_der = chain.first().ok_or_else(|| CertError::NotAFile {
+            path: files.chain.clone(),
+        })?;
+        let leaf = CertificateSummary::from_der(leaf_der)?;
+        let id = match kind {
+            LeafKind::Gateway => {
+                GatewayId::new(ca.trust_domain().clone(), cluster.clone(), name.clone()).spiffe_id()
+            }
+            LeafKind::Admin => SpiffeId::admin(ca.trust_domain(), cluster, name),
+        };
+        if !issued_for(leaf_der, &id, &cas) {
+            return Ok(Err(format!(
+                "not a certificate of this cluster's CAs for {id}"
+            )));
+        }
+        Ok(match skip(&leaf) {
+            Some(why) => Err(why),
+            None => Ok(leaf),
         })
     }
 
@@ -595,13 +639,18 @@ impl CaDirectory {
     /// and kept. A certificate's CRL is found by its issuer's name, so a leaf of a
     /// rotated-out CA is revoked only by a CRL that CA signed. `crl_number` must grow
     /// with every write. Returns the path and how many CRLs it holds.
+    ///
+    /// An archived CA whose key does not load (moved offline, say) cannot sign: the CRL
+    /// it signed last is carried over from the file as it was (dropping it would
+    /// un-revoke what it revoked), and named in [`CrlsWritten::carried_over`]; an
+    /// archived certificate that does not parse is named in [`CrlsWritten::unreadable`].
     pub fn write_crls(
         &self,
         cluster: Option<&ClusterName>,
         revoked: &[Serial],
         crl_number: u64,
         validity: Validity,
-    ) -> Result<(PathBuf, usize), CertError> {
+    ) -> Result<CrlsWritten, CertError> {
         // An archived CA that does not load signs nothing; the CA in force and the
         // others still do (the caller is told which files were skipped).
         let (crls, unreadable) = match cluster {
@@ -622,13 +671,41 @@ impl CaDirectory {
                 (crls, unreadable)
             }
         };
-        for path in &unreadable {
-            tracing::warn!(file = %path.display(), "archived CA does not load: it signs no CRL");
-        }
-        let pem: String = crls.iter().map(crate::ca::Crl::to_pem).collect();
         let path = self.crl_path(cluster);
+        // The last CRL of each archived CA that cannot sign, from the file as it is.
+        let mut carried = Vec::new();
+        let mut not_parsed = Vec::new();
+        let existing = if path.is_file() {
+            crate::ca::Crl::load_all(&path)?
+        } else {
+            Vec::new()
+        };
+        for cert in unreadable {
+            let subject = CertificateSummary::from_file(&cert)
+                .ok()
+                .and_then(|v| v.into_iter().next())
+                .map(|s| s.subject);
+            let Some(subject) = subject else {
+                not_parsed.push(cert);
+                continue;
+            };
+            for crl in &existing {
+                if crl_issuer(crl).as_deref() == Some(subject.as_str()) {
+                    carried.push((subject.clone(), crl.to_pem()));
+                }
+            }
+        }
+        let mut pem: String = crls.iter().map(crate::ca::Crl::to_pem).collect();
+        for (_, crl) in &carried {
+            pem.push_str(crl);
+        }
         crate::files::write_public_file(&path, &pem)?;
-        Ok((path, crls.len()))
+        Ok(CrlsWritten {
+            path,
+            signed: crls.len(),
+            carried_over: carried.into_iter().map(|(subject, _)| subject).collect(),
+            unreadable: not_parsed,
+        })
     }
 
     /// The clusters with a CA on file, in name order.
@@ -651,17 +728,28 @@ impl CaDirectory {
     /// Issues a new certificate and key for gateway `name` in `cluster`, which must
     /// have one already, and replaces its files atomically. The old certificate is
     /// not revoked (it stays valid until it expires or is revoked).
+    ///
+    /// With `check`, the certificate on file must be the cluster's own for that name
+    /// (see [`CaDirectory::rotate_cluster_ca`]) and `check` must give no reason against
+    /// it (the caller's revocation records); otherwise nothing changes. `None` (a
+    /// deliberate `--force`) issues whatever the file holds.
     pub fn rotate_gateway(
         &self,
         cluster: &ClusterName,
         name: &GatewayName,
         validity: Validity,
+        check: Option<&LeafCheck<'_>>,
     ) -> Result<GatewayFiles, CertError> {
         let files = self.gateway_files(cluster, name);
         if !files.chain.is_file() {
             return Err(CertError::NotAFile {
                 path: files.chain.clone(),
             });
+        }
+        if let Some(check) = check {
+            if let Err(why) = self.own_leaf(LeafKind::Gateway, cluster, name, &files, check)? {
+                return Err(CertError::RotationRefused(why));
+            }
         }
         let issued = self.cluster_ca(cluster)?.issue_gateway(name, validity)?;
         issued.replace(&files.chain, &files.key)?;

@@ -516,9 +516,10 @@ fn a_rotated_cluster_ca_keeps_old_leaves_valid_and_revocable() {
 
     // Revoking the old b (issued by the old CA) and the new a (by the new one).
     let revoked = [serial_of(&old_b), serial_of(&new_a)];
-    let (path, n) = store
+    let written = store
         .write_crls(Some(&one), &revoked, 1, Validity::days(30))
         .unwrap();
+    let (path, n) = (written.path, written.signed);
     assert_eq!(n, 2, "one CRL per CA of the cluster");
     assert_eq!(Crl::load_all(&path).unwrap().len(), 2);
     let v = Verifier::of(&store, &a);
@@ -741,7 +742,9 @@ fn a_cluster_ca_rotation_reissues_only_the_directorys_own_certificates() {
 }
 
 /// Found by the second review: one archived CA that no longer loads made every CRL write
-/// of its level fail, so nothing more could be revoked.
+/// of its level fail, so nothing more could be revoked. Then (third review) an archived
+/// CA whose key went away (moved offline) signed nothing, and what its last CRL revoked
+/// was trusted again: that CRL is kept as it was.
 #[test]
 fn an_unreadable_archived_ca_does_not_stop_revocation() {
     let dir = temp_dir("crl-bad-archive");
@@ -751,15 +754,38 @@ fn an_unreadable_archived_ca_does_not_stop_revocation() {
     let a = store
         .issue_gateway(&one, &gw("a"), Validity::days(30))
         .unwrap();
+    let old_a = fs::read_to_string(&a.chain).unwrap();
     store
         .rotate_cluster_ca(&one, Validity::days(90), &|_| None)
         .unwrap();
+    let revoked = [serial_of(&old_a)];
     fs::write(dir.join("clusters/one/previous/ca-00.pem"), "garbage").unwrap();
-    let serial = serial_of(&fs::read_to_string(&a.chain).unwrap());
-    let (path, n) = store
-        .write_crls(Some(&one), &[serial], 1, Validity::days(7))
+    let written = store
+        .write_crls(Some(&one), &revoked, 1, Validity::days(7))
         .unwrap();
-    assert_eq!(n, 2, "the CA in force and the loadable archived one");
-    assert_eq!(Crl::load_all(&path).unwrap().len(), 2);
+    assert_eq!(
+        written.signed, 2,
+        "the CA in force and the loadable archived one"
+    );
+    assert_eq!(written.unreadable.len(), 1);
+    assert_eq!(Crl::load_all(&written.path).unwrap().len(), 2);
+    let refused = Verifier::of(&store, &a).accepts(&old_a, "a").unwrap_err();
+    assert!(refused.to_lowercase().contains("revoked"), "{refused}");
+
+    fs::remove_file(dir.join("clusters/one/previous/ca-00.pem")).unwrap();
+    for entry in fs::read_dir(dir.join("clusters/one/previous")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "key") {
+            fs::remove_file(path).unwrap();
+        }
+    }
+    let written = store
+        .write_crls(Some(&one), &revoked, 2, Validity::days(7))
+        .unwrap();
+    assert_eq!(written.signed, 1);
+    assert_eq!(written.carried_over.len(), 1, "{written:?}");
+    assert_eq!(Crl::load_all(&written.path).unwrap().len(), 2);
+    let refused = Verifier::of(&store, &a).accepts(&old_a, "a").unwrap_err();
+    assert!(refused.to_lowercase().contains("revoked"), "{refused}");
     fs::remove_dir_all(dir).unwrap();
 }

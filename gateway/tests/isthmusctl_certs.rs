@@ -1058,7 +1058,27 @@ fn certs_rotate_ca_leaves_revoked_gateways_revoked() {
     let b_before = fs::read_to_string(&b_chain).unwrap();
     let b = serial(&b_chain);
     ctl.ok(&revoke_args(d, &b, Some("one")));
-    // A revoked gateway gets no new certificate by accident.
+    // A revoked gateway gets no new certificate by accident, not even with another
+    // gateway's certificate put in its chain file (third review).
+    fs::copy(dir.join("clusters/one/gateways/a.pem"), &b_chain).unwrap();
+    ctl.fails(
+        1,
+        &[
+            "certs",
+            "rotate",
+            "--dir",
+            d,
+            "--cluster",
+            "one",
+            "--name",
+            "b",
+        ],
+        &[
+            "not a certificate of this cluster's CAs for spiffe://",
+            "--force",
+        ],
+    );
+    fs::write(&b_chain, &b_before).unwrap();
     ctl.fails(
         1,
         &[

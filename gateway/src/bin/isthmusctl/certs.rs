@@ -761,15 +761,18 @@ pub(crate) fn rotate_gateway(
             dir.display()
         )
     })?;
-    if !force {
-        if let Some(why) = revoked_reason(&store, &cluster, &old)? {
-            bail!(
-                "gateway {name} of cluster {cluster}: {why}; a new certificate would make it \
-                 trusted again. If it is (a new key, a new host), pass --force"
-            );
-        }
-    }
-    store.rotate_gateway(&cluster, &name, validity_days(days))?;
+    let (_, _, state_path) = crl_files(&store, Some(&cluster));
+    let state = load_state(&state_path)?;
+    let serials = state_serials(&state, &state_path)?;
+    let check = |leaf: &CertificateSummary| revoked_in(&state, &serials, leaf);
+    let check: Option<&isthmus_certs::LeafCheck<'_>> = if force { None } else { Some(&check) };
+    match store.rotate_gateway(&cluster, &name, validity_days(days), check) {
+        Err(isthmus_certs::CertError::RotationRefused(why)) => bail!(
+            "gateway {name} of cluster {cluster}: {why}; a new certificate would make it \
+             trusted again. If it is (a new key, a new host), pass --force"
+        ),
+        other => other?,
+    };
     let leaf = summary_of(&files.chain)?;
     let mut out = format!(
         "rotated the certificate of gateway {name} in cluster {cluster} (was serial {})\n",
@@ -813,18 +816,6 @@ fn revoked_in(
         // Whole seconds: issued in the second of a revocation counts as before it.
         .find(|at| issued.as_str() <= *at)
         .map(|at| format!("a certificate of {id} was revoked at {at}, after this one was issued"))
-}
-
-/// [`revoked_in`] with the records of `cluster` in `store`.
-fn revoked_reason(
-    store: &CaDirectory,
-    cluster: &ClusterName,
-    leaf: &CertificateSummary,
-) -> anyhow::Result<Option<String>> {
-    let (_, _, state_path) = crl_files(store, Some(cluster));
-    let state = load_state(&state_path)?;
-    let serials = state_serials(&state, &state_path)?;
-    Ok(revoked_in(&state, &serials, leaf))
 }
 
 /// One command at a time changes a CA directory (released when the file is dropped).
@@ -1256,18 +1247,20 @@ fn reissue_crls(
         .ok_or_else(|| anyhow!("{}: CRL number overflow", state_path.display()))?;
     let json = serde_json::to_string_pretty(&state)? + "\n";
     isthmus_certs::write_public_file(&state_path, &json)?;
-    let (_, signers) = store.write_crls(cluster, &serials, state.crl_number, validity_days(30))?;
+    let written = store.write_crls(cluster, &serials, state.crl_number, validity_days(30))?;
+    let signers = written.signed;
     Crl::load_all(&crl_path)?;
     Ok(Some(format!(
         "  crl:          {} re-issued as CRL #{} of {who}, signed by {} (distribute it to \
-         every gateway)",
+         every gateway){}",
         crl_path.display(),
         state.crl_number,
         if signers == 1 {
             "its CA".to_owned()
         } else {
             format!("each of its {signers} CAs, the rotated-out ones too")
-        }
+        },
+        crl_warnings(&written)
     )))
 }
 
@@ -1351,7 +1344,8 @@ fn revoke(
     // State first: if the CRL write then fails, the next revoke uses a higher number.
     let json = serde_json::to_string_pretty(&state)? + "\n";
     isthmus_certs::write_public_file(&state_path, &json)?;
-    let (_, signers) = store.write_crls(cluster.as_ref(), &serials, state.crl_number, validity)?;
+    let written = store.write_crls(cluster.as_ref(), &serials, state.crl_number, validity)?;
+    let signers = written.signed;
     // Read back what gateways will load.
     Crl::load_all(&crl_path)?;
 
@@ -1379,8 +1373,32 @@ fn revoke(
         }
     );
     let _ = writeln!(out, "  state:        {}", state_path.display());
+    let warnings = crl_warnings(&written);
+    if !warnings.is_empty() {
+        let _ = writeln!(out, "{}", warnings.trim_start_matches('\n'));
+    }
     out.push_str("  distribute the CRL to every gateway\n");
     Ok(out)
+}
+
+/// Lines on what a CRL write could not sign anew.
+fn crl_warnings(written: &isthmus_certs::CrlsWritten) -> String {
+    let mut out = String::new();
+    for issuer in &written.carried_over {
+        let _ = write!(
+            out,
+            "\n  warning:      the key of archived CA {issuer} does not load: its last CRL is \
+             kept as it was and lapses at its next update (put the key back to sign it anew)"
+        );
+    }
+    for path in &written.unreadable {
+        let _ = write!(
+            out,
+            "\n  warning:      {} does not parse: that CA signs no CRL",
+            path.display()
+        );
+    }
+    out
 }
 
 #[cfg(test)]
