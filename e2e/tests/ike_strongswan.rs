@@ -8,9 +8,11 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use isthmus_e2e::esp::{peer_for, SaFile, ESP_PORT};
+use isthmus_e2e::mesh::isthmus_config;
 use isthmus_e2e::netns;
 use isthmus_e2e::strongswan::Charon;
-use isthmus_e2e::{Site, Topology, Underlay};
+use isthmus_e2e::{EspPeerConfig, EspSettings, IsthmusGateway, KeyPair, Site, Topology, Underlay};
 use isthmus_ike::sa::{Accepted, ChildSa, Config, Event, IkeError, Initiator, Prefix, Responder};
 use isthmus_ike::wire::Identification;
 
@@ -445,4 +447,95 @@ fn strongswan_initiates_to_an_isthmus_responder() {
             .contains("received AUTHENTICATION_FAILED notify error"),
         "charon saw no AUTHENTICATION_FAILED"
     );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The CHILD_SA our initiator negotiated with charon, put into an Isthmus gateway as its
+/// ESP peer's SA (an SA file, as manual keying takes it): the workloads behind Isthmus
+/// and behind strongSwan (kernel-libipsec) ping each other through it, and charon counts
+/// the packets on the SAs it negotiated. The gateway is not keyed by IKE yet (issue 11
+/// goes on): this checks that our keys, SPIs and ESP-in-UDP are what strongSwan speaks.
+#[test]
+fn isthmus_esp_keyed_by_ike_carries_traffic_to_strongswan() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    // No DPD: once keyed, IKE on site 1's port 4500 goes unanswered (the gateway's ESP
+    // socket drops it).
+    let conf =
+        responder_conf("aes256gcm16-prfsha256-x25519").replace("dpd_delay = 1s", "dpd_delay = 0s");
+    let charon = Charon::start(topo.run(), &s2.gw_ns, "g2", "", &conf).expect("charon");
+    let outcome = initiate(s1, &[31], PSK, Duration::from_secs(2)).expect("driver");
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let child = outcome.child.expect("CHILD_SA established");
+    assert!(!child.esn);
+
+    let path = topo.run().path("ike-child.sa.toml");
+    {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .expect("SA file");
+        write!(
+            file,
+            "cipher = \"aes256-gcm\"\noutbound_spi = {}\noutbound_key = \"{}\"\n\
+             inbound_spi = {}\ninbound_key = \"{}\"\n",
+            child.outbound_spi,
+            hex(&child.outbound_key),
+            child.inbound_spi,
+            hex(&child.inbound_key)
+        )
+        .expect("SA file");
+    }
+    let sa = SaFile::read(&path).expect("SA file");
+    let template = EspPeerConfig {
+        esn: Some(false),
+        ..EspPeerConfig::default()
+    };
+    let esp = EspSettings {
+        listen_port: Some(ESP_PORT),
+        peers: vec![peer_for(s2, &sa, &template)],
+    };
+    let gateway = IsthmusGateway::start_with_esp(
+        topo.run(),
+        &s1.gw_ns,
+        &KeyPair::generate().expect("keys"),
+        &isthmus_config(s1, Vec::new()),
+        &esp,
+    )
+    .expect("gateway");
+    for (from, to) in [(s1, s2), (s2, s1)] {
+        assert!(
+            isthmus_e2e::wait_for_ping(
+                &from.wl_ns,
+                to.workload_addr.into(),
+                Duration::from_secs(10)
+            ),
+            "workload {} cannot ping workload {} through Isthmus ESP and strongSwan\n{}\n{}",
+            from.index,
+            to.index,
+            gateway.logs(),
+            charon.log()
+        );
+    }
+    assert!(isthmus_e2e::ping(&s1.wl_ns, s2.workload_addr.into(), 5));
+    // charon counted them on the SAs it negotiated with our initiator.
+    let sas = charon.swanctl(&["--list-sas"]).expect("list-sas");
+    let packets = |dir: &str, spi: u32| -> u64 {
+        let marker = format!("{dir} {spi:08x},");
+        sas.lines()
+            .find_map(|l| l.trim_start().strip_prefix(&marker))
+            .and_then(|rest| rest.split(',').nth(1))
+            .and_then(|p| p.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(packets("in ", child.outbound_spi) >= 5, "{sas}");
+    assert!(packets("out", child.inbound_spi) >= 5, "{sas}");
 }

@@ -404,6 +404,15 @@ fn algorithm(group: u16) -> Result<&'static agreement::Algorithm, CryptoError> {
     }
 }
 
+/// The length of a KE payload's public value in `group` (19, 20 or 31).
+pub fn public_value_len(group: u16) -> usize {
+    match group {
+        19 => 64,
+        20 => 96,
+        _ => 32,
+    }
+}
+
 /// Whether `group` is one of the Diffie-Hellman groups offered.
 pub fn supported_group(group: u16) -> bool {
     algorithm(group).is_ok()
@@ -445,12 +454,7 @@ impl KeyExchange {
     /// all-zero secret, are refused.
     pub fn agree(self, peer: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
         let group = self.group;
-        let expected = match group {
-            19 => 64,
-            20 => 96,
-            _ => 32,
-        };
-        if peer.len() != expected {
+        if peer.len() != public_value_len(group) {
             return Err(CryptoError::BadPublicValue(group));
         }
         let peer = match group {

@@ -994,15 +994,10 @@ struct Keyed {
     /// The peer's next request's Message ID, and our response to the one before.
     peer_next_id: u32,
     last_response: Option<(u32, Vec<u8>)>,
-    /// SHA-256 of the datagrams (fragments) of the request answered last: only those
-    /// get its response again, not any datagram that copies its header.
-    last_request: Vec<[u8; 32]>,
-    /// Likewise for the request being reassembled.
-    receiving: Vec<[u8; 32]>,
+    /// SHA-256 of the datagram that completed the request answered last: only it gets
+    /// the response again, not any datagram that copies its header.
+    last_request: Option<[u8; 32]>,
 }
-
-/// Fragments of one request remembered for retransmissions.
-const MAX_REMEMBERED_DATAGRAMS: usize = 64;
 
 fn digest(datagram: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
@@ -1043,8 +1038,7 @@ impl Keyed {
             fragments: Reassembly::default(),
             peer_next_id,
             last_response: None,
-            last_request: Vec::new(),
-            receiving: Vec::new(),
+            last_request: None,
         })
     }
 
@@ -1112,7 +1106,7 @@ impl Keyed {
         let hash = digest(datagram);
         if let Some((id, response)) = &self.last_response {
             if header.message_id == *id {
-                if self.last_request.contains(&hash) {
+                if self.last_request == Some(hash) {
                     return Ok(Request::Again(response.clone()));
                 }
                 return Err(IkeError::Protocol(format!(
@@ -1127,13 +1121,11 @@ impl Keyed {
                 header.message_id, self.peer_next_id
             )));
         }
-        let opened = self.open(datagram)?;
-        if self.receiving.len() < MAX_REMEMBERED_DATAGRAMS {
-            self.receiving.push(hash);
-        }
-        Ok(match opened {
+        Ok(match self.open(datagram)? {
+            // Only the datagram that completed the request gets its answer again: one
+            // answer per replayed datagram, whatever the number of fragments.
             Some(payloads) => {
-                self.last_request = std::mem::take(&mut self.receiving);
+                self.last_request = Some(hash);
                 Request::New(payloads)
             }
             None => Request::Partial,
@@ -1275,6 +1267,43 @@ impl std::fmt::Debug for Responder {
     }
 }
 
+/// The largest IKE_SA_INIT request taken (it is kept until IKE_AUTH, and is never
+/// fragmented: RFC 7383 §2.5).
+pub const MAX_INIT_REQUEST: usize = 3000;
+
+/// A responder's stateless COOKIE check (RFC 7296 §2.6), for a driver that has too many
+/// half-open IKE SAs: `None` when the IKE_SA_INIT request `datagram` from `from` echoes
+/// the cookie `secret` makes for it (go on with [`Responder::accept`]), else the answer
+/// asking for that cookie, to send back and keep nothing. Change `secret` now and then:
+/// cookies made with the one before stop working.
+pub fn cookie_answer(
+    secret: &[u8; 32],
+    from: SocketAddr,
+    datagram: &[u8],
+) -> Result<Option<Vec<u8>>, IkeError> {
+    let header = Header::decode(datagram)?;
+    let message = Message::decode(datagram)?;
+    let ni = message
+        .payloads
+        .iter()
+        .find_map(|p| match p {
+            Payload::Nonce(n) => Some(n.as_slice()),
+            _ => None,
+        })
+        .ok_or_else(|| IkeError::Protocol("IKE_SA_INIT request without a Nonce".into()))?;
+    let mut ip = match from.ip() {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    ip.extend_from_slice(&from.port().to_be_bytes());
+    let cookie = crypto::prf(secret, &[ni, &ip, &header.spi_i].concat()).to_vec();
+    let echoed = message.notify(notify::COOKIE).map(|n| n.data.as_slice());
+    if echoed.is_some_and(|e| crypto::equal(e, &cookie)) {
+        return Ok(None);
+    }
+    Ok(Some(stateless_answer(&header, notify::COOKIE, cookie)?))
+}
+
 /// A plaintext IKE_SA_INIT answer that keeps no state (SPIr zero).
 fn stateless_answer(request: &Header, kind: u16, data: Vec<u8>) -> Result<Vec<u8>, IkeError> {
     Ok(Message {
@@ -1361,8 +1390,18 @@ fn pick_esp(
 impl Responder {
     /// Takes a first IKE_SA_INIT request (non-ESP marker removed): a new IKE SA and its
     /// response, or a stateless answer (another group wanted, nothing acceptable).
+    ///
+    /// It costs a key pair and a Diffie-Hellman computation and keeps the request: a
+    /// driver under load asks for a COOKIE first ([`cookie_answer`]), and forgets
+    /// responders that stay half-open ([`Responder::is_established`]) after a while.
     pub fn accept(config: Config, datagram: &[u8]) -> Result<Accepted, IkeError> {
         config.check()?;
+        if datagram.len() > MAX_INIT_REQUEST {
+            return Err(IkeError::Protocol(format!(
+                "an IKE_SA_INIT request of {} bytes (at most {MAX_INIT_REQUEST})",
+                datagram.len()
+            )));
+        }
         let header = Header::decode(datagram)?;
         if header.exchange != exchange::IKE_SA_INIT
             || !header.from_initiator()
@@ -1388,6 +1427,13 @@ impl Responder {
                 notify::INVALID_KE_PAYLOAD,
                 groups[0].to_be_bytes().to_vec(),
             )?));
+        }
+        // Checked before any key is made for it.
+        if public.len() != crypto::public_value_len(group) {
+            return Err(IkeError::Protocol(format!(
+                "a KE payload of {} bytes for group {group}",
+                public.len()
+            )));
         }
         let rng = ring::rand::SystemRandom::new();
         let mut spi_r = random::<8>(&rng)?;
@@ -1562,9 +1608,10 @@ impl Responder {
         // way, so a prober learns nothing of which identities are configured.
         let octets =
             crypto::signed_octets(&self.init_request, &self.nr, &self.keys.sk_pi, &id_i.body());
-        let verified = *id_i == self.config.remote_id
-            && method == crypto::AUTH_SHARED_KEY
-            && crypto::equal(&crypto::psk_auth(&self.config.psk, &octets), data);
+        let expected = crypto::psk_auth(&self.config.psk, &octets);
+        let verified = (*id_i == self.config.remote_id)
+            & (method == crypto::AUTH_SHARED_KEY)
+            & crypto::equal(&expected, data);
         if !verified {
             return self.refuse(
                 header,

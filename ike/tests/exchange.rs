@@ -7,7 +7,9 @@
 
 use std::time::Instant;
 
-use isthmus_ike::sa::{Accepted, ChildSa, Config, Event, IkeError, Initiator, Prefix, Responder};
+use isthmus_ike::sa::{
+    cookie_answer, Accepted, ChildSa, Config, Event, IkeError, Initiator, Prefix, Responder,
+};
 use isthmus_ike::wire::{self, exchange, flags, Header, Identification, Message, Notify, Payload};
 
 fn fqdn(name: &str) -> Identification {
@@ -257,6 +259,36 @@ fn only_the_real_request_is_answered_again_and_clear_errors_are_hints() {
         }
     };
     assert!(matches!(err, IkeError::Refused { code: 14, .. }), "{err:?}");
+}
+
+/// Found by the third review: every spoofed IKE_SA_INIT cost the responder a key pair,
+/// a Diffie-Hellman computation and a kept request, with nothing a driver could ask for
+/// first. A driver under load asks for a COOKIE, bound to the initiator's address.
+#[test]
+fn a_responder_under_load_asks_for_a_cookie_first() {
+    let now = Instant::now();
+    let secret = [7u8; 32];
+    let from: std::net::SocketAddr = "192.0.2.1:4500".parse().unwrap();
+    let (mut initiator, first) = Initiator::start(config(true, &[19], "k"), now).unwrap();
+    let asked = cookie_answer(&secret, from, &first)
+        .unwrap()
+        .expect("a COOKIE is asked for");
+    let again = sends(&initiator.handle(&asked, now).unwrap());
+    assert_eq!(again.len(), 1, "the request again, with the cookie");
+    assert_eq!(cookie_answer(&secret, from, &again[0]).unwrap(), None);
+    let elsewhere: std::net::SocketAddr = "192.0.2.9:4500".parse().unwrap();
+    assert!(cookie_answer(&secret, elsewhere, &again[0])
+        .unwrap()
+        .is_some());
+    assert!(cookie_answer(&[8; 32], from, &again[0]).unwrap().is_some());
+    assert!(matches!(
+        Responder::accept(config(false, &[19], "k"), &again[0]).unwrap(),
+        Accepted::Sa(..)
+    ));
+    // An oversized request is refused before anything is computed.
+    let mut big = first.clone();
+    big.resize(5000, 0);
+    assert!(Responder::accept(config(false, &[19], "k"), &big).is_err());
 }
 
 /// xorshift64*: deterministic test inputs.
