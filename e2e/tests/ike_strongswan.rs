@@ -456,8 +456,10 @@ fn hex(bytes: &[u8]) -> String {
 /// The CHILD_SA our initiator negotiated with charon, put into an Isthmus gateway as its
 /// ESP peer's SA (an SA file, as manual keying takes it): the workloads behind Isthmus
 /// and behind strongSwan (kernel-libipsec) ping each other through it, and charon counts
-/// the packets on the SAs it negotiated. The gateway is not keyed by IKE yet (issue 11
-/// goes on): this checks that our keys, SPIs and ESP-in-UDP are what strongSwan speaks.
+/// the packets on the SAs it negotiated. tshark, given charon's logged SK_e keys and our
+/// SA, decrypts the captured IKE_AUTH exchange (both identities, PSK AUTH) and the ESP
+/// (the pings between the workloads). The gateway is not keyed by IKE yet (issue 11 goes
+/// on): this checks that our keys, SPIs and ESP-in-UDP are what strongSwan speaks.
 #[test]
 fn isthmus_esp_keyed_by_ike_carries_traffic_to_strongswan() {
     let topo = Topology::two_sites(Underlay::V4).expect("topology");
@@ -467,6 +469,13 @@ fn isthmus_esp_keyed_by_ike_carries_traffic_to_strongswan() {
     let conf =
         responder_conf("aes256gcm16-prfsha256-x25519").replace("dpd_delay = 1s", "dpd_delay = 0s");
     let charon = Charon::start(topo.run(), &s2.gw_ns, "g2", "", &conf).expect("charon");
+    let capture = isthmus_e2e::Capture::start(
+        topo.run(),
+        &s1.gw_ns,
+        &s1.underlay_if,
+        Some("udp port 4500"),
+    )
+    .expect("capture");
     let outcome = initiate(s1, &[31], PSK, Duration::from_secs(2)).expect("driver");
     assert!(outcome.error.is_none(), "{:?}", outcome.error);
     let child = outcome.child.expect("CHILD_SA established");
@@ -538,4 +547,94 @@ fn isthmus_esp_keyed_by_ike_carries_traffic_to_strongswan() {
     };
     assert!(packets("in ", child.outbound_spi) >= 5, "{sas}");
     assert!(packets("out", child.inbound_spi) >= 5, "{sas}");
+
+    // tshark decrypts both, from keys it is given: charon's (IKE) and our SA file (ESP).
+    let pcap = capture.stop().expect("capture");
+    let spis: Vec<String> = sas
+        .split("IKEv2, ")
+        .nth(1)
+        .map(|rest| {
+            rest.split_whitespace()
+                .take(2)
+                .map(|s| {
+                    s.trim_end_matches('*')
+                        .trim_end_matches("_i")
+                        .trim_end_matches("_r")
+                        .to_string()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(spis.len(), 2, "{sas}");
+    let key = |label: &str| {
+        hex(charon
+            .logged(label)
+            .first()
+            .unwrap_or_else(|| panic!("charon logged no {label}")))
+    };
+    let mut args = sa.tshark_args(s1.underlay_addr, s2.underlay_addr);
+    args.push("-o".into());
+    args.push(format!(
+        "uat:ikev2_decryption_table:{},{},{},{},\"AES-GCM-256 with 16 octet ICV [RFC5282]\",,,\
+         \"NONE [RFC4306]\"",
+        spis[0],
+        spis[1],
+        key("Sk_ei secret"),
+        key("Sk_er secret")
+    ));
+    args.extend(
+        [
+            "-T",
+            "fields",
+            "-E",
+            "occurrence=a",
+            "-E",
+            "aggregator=,",
+            "-e",
+            "isakmp.id.data.fqdn",
+            "-e",
+            "isakmp.auth.method",
+            "-e",
+            "icmp.type",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+        ]
+        .map(String::from),
+    );
+    let decoded = pcap.tshark(&args).expect("tshark");
+    let rows: Vec<Vec<&str>> = decoded.lines().map(|l| l.split('\t').collect()).collect();
+    let ids: Vec<&str> = rows
+        .iter()
+        .filter(|r| !r[0].is_empty())
+        .map(|r| r[0])
+        .collect();
+    // Our request names both ends (IDi, and IDr as the one we want), charon's answer
+    // itself.
+    assert_eq!(
+        ids,
+        ["gw1.test,gw2.test", "gw2.test"],
+        "IKE_AUTH not decrypted:\n{decoded}"
+    );
+    assert!(
+        rows.iter().filter(|r| r[1] == "2").count() == 2,
+        "PSK AUTH payloads:\n{decoded}"
+    );
+    let (w1, w2) = (s1.workload_addr.to_string(), s2.workload_addr.to_string());
+    let echo = |src: &str, dst: &str, kind: &str| {
+        rows.iter().any(|r| {
+            r[2].split(',').any(|t| t == kind)
+                && r[3].split(',').any(|a| a == src)
+                && r[4].split(',').any(|a| a == dst)
+        })
+    };
+    assert!(
+        echo(&w1, &w2, "8") && echo(&w2, &w1, "0"),
+        "ESP not decrypted:\n{decoded}"
+    );
+    assert!(
+        echo(&w2, &w1, "8") && echo(&w1, &w2, "0"),
+        "ESP not decrypted:\n{decoded}"
+    );
 }
