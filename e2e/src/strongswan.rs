@@ -7,13 +7,20 @@
 //! `chd = 4`, which print the IKE and CHILD_SA keys: test keys only, in the run dir,
 //! which lets a test compare them with what Isthmus derived.
 
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use isthmus_ike::sa::{ChildSa, Config, Event, Initiator, Prefix};
+use isthmus_ike::wire::Identification;
 
+use crate::esp::SaFile;
+use crate::isthmus::{EspPeerConfig, EspSettings, IsthmusGateway};
+use crate::keys::KeyPair;
 use crate::process::ProcessGuard;
 use crate::run::Run;
+use crate::topology::{Site, Topology};
 
 /// The charon binary of Debian's strongswan-charon.
 pub const CHARON: &str = "/usr/lib/ipsec/charon";
@@ -170,4 +177,176 @@ fn hex_decode(s: &str) -> Result<Vec<u8>> {
     (0..s.len() / 2)
         .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).context("hex"))
         .collect()
+}
+
+/// A pre-shared-key connection `lab` of charon at site `local` toward site `remote` of a
+/// two-site topology: identities `gw<i>.test`, a tunnel between the two workload prefixes
+/// with AES-256-GCM (IKE: Curve25519; ESP: no ESN), UDP encapsulation forced on port 4500
+/// at both ends, no DPD.
+pub fn psk_conf(local: &Site, remote: &Site, psk: &str) -> String {
+    format!(
+        "connections {{\n  lab {{\n    version = 2\n    local_addrs = {la}\n    \
+         remote_addrs = {ra}\n    local_port = 4500\n    remote_port = 4500\n    \
+         proposals = aes256gcm16-prfsha256-x25519\n    encap = yes\n    mobike = no\n    \
+         dpd_delay = 0s\n    \
+         local {{\n      auth = psk\n      id = gw{li}.test\n    }}\n    \
+         remote {{\n      auth = psk\n      id = gw{ri}.test\n    }}\n    \
+         children {{\n      net {{\n        mode = tunnel\n        \
+         local_ts = {lp}\n        remote_ts = {rp}\n        esp_proposals = aes256gcm16\n      \
+         }}\n    }}\n  }}\n}}\n\
+         secrets {{\n  ike-lab {{\n    id-1 = gw{li}.test\n    id-2 = gw{ri}.test\n    \
+         secret = \"{psk}\"\n  }}\n}}\n",
+        la = local.underlay_addr,
+        ra = remote.underlay_addr,
+        li = local.index,
+        ri = remote.index,
+        lp = local.workload_prefix,
+        rp = remote.workload_prefix,
+    )
+}
+
+fn prefix_of(text: &str) -> Result<Prefix> {
+    let (addr, len) = text.split_once('/').context("a prefix")?;
+    Ok(Prefix {
+        addr: addr.parse()?,
+        len: len.parse()?,
+    })
+}
+
+/// Brings up an IKE SA and its CHILD_SA from site `local` (Isthmus's initiator, on the
+/// gateway's port 4500) to charon at site `remote` configured with [`psk_conf`]; the
+/// socket is closed when this returns.
+pub fn negotiate_child(local: &Site, remote: &Site, psk: &str) -> Result<ChildSa> {
+    let id = |site: &Site| Identification {
+        id_type: 2,
+        data: format!("gw{}.test", site.index).into_bytes(),
+    };
+    let config = Config {
+        local_id: id(local),
+        remote_id: id(remote),
+        psk: psk.as_bytes().to_vec().into(),
+        groups: vec![31],
+        key_bits: vec![256],
+        local_prefixes: vec![prefix_of(&local.workload_prefix)?],
+        remote_prefixes: vec![prefix_of(&remote.workload_prefix)?],
+        local: local.endpoint(4500),
+        remote: remote.endpoint(4500),
+        esn: false,
+    };
+    let to = remote.endpoint(4500);
+    let from = local.endpoint(4500);
+    crate::netns::run_in(&local.gw_ns, move || {
+        let socket = UdpSocket::bind(from).context("binding 4500")?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let send = |bytes: &[u8]| -> Result<()> {
+            let mut d = vec![0u8; 4];
+            d.extend_from_slice(bytes);
+            socket.send_to(&d, to).context("send")?;
+            Ok(())
+        };
+        let (mut initiator, first) = Initiator::start(config, Instant::now())?;
+        send(&first)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut buf = [0u8; 65536];
+        while Instant::now() < deadline {
+            let events = match socket.recv_from(&mut buf) {
+                Ok((n, _)) if n > 4 && buf[..4] == [0, 0, 0, 0] => {
+                    initiator.handle(&buf[4..n], Instant::now())?
+                }
+                Ok(_) => continue,
+                Err(_) => initiator.on_timer(Instant::now())?,
+            };
+            for event in events {
+                match event {
+                    Event::Send(bytes) => send(&bytes)?,
+                    Event::Established(child) => return Ok(child),
+                    Event::ChildDeleted(_) => {}
+                    Event::Closed(why) => bail!("the IKE SA closed: {why}"),
+                }
+            }
+        }
+        bail!("no CHILD_SA within 10 s")
+    })
+}
+
+/// Writes `child` as a manual-keying SA file (mode 0600) in the run dir.
+pub fn write_sa_file(run: &Run, name: &str, child: &ChildSa) -> Result<SaFile> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let cipher = match child.outbound_key.len() {
+        20 => "aes128-gcm",
+        36 => "aes256-gcm",
+        n => bail!("a key of {n} bytes"),
+    };
+    let hex = |b: &[u8]| -> String { b.iter().map(|x| format!("{x:02x}")).collect() };
+    let path = run.path(name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    write!(
+        file,
+        "cipher = \"{cipher}\"\noutbound_spi = {}\noutbound_key = \"{}\"\n\
+         inbound_spi = {}\ninbound_key = \"{}\"\n",
+        child.outbound_spi,
+        hex(&child.outbound_key),
+        child.inbound_spi,
+        hex(&child.inbound_key)
+    )?;
+    SaFile::read(&path)
+}
+
+/// Waits until the workloads of sites 1 and 2 ping each other.
+fn connected(topo: &Topology, logs: &dyn Fn() -> String) -> Result<()> {
+    for (from, to) in [(1, 2), (2, 1)] {
+        let dst = topo.site(to).workload_addr.into();
+        if !crate::traffic::wait_for_ping(&topo.site(from).wl_ns, dst, Duration::from_secs(10)) {
+            bail!("workload {from} cannot ping workload {to}\n{}", logs());
+        }
+    }
+    Ok(())
+}
+
+/// Site 1: an Isthmus gateway whose ESP SA our IKE initiator negotiated with site 2's
+/// charon (kernel-libipsec), as an SA file; site 2: that charon. Returns once the
+/// workloads ping each other.
+pub fn isthmus_with_charon(topo: &Topology) -> Result<(Charon, IsthmusGateway)> {
+    let (a, b) = (topo.site(1), topo.site(2));
+    let psk = "bench-psk-0b5e7d2c4a6f8e1d3c5b7a9f";
+    let charon = Charon::start(topo.run(), &b.gw_ns, "g2", "", &psk_conf(b, a, psk))?;
+    let child = negotiate_child(a, b, psk)?;
+    let sa = write_sa_file(topo.run(), "ike-child.sa.toml", &child)?;
+    let template = EspPeerConfig {
+        esn: Some(false),
+        ..EspPeerConfig::default()
+    };
+    let esp = EspSettings {
+        listen_port: Some(4500),
+        peers: vec![crate::esp::peer_for(b, &sa, &template)],
+    };
+    let gateway = IsthmusGateway::start_with_esp(
+        topo.run(),
+        &a.gw_ns,
+        &KeyPair::generate()?,
+        &crate::mesh::isthmus_config(a, Vec::new()),
+        &esp,
+    )?;
+    connected(topo, &|| format!("{}\n{}", gateway.logs(), charon.log()))?;
+    Ok((charon, gateway))
+}
+
+/// A charon at each of sites 1 and 2, the first initiating: strongSwan with itself.
+/// Returns once the workloads ping each other.
+pub fn charon_pair(topo: &Topology) -> Result<(Charon, Charon)> {
+    let (a, b) = (topo.site(1), topo.site(2));
+    let psk = "bench-psk-0b5e7d2c4a6f8e1d3c5b7a9f";
+    let responder = Charon::start(topo.run(), &b.gw_ns, "g2", "", &psk_conf(b, a, psk))?;
+    let initiator = Charon::start(topo.run(), &a.gw_ns, "g1", "", &psk_conf(a, b, psk))?;
+    initiator.swanctl(&["--initiate", "--child", "net", "--timeout", "10"])?;
+    connected(topo, &|| {
+        format!("{}\n{}", initiator.log(), responder.log())
+    })?;
+    Ok((initiator, responder))
 }

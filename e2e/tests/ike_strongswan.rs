@@ -8,7 +8,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use isthmus_e2e::esp::{peer_for, SaFile, ESP_PORT};
+use isthmus_e2e::esp::{peer_for, ESP_PORT};
 use isthmus_e2e::mesh::isthmus_config;
 use isthmus_e2e::netns;
 use isthmus_e2e::strongswan::Charon;
@@ -481,28 +481,8 @@ fn isthmus_esp_keyed_by_ike_carries_traffic_to_strongswan() {
     let child = outcome.child.expect("CHILD_SA established");
     assert!(!child.esn);
 
-    let path = topo.run().path("ike-child.sa.toml");
-    {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .expect("SA file");
-        write!(
-            file,
-            "cipher = \"aes256-gcm\"\noutbound_spi = {}\noutbound_key = \"{}\"\n\
-             inbound_spi = {}\ninbound_key = \"{}\"\n",
-            child.outbound_spi,
-            hex(&child.outbound_key),
-            child.inbound_spi,
-            hex(&child.inbound_key)
-        )
+    let sa = isthmus_e2e::strongswan::write_sa_file(topo.run(), "ike-child.sa.toml", &child)
         .expect("SA file");
-    }
-    let sa = SaFile::read(&path).expect("SA file");
     let template = EspPeerConfig {
         esn: Some(false),
         ..EspPeerConfig::default()

@@ -1,13 +1,15 @@
 //! `isthmus-bench`: single-flow TCP throughput (iperf3) through Isthmus over WireGuard, Isthmus
-//! over IPsec ESP (AES-128-GCM and AES-256-GCM), wireguard-go and boringtun-cli, side by side in
-//! one run. Runs are interleaved (run 1 of every variant, then run 2, …) so that drift of the
+//! over IPsec ESP (AES-128-GCM and AES-256-GCM), wireguard-go and boringtun-cli, and IPsec
+//! with strongSwan (charon, kernel-libipsec: ESP in userspace): Isthmus at one end and charon
+//! at the other (the ESP SA negotiated by Isthmus's IKEv2 with that charon), and charon at
+//! both ends, side by side in one run. Runs are interleaved (run 1 of every variant, then run 2, …) so that drift of the
 //! machine affects all variants alike; each run gets a fresh two-site IPv4 topology of its own,
 //! torn down before the next, so that nothing else runs while a variant is measured.
 //!
 //! ```text
 //! isthmus-bench [--seconds 10] [--runs 1] [--json]
 //!               [--only isthmus-wg,isthmus-wg-bpf,isthmus-esp-aes128,isthmus-esp-aes256,
-//!                       wireguard-go,boringtun-cli]
+//!                       wireguard-go,boringtun-cli,isthmus-esp-strongswan,strongswan]
 //! ```
 //! `isthmus-wg-bpf` is node mode's path: the same WireGuard tunnel, with the
 //! workloads' packets steered into it by the TC program instead of a route; its
@@ -23,6 +25,7 @@ use clap::Parser;
 use isthmus_e2e::esp::{Cipher, EspPair};
 use isthmus_e2e::mesh::{self, Implementation, Mesh};
 use isthmus_e2e::process::ProcessGuard;
+use isthmus_e2e::strongswan::{self, Charon};
 use isthmus_e2e::{
     bins, netns, wait_for_ping, EspPeerConfig, IsthmusGateway, KeyPair, Topology, Underlay,
     UserspaceImpl,
@@ -46,7 +49,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "isthmus-wg,isthmus-wg-bpf,isthmus-esp-aes128,isthmus-esp-aes256,wireguard-go,boringtun-cli"
+        default_value = "isthmus-wg,isthmus-wg-bpf,isthmus-esp-aes128,isthmus-esp-aes256,wireguard-go,boringtun-cli,isthmus-esp-strongswan,strongswan"
     )]
     only: Vec<String>,
 }
@@ -61,15 +64,21 @@ enum Variant {
     IsthmusEsp(Cipher),
     WireguardGo,
     BoringtunCli,
+    /// Isthmus ESP (AES-256-GCM) at site 1, keyed by its IKEv2 with charon at site 2.
+    IsthmusEspStrongswan,
+    /// charon at both sites.
+    Strongswan,
 }
 
-const ALL: [Variant; 6] = [
+const ALL: [Variant; 8] = [
     Variant::IsthmusWg,
     Variant::IsthmusWgBpf,
     Variant::IsthmusEsp(Cipher::Aes128Gcm),
     Variant::IsthmusEsp(Cipher::Aes256Gcm),
     Variant::WireguardGo,
     Variant::BoringtunCli,
+    Variant::IsthmusEspStrongswan,
+    Variant::Strongswan,
 ];
 
 impl Variant {
@@ -81,6 +90,8 @@ impl Variant {
             Variant::IsthmusEsp(Cipher::Aes256Gcm) => "isthmus-esp-aes256",
             Variant::WireguardGo => "wireguard-go",
             Variant::BoringtunCli => "boringtun-cli",
+            Variant::IsthmusEspStrongswan => "isthmus-esp-strongswan",
+            Variant::Strongswan => "strongswan",
         }
     }
 
@@ -109,8 +120,14 @@ impl Variant {
                     .to_string()
             })
         };
+        let charon = || {
+            (!isthmus_e2e::strongswan::available())
+                .then(|| "strongSwan's charon not installed (bash scripts/setup.sh)".to_string())
+        };
         match self {
             Variant::IsthmusWg | Variant::IsthmusWgBpf | Variant::IsthmusEsp(_) => isthmus(),
+            Variant::IsthmusEspStrongswan => isthmus().or_else(charon),
+            Variant::Strongswan => charon(),
             Variant::WireguardGo => UserspaceImpl::WireguardGo
                 .find()
                 .is_none()
@@ -134,6 +151,8 @@ enum Gateways {
     Wg(Mesh),
     Esp(EspPair),
     Steered(Vec<IsthmusGateway>),
+    WithCharon(Box<(Charon, IsthmusGateway)>),
+    Charons(Box<(Charon, Charon)>),
 }
 
 impl Gateways {
@@ -142,6 +161,8 @@ impl Gateways {
             Gateways::Wg(m) => m.logs(),
             Gateways::Esp(p) => p.logs(),
             Gateways::Steered(g) => g.iter().map(IsthmusGateway::logs).collect(),
+            Gateways::WithCharon(p) => format!("{}\n{}", p.1.logs(), p.0.log()),
+            Gateways::Charons(p) => format!("{}\n{}", p.0.log(), p.1.log()),
         }
     }
 }
@@ -202,6 +223,10 @@ fn set_up(variant: Variant) -> Result<Bed> {
             Gateways::Esp(EspPair::start(&topo, cipher, &EspPeerConfig::default())?)
         }
         Variant::IsthmusWgBpf => Gateways::Steered(steered(&topo)?),
+        Variant::IsthmusEspStrongswan => {
+            Gateways::WithCharon(Box::new(strongswan::isthmus_with_charon(&topo)?))
+        }
+        Variant::Strongswan => Gateways::Charons(Box::new(strongswan::charon_pair(&topo)?)),
     };
     let b = topo.site(2);
     let server_addr = b.workload_addr.to_string();
@@ -306,6 +331,10 @@ fn ratio_pairs(variants: &[Variant]) -> Vec<(Variant, Variant)> {
     pairs.push((Variant::IsthmusWgBpf, Variant::IsthmusWg));
     pairs.push((Variant::IsthmusEsp(Cipher::Aes128Gcm), Variant::IsthmusWg));
     pairs.push((Variant::IsthmusEsp(Cipher::Aes256Gcm), Variant::IsthmusWg));
+    // IPsec against strongSwan: one end Isthmus, against both ends strongSwan; and
+    // Isthmus at both ends against both ends strongSwan.
+    pairs.push((Variant::IsthmusEspStrongswan, Variant::Strongswan));
+    pairs.push((Variant::IsthmusEsp(Cipher::Aes256Gcm), Variant::Strongswan));
     pairs.retain(|(a, b)| variants.contains(a) && variants.contains(b));
     pairs
 }
