@@ -260,7 +260,7 @@ pub fn negotiate_child(local: &Site, remote: &Site, psk: &str) -> Result<ChildSa
                 match event {
                     Event::Send(bytes) => send(&bytes)?,
                     Event::Established(child) => return Ok(child),
-                    Event::ChildDeleted(_) => {}
+                    Event::ChildRekeyed(_) | Event::ChildDeleted(_) => {}
                     Event::Closed(why) => bail!("the IKE SA closed: {why}"),
                 }
             }

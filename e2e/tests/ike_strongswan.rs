@@ -88,6 +88,9 @@ struct Outcome {
     /// Requests from the peer answered after the SA was up (DPD, deletes).
     answered: usize,
     closed: Option<String>,
+    /// CHILD_SAs the peer's rekeys brought, and inbound SPIs of ours it deleted.
+    rekeyed: Vec<ChildSa>,
+    deleted: Vec<u32>,
 }
 
 impl Outcome {
@@ -103,7 +106,8 @@ impl Outcome {
                     send.push(bytes);
                 }
                 Event::Established(child) => self.child = Some(child),
-                Event::ChildDeleted(_) => {}
+                Event::ChildRekeyed(child) => self.rekeyed.push(child),
+                Event::ChildDeleted(spi) => self.deleted.push(spi),
                 Event::Closed(why) => self.closed = Some(why),
             }
         }
@@ -256,6 +260,23 @@ fn isthmus_initiates_a_psk_ike_sa_with_strongswan() {
     std::thread::sleep(Duration::from_secs(3));
     let sas = charon.swanctl(&["--list-sas"]).expect("list-sas");
     assert!(sas.contains("ESTABLISHED"), "DPD unanswered? {sas}");
+    // charon rekeys the CHILD_SA: we answer with a new pair, it deletes the old one.
+    charon
+        .swanctl(&["--rekey", "--child", "net"])
+        .expect("rekey");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let rekeyed = loop {
+        let now = charon.swanctl(&["--list-sas"]).expect("list-sas");
+        if now.matches("INSTALLED").count() == 1 && now.contains("net: #2") {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no rekey:\n{now}\n{}",
+            charon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     charon
         .swanctl(&["--terminate", "--ike", "lab"])
         .expect("terminate");
@@ -291,6 +312,31 @@ fn isthmus_initiates_a_psk_ike_sa_with_strongswan() {
         "DPD requests answered: {}",
         outcome.answered
     );
+    let [new] = outcome.rekeyed.as_slice() else {
+        panic!("one rekey expected: {:?}", outcome.rekeyed);
+    };
+    assert_eq!(
+        outcome.deleted,
+        vec![child.inbound_spi],
+        "the old SA is gone"
+    );
+    assert!(
+        rekeyed.contains(&format!("in  {:08x},", new.outbound_spi))
+            && rekeyed.contains(&format!("out {:08x},", new.inbound_spi)),
+        "{rekeyed}"
+    );
+    // charon initiated the rekey: its "initiator" key is the one it sends us with.
+    let keys = charon.logged("encryption initiator key");
+    assert_eq!(
+        keys.get(1).map(Vec::as_slice),
+        Some(new.inbound_key.as_slice())
+    );
+    let keys = charon.logged("encryption responder key");
+    assert_eq!(
+        keys.get(1).map(Vec::as_slice),
+        Some(new.outbound_key.as_slice())
+    );
+    assert_eq!(new.local_prefixes, child.local_prefixes);
     assert_eq!(
         outcome.closed.as_deref(),
         Some("the peer deleted the IKE SA")

@@ -7,10 +7,13 @@
 //! datagrams and `now` in, [`Event`]s out; the driver owns the socket (always
 //! UDP-encapsulated: port 4500 with the non-ESP marker, which it adds and strips).
 //!
-//! Not yet here (see the crate docs): certificate AUTH in the exchange itself, COOKIEs
-//! sent by the responder, CREATE_CHILD_SA (rekeys are answered NO_ADDITIONAL_SAS, so the
-//! peer keeps the SAs until their hard lifetime), requests of our own once established
-//! (DPD, delete), and sending fragments.
+//! The peer's rekeys of the CHILD_SA (CREATE_CHILD_SA without PFS) are answered with a
+//! new SA pair ([`Event::ChildRekeyed`]); the old pair goes when the peer deletes it.
+//!
+//! Not yet here (see the crate docs): certificate AUTH in the exchange itself, rekeys with
+//! PFS and of the IKE SA (answered NO_PROPOSAL_CHOSEN / NO_ADDITIONAL_SAS), requests of
+//! our own once established (rekeys, DPD, delete) and their collisions, and sending
+//! fragments.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -50,6 +53,10 @@ pub mod notify {
     pub const COOKIE: u16 = 16390;
     /// RFC 7383 fragmentation supported.
     pub const IKEV2_FRAGMENTATION_SUPPORTED: u16 = 16430;
+    /// The CHILD_SA a CREATE_CHILD_SA replaces (its SPI: the sender's inbound one).
+    pub const REKEY_SA: u16 = 16393;
+    /// The CHILD_SA named is not known.
+    pub const CHILD_SA_NOT_FOUND: u16 = 44;
 }
 
 /// Protocol IDs.
@@ -280,6 +287,9 @@ pub enum Event {
     Send(Vec<u8>),
     /// The IKE SA and its first CHILD_SA are up.
     Established(ChildSa),
+    /// The peer rekeyed the CHILD_SA (CREATE_CHILD_SA): install this one inbound; the
+    /// one it replaces goes when the peer deletes it ([`Event::ChildDeleted`]).
+    ChildRekeyed(ChildSa),
     /// The peer deleted the CHILD_SA with this inbound SPI of ours.
     ChildDeleted(u32),
     /// The IKE SA is gone (deleted by the peer, or failed); nothing more will be sent.
@@ -446,7 +456,7 @@ impl Initiator {
             in_flight: None,
             child: Child {
                 inbound_spi,
-                outbound_spi: None,
+                ..Child::default()
             },
             refused_hint: None,
         };
@@ -834,6 +844,8 @@ impl Initiator {
         self.state = State::Established;
         let child = self.child_from(&payloads)?;
         self.child.outbound_spi = Some(child.outbound_spi);
+        self.child.local_prefixes = child.local_prefixes.clone();
+        self.child.remote_prefixes = child.remote_prefixes.clone();
         Ok(vec![Event::Established(child)])
     }
 
@@ -959,11 +971,16 @@ impl Initiator {
             // No request of ours is in flight once established.
             return Ok(Vec::new());
         }
-        let keyed = self
-            .keyed
-            .as_mut()
-            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
-        let (events, closed) = keyed.established_request(datagram, &header, &mut self.child)?;
+        let (Some(keyed), Some(keys)) = (self.keyed.as_mut(), self.keys.as_ref()) else {
+            return Err(IkeError::Protocol("no keys yet".into()));
+        };
+        let (events, closed) = keyed.established_request(
+            datagram,
+            &header,
+            &mut self.child,
+            &self.config,
+            &keys.sk_d,
+        )?;
         if closed {
             self.state = State::Closed;
         }
@@ -972,12 +989,18 @@ impl Initiator {
 }
 
 /// The CHILD_SA as its IKE SA knows it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 struct Child {
     /// Ours (the peer sends to it).
     inbound_spi: u32,
     /// The peer's, once the CHILD_SA is up.
     outbound_spi: Option<u32>,
+    /// Its prefixes once up: ours, the peer's.
+    local_prefixes: Vec<Prefix>,
+    remote_prefixes: Vec<Prefix>,
+    /// The SPIs (inbound, outbound) of the CHILD_SA a rekey replaced, until the peer
+    /// deletes it.
+    replaced: Option<(u32, u32)>,
 }
 
 /// The protected half of an IKE SA, the same at both ends once the keys exist: SK
@@ -1140,14 +1163,16 @@ impl Keyed {
         Ok(response)
     }
 
-    /// A request of the peer once the IKE SA is up: liveness checks and deletes are
-    /// answered, CHILD_SA rekeys refused (not offered yet). Returns the events and
-    /// whether the IKE SA is gone.
+    /// A request of the peer once the IKE SA is up: liveness checks, deletes and rekeys
+    /// of the CHILD_SA are answered (see [`rekey_child`]). Returns the events and whether
+    /// the IKE SA is gone.
     fn established_request(
         &mut self,
         datagram: &[u8],
         header: &Header,
         child: &mut Child,
+        config: &Config,
+        sk_d: &[u8],
     ) -> Result<(Vec<Event>, bool), IkeError> {
         let payloads = match self.request(datagram, header)? {
             Request::Again(bytes) => return Ok((vec![Event::Send(bytes)], false)),
@@ -1167,26 +1192,40 @@ impl Keyed {
                         events.push(Event::Closed("the peer deleted the IKE SA".into()));
                         closed = true;
                     } else if *protocol == PROTO_ESP {
-                        let ours = spis
+                        let named: Vec<u32> = spis
                             .iter()
                             .filter_map(|s| <[u8; 4]>::try_from(s.as_slice()).ok())
                             .map(u32::from_be_bytes)
-                            .any(|s| Some(s) == child.outbound_spi);
-                        if ours {
+                            .collect();
+                        // The SA a rekey replaced, or the one in force.
+                        let gone = match child.replaced {
+                            Some((inbound, outbound)) if named.contains(&outbound) => {
+                                child.replaced = None;
+                                Some(inbound)
+                            }
+                            _ if child.outbound_spi.is_some_and(|s| named.contains(&s)) => {
+                                child.outbound_spi = None;
+                                Some(child.inbound_spi)
+                            }
+                            _ => None,
+                        };
+                        if let Some(inbound) = gone {
                             reply.push(Payload::Delete {
                                 protocol: PROTO_ESP,
                                 spi_size: 4,
-                                spis: vec![child.inbound_spi.to_be_bytes().to_vec()],
+                                spis: vec![inbound.to_be_bytes().to_vec()],
                             });
-                            events.push(Event::ChildDeleted(child.inbound_spi));
-                            child.outbound_spi = None;
+                            events.push(Event::ChildDeleted(inbound));
                         }
                     }
                 }
                 reply
             }
-            // Rekeys and new CHILD_SAs are not offered yet.
-            exchange::CREATE_CHILD_SA => vec![status(notify::NO_ADDITIONAL_SAS, Vec::new())],
+            exchange::CREATE_CHILD_SA => {
+                let (reply, rekeyed) = rekey_child(&payloads, config, sk_d, child)?;
+                events.extend(rekeyed.map(Event::ChildRekeyed));
+                reply
+            }
             other => {
                 return Err(IkeError::Protocol(format!(
                     "exchange type {other} after IKE_AUTH"
@@ -1197,6 +1236,85 @@ impl Keyed {
         events.insert(0, Event::Send(response));
         Ok((events, closed))
     }
+}
+
+/// Answers a CREATE_CHILD_SA request of the peer (RFC 7296 §1.3.3): a rekey of our
+/// CHILD_SA (REKEY_SA naming the peer's inbound SPI, which is our outbound one) gets a new
+/// SA pair, its keys from SK_d and the exchange's nonces, its selectors those of the SA it
+/// replaces. Not offered yet: rekeys with a new Diffie-Hellman exchange (PFS: answered
+/// NO_PROPOSAL_CHOSEN), additional CHILD_SAs (NO_ADDITIONAL_SAS), and rekeys of the IKE
+/// SA (NO_ADDITIONAL_SAS too: the peer keeps it to its hard lifetime, or re-authenticates).
+fn rekey_child(
+    payloads: &[Payload],
+    config: &Config,
+    sk_d: &[u8],
+    child: &mut Child,
+) -> Result<(Vec<Payload>, Option<ChildSa>), IkeError> {
+    let refuse = |kind: u16| Ok((vec![status(kind, Vec::new())], None));
+    let rekeyed = payloads.iter().find_map(|p| match p {
+        Payload::Notify(n) if n.kind == notify::REKEY_SA && n.protocol == PROTO_ESP => {
+            <[u8; 4]>::try_from(n.spi.as_slice())
+                .ok()
+                .map(u32::from_be_bytes)
+        }
+        _ => None,
+    });
+    let Some(old) = rekeyed else {
+        return refuse(notify::NO_ADDITIONAL_SAS);
+    };
+    if child.outbound_spi != Some(old) || child.replaced.is_some() {
+        return refuse(notify::CHILD_SA_NOT_FOUND);
+    }
+    if payloads.iter().any(|p| matches!(p, Payload::Ke { .. })) {
+        return refuse(notify::NO_PROPOSAL_CHOSEN);
+    }
+    let mut offered = None;
+    let mut ni = None;
+    for p in payloads {
+        match p {
+            Payload::Sa(ps) => offered = Some(ps.as_slice()),
+            Payload::Nonce(n) => ni = Some(n.as_slice()),
+            _ => {}
+        }
+    }
+    let (Some(offered), Some(ni)) = (offered, ni) else {
+        return Err(IkeError::Protocol(
+            "CREATE_CHILD_SA request without SA or Nonce".into(),
+        ));
+    };
+    if !(16..=256).contains(&ni.len()) {
+        return Err(IkeError::Protocol("nonce of a bad length".into()));
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let inbound_spi = u32::from_be_bytes(random::<4>(&rng)?) | 0x0000_0100;
+    let Some((answer, outbound_spi, bits, esn)) = pick_esp(config, inbound_spi, offered) else {
+        return refuse(notify::NO_PROPOSAL_CHOSEN);
+    };
+    let nr = random::<32>(&rng)?.to_vec();
+    // The peer initiated this exchange: its nonce first, and the first keys are its
+    // direction (to us).
+    let (to_us, from_us) = crypto::child_keymat(sk_d, None, ni, &nr, usize::from(bits / 8));
+    let reply = vec![
+        Payload::Sa(vec![answer]),
+        Payload::Nonce(nr),
+        Payload::TsI(child.remote_prefixes.iter().map(Prefix::selector).collect()),
+        Payload::TsR(child.local_prefixes.iter().map(Prefix::selector).collect()),
+    ];
+    child.replaced = Some((child.inbound_spi, old));
+    child.inbound_spi = inbound_spi;
+    child.outbound_spi = Some(outbound_spi);
+    Ok((
+        reply,
+        Some(ChildSa {
+            inbound_spi,
+            outbound_spi,
+            inbound_key: to_us,
+            outbound_key: from_us,
+            esn,
+            local_prefixes: child.local_prefixes.clone(),
+            remote_prefixes: child.remote_prefixes.clone(),
+        }),
+    ))
 }
 
 /// Whether `prefix` lies within the range `start`..=`end` (same address family).
@@ -1515,7 +1633,7 @@ impl Responder {
             keyed,
             child: Child {
                 inbound_spi,
-                outbound_spi: None,
+                ..Child::default()
             },
         };
         Ok(Accepted::Sa(Box::new(responder), init_response))
@@ -1552,9 +1670,13 @@ impl Responder {
             return Ok(Vec::new());
         }
         if self.state == State::Established {
-            let (events, closed) =
-                self.keyed
-                    .established_request(datagram, &header, &mut self.child)?;
+            let (events, closed) = self.keyed.established_request(
+                datagram,
+                &header,
+                &mut self.child,
+                &self.config,
+                &self.keys.sk_d,
+            )?;
             if closed {
                 self.state = State::Closed;
             }
@@ -1676,6 +1798,8 @@ impl Responder {
             usize::from(bits / 8),
         );
         self.child.outbound_spi = Some(outbound_spi);
+        self.child.local_prefixes = local.clone();
+        self.child.remote_prefixes = remote.clone();
         self.state = State::Established;
         Ok(vec![
             Event::Send(response),
