@@ -167,6 +167,11 @@ impl Charon {
         out
     }
 
+    /// Kills charon at once (SIGKILL): a peer that vanishes without a word.
+    pub fn kill(&mut self) {
+        self.process.signal(libc::SIGKILL);
+    }
+
     /// Whether charon is still running.
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
@@ -232,6 +237,7 @@ pub fn negotiate_child(local: &Site, remote: &Site, psk: &str) -> Result<ChildSa
         local: local.endpoint(4500),
         remote: remote.endpoint(4500),
         esn: false,
+        dpd: None,
     };
     let to = remote.endpoint(4500);
     let from = local.endpoint(4500);

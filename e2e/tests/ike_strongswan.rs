@@ -77,6 +77,7 @@ fn config(groups: &[u16], psk: &str) -> Config {
         local: "192.0.2.1:4500".parse().expect("address"),
         remote: "192.0.2.2:4500".parse().expect("address"),
         esn: false,
+        dpd: None,
     }
 }
 
@@ -663,4 +664,45 @@ fn isthmus_esp_keyed_by_ike_carries_traffic_to_strongswan() {
         echo(&w2, &w1, "8") && echo(&w1, &w2, "0"),
         "ESP not decrypted:\n{decoded}"
     );
+}
+
+/// Our liveness checks: answered while charon runs; once charon is killed (no delete, no
+/// word), the IKE SA is given up after the retransmissions run out.
+#[test]
+fn dead_peer_detection_notices_a_killed_strongswan() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let conf =
+        responder_conf("aes256gcm16-prfsha256-x25519").replace("dpd_delay = 1s", "dpd_delay = 0s");
+    let mut charon = Charon::start(topo.run(), &s2.gw_ns, "g2", "", &conf).expect("charon");
+    let driver = {
+        let ns = s1.gw_ns.clone();
+        std::thread::spawn(move || {
+            netns::run_in(&ns, move || {
+                let socket = UdpSocket::bind("192.0.2.1:4500").context("binding 4500")?;
+                socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+                let mut c = config(&[31], PSK);
+                c.dpd = Some(Duration::from_secs(1));
+                let (initiator, first) = Initiator::start(c, Instant::now())?;
+                Ok(drive(&socket, initiator, first, Duration::from_secs(40)))
+            })
+        })
+    };
+    wait_for(&charon, "INSTALLED", Duration::from_secs(10)).expect("CHILD_SA");
+    // Our checks are answered: charon counts them as received requests.
+    std::thread::sleep(Duration::from_millis(2500));
+    let answered = charon.log().matches("parsed INFORMATIONAL request").count();
+    assert!(answered >= 2, "charon answered {answered} liveness checks");
+    charon.kill();
+    let killed = Instant::now();
+    let outcome = driver.join().expect("driver").expect("driver ran");
+    assert!(outcome.child.is_some());
+    assert!(
+        matches!(outcome.error, Some(IkeError::Timeout(5))),
+        "{:?}",
+        outcome.error
+    );
+    // One interval, then 0.5 + 1 + 2 + 4 + 8 s of retransmissions.
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(25), "gave up after {took:?}");
 }

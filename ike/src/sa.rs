@@ -216,6 +216,10 @@ pub struct Config {
     /// Offer extended sequence numbers for the CHILD_SA (both ESN and no ESN are offered,
     /// ESN first, when set; only no ESN otherwise).
     pub esn: bool,
+    /// Once established, ask the peer whether it is alive this often (an empty
+    /// INFORMATIONAL request, RFC 7296 §2.4); with no answer after [`TRANSMISSIONS`]
+    /// transmissions the IKE SA is closed. `None`: never.
+    pub dpd: Option<Duration>,
 }
 
 impl Config {
@@ -546,7 +550,7 @@ impl Initiator {
         }
         match self.state {
             State::InitSent => self.on_init_response(datagram, header, now),
-            State::AuthSent => self.on_auth_response(datagram, header),
+            State::AuthSent => self.on_auth_response(datagram, header, now),
             State::Established => self.on_established(datagram, header),
             State::Closed => Ok(Vec::new()),
         }
@@ -555,6 +559,13 @@ impl Initiator {
     /// Retransmits the request in flight when its time has come; gives up after
     /// [`TRANSMISSIONS`].
     pub fn on_timer(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
+        if self.state == State::Established {
+            let ticked = self.keyed()?.tick(now);
+            if ticked.is_err() {
+                self.state = State::Closed;
+            }
+            return ticked;
+        }
         let Some((bytes, sent, count)) = &mut self.in_flight else {
             return Ok(Vec::new());
         };
@@ -581,6 +592,9 @@ impl Initiator {
 
     /// When [`Initiator::on_timer`] next has something to do.
     pub fn next_timer(&self) -> Option<Instant> {
+        if self.state == State::Established {
+            return self.keyed.as_ref().and_then(Keyed::next_timer);
+        }
         self.in_flight.as_ref().map(|(_, sent, count)| {
             *sent + RETRANSMIT_BASE * 2u32.saturating_pow(count.saturating_sub(1))
         })
@@ -784,6 +798,7 @@ impl Initiator {
         &mut self,
         datagram: &[u8],
         header: Header,
+        now: Instant,
     ) -> Result<Vec<Event>, IkeError> {
         if header.exchange != exchange::IKE_AUTH
             || !header.is_response()
@@ -842,6 +857,9 @@ impl Initiator {
         }
         self.in_flight = None;
         self.state = State::Established;
+        let next_id = self.next_id;
+        let dpd = self.config.dpd;
+        self.keyed()?.established(now, next_id, dpd);
         let child = self.child_from(&payloads)?;
         self.child.outbound_spi = Some(child.outbound_spi);
         self.child.local_prefixes = child.local_prefixes.clone();
@@ -968,7 +986,7 @@ impl Initiator {
             return Err(IkeError::Protocol("not for this IKE SA".into()));
         }
         if header.is_response() {
-            // No request of ours is in flight once established.
+            self.keyed()?.on_response(datagram, &header)?;
             return Ok(Vec::new());
         }
         let (Some(keyed), Some(keys)) = (self.keyed.as_mut(), self.keys.as_ref()) else {
@@ -1020,6 +1038,12 @@ struct Keyed {
     /// SHA-256 of the datagram that completed the request answered last: only it gets
     /// the response again, not any datagram that copies its header.
     last_request: Option<[u8; 32]>,
+    /// Our next request's Message ID once established, and the one in flight:
+    /// (Message ID, bytes, sent at, transmissions).
+    own_next_id: u32,
+    in_flight: Option<(u32, Vec<u8>, Instant, u32)>,
+    /// Liveness checks: how often, and when the next one is due.
+    dpd: Option<(Duration, Instant)>,
 }
 
 fn digest(datagram: &[u8]) -> [u8; 32] {
@@ -1062,6 +1086,9 @@ impl Keyed {
             peer_next_id,
             last_response: None,
             last_request: None,
+            own_next_id: 0,
+            in_flight: None,
+            dpd: None,
         })
     }
 
@@ -1153,6 +1180,68 @@ impl Keyed {
             }
             None => Request::Partial,
         })
+    }
+
+    /// Starts this end's liveness checks (from `now`), and its own requests at
+    /// `next_id`.
+    fn established(&mut self, now: Instant, next_id: u32, every: Option<Duration>) {
+        self.own_next_id = next_id;
+        self.dpd = every.map(|d| (d, now + d));
+    }
+
+    /// When [`Keyed::tick`] next has something to do.
+    fn next_timer(&self) -> Option<Instant> {
+        match &self.in_flight {
+            Some((_, _, sent, count)) => {
+                Some(*sent + RETRANSMIT_BASE * 2u32.saturating_pow(count.saturating_sub(1)))
+            }
+            None => self.dpd.map(|(_, due)| due),
+        }
+    }
+
+    /// Retransmits our request in flight, or sends the liveness check that is due.
+    /// `Err(Timeout)` when the peer stopped answering.
+    fn tick(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
+        if let Some((_, bytes, sent, count)) = &mut self.in_flight {
+            let wait = RETRANSMIT_BASE * 2u32.saturating_pow(count.saturating_sub(1));
+            if now.saturating_duration_since(*sent) < wait {
+                return Ok(Vec::new());
+            }
+            if *count >= TRANSMISSIONS {
+                return Err(IkeError::Timeout(*count));
+            }
+            *count += 1;
+            *sent = now;
+            return Ok(vec![Event::Send(bytes.clone())]);
+        }
+        let Some((every, due)) = self.dpd else {
+            return Ok(Vec::new());
+        };
+        if now < due {
+            return Ok(Vec::new());
+        }
+        let id = self.own_next_id;
+        let request = self.seal(exchange::INFORMATIONAL, false, id, &[])?;
+        self.own_next_id = id.wrapping_add(1);
+        self.in_flight = Some((id, request.clone(), now, 1));
+        self.dpd = Some((every, now + every));
+        Ok(vec![Event::Send(request)])
+    }
+
+    /// A response of the peer once established: the answer to our request in flight
+    /// (authenticated by opening it) ends it; anything else is dropped.
+    fn on_response(&mut self, datagram: &[u8], header: &Header) -> Result<(), IkeError> {
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|(id, ..)| *id == header.message_id)
+        {
+            // A response is never fragmented here (it is empty).
+            let opened = self.theirs.open(datagram)?;
+            let _ = wire::decode_payloads(opened.first_inner, &opened.payloads)?;
+            self.in_flight = None;
+        }
+        Ok(())
     }
 
     /// Seals the response to the request `header` and keeps it for a retransmission.
@@ -1649,8 +1738,28 @@ impl Responder {
         self.state == State::Established
     }
 
+    /// Sends the liveness check that is due ([`Config::dpd`]) or retransmits it;
+    /// `Err(Timeout)`, and the IKE SA closed, when the initiator stopped answering.
+    pub fn on_timer(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
+        if self.state != State::Established {
+            return Ok(Vec::new());
+        }
+        let ticked = self.keyed.tick(now);
+        if ticked.is_err() {
+            self.state = State::Closed;
+        }
+        ticked
+    }
+
+    /// When [`Responder::on_timer`] next has something to do.
+    pub fn next_timer(&self) -> Option<Instant> {
+        (self.state == State::Established)
+            .then(|| self.keyed.next_timer())
+            .flatten()
+    }
+
     /// Handles a datagram from the initiator (non-ESP marker removed).
-    pub fn handle(&mut self, datagram: &[u8], _now: Instant) -> Result<Vec<Event>, IkeError> {
+    pub fn handle(&mut self, datagram: &[u8], now: Instant) -> Result<Vec<Event>, IkeError> {
         let header = Header::decode(datagram)?;
         if header.spi_i != self.spi_i || !header.from_initiator() {
             return Err(IkeError::Protocol("not for this IKE SA".into()));
@@ -1665,8 +1774,13 @@ impl Responder {
         if header.spi_r != self.spi_r {
             return Err(IkeError::Protocol("not for this IKE SA".into()));
         }
-        if header.is_response() || self.state == State::Closed {
-            // We send no requests.
+        if self.state == State::Closed {
+            return Ok(Vec::new());
+        }
+        if header.is_response() {
+            if self.state == State::Established {
+                self.keyed.on_response(datagram, &header)?;
+            }
             return Ok(Vec::new());
         }
         if self.state == State::Established {
@@ -1690,7 +1804,7 @@ impl Responder {
             Request::Partial => return Ok(Vec::new()),
             Request::New(payloads) => payloads,
         };
-        self.on_auth_request(&header, &payloads)
+        self.on_auth_request(&header, &payloads, now)
     }
 
     fn refuse(&mut self, header: &Header, kind: u16, why: String) -> Result<Vec<Event>, IkeError> {
@@ -1703,6 +1817,7 @@ impl Responder {
         &mut self,
         header: &Header,
         payloads: &[Payload],
+        now: Instant,
     ) -> Result<Vec<Event>, IkeError> {
         let mut id_i = None;
         let mut auth = None;
@@ -1801,6 +1916,8 @@ impl Responder {
         self.child.local_prefixes = local.clone();
         self.child.remote_prefixes = remote.clone();
         self.state = State::Established;
+        // Our own requests (liveness checks) start at Message ID 0.
+        self.keyed.established(now, 0, self.config.dpd);
         Ok(vec![
             Event::Send(response),
             Event::Established(ChildSa {

@@ -51,6 +51,7 @@ fn config(initiator: bool, groups: &[u16], psk: &str) -> Config {
         local,
         remote,
         esn: false,
+        dpd: None,
     }
 }
 
@@ -289,6 +290,65 @@ fn a_responder_under_load_asks_for_a_cookie_first() {
     let mut big = first.clone();
     big.resize(5000, 0);
     assert!(Responder::accept(config(false, &[19], "k"), &big).is_err());
+}
+
+/// Liveness checks (DPD) from either end once established: answered while the peer is
+/// there; with the peer gone, the IKE SA is given up after the retransmissions.
+#[test]
+fn liveness_checks_are_answered_then_a_silent_peer_is_given_up() {
+    let now = Instant::now();
+    let mut ic = config(true, &[19], "k");
+    ic.dpd = Some(std::time::Duration::from_secs(10));
+    let mut rc = config(false, &[19], "k");
+    rc.dpd = Some(std::time::Duration::from_secs(15));
+    let (mut initiator, first) = Initiator::start(ic, now).unwrap();
+    let Accepted::Sa(mut responder, answer) = Responder::accept(rc, &first).unwrap() else {
+        panic!("no SA");
+    };
+    let auth = sends(&initiator.handle(&answer, now).unwrap());
+    let response = sends(&responder.handle(&auth[0], now).unwrap());
+    assert!(child(initiator.handle(&response[0], now).unwrap()).is_some());
+    let s = std::time::Duration::from_secs;
+    assert_eq!(initiator.next_timer(), Some(now + s(10)));
+    assert_eq!(responder.next_timer(), Some(now + s(15)));
+    assert!(
+        initiator.on_timer(now + s(5)).unwrap().is_empty(),
+        "not due yet"
+    );
+
+    // Each end asks, the other answers, the asker is satisfied.
+    for (t, asker_is_initiator) in [(10, true), (15, false), (20, true)] {
+        let at = now + s(t);
+        let (asked, answered) = if asker_is_initiator {
+            let asked = sends(&initiator.on_timer(at).unwrap());
+            let answered = sends(&responder.handle(&asked[0], at).unwrap());
+            assert!(initiator.handle(&answered[0], at).unwrap().is_empty());
+            (asked, answered)
+        } else {
+            let asked = sends(&responder.on_timer(at).unwrap());
+            let answered = sends(&initiator.handle(&asked[0], at).unwrap());
+            assert!(responder.handle(&answered[0], at).unwrap().is_empty());
+            (asked, answered)
+        };
+        assert_eq!((asked.len(), answered.len()), (1, 1), "at {t} s");
+    }
+    // Answered: nothing is retransmitted before the next check.
+    assert!(initiator.on_timer(now + s(25)).unwrap().is_empty());
+
+    // The responder goes silent: the initiator's next check goes unanswered.
+    let mut t = now + s(30);
+    let mut sent = 0;
+    let err = loop {
+        match initiator.on_timer(t) {
+            Ok(events) => sent += sends(&events).len(),
+            Err(e) => break e,
+        }
+        t += std::time::Duration::from_millis(250);
+        assert!(t < now + s(60), "never given up");
+    };
+    assert_eq!(sent, 5, "the check and its 4 retransmissions");
+    assert_eq!(err, IkeError::Timeout(5));
+    assert!(!initiator.is_established());
 }
 
 /// xorshift64*: deterministic test inputs.

@@ -27,6 +27,7 @@ fn config() -> Config {
         local: "192.0.2.2:4500".parse().expect("address"),
         remote: "192.0.2.1:4500".parse().expect("address"),
         esn: false,
+        dpd: None,
     }
 }
 
