@@ -11,9 +11,9 @@
 //! new SA pair ([`Event::ChildRekeyed`]); the old pair goes when the peer deletes it.
 //!
 //! Not yet here (see the crate docs): certificate AUTH in the exchange itself, rekeys with
-//! PFS and of the IKE SA (answered NO_PROPOSAL_CHOSEN / NO_ADDITIONAL_SAS), requests of
-//! our own once established (rekeys, DPD, delete) and their collisions, and sending
-//! fragments.
+//! PFS and of the IKE SA (answered NO_PROPOSAL_CHOSEN / NO_ADDITIONAL_SAS), rekeys and
+//! deletes of our own and their collisions, and sending fragments. Our own liveness
+//! checks are here ([`Config::dpd`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
