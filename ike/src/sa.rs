@@ -57,6 +57,8 @@ pub mod notify {
     pub const REKEY_SA: u16 = 16393;
     /// The CHILD_SA named is not known.
     pub const CHILD_SA_NOT_FOUND: u16 = 44;
+    /// The message is malformed.
+    pub const INVALID_SYNTAX: u16 = 7;
 }
 
 /// Protocol IDs.
@@ -102,7 +104,7 @@ fn notify_name(code: u16) -> &'static str {
         notify::UNSUPPORTED_CRITICAL_PAYLOAD => "UNSUPPORTED_CRITICAL_PAYLOAD",
         4 => "INVALID_IKE_SPI",
         5 => "INVALID_MAJOR_VERSION",
-        7 => "INVALID_SYNTAX",
+        notify::INVALID_SYNTAX => "INVALID_SYNTAX",
         9 => "INVALID_MESSAGE_ID",
         11 => "INVALID_SPI",
         notify::NO_PROPOSAL_CHOSEN => "NO_PROPOSAL_CHOSEN",
@@ -557,14 +559,14 @@ impl Initiator {
     }
 
     /// Retransmits the request in flight when its time has come; gives up after
-    /// [`TRANSMISSIONS`].
+    /// [`TRANSMISSIONS`] (`Err(Timeout)` while setting up). Established, sends the
+    /// liveness check that is due ([`Config::dpd`]); a peer that stopped answering
+    /// closes the IKE SA: [`Event::ChildDeleted`] for each CHILD_SA, then
+    /// [`Event::Closed`].
     pub fn on_timer(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
         if self.state == State::Established {
             let ticked = self.keyed()?.tick(now);
-            if ticked.is_err() {
-                self.state = State::Closed;
-            }
-            return ticked;
+            return Ok(given_up(ticked, &mut self.state, &mut self.child));
         }
         let Some((bytes, sent, count)) = &mut self.in_flight else {
             return Ok(Vec::new());
@@ -856,11 +858,18 @@ impl Initiator {
             return Err(IkeError::AuthenticationFailed);
         }
         self.in_flight = None;
+        // A CHILD_SA we cannot take leaves no IKE SA up either.
+        let child = match self.child_from(&payloads) {
+            Ok(child) => child,
+            Err(e) => {
+                self.state = State::Closed;
+                return Err(e);
+            }
+        };
         self.state = State::Established;
         let next_id = self.next_id;
         let dpd = self.config.dpd;
         self.keyed()?.established(now, next_id, dpd);
-        let child = self.child_from(&payloads)?;
         self.child.outbound_spi = Some(child.outbound_spi);
         self.child.local_prefixes = child.local_prefixes.clone();
         self.child.remote_prefixes = child.remote_prefixes.clone();
@@ -1019,6 +1028,20 @@ struct Child {
     /// The SPIs (inbound, outbound) of the CHILD_SA a rekey replaced, until the peer
     /// deletes it.
     replaced: Option<(u32, u32)>,
+}
+
+impl Child {
+    /// The IKE SA is gone: every CHILD_SA of it goes too (inbound SPIs of ours).
+    fn gone(&mut self) -> Vec<Event> {
+        let mut events = Vec::new();
+        if self.outbound_spi.take().is_some() {
+            events.push(Event::ChildDeleted(self.inbound_spi));
+        }
+        if let Some((inbound, _)) = self.replaced.take() {
+            events.push(Event::ChildDeleted(inbound));
+        }
+        events
+    }
 }
 
 /// The protected half of an IKE SA, the same at both ends once the keys exist: SK
@@ -1186,7 +1209,8 @@ impl Keyed {
     /// `next_id`.
     fn established(&mut self, now: Instant, next_id: u32, every: Option<Duration>) {
         self.own_next_id = next_id;
-        self.dpd = every.map(|d| (d, now + d));
+        // An interval too long to add to `now` means never.
+        self.dpd = every.and_then(|d| Some((d, now.checked_add(d)?)));
     }
 
     /// When [`Keyed::tick`] next has something to do.
@@ -1224,7 +1248,7 @@ impl Keyed {
         let request = self.seal(exchange::INFORMATIONAL, false, id, &[])?;
         self.own_next_id = id.wrapping_add(1);
         self.in_flight = Some((id, request.clone(), now, 1));
-        self.dpd = Some((every, now + every));
+        self.dpd = now.checked_add(every).map(|due| (every, due));
         Ok(vec![Event::Send(request)])
     }
 
@@ -1236,10 +1260,15 @@ impl Keyed {
             .as_ref()
             .is_some_and(|(id, ..)| *id == header.message_id)
         {
-            // A response is never fragmented here (it is empty).
-            let opened = self.theirs.open(datagram)?;
-            let _ = wire::decode_payloads(opened.first_inner, &opened.payloads)?;
-            self.in_flight = None;
+            // A response is never fragmented here (it is empty). One that does not open
+            // is discarded (RFC 7296 §2.21.2): the Message ID is in clear, so anyone
+            // could send it; the request stays in flight.
+            let Ok(opened) = self.theirs.open(datagram) else {
+                return Ok(());
+            };
+            if wire::decode_payloads(opened.first_inner, &opened.payloads).is_ok() {
+                self.in_flight = None;
+            }
         }
         Ok(())
     }
@@ -1278,6 +1307,7 @@ impl Keyed {
                         continue;
                     };
                     if *protocol == PROTO_IKE {
+                        events.extend(child.gone());
                         events.push(Event::Closed("the peer deleted the IKE SA".into()));
                         closed = true;
                     } else if *protocol == PROTO_ESP {
@@ -1286,25 +1316,25 @@ impl Keyed {
                             .filter_map(|s| <[u8; 4]>::try_from(s.as_slice()).ok())
                             .map(u32::from_be_bytes)
                             .collect();
-                        // The SA a rekey replaced, or the one in force.
-                        let gone = match child.replaced {
-                            Some((inbound, outbound)) if named.contains(&outbound) => {
+                        // The SA a rekey replaced, the one in force, or both.
+                        let mut gone = Vec::new();
+                        if let Some((inbound, outbound)) = child.replaced {
+                            if named.contains(&outbound) {
                                 child.replaced = None;
-                                Some(inbound)
+                                gone.push(inbound);
                             }
-                            _ if child.outbound_spi.is_some_and(|s| named.contains(&s)) => {
-                                child.outbound_spi = None;
-                                Some(child.inbound_spi)
-                            }
-                            _ => None,
-                        };
-                        if let Some(inbound) = gone {
+                        }
+                        if child.outbound_spi.is_some_and(|s| named.contains(&s)) {
+                            child.outbound_spi = None;
+                            gone.push(child.inbound_spi);
+                        }
+                        if !gone.is_empty() {
                             reply.push(Payload::Delete {
                                 protocol: PROTO_ESP,
                                 spi_size: 4,
-                                spis: vec![inbound.to_be_bytes().to_vec()],
+                                spis: gone.iter().map(|s| s.to_be_bytes().to_vec()).collect(),
                             });
-                            events.push(Event::ChildDeleted(inbound));
+                            events.extend(gone.into_iter().map(Event::ChildDeleted));
                         }
                     }
                 }
@@ -1324,6 +1354,24 @@ impl Keyed {
         let response = self.respond(header, &reply)?;
         events.insert(0, Event::Send(response));
         Ok((events, closed))
+    }
+}
+
+/// What a liveness tick gave: its events, or, once the peer stopped answering (or a
+/// request could not be made), the IKE SA closed with every CHILD_SA of it.
+fn given_up(
+    ticked: Result<Vec<Event>, IkeError>,
+    state: &mut State,
+    child: &mut Child,
+) -> Vec<Event> {
+    match ticked {
+        Ok(events) => events,
+        Err(e) => {
+            *state = State::Closed;
+            let mut events = child.gone();
+            events.push(Event::Closed(format!("the peer is gone: {e}")));
+            events
+        }
     }
 }
 
@@ -1351,8 +1399,12 @@ fn rekey_child(
     let Some(old) = rekeyed else {
         return refuse(notify::NO_ADDITIONAL_SAS);
     };
-    if child.outbound_spi != Some(old) || child.replaced.is_some() {
+    if child.outbound_spi != Some(old) {
         return refuse(notify::CHILD_SA_NOT_FOUND);
+    }
+    // One rekey at a time: the SA replaced last must be deleted first.
+    if child.replaced.is_some() {
+        return refuse(notify::TEMPORARY_FAILURE);
     }
     if payloads.iter().any(|p| matches!(p, Payload::Ke { .. })) {
         return refuse(notify::NO_PROPOSAL_CHOSEN);
@@ -1366,13 +1418,12 @@ fn rekey_child(
             _ => {}
         }
     }
+    // A request we cannot read is answered, not left to time out.
     let (Some(offered), Some(ni)) = (offered, ni) else {
-        return Err(IkeError::Protocol(
-            "CREATE_CHILD_SA request without SA or Nonce".into(),
-        ));
+        return refuse(notify::INVALID_SYNTAX);
     };
     if !(16..=256).contains(&ni.len()) {
-        return Err(IkeError::Protocol("nonce of a bad length".into()));
+        return refuse(notify::INVALID_SYNTAX);
     }
     let rng = ring::rand::SystemRandom::new();
     let inbound_spi = u32::from_be_bytes(random::<4>(&rng)?) | 0x0000_0100;
@@ -1738,17 +1789,15 @@ impl Responder {
         self.state == State::Established
     }
 
-    /// Sends the liveness check that is due ([`Config::dpd`]) or retransmits it;
-    /// `Err(Timeout)`, and the IKE SA closed, when the initiator stopped answering.
+    /// Sends the liveness check that is due ([`Config::dpd`]) or retransmits it; an
+    /// initiator that stopped answering closes the IKE SA: [`Event::ChildDeleted`] for
+    /// each CHILD_SA, then [`Event::Closed`].
     pub fn on_timer(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
         if self.state != State::Established {
             return Ok(Vec::new());
         }
         let ticked = self.keyed.tick(now);
-        if ticked.is_err() {
-            self.state = State::Closed;
-        }
-        ticked
+        Ok(given_up(ticked, &mut self.state, &mut self.child))
     }
 
     /// When [`Responder::on_timer`] next has something to do.

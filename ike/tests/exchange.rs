@@ -336,19 +336,54 @@ fn liveness_checks_are_answered_then_a_silent_peer_is_given_up() {
     assert!(initiator.on_timer(now + s(25)).unwrap().is_empty());
 
     // The responder goes silent: the initiator's next check goes unanswered.
+    // A forged answer (its Message ID is in clear) is discarded: the check stays open.
     let mut t = now + s(30);
-    let mut sent = 0;
-    let err = loop {
-        match initiator.on_timer(t) {
-            Ok(events) => sent += sends(&events).len(),
-            Err(e) => break e,
-        }
+    let check = sends(&initiator.on_timer(t).unwrap());
+    let mut forged = sends(&responder.handle(&check[0], t).unwrap())[0].clone();
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert!(initiator.handle(&forged, t).unwrap().is_empty());
+    let mut sent = 1;
+    let gone = loop {
         t += std::time::Duration::from_millis(250);
         assert!(t < now + s(60), "never given up");
+        let events = initiator.on_timer(t).unwrap();
+        sent += sends(&events).len();
+        if events.iter().any(|e| matches!(e, Event::Closed(_))) {
+            break events;
+        }
     };
     assert_eq!(sent, 5, "the check and its 4 retransmissions");
-    assert_eq!(err, IkeError::Timeout(5));
+    // Every CHILD_SA goes with the IKE SA, then it is closed.
+    let deleted: Vec<u32> = gone
+        .iter()
+        .filter_map(|e| match e {
+            Event::ChildDeleted(spi) => Some(*spi),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted.len(), 1, "{gone:?}");
+    assert!(matches!(gone.last(), Some(Event::Closed(why)) if why.contains("gone")));
     assert!(!initiator.is_established());
+    assert!(initiator.on_timer(t + s(60)).unwrap().is_empty());
+}
+
+/// Found by review: a DPD interval too long to add to the clock panicked.
+#[test]
+fn a_dpd_interval_of_forever_means_never() {
+    let now = Instant::now();
+    let mut ic = config(true, &[19], "k");
+    ic.dpd = Some(std::time::Duration::MAX);
+    let (mut initiator, first) = Initiator::start(ic, now).unwrap();
+    let Accepted::Sa(mut responder, answer) =
+        Responder::accept(config(false, &[19], "k"), &first).unwrap()
+    else {
+        panic!("no SA");
+    };
+    let auth = sends(&initiator.handle(&answer, now).unwrap());
+    let response = sends(&responder.handle(&auth[0], now).unwrap());
+    assert!(child(initiator.handle(&response[0], now).unwrap()).is_some());
+    assert_eq!(initiator.next_timer(), None);
 }
 
 /// xorshift64*: deterministic test inputs.
