@@ -716,3 +716,56 @@ fn dead_peer_detection_notices_a_killed_strongswan() {
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(25), "gave up after {took:?}");
 }
+
+/// charon rekeys our CHILD_SA with PFS (its ESP proposal has Curve25519): we answer with a
+/// KE of our own, and both sides derive the same new keys from the new g^ir.
+#[test]
+fn strongswan_rekeys_our_child_sa_with_pfs() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let conf = responder_conf("aes256gcm16-prfsha256-x25519").replace(
+        "esp_proposals = aes256gcm16",
+        "esp_proposals = aes256gcm16-x25519",
+    );
+    let charon = Charon::start(topo.run(), &s2.gw_ns, "g2", "", &conf).expect("charon");
+    let driver = {
+        let s1 = s1.clone();
+        std::thread::spawn(move || initiate(&s1, &[31], PSK, Duration::from_secs(6)))
+    };
+    wait_for(&charon, "INSTALLED", Duration::from_secs(10)).expect("CHILD_SA");
+    charon
+        .swanctl(&["--rekey", "--child", "net"])
+        .expect("rekey");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let rekeyed = loop {
+        let sas = charon.swanctl(&["--list-sas"]).expect("list-sas");
+        if sas.contains("net: #2") {
+            break sas;
+        }
+        assert!(Instant::now() < deadline, "no rekey:\n{}", charon.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The new CHILD_SA was made with a Diffie-Hellman exchange of its own.
+    assert!(
+        rekeyed.contains("ESP:AES_GCM_16-256/CURVE_25519"),
+        "{rekeyed}"
+    );
+    charon
+        .swanctl(&["--terminate", "--ike", "lab"])
+        .expect("terminate");
+    let outcome = driver.join().expect("driver").expect("driver ran");
+    assert!(outcome.error.is_none(), "{:?}", outcome.error);
+    let [new] = outcome.rekeyed.as_slice() else {
+        panic!("one rekey expected: {:?}", outcome.rekeyed);
+    };
+    let keys = charon.logged("encryption initiator key");
+    assert_eq!(
+        keys.get(1).map(Vec::as_slice),
+        Some(new.inbound_key.as_slice())
+    );
+    let keys = charon.logged("encryption responder key");
+    assert_eq!(
+        keys.get(1).map(Vec::as_slice),
+        Some(new.outbound_key.as_slice())
+    );
+}

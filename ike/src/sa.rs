@@ -7,11 +7,11 @@
 //! datagrams and `now` in, [`Event`]s out; the driver owns the socket (always
 //! UDP-encapsulated: port 4500 with the non-ESP marker, which it adds and strips).
 //!
-//! The peer's rekeys of the CHILD_SA (CREATE_CHILD_SA without PFS) are answered with a
-//! new SA pair ([`Event::ChildRekeyed`]); the old pair goes when the peer deletes it.
+//! The peer's rekeys of the CHILD_SA (CREATE_CHILD_SA, with or without PFS) are answered
+//! with a new SA pair ([`Event::ChildRekeyed`]); the old pair goes when the peer deletes it.
 //!
-//! Not yet here (see the crate docs): certificate AUTH in the exchange itself, rekeys with
-//! PFS and of the IKE SA (answered NO_PROPOSAL_CHOSEN / NO_ADDITIONAL_SAS), rekeys and
+//! Not yet here (see the crate docs): certificate AUTH in the exchange itself, rekeys of
+//! the IKE SA (answered NO_ADDITIONAL_SAS), rekeys and
 //! deletes of our own and their collisions, and sending fragments. Our own liveness
 //! checks are here ([`Config::dpd`]).
 
@@ -1378,9 +1378,10 @@ fn given_up(
 /// Answers a CREATE_CHILD_SA request of the peer (RFC 7296 §1.3.3): a rekey of our
 /// CHILD_SA (REKEY_SA naming the peer's inbound SPI, which is our outbound one) gets a new
 /// SA pair, its keys from SK_d and the exchange's nonces, its selectors those of the SA it
-/// replaces. Not offered yet: rekeys with a new Diffie-Hellman exchange (PFS: answered
-/// NO_PROPOSAL_CHOSEN), additional CHILD_SAs (NO_ADDITIONAL_SAS), and rekeys of the IKE
-/// SA (NO_ADDITIONAL_SAS too: the peer keeps it to its hard lifetime, or re-authenticates).
+/// replaces; with a KE payload (PFS) in a group of ours, a new Diffie-Hellman exchange
+/// too (RFC 7296 §2.17: g^ir before the nonces). Not offered yet: additional CHILD_SAs
+/// (NO_ADDITIONAL_SAS), and rekeys of the IKE SA (NO_ADDITIONAL_SAS too: the peer keeps it
+/// to its hard lifetime, or re-authenticates).
 fn rekey_child(
     payloads: &[Payload],
     config: &Config,
@@ -1406,15 +1407,14 @@ fn rekey_child(
     if child.replaced.is_some() {
         return refuse(notify::TEMPORARY_FAILURE);
     }
-    if payloads.iter().any(|p| matches!(p, Payload::Ke { .. })) {
-        return refuse(notify::NO_PROPOSAL_CHOSEN);
-    }
     let mut offered = None;
     let mut ni = None;
+    let mut ke = None;
     for p in payloads {
         match p {
             Payload::Sa(ps) => offered = Some(ps.as_slice()),
             Payload::Nonce(n) => ni = Some(n.as_slice()),
+            Payload::Ke { group, data } => ke = Some((*group, data.as_slice())),
             _ => {}
         }
     }
@@ -1427,19 +1427,44 @@ fn rekey_child(
     }
     let rng = ring::rand::SystemRandom::new();
     let inbound_spi = u32::from_be_bytes(random::<4>(&rng)?) | 0x0000_0100;
-    let Some((answer, outbound_spi, bits, esn)) = pick_esp(config, inbound_spi, offered) else {
+    let Some((mut answer, outbound_spi, bits, esn)) = pick_esp(config, inbound_spi, offered) else {
         return refuse(notify::NO_PROPOSAL_CHOSEN);
     };
+    // With PFS (a KE payload): a group of ours that the chosen proposal offers.
+    let mut pfs = None;
+    if let Some((group, public)) = ke {
+        let offers = offered.iter().any(|p| {
+            p.number == answer.number && p.transforms.iter().any(|t| t.kind == DH && t.id == group)
+        });
+        if !offers || !config.groups.contains(&group) {
+            return refuse(notify::NO_PROPOSAL_CHOSEN);
+        }
+        let exchange_key = KeyExchange::new(group, &rng)?;
+        let ours = exchange_key.public_value().to_vec();
+        let Ok(g_ir) = exchange_key.agree(public) else {
+            return refuse(notify::INVALID_SYNTAX);
+        };
+        answer.transforms.push(Transform::new(DH, group));
+        pfs = Some((group, ours, g_ir));
+    }
     let nr = random::<32>(&rng)?.to_vec();
     // The peer initiated this exchange: its nonce first, and the first keys are its
-    // direction (to us).
-    let (to_us, from_us) = crypto::child_keymat(sk_d, None, ni, &nr, usize::from(bits / 8));
-    let reply = vec![
-        Payload::Sa(vec![answer]),
-        Payload::Nonce(nr),
+    // direction (to us); with PFS, g^ir (new) comes before the nonces.
+    let (to_us, from_us) = crypto::child_keymat(
+        sk_d,
+        pfs.as_ref().map(|(_, _, g_ir)| g_ir.as_slice()),
+        ni,
+        &nr,
+        usize::from(bits / 8),
+    );
+    let mut reply = vec![Payload::Sa(vec![answer]), Payload::Nonce(nr)];
+    if let Some((group, data, _)) = pfs {
+        reply.push(Payload::Ke { group, data });
+    }
+    reply.extend([
         Payload::TsI(child.remote_prefixes.iter().map(Prefix::selector).collect()),
         Payload::TsR(child.local_prefixes.iter().map(Prefix::selector).collect()),
-    ];
+    ]);
     child.replaced = Some((child.inbound_spi, old));
     child.inbound_spi = inbound_spi;
     child.outbound_spi = Some(outbound_spi);
