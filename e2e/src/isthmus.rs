@@ -358,6 +358,32 @@ pub struct Status {
     /// Node mode (`[node]`), as the gateway reports it.
     #[serde(default)]
     pub node: Option<serde_json::Value>,
+    /// IKEv2 with the peers of `[peers.esp.ike]`.
+    #[serde(default)]
+    pub ike: Vec<IkeStatus>,
+}
+
+/// One IKE peer in `isthmusctl status --output json`.
+#[derive(Clone, Debug, Deserialize)]
+pub struct IkeStatus {
+    /// The peer's name.
+    pub peer: String,
+    /// `initiator` or `responder`.
+    pub role: String,
+    /// `connecting`, `established`, `waiting` or `down`.
+    pub state: String,
+    /// The IKE SA's SPIs (initiator's, responder's), hex.
+    pub ike_spis: Option<(String, String)>,
+    /// CHILD_SAs in force, oldest first: (inbound SPI, outbound SPI), `0x…`.
+    pub child_sas: Vec<(String, String)>,
+    /// CHILD_SA rekeys installed.
+    pub child_rekeys: u64,
+    /// IKE SAs established since start.
+    pub established: u64,
+    /// Seconds since the peer was last heard (authenticated).
+    pub last_heard_secs: Option<f64>,
+    /// Why the last IKE SA ended or failed.
+    pub last_error: Option<String>,
 }
 
 impl Status {

@@ -39,7 +39,9 @@ pub mod userspace_wg;
 
 pub use capture::{Capture, Packet, Pcap};
 pub use esp::{EspPair, SaFile};
-pub use isthmus::{EspPeerConfig, EspSettings, GatewayConfig, IsthmusGateway, PeerConfig, Status};
+pub use isthmus::{
+    EspPeerConfig, EspSettings, GatewayConfig, IkeStatus, IsthmusGateway, PeerConfig, Status,
+};
 pub use keys::KeyPair;
 pub use mesh::{Implementation, Mesh, Node};
 pub use netns::Netns;

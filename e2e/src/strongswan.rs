@@ -356,3 +356,71 @@ pub fn charon_pair(topo: &Topology) -> Result<(Charon, Charon)> {
     })?;
     Ok((initiator, responder))
 }
+
+/// Writes `psk` as a pre-shared-key file (mode 0600) in the run dir.
+pub fn write_psk(run: &Run, name: &str, psk: &str) -> Result<PathBuf> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = run.path(name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    writeln!(file, "{psk}")?;
+    Ok(path)
+}
+
+/// Site `local`'s gateway's `[[peers]]` entry for site `remote`, keyed by the gateway's own
+/// IKEv2 (`[peers.esp.ike]`) in `role`, identities `gw<i>.test` as in [`psk_conf`], liveness
+/// checks every `dpd_seconds`.
+pub fn ike_peer(
+    local: &Site,
+    remote: &Site,
+    role: &str,
+    psk_file: &Path,
+    dpd_seconds: u64,
+) -> EspPeerConfig {
+    EspPeerConfig {
+        name: Some(format!("site-{}", remote.index)),
+        endpoint: Some(remote.endpoint(4500).to_string()),
+        allowed_prefixes: vec![remote.workload_prefix.clone()],
+        esp_extra: vec![
+            "[peers.esp.ike]".into(),
+            format!("role = \"{role}\""),
+            format!(
+                "psk_file = {}",
+                crate::isthmus::toml_str(&psk_file.to_string_lossy())
+            ),
+            format!("local_id = \"gw{}.test\"", local.index),
+            format!("remote_id = \"gw{}.test\"", remote.index),
+            format!("local_prefixes = [\"{}\"]", local.workload_prefix),
+            format!("dpd_seconds = {dpd_seconds}"),
+        ],
+        ..EspPeerConfig::default()
+    }
+}
+
+/// Starts site `local`'s Isthmus gateway with one IKE peer, site `remote` ([`ike_peer`]).
+pub fn ike_gateway(
+    topo: &Topology,
+    local: &Site,
+    remote: &Site,
+    role: &str,
+    psk: &str,
+    dpd_seconds: u64,
+) -> Result<IsthmusGateway> {
+    let psk_file = write_psk(topo.run(), &format!("gw{}-ike.psk", local.index), psk)?;
+    let esp = EspSettings {
+        listen_port: Some(4500),
+        peers: vec![ike_peer(local, remote, role, &psk_file, dpd_seconds)],
+    };
+    IsthmusGateway::start_with_esp(
+        topo.run(),
+        &local.gw_ns,
+        &KeyPair::generate()?,
+        &crate::mesh::isthmus_config(local, Vec::new()),
+        &esp,
+    )
+}

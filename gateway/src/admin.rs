@@ -29,6 +29,10 @@ pub struct Status {
     pub esp_listen_port: Option<u16>,
     /// ESP datagrams with an unknown SPI or that do not parse.
     pub esp_drops: Option<DeviceDropsDoc>,
+    /// IKEv2 with the peers of `[peers.esp.ike]`: IKE SA state, CHILD_SA SPIs,
+    /// liveness. Their ESP SAs are in `peers` under the same name.
+    #[serde(default)]
+    pub ike: Vec<crate::ipsec::IkePeerStatus>,
     pub peers: Vec<PeerStatus>,
     /// mTLS channels to the peers configured by identity.
     #[serde(default)]
@@ -178,8 +182,19 @@ pub fn rotate_sas(
             .clone()
             .unwrap_or_else(|| p.config().endpoint.to_string())
     };
+    // SAs keyed by IKE are replaced by the key exchange, not derived here.
+    if let Some(p) = peers
+        .iter()
+        .find(|p| selector != "*" && name(p) == selector && !p.config().keying.derives_ahead())
+    {
+        return Err(format!(
+            "ESP peer `{}` is keyed by IKE: its SAs are replaced by the peer's rekeys",
+            name(p).escape_debug()
+        ));
+    }
     let chosen: Vec<_> = peers
         .iter()
+        .filter(|p| p.config().keying.derives_ahead())
         .filter(|p| selector == "*" || name(p) == selector)
         .collect();
     if chosen.is_empty() {
@@ -505,6 +520,7 @@ mod tests {
                 unknown_peer: 3,
             },
             esp_listen_port: None,
+            ike: Vec::new(),
             esp_drops: None,
             peers: vec![],
             channels: vec![],

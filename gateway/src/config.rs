@@ -241,6 +241,22 @@ struct RawEsp {
     hard_lifetime_packets: Option<u64>,
     hard_lifetime_bytes: Option<u64>,
     rekey_grace_seconds: Option<u64>,
+    ike: Option<RawIke>,
+}
+
+/// `[peers.esp.ike]`: the peer's SAs come from IKEv2, which this gateway runs.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIke {
+    role: Option<String>,
+    psk_file: Option<PathBuf>,
+    local_id: Option<String>,
+    remote_id: Option<String>,
+    #[serde(default)]
+    local_prefixes: Vec<String>,
+    groups: Option<Vec<u16>>,
+    key_bits: Option<Vec<u16>>,
+    dpd_seconds: Option<u64>,
 }
 
 /// The manual-keying SA file of one ESP peer (mode 0600): generation 0 of
@@ -272,6 +288,8 @@ pub struct GatewayConfig {
     pub esp_peers: Vec<EspPeerConfig>,
     /// The SA files of those peers, in the same order.
     pub sa_files: Vec<PathBuf>,
+    /// ESP peers keyed by IKEv2 (`[peers.esp.ike]`), which this gateway runs.
+    pub ike_peers: Vec<crate::ipsec::IkePeerConfig>,
     /// This gateway's certificate and the mesh trust, when peers are
     /// configured by identity.
     pub identity: Option<IdentityConfig>,
@@ -589,6 +607,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
     let (mut wg_index, mut esp_index) = (Vec::new(), Vec::new());
     let mut identity_peers = Vec::new();
     let mut sa_files = Vec::new();
+    let mut ike_peers: Vec<crate::ipsec::IkePeerConfig> = Vec::new();
     let mut kinds: Vec<(usize, TunnelKind, Vec<IpPrefix>)> = Vec::new();
     for (i, p) in raw.peers.into_iter().enumerate() {
         if p.spiffe_id.is_some() {
@@ -618,6 +637,11 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
             "wireguard" => {
                 peers.push(peer(i, p)?);
                 wg_index.push(i);
+            }
+            "esp" if p.esp.as_ref().is_some_and(|e| e.ike.is_some()) => {
+                let peer = ike_peer(i, p)?;
+                kinds.push((i, TunnelKind::Esp, peer.remote_prefixes.clone()));
+                ike_peers.push(peer);
             }
             "esp" => {
                 sa_files.push(
@@ -677,6 +701,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         }
     };
     let has_esp = !esp_peers.is_empty()
+        || !ike_peers.is_empty()
         || identity_peers.iter().any(|p| p.kind == TunnelKind::Esp)
         || mesh
             .as_ref()
@@ -830,6 +855,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         peers,
         esp_peers,
         sa_files,
+        ike_peers,
         identity,
         identity_peers,
         mesh,
@@ -1760,7 +1786,14 @@ fn identity_peer(i: usize, raw: RawPeer) -> Result<IdentityPeer, ConfigError> {
                 hard_lifetime_packets: None,
                 hard_lifetime_bytes: None,
                 rekey_grace_seconds: None,
+                ike: None,
             });
+            if esp.ike.is_some() {
+                return Err(ConfigError::new(
+                    field("esp.ike"),
+                    "a peer configured by spiffe_id is keyed over the mTLS channel; IKE is for IPsec peers without one",
+                ));
+            }
             if esp.sa_file.is_some() {
                 return Err(ConfigError::new(
                     field("esp.sa_file"),
@@ -2051,6 +2084,228 @@ fn esp_peer(i: usize, raw: RawPeer) -> Result<EspPeerConfig, ConfigError> {
         lifetimes,
         keying,
     })
+}
+
+/// An ESP peer keyed by IKEv2 (`[peers.esp.ike]`).
+fn ike_peer(i: usize, raw: RawPeer) -> Result<crate::ipsec::IkePeerConfig, ConfigError> {
+    use crate::ipsec::{parse_identity, IkePeerConfig, IkeRole};
+    let field = |f: &str| format!("peers[{i}].{f}");
+    check_peer_name(i, &raw.name)?;
+    for (given, name) in [
+        (raw.public_key.is_some(), "public_key"),
+        (raw.persistent_keepalive.is_some(), "persistent_keepalive"),
+    ] {
+        if given {
+            return Err(ConfigError::new(field(name), "is for WireGuard peers"));
+        }
+    }
+    let endpoint = raw.endpoint.ok_or_else(|| {
+        ConfigError::new(
+            field("endpoint"),
+            "required for an IKE peer: its address and port (4500)",
+        )
+    })?;
+    let endpoint = parse_endpoint(field("endpoint"), &endpoint)?;
+    let remote_prefixes = parse_prefixes(i, &raw.allowed_prefixes)?;
+    if remote_prefixes.is_empty() {
+        return Err(ConfigError::new(
+            field("allowed_prefixes"),
+            "required: the peer's side of the tunnel (its traffic selectors must fit in them)",
+        ));
+    }
+    let Some(esp) = raw.esp else {
+        return Err(ConfigError::new(field("esp"), "required"));
+    };
+    let Some(ike) = esp.ike.as_ref() else {
+        return Err(ConfigError::new(field("esp.ike"), "required"));
+    };
+    for (given, name, why) in [
+        (esp.sa_file.is_some(), "sa_file", "IKE negotiates the keys"),
+        (
+            esp.cipher.is_some(),
+            "cipher",
+            "IKE negotiates it; set [peers.esp.ike] key_bits",
+        ),
+        (
+            esp.soft_lifetime_seconds.is_some(),
+            "soft_lifetime_seconds",
+            "the peer's IKE rekeys replace SAs; only hard limits apply",
+        ),
+        (
+            esp.soft_lifetime_packets.is_some(),
+            "soft_lifetime_packets",
+            "the peer's IKE rekeys replace SAs; only hard limits apply",
+        ),
+        (
+            esp.soft_lifetime_bytes.is_some(),
+            "soft_lifetime_bytes",
+            "the peer's IKE rekeys replace SAs; only hard limits apply",
+        ),
+    ] {
+        if given {
+            return Err(ConfigError::new(
+                field(&format!("esp.{name}")),
+                format!("not with [peers.esp.ike]: {why}"),
+            ));
+        }
+    }
+    let ike_field = |f: &str| format!("peers[{i}].esp.ike.{f}");
+    let role = match ike.role.as_deref().unwrap_or("initiator") {
+        "initiator" => IkeRole::Initiator,
+        "responder" => IkeRole::Responder,
+        other => {
+            return Err(ConfigError::new(
+                ike_field("role"),
+                format!("`{}` is not initiator or responder", other.escape_debug()),
+            ))
+        }
+    };
+    let psk_file = ike
+        .psk_file
+        .clone()
+        .ok_or_else(|| ConfigError::new(ike_field("psk_file"), "required (mode 0600)"))?;
+    let text =
+        read_secret_file(&psk_file).map_err(|m| ConfigError::new(ike_field("psk_file"), m))?;
+    let text = text.trim_end_matches(['\n', '\r']);
+    let psk = match text.strip_prefix("0x") {
+        Some(h) => zeroize::Zeroizing::new(hex::decode(h).map_err(|_| {
+            ConfigError::new(
+                ike_field("psk_file"),
+                format!("{}: starts with 0x but is not hex", psk_file.display()),
+            )
+        })?),
+        None => zeroize::Zeroizing::new(text.as_bytes().to_vec()),
+    };
+    if psk.len() < MIN_PSK_BYTES {
+        return Err(ConfigError::new(
+            ike_field("psk_file"),
+            format!(
+                "{}: the key is {} bytes; at least {MIN_PSK_BYTES} (one captured exchange lets anyone test guesses offline)",
+                psk_file.display(),
+                psk.len()
+            ),
+        ));
+    }
+    let id = |f: &str, v: &Option<String>| {
+        let v = v.as_deref().ok_or_else(|| {
+            ConfigError::new(
+                ike_field(f),
+                "required (an IP address, user@host or host name)",
+            )
+        })?;
+        parse_identity(v).map_err(|m| ConfigError::new(ike_field(f), m))
+    };
+    let local_id = id("local_id", &ike.local_id)?;
+    let remote_id = id("remote_id", &ike.remote_id)?;
+    let mut local_prefixes = Vec::new();
+    for (j, text) in ike.local_prefixes.iter().enumerate() {
+        local_prefixes.push(text.parse::<IpPrefix>().map_err(|e| {
+            ConfigError::new(
+                ike_field(&format!("local_prefixes[{j}]")),
+                format!("`{text}`: {e}"),
+            )
+        })?);
+    }
+    if local_prefixes.is_empty() {
+        return Err(ConfigError::new(
+            ike_field("local_prefixes"),
+            "required: this side of the tunnel (our traffic selectors)",
+        ));
+    }
+    let groups = ike.groups.clone().unwrap_or_else(|| vec![31, 19, 20]);
+    check_choices(
+        &ike_field("groups"),
+        &groups,
+        &[31, 19, 20],
+        "Diffie-Hellman groups 31 (Curve25519), 19 (P-256) or 20 (P-384)",
+    )?;
+    let key_bits = ike.key_bits.clone().unwrap_or_else(|| vec![256, 128]);
+    check_choices(
+        &ike_field("key_bits"),
+        &key_bits,
+        &[256, 128],
+        "AES-GCM-16 key sizes 256 or 128",
+    )?;
+    let dpd = match ike.dpd_seconds.unwrap_or(DEFAULT_DPD_SECONDS) {
+        0 => None,
+        n if n > 86_400 => {
+            return Err(ConfigError::new(
+                ike_field("dpd_seconds"),
+                "at most 86400 (0 turns liveness checks off)",
+            ))
+        }
+        n => Some(Duration::from_secs(n)),
+    };
+    let defaults = Lifetimes::default();
+    let hard = Limits {
+        time: esp
+            .hard_lifetime_seconds
+            .map_or(IKE_HARD_LIFETIME, Duration::from_secs),
+        packets: esp.hard_lifetime_packets.unwrap_or(defaults.hard.packets),
+        bytes: esp.hard_lifetime_bytes.unwrap_or(defaults.hard.bytes),
+    };
+    let esn = esp.esn.unwrap_or(true);
+    if hard.time.is_zero() || hard.packets == 0 || hard.bytes == 0 {
+        return Err(ConfigError::new(
+            field("esp.hard_lifetime_seconds"),
+            "hard limits must be above 0",
+        ));
+    }
+    if !esn && hard.packets > u64::from(u32::MAX) {
+        return Err(ConfigError::new(
+            field("esp.hard_lifetime_packets"),
+            "without ESN the 32-bit counter must never wrap: at most 4294967295",
+        ));
+    }
+    let grace = esp
+        .rekey_grace_seconds
+        .map_or(defaults.grace, Duration::from_secs);
+    Ok(IkePeerConfig {
+        name: raw.name,
+        endpoint,
+        remote_prefixes,
+        local_prefixes,
+        role,
+        psk,
+        psk_file,
+        local_id,
+        remote_id,
+        groups,
+        key_bits,
+        dpd,
+        esn,
+        // Soft limits are never used: nothing is derived (the peer rekeys).
+        lifetimes: Lifetimes {
+            soft: hard,
+            hard,
+            grace,
+        },
+    })
+}
+
+/// Shortest pre-shared key accepted for IKE.
+const MIN_PSK_BYTES: usize = 16;
+/// Liveness checks of IKE peers, by default.
+const DEFAULT_DPD_SECONDS: u64 = 30;
+/// How long an IKE-keyed ESP SA may be used at most, by default: well past a
+/// peer's usual CHILD_SA rekey (strongSwan: one hour).
+const IKE_HARD_LIFETIME: Duration = Duration::from_secs(2 * 3600);
+
+/// A non-empty list of distinct values out of `allowed`.
+fn check_choices(
+    field: &str,
+    list: &[u16],
+    allowed: &[u16],
+    what: &str,
+) -> Result<(), ConfigError> {
+    let distinct = list.iter().enumerate().all(|(k, v)| !list[..k].contains(v));
+    if list.is_empty() || !distinct || list.iter().any(|v| !allowed.contains(v)) {
+        return Err(ConfigError::new(
+            field,
+            format!("{list:?}: a list of distinct {what}, most preferred first"),
+        ));
+    }
+    Ok(())
 }
 
 /// ESN and SA lifetimes of an ESP peer, with the checks that keep a
@@ -3209,5 +3464,115 @@ mod tests {
         let err = parse(&config(&file.0, "", "")).unwrap_err();
         assert_eq!(err.field, "interface.private_key_file");
         assert!(!err.to_string().contains("c2VjcmV0"), "{err}");
+    }
+
+    fn ike_block(psk: &Path, extra_esp: &str, extra_ike: &str) -> String {
+        format!(
+            "[[peers]]\nname = \"partner\"\nkind = \"esp\"\nendpoint = \"192.0.2.2:4500\"\n\
+             allowed_prefixes = [\"100.64.2.0/24\"]\n[peers.esp]\n{extra_esp}\n[peers.esp.ike]\n\
+             psk_file = \"{}\"\nlocal_id = \"gw1.example\"\nremote_id = \"192.0.2.2\"\n\
+             local_prefixes = [\"100.64.1.0/24\"]\n{extra_ike}",
+            psk.display()
+        )
+    }
+
+    #[test]
+    fn an_ike_peer_gets_defaults_and_its_key_from_a_private_file() {
+        let psk = temp_file("psk", "0x00112233445566778899aabbccddeeff\n", 0o600);
+        let text = format!(
+            "[interface]\nname = \"ist0\"\n{}",
+            ike_block(&psk.0, "", "")
+        );
+        let cfg = parse(&text).unwrap();
+        assert!(cfg.esp_peers.is_empty());
+        let p = &cfg.ike_peers[0];
+        assert_eq!(p.role, crate::ipsec::IkeRole::Initiator);
+        assert_eq!(p.psk.len(), 16, "0x-prefixed text is hex");
+        assert_eq!(
+            (p.groups.clone(), p.key_bits.clone()),
+            (vec![31, 19, 20], vec![256, 128])
+        );
+        assert_eq!(p.dpd, Some(Duration::from_secs(30)));
+        assert_eq!(crate::ipsec::display_id(&p.local_id), "gw1.example");
+        assert_eq!(
+            (p.remote_id.id_type, p.remote_id.data.clone()),
+            (1, vec![192, 0, 2, 2])
+        );
+        assert_eq!(p.lifetimes.hard.time, Duration::from_secs(7200));
+        assert_eq!(
+            cfg.interface.mtu, DEFAULT_MTU_WITH_ESP,
+            "an ESP tunnel's MTU"
+        );
+        let shown = format!("{p:?}");
+        assert!(
+            !shown.contains("00112233"),
+            "the key is not in Debug: {shown}"
+        );
+    }
+
+    #[test]
+    fn ike_peer_errors_name_the_field() {
+        let psk = temp_file("psk-ok", "a-long-enough-pre-shared-key", 0o600);
+        let open = temp_file("psk-open", "a-long-enough-pre-shared-key", 0o644);
+        let short = temp_file("psk-short", "short", 0o600);
+        let field_of = |block: String| {
+            parse(&format!("[interface]\nname = \"ist0\"\n{block}"))
+                .unwrap_err()
+                .field
+        };
+        for (block, field) in [
+            (ike_block(&open.0, "", ""), "peers[0].esp.ike.psk_file"),
+            (ike_block(&short.0, "", ""), "peers[0].esp.ike.psk_file"),
+            (
+                ike_block(&psk.0, "", "role = \"server\""),
+                "peers[0].esp.ike.role",
+            ),
+            (
+                ike_block(&psk.0, "", "groups = [14]"),
+                "peers[0].esp.ike.groups",
+            ),
+            (
+                ike_block(&psk.0, "", "key_bits = [256, 256]"),
+                "peers[0].esp.ike.key_bits",
+            ),
+            (
+                ike_block(&psk.0, "", "dpd_seconds = 100000"),
+                "peers[0].esp.ike.dpd_seconds",
+            ),
+            (
+                ike_block(&psk.0, "sa_file = \"/x\"", ""),
+                "peers[0].esp.sa_file",
+            ),
+            (
+                ike_block(&psk.0, "cipher = \"aes128-gcm\"", ""),
+                "peers[0].esp.cipher",
+            ),
+            (
+                ike_block(&psk.0, "soft_lifetime_seconds = 10", ""),
+                "peers[0].esp.soft_lifetime_seconds",
+            ),
+            (
+                ike_block(&psk.0, "", "").replace("local_prefixes = [\"100.64.1.0/24\"]", ""),
+                "peers[0].esp.ike.local_prefixes",
+            ),
+            (
+                ike_block(&psk.0, "", "")
+                    .replace("remote_id = \"192.0.2.2\"", "remote_id = \"CN=x, O=y\""),
+                "peers[0].esp.ike.remote_id",
+            ),
+            (
+                ike_block(&psk.0, "", "").replace("allowed_prefixes = [\"100.64.2.0/24\"]", ""),
+                "peers[0].allowed_prefixes",
+            ),
+        ] {
+            assert_eq!(field_of(block.clone()), field, "{block}");
+        }
+        // Two peers claiming the same prefix.
+        let two = format!(
+            "{}\n{}",
+            ike_block(&psk.0, "", ""),
+            ike_block(&psk.0, "", "")
+        );
+        assert_eq!(field_of(two), "peers[1].allowed_prefixes");
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod crd;
 pub mod diagnose;
 pub mod egress;
+pub mod ipsec;
 pub mod key_rotation;
 pub mod mesh;
 pub mod metrics;

@@ -15,6 +15,7 @@ use isthmus_gateway::admin::{self, AdminServer, PeerStatus, Status};
 use isthmus_gateway::clustermesh::{MeshWatch, RouteSink};
 use isthmus_gateway::config::{self, GatewayConfig, TunnelKind};
 use isthmus_gateway::egress::{EgressGateway, EgressPolicies};
+use isthmus_gateway::ipsec::IkeService;
 use isthmus_gateway::mesh::MeshLinks;
 use isthmus_gateway::node::{NodeRouting, NodeWatch};
 use isthmus_gateway::rules;
@@ -88,6 +89,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
     let iface = &cfg.interface;
     let core = Arc::new(WgCore::new(iface.private_key.clone(), cfg.peers.clone())?);
     let wants_esp = !cfg.esp_peers.is_empty()
+        || !cfg.ike_peers.is_empty()
         || cfg.identity_peers.iter().any(|p| p.kind == TunnelKind::Esp)
         || cfg
             .node
@@ -130,6 +132,13 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         },
     )?;
     configure_device(&cfg)?;
+    let ike = match (&esp, driver.control_sender(), driver.esp_listen_port()) {
+        (Some(esp), Some(sender), Some(port)) if !cfg.ike_peers.is_empty() => Some(
+            IkeService::start(esp.clone(), sender, cfg.ike_peers.clone(), port)
+                .context("starting IKE")?,
+        ),
+        _ => None,
+    };
     let steering = start_steering(&cfg)?;
     let egress = match &steering {
         Some(st) if !cfg.egress.is_empty() => Some(
@@ -191,6 +200,7 @@ fn run(cfg: GatewayConfig) -> anyhow::Result<()> {
         steering: steering.clone(),
         core,
         esp,
+        ike,
         mesh,
         esp_listen_port: driver.esp_listen_port(),
         name: iface.name.clone(),
@@ -402,6 +412,8 @@ fn static_prefixes(cfg: &GatewayConfig) -> impl Iterator<Item = &IpPrefix> {
         .iter()
         .flat_map(|p| &p.allowed_prefixes)
         .chain(cfg.esp_peers.iter().flat_map(|p| &p.allowed_prefixes))
+        // Routed into the tunnel before IKE is up, so nothing leaves in clear.
+        .chain(cfg.ike_peers.iter().flat_map(|p| &p.remote_prefixes))
         .chain(cfg.identity_peers.iter().flat_map(|p| &p.allowed_prefixes))
 }
 
@@ -539,6 +551,8 @@ struct GatewayDevice {
     watch: std::sync::OnceLock<Arc<MeshWatch>>,
     core: Arc<WgCore>,
     esp: Option<Arc<EspCore>>,
+    /// IKEv2 with the peers of `[peers.esp.ike]`.
+    ike: Option<IkeService>,
     mesh: Option<Arc<MeshLinks>>,
     esp_listen_port: Option<u16>,
     name: String,
@@ -607,6 +621,11 @@ impl GatewayDevice {
             drops: self.core.counters.snapshot().into(),
             esp_listen_port: self.esp_listen_port,
             esp_drops: self.esp.as_ref().map(|e| e.counters.snapshot().into()),
+            ike: self
+                .ike
+                .as_ref()
+                .map(IkeService::status)
+                .unwrap_or_default(),
             peers,
             channels: self.mesh.as_ref().map(|m| m.status()).unwrap_or_default(),
             identity_reload: self.mesh.as_ref().map(|m| m.reload_status()),

@@ -481,6 +481,18 @@ impl Initiator {
         self.state == State::Established
     }
 
+    /// Whether the IKE SA is gone (failed, given up or deleted): nothing more will
+    /// come of it, and an error it returned was its last word.
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Authenticated messages from the peer since the IKE SA was keyed (its
+    /// requests, and answers to ours such as liveness checks).
+    pub fn heard(&self) -> u64 {
+        self.keyed.as_ref().map_or(0, |k| k.heard)
+    }
+
     fn ike_proposal(&self) -> Proposal {
         let mut transforms: Vec<Transform> = self
             .config
@@ -1067,6 +1079,8 @@ struct Keyed {
     in_flight: Option<(u32, Vec<u8>, Instant, u32)>,
     /// Liveness checks: how often, and when the next one is due.
     dpd: Option<(Duration, Instant)>,
+    /// Authenticated messages from the peer: requests opened, answers to ours.
+    heard: u64,
 }
 
 fn digest(datagram: &[u8]) -> [u8; 32] {
@@ -1112,6 +1126,7 @@ impl Keyed {
             own_next_id: 0,
             in_flight: None,
             dpd: None,
+            heard: 0,
         })
     }
 
@@ -1199,6 +1214,7 @@ impl Keyed {
             // answer per replayed datagram, whatever the number of fragments.
             Some(payloads) => {
                 self.last_request = Some(hash);
+                self.heard += 1;
                 Request::New(payloads)
             }
             None => Request::Partial,
@@ -1268,6 +1284,7 @@ impl Keyed {
             };
             if wire::decode_payloads(opened.first_inner, &opened.payloads).is_ok() {
                 self.in_flight = None;
+                self.heard += 1;
             }
         }
         Ok(())
@@ -1812,6 +1829,17 @@ impl Responder {
     /// Whether the IKE SA is established.
     pub fn is_established(&self) -> bool {
         self.state == State::Established
+    }
+
+    /// Whether the IKE SA is gone (refused, given up or deleted).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// Authenticated messages from the initiator after IKE_SA_INIT (its requests,
+    /// and answers to ours such as liveness checks).
+    pub fn heard(&self) -> u64 {
+        self.keyed.heard
     }
 
     /// Sends the liveness check that is due ([`Config::dpd`]) or retransmits it; an

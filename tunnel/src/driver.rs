@@ -246,6 +246,32 @@ pub struct Driver {
     offload: bool,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    tunnels: Arc<Tunnels>,
+}
+
+/// Sends IKE datagrams from the ESP port (RFC 3948: the non-ESP marker is
+/// added here), so the peer sees IKE and ESP on one address and port.
+#[derive(Clone)]
+pub struct ControlSender {
+    tunnels: Arc<Tunnels>,
+}
+
+impl std::fmt::Debug for ControlSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlSender").finish_non_exhaustive()
+    }
+}
+
+impl ControlSender {
+    /// Sends one IKE message to `to` (lossy, as UDP is: IKE retransmits).
+    pub fn send(&self, to: SocketAddr, message: &[u8]) {
+        let mut datagram = Vec::with_capacity(4 + message.len());
+        datagram.extend_from_slice(&[0, 0, 0, 0]);
+        datagram.extend_from_slice(message);
+        self.tunnels
+            .socket(Via::Esp)
+            .send(to, &datagram, datagram.len());
+    }
 }
 
 impl std::fmt::Debug for Driver {
@@ -329,9 +355,9 @@ impl Driver {
                 "inbound-esp",
                 Box::new(move || {
                     if let Some((core, sock)) = &t.esp {
-                        inbound_loop(sock, &tun, &stop, offload, |_from, dgram, out| {
+                        inbound_loop(sock, &tun, &stop, offload, |from, dgram, out| {
                             let set = core.peers();
-                            core.decapsulate(&set, dgram, out, Instant::now())
+                            core.receive(&set, from, dgram, out, Instant::now())
                         })
                     }
                 }),
@@ -364,6 +390,7 @@ impl Driver {
             offload,
             stop,
             threads,
+            tunnels,
         })
     }
 
@@ -374,6 +401,12 @@ impl Driver {
     /// The ESP-in-UDP port, when ESP peers exist.
     pub fn esp_listen_port(&self) -> Option<u16> {
         self.esp_listen_port
+    }
+    /// Sends IKE from the ESP port, when there is one.
+    pub fn control_sender(&self) -> Option<ControlSender> {
+        self.tunnels.esp.as_ref().map(|_| ControlSender {
+            tunnels: self.tunnels.clone(),
+        })
     }
     /// Whether the TUN device runs with virtio-net offloads.
     pub fn offload(&self) -> bool {

@@ -37,6 +37,60 @@ pub enum KeyingError {
 pub trait EspKeying: Send + Sync + fmt::Debug {
     fn cipher(&self) -> EspCipher;
     fn sa_pair(&self, generation: u64) -> Result<SaPair, KeyingError>;
+    /// Whether later generations come from [`Self::sa_pair`]: installed inbound
+    /// ahead of use and switched to by the data path at the soft lifetime or when
+    /// an operator asks. `false` for keys a key exchange pushes ([`PushedKeying`]):
+    /// only generation 0 comes from here, later ones through
+    /// [`super::EspCore::install_pair`].
+    fn derives_ahead(&self) -> bool {
+        true
+    }
+}
+
+/// Keys pushed from outside, by IKE: generation 0 is the first CHILD_SA, each
+/// rekey is installed with [`super::EspCore::install_pair`]. Nothing is derived,
+/// so the data path never switches SAs on its own; at the hard lifetime packets
+/// are dropped until the key exchange installs a new pair.
+pub struct PushedKeying {
+    cipher: EspCipher,
+    first: SaPair,
+}
+
+impl PushedKeying {
+    pub fn new(cipher: EspCipher, first: SaPair) -> Self {
+        Self { cipher, first }
+    }
+}
+
+impl fmt::Debug for PushedKeying {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PushedKeying")
+            .field("cipher", &self.cipher)
+            .field(
+                "outbound_spi",
+                &format_args!("{:#010x}", self.first.outbound.spi),
+            )
+            .field(
+                "inbound_spi",
+                &format_args!("{:#010x}", self.first.inbound.spi),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl EspKeying for PushedKeying {
+    fn cipher(&self) -> EspCipher {
+        self.cipher
+    }
+    fn sa_pair(&self, generation: u64) -> Result<SaPair, KeyingError> {
+        match generation {
+            0 => Ok(self.first.clone()),
+            n => Err(KeyingError::Unavailable(n)),
+        }
+    }
+    fn derives_ahead(&self) -> bool {
+        false
+    }
 }
 
 /// Manual keying: a fixed generation 0, later generations derived from it.

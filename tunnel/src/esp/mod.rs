@@ -21,7 +21,7 @@ pub mod sa;
 use crate::counters::{DeviceCounters, DropReason, PeerCounters, PeerStats};
 use crate::prefix::{IpPrefix, PrefixTable};
 use crate::wg::{Inbound, Outbound};
-use keying::{EspKeying, KeyingError};
+use keying::{EspKeying, KeyingError, SaPair};
 use replay::ReplayError;
 use sa::{
     datagram_spi, InboundSa, Lifetimes, OpenError, OutboundSa, SaError, SealError,
@@ -51,6 +51,28 @@ pub struct EspPeerConfig {
     pub keying: Arc<dyn EspKeying>,
 }
 
+/// Why [`EspCore::install_pair`] refused an SA pair; nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstallError {
+    #[error("{0}")]
+    Sa(#[from] SaError),
+    #[error("inbound SPI {0:#010x} is already used by another SA")]
+    SpiConflict(u32),
+    #[error("the peer was removed")]
+    Removed,
+    #[error("this peer's keys are derived, not pushed")]
+    Derived,
+}
+
+/// A datagram on the ESP port that carries IKE (non-ESP marker, RFC 3948 §2.2),
+/// handed to the control plane with the marker removed.
+#[derive(Debug)]
+pub struct ControlDatagram {
+    pub from: SocketAddr,
+    pub bytes: Vec<u8>,
+}
+
 /// Errors setting up ESP peers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -75,6 +97,9 @@ struct TxState {
     rotations: u64,
     /// When the last one was applied.
     last_rotation: Option<std::time::SystemTime>,
+    /// Pushed keys ([`EspCore::install_pair`]): the next outbound SA, used once
+    /// the peer is heard on its inbound twin or deletes the pair in use.
+    staged: Option<OutboundSa>,
 }
 
 struct RxState {
@@ -231,6 +256,9 @@ pub struct EspCore {
     /// Inbound SPI → peer, for every installed inbound SA.
     spis: RwLock<HashMap<u32, Arc<EspPeer>>>,
     pub counters: DeviceCounters,
+    /// IKE datagrams go here, when a key exchange runs.
+    control: std::sync::OnceLock<std::sync::mpsc::SyncSender<ControlDatagram>>,
+    control_overflow: std::sync::atomic::AtomicU64,
 }
 
 fn version_matches(next_header: u8, packet: &[u8]) -> Option<IpAddr> {
@@ -255,6 +283,8 @@ impl EspCore {
             set: RwLock::new(Arc::default()),
             spis: RwLock::new(HashMap::new()),
             counters: DeviceCounters::default(),
+            control: std::sync::OnceLock::new(),
+            control_overflow: std::sync::atomic::AtomicU64::new(0),
         };
         for (i, cfg) in configs.into_iter().enumerate() {
             core.add_peer_indexed(i, cfg, now)?;
@@ -280,8 +310,13 @@ impl EspCore {
         let key_err = |source| EspError::Keying { peer: i, source };
         let first = cfg.keying.sa_pair(0).map_err(key_err)?;
         let tx = OutboundSa::new(cipher, &first.outbound, cfg.esn, 0, now).map_err(sa_err)?;
+        let ahead = if cfg.keying.derives_ahead() {
+            LOOKAHEAD
+        } else {
+            0
+        };
         let mut sas = Vec::new();
-        for generation in 0..=LOOKAHEAD {
+        for generation in 0..=ahead {
             let pair = cfg.keying.sa_pair(generation).map_err(key_err)?;
             sas.push(InboundSa::new(cipher, &pair.inbound, cfg.esn, generation).map_err(sa_err)?);
         }
@@ -292,6 +327,7 @@ impl EspCore {
                 rotation_pending: false,
                 rotations: 0,
                 last_rotation: None,
+                staged: None,
             }),
             rx: Mutex::new(RxState {
                 sas,
@@ -388,18 +424,29 @@ impl EspCore {
         now: Instant,
     ) -> Outbound {
         let lifetimes = &peer.config.lifetimes;
+        let derives = peer.config.keying.derives_ahead();
         let mut tx = lock(&peer.tx);
+        if !derives {
+            let heard = tx
+                .staged
+                .as_ref()
+                .is_some_and(|next| lock(&peer.rx).active >= next.generation);
+            if heard {
+                Self::switch_staged(peer, &mut tx, "the peer sends on its twin");
+            }
+        }
         // An asked-for rotation waits until the generation in use has been
         // out for ROTATION_SPACING and the peer was heard from since it took
         // over: rotating on and on while nothing comes back (an outage)
         // would run past the peer's lookahead and leave it unable to read
         // anything we send.
-        let rotating = tx.rotation_pending
+        let rotating = derives
+            && tx.rotation_pending
             && now.saturating_duration_since(tx.sa.created) >= ROTATION_SPACING
             && lock(&peer.rx)
                 .last_packet
                 .is_some_and(|t| t >= tx.sa.created);
-        if rotating || tx.sa.reached(&lifetimes.soft, now) {
+        if rotating || (derives && tx.sa.reached(&lifetimes.soft, now)) {
             let next = tx.sa.generation + 1;
             let cipher = peer.config.keying.cipher();
             match peer
@@ -469,7 +516,8 @@ impl EspCore {
                 // NAT keepalive (RFC 3948 §2.3).
                 return Inbound::Consumed;
             }
-            // Zero non-ESP marker (IKE): we run no IKE daemon.
+            // Zero non-ESP marker (IKE) with no key exchange running
+            // ([`Self::receive`] hands it over when one runs).
             return self.device_drop(DropReason::Malformed);
         };
         let peer = {
@@ -543,7 +591,12 @@ impl EspCore {
         rx.active = generation;
         let cipher = peer.config.keying.cipher();
         let have = rx.sas.iter().map(|sa| sa.generation).max().unwrap_or(0);
-        for next in have + 1..=generation + LOOKAHEAD {
+        let ahead = if peer.config.keying.derives_ahead() {
+            LOOKAHEAD
+        } else {
+            0
+        };
+        for next in have + 1..=generation + ahead {
             let installed = peer
                 .config
                 .keying
@@ -564,6 +617,132 @@ impl EspCore {
             }
         }
         tracing::info!(peer = ?peer.config.name, generation, "ESP peer switched to a new SA");
+    }
+
+    /// Installs the next SA pair of a peer whose keys are pushed (IKE, a
+    /// [`keying::PushedKeying`]): the inbound SA at once; the outbound one now
+    /// if `switch_now` (we initiated the rekey, so the peer has the pair),
+    /// otherwise once the peer sends on the new inbound SA or deletes the pair
+    /// in use ([`Self::remove_inbound`]). Returns the pair's generation.
+    pub fn install_pair(
+        &self,
+        peer: &Arc<EspPeer>,
+        pair: &SaPair,
+        switch_now: bool,
+        now: Instant,
+    ) -> Result<u64, InstallError> {
+        if peer.config.keying.derives_ahead() {
+            return Err(InstallError::Derived);
+        }
+        let cipher = peer.config.keying.cipher();
+        let esn = peer.config.esn;
+        // Lock order everywhere: tx, rx, the set, the SPI map.
+        let mut tx = lock(&peer.tx);
+        let mut rx = lock(&peer.rx);
+        let newest = rx
+            .sas
+            .iter()
+            .map(|sa| sa.generation)
+            .chain([tx.sa.generation])
+            .chain(tx.staged.as_ref().map(|sa| sa.generation))
+            .max()
+            .unwrap_or(0);
+        let generation = newest + 1;
+        let inbound = InboundSa::new(cipher, &pair.inbound, esn, generation)?;
+        let outbound = OutboundSa::new(cipher, &pair.outbound, esn, generation, now)?;
+        {
+            let set = self.set.read().unwrap_or_else(|e| e.into_inner());
+            let mut spis = self.spis.write().unwrap_or_else(|e| e.into_inner());
+            if !set.peers.iter().any(|p| Arc::ptr_eq(p, peer)) {
+                return Err(InstallError::Removed);
+            }
+            if spis.contains_key(&inbound.spi) {
+                return Err(InstallError::SpiConflict(inbound.spi));
+            }
+            spis.insert(inbound.spi, peer.clone());
+        }
+        rx.sas.push(inbound);
+        drop(rx);
+        tx.staged = Some(outbound);
+        if switch_now {
+            Self::switch_staged(peer, &mut tx, "we rekeyed");
+        }
+        Ok(generation)
+    }
+
+    /// Puts the staged outbound SA in use.
+    fn switch_staged(peer: &EspPeer, tx: &mut TxState, why: &str) {
+        if let Some(next) = tx.staged.take() {
+            tracing::info!(
+                peer = ?peer.config.name,
+                old_spi = format_args!("{:#010x}", tx.sa.spi),
+                new_spi = format_args!("{:#010x}", next.spi),
+                generation = next.generation,
+                "ESP outbound SA replaced: {why}"
+            );
+            tx.sa = next;
+            tx.rekeys += 1;
+        }
+    }
+
+    /// Removes the inbound SA `spi` of `peer` at once (the key exchange deleted
+    /// its pair). A staged outbound SA newer than it goes in use: a peer that
+    /// deletes the old pair has the new one. Returns whether it was installed.
+    pub fn remove_inbound(&self, peer: &Arc<EspPeer>, spi: u32) -> bool {
+        let mut tx = lock(&peer.tx);
+        let mut rx = lock(&peer.rx);
+        let Some(index) = rx.sas.iter().position(|sa| sa.spi == spi) else {
+            return false;
+        };
+        let removed = rx.sas.remove(index);
+        drop(rx);
+        if tx
+            .staged
+            .as_ref()
+            .is_some_and(|next| next.generation > removed.generation)
+        {
+            Self::switch_staged(peer, &mut tx, "the peer deleted the pair in use");
+        }
+        drop(tx);
+        self.unregister_spi(spi, peer);
+        true
+    }
+
+    /// Where IKE datagrams arriving on the ESP port go ([`Self::receive`]).
+    /// Set once; returns false if one was set before.
+    pub fn set_control_inbox(&self, inbox: std::sync::mpsc::SyncSender<ControlDatagram>) -> bool {
+        self.control.set(inbox).is_ok()
+    }
+
+    /// Handles one datagram from the ESP port: IKE (non-ESP marker) goes to the
+    /// control inbox if there is one, the rest to [`Self::decapsulate`].
+    pub fn receive(
+        &self,
+        set: &EspPeerSet,
+        from: SocketAddr,
+        datagram: &[u8],
+        out: &mut [u8],
+        now: Instant,
+    ) -> Inbound {
+        if let (Some([0, 0, 0, 0]), Some(inbox)) = (datagram.get(..4), self.control.get()) {
+            let bytes = datagram[4..].to_vec();
+            return match inbox.try_send(ControlDatagram { from, bytes }) {
+                Ok(()) => Inbound::Consumed,
+                Err(_) => {
+                    // The control plane is behind (or gone): IKE retransmits.
+                    self.control_overflow
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Inbound::Consumed
+                }
+            };
+        }
+        self.decapsulate(set, datagram, out, now)
+    }
+
+    /// IKE datagrams dropped because the control inbox was full.
+    pub fn control_overflow(&self) -> u64 {
+        self.control_overflow
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn device_drop(&self, reason: DropReason) -> Inbound {

@@ -406,3 +406,170 @@ fn rotations_during_an_outage_do_not_outrun_the_peer() {
     let d = seal(&p.a, &a_to_b(99), now).unwrap();
     assert_eq!(open(&p.b, &d, now).unwrap().unwrap(), a_to_b(99));
 }
+
+/// Two cores keyed as IKE keys them: generation 0 pushed, each rekey installed
+/// with `install_pair` (`a` initiates the rekeys, so `a` switches at once and `b`
+/// once it hears `a` on the new SA).
+fn pushed_pair(now: Instant) -> Pair {
+    let len = 16;
+    let (ab, ba) = (sa(0x1000_0001, 0xaa, len), sa(0x2000_0002, 0xbb, len));
+    let cfg = |out: &SaKeys, inb: &SaKeys, endpoint: &str, prefix: &str| EspPeerConfig {
+        name: Some("ike".into()),
+        endpoint: endpoint.parse().unwrap(),
+        allowed_prefixes: vec![prefix.parse().unwrap()],
+        esn: true,
+        lifetimes: Lifetimes::default(),
+        keying: Arc::new(keying::PushedKeying::new(
+            EspCipher::Aes128Gcm,
+            SaPair {
+                outbound: out.clone(),
+                inbound: inb.clone(),
+            },
+        )),
+    };
+    Pair {
+        a: EspCore::new(vec![cfg(&ab, &ba, "192.0.2.2:4500", "100.64.2.0/24")], now).unwrap(),
+        b: EspCore::new(vec![cfg(&ba, &ab, "192.0.2.1:4500", "100.64.1.0/24")], now).unwrap(),
+    }
+}
+
+fn out_spi(core: &EspCore) -> String {
+    core.peers().peers()[0].status(Instant::now()).outbound.spi
+}
+
+#[test]
+fn pushed_keys_switch_make_before_break_and_never_derive() {
+    let now = Instant::now();
+    let p = pushed_pair(now);
+    let (pa, pb) = (
+        p.a.peers().peers()[0].clone(),
+        p.b.peers().peers()[0].clone(),
+    );
+    // Only generation 0 is installed: nothing derived ahead.
+    assert_eq!(pb.status(now).inbound.len(), 1);
+    // Way past the soft lifetime the data path does not switch on its own (the
+    // peer would not know a derived SA).
+    let later = now + Duration::from_secs(3300);
+    let wire = seal(&p.a, &a_to_b(1), later).unwrap();
+    assert_eq!(&wire[..4], &0x1000_0001u32.to_be_bytes());
+    assert_eq!(open(&p.b, &wire, later), Ok(Some(a_to_b(1))));
+
+    // A rekey: b (the responder) installs first, a (the initiator) switches at once.
+    let (ab1, ba1) = (sa(0x1000_0011, 0xa1, 16), sa(0x2000_0022, 0xb1, 16));
+    let gb =
+        p.b.install_pair(
+            &pb,
+            &SaPair {
+                outbound: ba1.clone(),
+                inbound: ab1.clone(),
+            },
+            false,
+            later,
+        )
+        .unwrap();
+    // b still sends on the old SA: a has not got the new pair yet.
+    let old = seal(&p.b, &b_to_a(2), later).unwrap();
+    assert_eq!(&old[..4], &0x2000_0002u32.to_be_bytes());
+    assert_eq!(open(&p.a, &old, later), Ok(Some(b_to_a(2))));
+    let ga =
+        p.a.install_pair(
+            &pa,
+            &SaPair {
+                outbound: ab1.clone(),
+                inbound: ba1.clone(),
+            },
+            true,
+            later,
+        )
+        .unwrap();
+    assert_eq!((ga, gb), (1, 1));
+    let new = seal(&p.a, &a_to_b(3), later).unwrap();
+    assert_eq!(&new[..4], &0x1000_0011u32.to_be_bytes());
+    // A late packet on the old SA still arrives, then the new one.
+    assert_eq!(open(&p.b, &wire, later), Err(DropReason::Replay));
+    assert_eq!(open(&p.b, &new, later), Ok(Some(a_to_b(3))));
+    // b heard a on the new SA: b switches too.
+    let back = seal(&p.b, &b_to_a(4), later).unwrap();
+    assert_eq!(&back[..4], &0x2000_0022u32.to_be_bytes());
+    assert_eq!(open(&p.a, &back, later), Ok(Some(b_to_a(4))));
+    assert_eq!(out_spi(&p.b), "0x20000022");
+
+    // The old pair's delete removes its inbound SA at once.
+    assert!(p.a.remove_inbound(&pa, 0x2000_0002));
+    assert!(!p.a.remove_inbound(&pa, 0x2000_0002), "gone already");
+    assert_eq!(open(&p.a, &old, later), Err(DropReason::UnknownPeer));
+    // The same SPI cannot be installed twice, and nothing changes then.
+    let clash = SaPair {
+        outbound: sa(0x3000_0003, 1, 16),
+        inbound: ab1.clone(),
+    };
+    assert_eq!(
+        p.b.install_pair(&pb, &clash, true, later),
+        Err(InstallError::SpiConflict(0x1000_0011))
+    );
+    assert_eq!(out_spi(&p.b), "0x20000022");
+    // Derived keys take no pushed pairs; a removed peer takes none either.
+    let manual = pair(EspCipher::Aes128Gcm, true, Lifetimes::default(), now);
+    let mp = manual.a.peers().peers()[0].clone();
+    assert_eq!(
+        manual.a.install_pair(&mp, &clash, true, now),
+        Err(InstallError::Derived)
+    );
+    p.a.remove_peer(&pa);
+    let fresh = SaPair {
+        outbound: sa(0x4000_0004, 2, 16),
+        inbound: sa(0x5000_0005, 3, 16),
+    };
+    assert_eq!(
+        p.a.install_pair(&pa, &fresh, true, later),
+        Err(InstallError::Removed)
+    );
+}
+
+#[test]
+fn a_responder_switches_when_the_peer_deletes_the_old_pair() {
+    let now = Instant::now();
+    let p = pushed_pair(now);
+    let pb = p.b.peers().peers()[0].clone();
+    let next = SaPair {
+        outbound: sa(0x2000_0022, 0xb1, 16),
+        inbound: sa(0x1000_0011, 0xa1, 16),
+    };
+    p.b.install_pair(&pb, &next, false, now).unwrap();
+    assert_eq!(out_spi(&p.b), "0x20000002", "staged, not in use");
+    // a deleted the old pair without sending on the new one yet.
+    assert!(p.b.remove_inbound(&pb, 0x1000_0001));
+    assert_eq!(out_spi(&p.b), "0x20000022");
+}
+
+#[test]
+fn ike_on_the_esp_port_goes_to_the_control_inbox() {
+    let now = Instant::now();
+    let p = pushed_pair(now);
+    let from: SocketAddr = "192.0.2.2:4500".parse().unwrap();
+    let mut out = vec![0u8; 64];
+    let ike = [0, 0, 0, 0, 0x11, 0x22];
+    // No key exchange: dropped and counted as before.
+    assert!(matches!(
+        p.b.receive(&p.b.peers(), from, &ike, &mut out, now),
+        Inbound::Dropped(DropReason::Malformed)
+    ));
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    assert!(p.b.set_control_inbox(tx));
+    assert!(matches!(
+        p.b.receive(&p.b.peers(), from, &ike, &mut out, now),
+        Inbound::Consumed
+    ));
+    let got = rx.try_recv().unwrap();
+    assert_eq!((got.from, got.bytes), (from, vec![0x11, 0x22]));
+    // A full inbox loses the datagram (IKE retransmits) and counts it.
+    p.b.receive(&p.b.peers(), from, &ike, &mut out, now);
+    p.b.receive(&p.b.peers(), from, &ike, &mut out, now);
+    assert_eq!(p.b.control_overflow(), 1);
+    // ESP still goes to the data path.
+    let wire = seal(&p.a, &a_to_b(9), now).unwrap();
+    assert!(matches!(
+        p.b.receive(&p.b.peers(), from, &wire, &mut out, now),
+        Inbound::Tun { .. }
+    ));
+}

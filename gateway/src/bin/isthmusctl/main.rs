@@ -543,6 +543,41 @@ fn render_table(s: &Status) -> String {
             d.malformed, d.unknown_peer
         );
     }
+    for k in &s.ike {
+        out += &format!(
+            "ike {} ({:?}, {} -> {}) {} with {}{}\n",
+            k.peer,
+            k.role,
+            k.local_id,
+            k.remote_id,
+            k.state,
+            k.endpoint,
+            k.established_secs
+                .map(|t| format!(" for {t:.0}s"))
+                .unwrap_or_default(),
+        );
+        if let Some((i, r)) = &k.ike_spis {
+            out += &format!(
+                "  IKE SA {i}_i {r}_r  CHILD_SAs (in/out) {}  rekeys {}  last heard {}  dpd {}  ESP hard lifetime {}s\n",
+                if k.child_sas.is_empty() {
+                    "-".to_string()
+                } else {
+                    k.child_sas
+                        .iter()
+                        .map(|(i, o)| format!("{i}/{o}"))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                },
+                k.child_rekeys,
+                ago(k.last_heard_secs),
+                k.dpd_secs.map_or("off".to_string(), |d| format!("{d}s")),
+                k.esp_hard_lifetime_secs,
+            );
+        }
+        if let Some(e) = &k.last_error {
+            out += &format!("  last error: {e}\n");
+        }
+    }
     out += "\n";
     let header = [
         "PEER",

@@ -1,0 +1,218 @@
+//! The gateway runs IKEv2 itself (`[peers.esp.ike]`) with a real strongSwan charon
+//! (kernel-libipsec) across network namespaces: as initiator and as responder, its ESP
+//! keyed by the CHILD_SA; ping and TCP through it; charon's CHILD_SA rekeys while traffic
+//! runs both ways lose nothing; a killed charon is noticed (DPD) and its prefixes then
+//! have no tunnel: packets are dropped and counted, never sent in clear (capture); a
+//! restarted charon's new IKE SA replaces the old one; a wrong pre-shared key is refused.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use isthmus_e2e::capture::Capture;
+use isthmus_e2e::strongswan::{ike_gateway, psk_conf, Charon};
+use isthmus_e2e::traffic::{self, transfer_between, udp_sequence, wait_for_ping};
+use isthmus_e2e::{IkeStatus, IsthmusGateway, Site, Topology, Underlay};
+
+const PSK: &str = "gw-e2e-psk-7c3e9a1f5b2d4c6e8a0b1d3f5e7c9a2b";
+
+/// Waits until the gateway's (only) IKE peer satisfies `want`.
+fn wait_ike(
+    gw: &IsthmusGateway,
+    want: impl Fn(&IkeStatus) -> bool,
+    timeout: Duration,
+) -> Result<IkeStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = gw.status()?.ike.into_iter().next();
+        if let Some(k) = last.as_ref().filter(|k| want(k)) {
+            return Ok(k.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("IKE status never as wanted: {last:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn spi(text: &str) -> u32 {
+    u32::from_str_radix(text.trim_start_matches("0x"), 16).expect("an SPI")
+}
+
+/// Asserts that charon lists the gateway's newest CHILD_SA (its SPIs mirrored).
+fn charon_has(charon: &Charon, ike: &IkeStatus) {
+    let (ours_in, ours_out) = ike.child_sas.last().expect("a CHILD_SA");
+    let sas = charon.swanctl(&["--list-sas"]).expect("list-sas");
+    assert!(
+        sas.contains(&format!("in  {:08x},", spi(ours_out)))
+            && sas.contains(&format!("out {:08x},", spi(ours_in))),
+        "charon does not list our CHILD_SA {ours_in}/{ours_out}:\n{sas}"
+    );
+}
+
+fn pings_both_ways(s1: &Site, s2: &Site, logs: &dyn Fn() -> String) {
+    for (from, to) in [(s1, s2), (s2, s1)] {
+        assert!(
+            wait_for_ping(
+                &from.wl_ns,
+                to.workload_addr.into(),
+                Duration::from_secs(10)
+            ),
+            "workload {} cannot ping workload {}\n{}",
+            from.index,
+            to.index,
+            logs()
+        );
+    }
+}
+
+/// Pings from site `from` to site `to` get no answer, and nothing of them leaves `from`'s
+/// gateway in clear (a capture on its underlay holds no packet of the workloads' addresses).
+fn dropped_not_clear(topo: &Topology, from: &Site, to: &Site) {
+    let cap = Capture::start(topo.run(), &from.gw_ns, &from.underlay_if, None).expect("capture");
+    let (sent, received) =
+        traffic::ping_stats(&from.wl_ns, to.workload_addr.into(), 3).expect("ping");
+    let packets = cap.stop().expect("capture").packets(51820).expect("tshark");
+    assert_eq!((sent, received), (3, 0), "pings got through with no tunnel");
+    let workloads = [IpAddr::V4(from.workload_addr), IpAddr::V4(to.workload_addr)];
+    let clear: Vec<_> = packets
+        .iter()
+        .filter(|p| p.src.iter().chain(&p.dst).any(|a| workloads.contains(a)))
+        .collect();
+    assert!(clear.is_empty(), "workload packets left in clear: {clear:#?}");
+}
+
+#[test]
+fn the_gateway_initiates_ike_and_carries_traffic_through_strongswan_rekeys() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let mut charon =
+        Charon::start(topo.run(), &s2.gw_ns, "g2", "", &psk_conf(s2, s1, PSK)).expect("charon");
+    let gw = ike_gateway(&topo, s1, s2, "initiator", PSK, 2).expect("gateway");
+    let logs = || format!("{}\n{}", gw.logs(), charon.log());
+    let ike = wait_ike(&gw, |k| k.state == "established", Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert_eq!((ike.role.as_str(), ike.established), ("initiator", 1));
+    charon_has(&charon, &ike);
+    pings_both_ways(s1, s2, &logs);
+    transfer_between(s1, s2, 5301, 4 << 20).expect("TCP through the tunnel");
+
+    // charon rekeys the CHILD_SA three times while datagrams flow both ways.
+    let flow = |from: &Site, to: &Site, port: u16| {
+        let (src, dst) = (from.wl_ns.clone(), to.wl_ns.clone());
+        let addr = SocketAddr::new(IpAddr::V4(to.workload_addr), port);
+        std::thread::spawn(move || udp_sequence(&src, &dst, addr, 6_000, 200, 1_500))
+    };
+    let (there, back) = (flow(s1, s2, 7101), flow(s2, s1, 7102));
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..3 {
+        charon
+            .swanctl(&["--rekey", "--child", "net"])
+            .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    for (name, flow) in [("1 -> 2", there), ("2 -> 1", back)] {
+        let report = flow.join().expect("flow thread").expect("flow");
+        assert!(
+            report.missing().is_empty() && report.duplicated().is_empty(),
+            "{name}: {} of {} lost, {} duplicated across the rekeys\n{}",
+            report.missing().len(),
+            report.sent,
+            report.duplicated().len(),
+            logs()
+        );
+    }
+    // The old pairs were deleted by charon; ours sends on the newest.
+    let ike = wait_ike(
+        &gw,
+        |k| k.child_rekeys == 3 && k.child_sas.len() == 1,
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    charon_has(&charon, &ike);
+    let status = gw.status().expect("status");
+    let esp = status
+        .peer_named("site-2")
+        .and_then(|p| p.esp.clone())
+        .expect("the ESP peer");
+    assert_eq!(esp.outbound.spi, ike.child_sas[0].1, "{status:#?}");
+    assert_eq!(esp.inbound.len(), 1, "old inbound SAs removed: {status:#?}");
+    pings_both_ways(s1, s2, &logs);
+
+    // charon vanishes: liveness checks (every 2 s, then 5 transmissions) give it up, the
+    // ESP peer goes, and packets toward its side are dropped, never sent in clear.
+    charon.kill();
+    let ike = wait_ike(&gw, |k| k.state != "established", Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.logs()));
+    assert!(
+        ike.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("gone")),
+        "{ike:#?}"
+    );
+    let status = gw.status().expect("status");
+    assert!(status.peer_named("site-2").is_none(), "{status:#?}");
+    let before = status.drops.no_route;
+    dropped_not_clear(&topo, s1, s2);
+    let after = gw.status().expect("status").drops.no_route;
+    assert!(
+        after >= before + 3,
+        "drops not counted: {before} -> {after}"
+    );
+}
+
+#[test]
+fn strongswan_initiates_to_the_gateway_restarts_and_a_wrong_key_is_refused() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let gw = ike_gateway(&topo, s1, s2, "responder", PSK, 30).expect("gateway");
+    // No IKE SA yet: nothing is sent in clear.
+    let ike = wait_ike(&gw, |k| k.state == "waiting", Duration::from_secs(5)).expect("waiting");
+    assert_eq!(ike.role, "responder");
+    dropped_not_clear(&topo, s1, s2);
+
+    let start = |label: &str, psk: &str| {
+        let charon = Charon::start(topo.run(), &s2.gw_ns, label, "", &psk_conf(s2, s1, psk))
+            .expect("charon");
+        let initiated = charon.swanctl(&["--initiate", "--child", "net", "--timeout", "10"]);
+        (charon, initiated)
+    };
+    let (mut first, initiated) = start("g2a", PSK);
+    initiated.unwrap_or_else(|e| panic!("{e}\n{}\n{}", gw.logs(), first.log()));
+    let ike = wait_ike(&gw, |k| k.state == "established", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.logs()));
+    charon_has(&first, &ike);
+    pings_both_ways(s1, s2, &|| format!("{}\n{}", gw.logs(), first.log()));
+    transfer_between(s2, s1, 5302, 4 << 20).expect("TCP through the tunnel");
+
+    // charon restarts, its state lost: its new IKE SA replaces the one we had.
+    first.kill();
+    let (mut second, initiated) = start("g2b", PSK);
+    initiated.unwrap_or_else(|e| panic!("{e}\n{}\n{}", gw.logs(), second.log()));
+    let ike = wait_ike(
+        &gw,
+        |k| k.established == 2 && k.state == "established",
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", gw.logs()));
+    assert_eq!(ike.child_sas.len(), 1, "{ike:#?}");
+    charon_has(&second, &ike);
+    pings_both_ways(s1, s2, &|| format!("{}\n{}", gw.logs(), second.log()));
+
+    // A peer with the wrong key is refused; the IKE SA in force stays.
+    second.kill();
+    let (third, initiated) = start("g2c", "a-wrong-key-of-a-decent-length-0000");
+    assert!(initiated.is_err(), "charon with a wrong key got in");
+    let ike = wait_ike(&gw, |k| k.last_error.is_some(), Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", gw.logs(), third.log()));
+    assert_eq!(
+        (ike.state.as_str(), ike.established),
+        ("established", 2),
+        "{ike:#?}"
+    );
+    assert!(
+        third.log().contains("AUTHENTICATION_FAILED"),
+        "{}",
+        third.log()
+    );
+}
