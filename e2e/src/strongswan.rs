@@ -47,6 +47,19 @@ impl Charon {
         strongswan_extra: &str,
         swanctl_conf: &str,
     ) -> Result<Self> {
+        Self::start_logging(run, ns, label, strongswan_extra, swanctl_conf, 4)
+    }
+
+    /// [`Charon::start`] with the IKE and CHILD_SA log level `level` (4 prints keys; 1 is
+    /// charon's default, for benchmarks).
+    pub fn start_logging(
+        run: &Run,
+        ns: &str,
+        label: &str,
+        strongswan_extra: &str,
+        swanctl_conf: &str,
+        level: u8,
+    ) -> Result<Self> {
         if !available() {
             bail!("{CHARON} is missing: run scripts/setup.sh (strongswan-charon)");
         }
@@ -63,7 +76,7 @@ impl Charon {
                  kernel-netlink socket-default vici\n  install_routes = yes\n  \
                  plugins {{ vici {{ socket = unix://{d}/charon.vici }} }}\n  \
                  filelog {{ test {{ path = {d}/charon.log\n time_format = %T\n time_add_ms = yes\n \
-                 flush_line = yes\n default = 1\n ike = 4\n chd = 4\n cfg = 2 }} }}\n  \
+                 flush_line = yes\n default = 1\n ike = {level}\n chd = {level}\n cfg = 2 }} }}\n  \
                  syslog {{ daemon {{ default = -1 }} }}\n  {strongswan_extra}\n}}\n\
                  swanctl {{\n  load = pem pkcs1 pkcs8 x509 pubkey openssl random\n  \
                  socket = unix://{d}/charon.vici\n}}\n"
@@ -315,30 +328,14 @@ fn connected(topo: &Topology, logs: &dyn Fn() -> String) -> Result<()> {
     Ok(())
 }
 
-/// Site 1: an Isthmus gateway whose ESP SA our IKE initiator negotiated with site 2's
-/// charon (kernel-libipsec), as an SA file; site 2: that charon. Returns once the
-/// workloads ping each other.
+/// Site 1: an Isthmus gateway running IKEv2 itself (`[peers.esp.ike]`, initiator) with
+/// site 2's charon (kernel-libipsec); site 2: that charon. Returns once the workloads ping
+/// each other.
 pub fn isthmus_with_charon(topo: &Topology) -> Result<(Charon, IsthmusGateway)> {
     let (a, b) = (topo.site(1), topo.site(2));
     let psk = "bench-psk-0b5e7d2c4a6f8e1d3c5b7a9f";
     let charon = Charon::start(topo.run(), &b.gw_ns, "g2", "", &psk_conf(b, a, psk))?;
-    let child = negotiate_child(a, b, psk)?;
-    let sa = write_sa_file(topo.run(), "ike-child.sa.toml", &child)?;
-    let template = EspPeerConfig {
-        esn: Some(false),
-        ..EspPeerConfig::default()
-    };
-    let esp = EspSettings {
-        listen_port: Some(4500),
-        peers: vec![crate::esp::peer_for(b, &sa, &template)],
-    };
-    let gateway = IsthmusGateway::start_with_esp(
-        topo.run(),
-        &a.gw_ns,
-        &KeyPair::generate()?,
-        &crate::mesh::isthmus_config(a, Vec::new()),
-        &esp,
-    )?;
+    let gateway = ike_gateway(topo, a, b, "initiator", psk, 30)?;
     connected(topo, &|| format!("{}\n{}", gateway.logs(), charon.log()))?;
     Ok((charon, gateway))
 }
@@ -423,4 +420,67 @@ pub fn ike_gateway(
         &crate::mesh::isthmus_config(local, Vec::new()),
         &esp,
     )
+}
+
+/// Brings up one IKE SA and its CHILD_SA with Isthmus's initiator over `socket` (bound to
+/// site `local`'s port 4500) toward site `remote`, identities and prefixes as in
+/// [`psk_conf`]; returns how long it took.
+pub fn setup_once(
+    socket: &UdpSocket,
+    local: &Site,
+    remote: &Site,
+    psk: &str,
+    timeout: Duration,
+) -> Result<Duration> {
+    let id = |site: &Site| Identification {
+        id_type: 2,
+        data: format!("gw{}.test", site.index).into_bytes(),
+    };
+    let config = Config {
+        local_id: id(local),
+        remote_id: id(remote),
+        psk: psk.as_bytes().to_vec().into(),
+        groups: vec![31],
+        key_bits: vec![256],
+        local_prefixes: vec![prefix_of(&local.workload_prefix)?],
+        remote_prefixes: vec![prefix_of(&remote.workload_prefix)?],
+        local: local.endpoint(4500),
+        remote: remote.endpoint(4500),
+        esn: false,
+        dpd: None,
+    };
+    let to = remote.endpoint(4500);
+    let send = |bytes: &[u8]| -> Result<()> {
+        let mut d = vec![0u8; 4];
+        d.extend_from_slice(bytes);
+        socket.send_to(&d, to).context("send")?;
+        Ok(())
+    };
+    let start = Instant::now();
+    let (mut initiator, first) = Initiator::start(config, start)?;
+    send(&first)?;
+    let mut buf = [0u8; 65536];
+    while start.elapsed() < timeout {
+        let events = match socket.recv_from(&mut buf) {
+            Ok((n, from)) if from == to && n > 4 && buf[..4] == [0, 0, 0, 0] => {
+                match initiator.handle(&buf[4..n], Instant::now()) {
+                    Ok(events) => events,
+                    // Another IKE SA's message (a delete of an earlier one): not ours.
+                    Err(_) if !initiator.is_closed() => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(_) => continue,
+            Err(_) => initiator.on_timer(Instant::now())?,
+        };
+        for event in events {
+            match event {
+                Event::Send(bytes) => send(&bytes)?,
+                Event::Established(_) => return Ok(start.elapsed()),
+                Event::ChildRekeyed(_) | Event::ChildDeleted(_) => {}
+                Event::Closed(why) => bail!("the IKE SA closed: {why}"),
+            }
+        }
+    }
+    bail!("no CHILD_SA within {timeout:?}")
 }

@@ -79,7 +79,10 @@ fn dropped_not_clear(topo: &Topology, from: &Site, to: &Site) {
         .iter()
         .filter(|p| p.src.iter().chain(&p.dst).any(|a| workloads.contains(a)))
         .collect();
-    assert!(clear.is_empty(), "workload packets left in clear: {clear:#?}");
+    assert!(
+        clear.is_empty(),
+        "workload packets left in clear: {clear:#?}"
+    );
 }
 
 #[test]
