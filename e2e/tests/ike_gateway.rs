@@ -97,10 +97,12 @@ fn the_gateway_initiates_ike_and_carries_traffic_through_strongswan_rekeys() {
         .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     assert_eq!((ike.role.as_str(), ike.established), ("initiator", 1));
     charon_has(&charon, &ike);
+    let first_spis = ike.ike_spis.clone();
     pings_both_ways(s1, s2, &logs);
     transfer_between(s1, s2, 5301, 4 << 20).expect("TCP through the tunnel");
 
-    // charon rekeys the CHILD_SA three times while datagrams flow both ways.
+    // charon rekeys the CHILD_SA and the IKE SA, twice each, while datagrams flow both
+    // ways; the CHILD_SA's second rekey runs on the rekeyed IKE SA.
     let flow = |from: &Site, to: &Site, port: u16| {
         let (src, dst) = (from.wl_ns.clone(), to.wl_ns.clone());
         let addr = SocketAddr::new(IpAddr::V4(to.workload_addr), port);
@@ -108,9 +110,9 @@ fn the_gateway_initiates_ike_and_carries_traffic_through_strongswan_rekeys() {
     };
     let (there, back) = (flow(s1, s2, 7101), flow(s2, s1, 7102));
     std::thread::sleep(Duration::from_millis(500));
-    for _ in 0..3 {
+    for what in [["--child", "net"], ["--ike", "lab"]].repeat(2) {
         charon
-            .swanctl(&["--rekey", "--child", "net"])
+            .swanctl(&["--rekey", what[0], what[1]])
             .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -128,11 +130,25 @@ fn the_gateway_initiates_ike_and_carries_traffic_through_strongswan_rekeys() {
     // The old pairs were deleted by charon; ours sends on the newest.
     let ike = wait_ike(
         &gw,
-        |k| k.child_rekeys == 3 && k.child_sas.len() == 1,
+        |k| k.child_rekeys == 2 && k.child_sas.len() == 1,
         Duration::from_secs(10),
     )
     .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
     charon_has(&charon, &ike);
+    // The IKE SA in force is the rekeyed one charon lists (the first had our SPI as
+    // the initiator's; the peer's rekeys made charon the initiator of the new ones).
+    let (spi_i, spi_r) = ike.ike_spis.clone().expect("IKE SPIs");
+    assert_ne!(
+        Some((spi_i.clone(), spi_r.clone())),
+        first_spis,
+        "the IKE SA was not rekeyed"
+    );
+    let sas = charon.swanctl(&["--list-sas"]).expect("list-sas");
+    assert!(
+        sas.contains(&format!("{spi_i}_i")) && sas.contains(&format!("{spi_r}_r")),
+        "charon does not list the IKE SA {spi_i}/{spi_r}:\n{sas}"
+    );
+    assert_eq!(ike.established, 1, "no new IKE_SA_INIT: {ike:#?}");
     let status = gw.status().expect("status");
     let esp = status
         .peer_named("site-2")

@@ -262,6 +262,12 @@ impl Sa {
             Sa::R(s) => s.spis(),
         }
     }
+    fn owns(&self, spi_i: [u8; 8], spi_r: [u8; 8]) -> bool {
+        match self {
+            Sa::I(s) => s.owns(spi_i, spi_r),
+            Sa::R(s) => s.owns(spi_i, spi_r),
+        }
+    }
     fn is_closed(&self) -> bool {
         match self {
             Sa::I(s) => s.is_closed(),
@@ -546,7 +552,7 @@ impl Control {
         let Ok(header) = Header::decode(&d.bytes) else {
             return self.stray("no IKE header", d.from);
         };
-        let matches = |sa: &Sa| sa.spis().0 == header.spi_i;
+        let matches = |sa: &Sa| sa.owns(header.spi_i, header.spi_r);
         let p = &mut self.peers[i];
         let slot = if p.current.as_ref().is_some_and(matches) {
             Slot::Current

@@ -471,9 +471,19 @@ impl Initiator {
         Ok((this, request))
     }
 
-    /// The IKE SA's SPIs (initiator's, responder's; the latter zero until it answered).
+    /// The IKE SA's SPIs (initiator's, responder's; the latter zero until it answered);
+    /// after a rekey of the IKE SA, the new one's.
     pub fn spis(&self) -> ([u8; 8], [u8; 8]) {
-        (self.spi_i, self.spi_r)
+        match &self.keyed {
+            Some(k) if self.state == State::Established => (k.spi_i, k.spi_r),
+            _ => (self.spi_i, self.spi_r),
+        }
+    }
+
+    /// Whether a datagram with these SPIs is for this IKE SA (or the one a rekey
+    /// replaced, until it is deleted).
+    pub fn owns(&self, spi_i: [u8; 8], spi_r: [u8; 8]) -> bool {
+        spi_i == self.spi_i || self.keyed.as_ref().is_some_and(|k| k.owns(spi_i, spi_r))
     }
 
     /// Whether the IKE SA is established.
@@ -559,14 +569,16 @@ impl Initiator {
     /// Handles a datagram from the peer (non-ESP marker removed).
     pub fn handle(&mut self, datagram: &[u8], now: Instant) -> Result<Vec<Event>, IkeError> {
         let header = Header::decode(datagram)?;
+        if self.state == State::Established {
+            return self.on_established(datagram, header, now);
+        }
         if header.spi_i != self.spi_i || header.from_initiator() {
             return Err(IkeError::Protocol("not for this IKE SA".into()));
         }
         match self.state {
             State::InitSent => self.on_init_response(datagram, header, now),
             State::AuthSent => self.on_auth_response(datagram, header, now),
-            State::Established => self.on_established(datagram, header),
-            State::Closed => Ok(Vec::new()),
+            State::Established | State::Closed => Ok(Vec::new()),
         }
     }
 
@@ -1002,24 +1014,17 @@ impl Initiator {
         })
     }
 
-    fn on_established(&mut self, datagram: &[u8], header: Header) -> Result<Vec<Event>, IkeError> {
-        if header.spi_r != self.spi_r {
-            return Err(IkeError::Protocol("not for this IKE SA".into()));
-        }
-        if header.is_response() {
-            self.keyed()?.on_response(datagram, &header)?;
-            return Ok(Vec::new());
-        }
-        let (Some(keyed), Some(keys)) = (self.keyed.as_mut(), self.keys.as_ref()) else {
+    fn on_established(
+        &mut self,
+        datagram: &[u8],
+        header: Header,
+        now: Instant,
+    ) -> Result<Vec<Event>, IkeError> {
+        let Some(keyed) = self.keyed.as_mut() else {
             return Err(IkeError::Protocol("no keys yet".into()));
         };
-        let (events, closed) = keyed.established_request(
-            datagram,
-            &header,
-            &mut self.child,
-            &self.config,
-            &keys.sk_d,
-        )?;
+        let (events, closed) =
+            keyed.handle(datagram, &header, &mut self.child, &self.config, now)?;
         if closed {
             self.state = State::Closed;
         }
@@ -1081,6 +1086,11 @@ struct Keyed {
     dpd: Option<(Duration, Instant)>,
     /// Authenticated messages from the peer: requests opened, answers to ours.
     heard: u64,
+    /// Derives CHILD_SA keys and the next IKE SA's.
+    sk_d: Zeroizing<Vec<u8>>,
+    /// The IKE SA a rekey replaced (the peer's, RFC 7296 §2.18), kept to answer on it
+    /// (its delete) until the next rekey; its CHILD_SAs moved to this one.
+    previous: Option<Box<Keyed>>,
 }
 
 fn digest(datagram: &[u8]) -> [u8; 32] {
@@ -1127,6 +1137,8 @@ impl Keyed {
             in_flight: None,
             dpd: None,
             heard: 0,
+            sk_d: Zeroizing::new(keys.sk_d.to_vec()),
+            previous: None,
         })
     }
 
@@ -1307,15 +1319,15 @@ impl Keyed {
         header: &Header,
         child: &mut Child,
         config: &Config,
-        sk_d: &[u8],
-    ) -> Result<(Vec<Event>, bool), IkeError> {
+    ) -> Result<(Vec<Event>, bool, Option<Box<Keyed>>), IkeError> {
         let payloads = match self.request(datagram, header)? {
-            Request::Again(bytes) => return Ok((vec![Event::Send(bytes)], false)),
-            Request::Partial => return Ok((Vec::new(), false)),
+            Request::Again(bytes) => return Ok((vec![Event::Send(bytes)], false, None)),
+            Request::Partial => return Ok((Vec::new(), false, None)),
             Request::New(payloads) => payloads,
         };
         let mut events = Vec::new();
         let mut closed = false;
+        let mut next = None;
         let reply: Vec<Payload> = match header.exchange {
             exchange::INFORMATIONAL => {
                 let mut reply = Vec::new();
@@ -1357,8 +1369,13 @@ impl Keyed {
                 }
                 reply
             }
+            exchange::CREATE_CHILD_SA if is_ike_rekey(&payloads) => {
+                let (reply, new_sa) = rekey_ike(&payloads, config, &self.sk_d)?;
+                next = new_sa;
+                reply
+            }
             exchange::CREATE_CHILD_SA => {
-                let (reply, rekeyed) = rekey_child(&payloads, config, sk_d, child)?;
+                let (reply, rekeyed) = rekey_child(&payloads, config, &self.sk_d, child)?;
                 events.extend(rekeyed.map(Event::ChildRekeyed));
                 reply
             }
@@ -1370,8 +1387,168 @@ impl Keyed {
         };
         let response = self.respond(header, &reply)?;
         events.insert(0, Event::Send(response));
+        Ok((events, closed, next))
+    }
+
+    /// Whether a datagram with these SPIs belongs to this IKE SA or the one it replaced.
+    fn owns(&self, spi_i: [u8; 8], spi_r: [u8; 8]) -> bool {
+        (self.spi_i == spi_i && self.spi_r == spi_r)
+            || self
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.spi_i == spi_i && p.spi_r == spi_r)
+    }
+
+    /// A message of the peer once established, on this IKE SA or the one a rekey
+    /// replaced. A rekey of the IKE SA by the peer swaps in the new one (Message IDs
+    /// from 0, the peer its initiator); the CHILD_SAs stay. Returns the events and
+    /// whether the IKE SA is gone.
+    fn handle(
+        &mut self,
+        datagram: &[u8],
+        header: &Header,
+        child: &mut Child,
+        config: &Config,
+        now: Instant,
+    ) -> Result<(Vec<Event>, bool), IkeError> {
+        if (header.spi_i, header.spi_r) != (self.spi_i, self.spi_r) {
+            if self.owns(header.spi_i, header.spi_r) {
+                return self.on_previous(datagram, header);
+            }
+            return Err(IkeError::Protocol("not for this IKE SA".into()));
+        }
+        // The peer's messages carry the flag of its role in this IKE SA.
+        if header.from_initiator() == self.initiator {
+            return Err(IkeError::Protocol("not for this IKE SA".into()));
+        }
+        if header.is_response() {
+            self.on_response(datagram, header)?;
+            return Ok((Vec::new(), false));
+        }
+        let (events, closed, next) = self.established_request(datagram, header, child, config)?;
+        if let Some(mut next) = next {
+            next.established(now, 0, self.dpd.map(|(every, _)| every));
+            next.heard = self.heard;
+            let mut old = std::mem::replace(self, *next);
+            old.previous = None;
+            old.in_flight = None;
+            old.dpd = None;
+            self.previous = Some(Box::new(old));
+        }
         Ok((events, closed))
     }
+
+    /// A message on the IKE SA a rekey replaced: its delete (or a liveness check) is
+    /// answered; nothing else is done on it.
+    fn on_previous(
+        &mut self,
+        datagram: &[u8],
+        header: &Header,
+    ) -> Result<(Vec<Event>, bool), IkeError> {
+        let Some(prev) = self.previous.as_mut() else {
+            return Err(IkeError::Protocol("not for this IKE SA".into()));
+        };
+        if header.from_initiator() == prev.initiator {
+            return Err(IkeError::Protocol("not for this IKE SA".into()));
+        }
+        if header.is_response() {
+            prev.on_response(datagram, header)?;
+            return Ok((Vec::new(), false));
+        }
+        let reply = match prev.request(datagram, header)? {
+            Request::Again(bytes) => return Ok((vec![Event::Send(bytes)], false)),
+            Request::Partial => return Ok((Vec::new(), false)),
+            Request::New(_) if header.exchange == exchange::INFORMATIONAL => Vec::new(),
+            Request::New(_) => vec![status(notify::TEMPORARY_FAILURE, Vec::new())],
+        };
+        let response = prev.respond(header, &reply)?;
+        Ok((vec![Event::Send(response)], false))
+    }
+}
+
+/// Whether a CREATE_CHILD_SA request rekeys the IKE SA (RFC 7296 §1.3.2): an SA payload
+/// of protocol IKE, no REKEY_SA.
+fn is_ike_rekey(payloads: &[Payload]) -> bool {
+    payloads.iter().any(|p| match p {
+        Payload::Sa(ps) => ps.iter().any(|x| x.protocol == PROTO_IKE),
+        _ => false,
+    }) && !payloads
+        .iter()
+        .any(|p| matches!(p, Payload::Notify(n) if n.kind == notify::REKEY_SA))
+}
+
+/// Answers the peer's rekey of the IKE SA (RFC 7296 §1.3.2, §2.18): a proposal of ours
+/// with our new SPI, a nonce, a KE in the group of the peer's (INVALID_KE_PAYLOAD naming
+/// ours otherwise); SKEYSEED = prf(SK_d, g^ir | Ni | Nr). Returns the answer and the new
+/// IKE SA, whose initiator is the peer.
+fn rekey_ike(
+    payloads: &[Payload],
+    config: &Config,
+    sk_d: &[u8],
+) -> Result<(Vec<Payload>, Option<Box<Keyed>>), IkeError> {
+    let refuse = |kind: u16, data: Vec<u8>| Ok((vec![status(kind, data)], None));
+    let mut offered = None;
+    let mut ni = None;
+    let mut ke = None;
+    for p in payloads {
+        match p {
+            Payload::Sa(ps) => offered = Some(ps.as_slice()),
+            Payload::Nonce(n) => ni = Some(n.as_slice()),
+            Payload::Ke { group, data } => ke = Some((*group, data.as_slice())),
+            _ => {}
+        }
+    }
+    let (Some(offered), Some(ni), Some((group, public))) = (offered, ni, ke) else {
+        return refuse(notify::INVALID_SYNTAX, Vec::new());
+    };
+    if !(16..=256).contains(&ni.len()) {
+        return refuse(notify::INVALID_SYNTAX, Vec::new());
+    }
+    let Some((number, bits, groups)) = pick_ike(config, offered, 8) else {
+        return refuse(notify::NO_PROPOSAL_CHOSEN, Vec::new());
+    };
+    if !groups.contains(&group) {
+        return refuse(notify::INVALID_KE_PAYLOAD, groups[0].to_be_bytes().to_vec());
+    }
+    if public.len() != crypto::public_value_len(group) {
+        return refuse(notify::INVALID_SYNTAX, Vec::new());
+    }
+    let Some(spi_i) = offered
+        .iter()
+        .find(|p| p.number == number && p.protocol == PROTO_IKE)
+        .and_then(|p| <[u8; 8]>::try_from(p.spi.as_slice()).ok())
+        .filter(|s| *s != [0; 8])
+    else {
+        return refuse(notify::INVALID_SYNTAX, Vec::new());
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let mut spi_r = random::<8>(&rng)?;
+    if spi_r == [0; 8] {
+        spi_r[7] = 1;
+    }
+    let nr = random::<32>(&rng)?.to_vec();
+    let exchange_key = KeyExchange::new(group, &rng)?;
+    let ours = exchange_key.public_value().to_vec();
+    let Ok(g_ir) = exchange_key.agree(public) else {
+        return refuse(notify::INVALID_SYNTAX, Vec::new());
+    };
+    let keys = IkeKeys::derive_rekey(sk_d, &g_ir, ni, &nr, &spi_i, &spi_r, usize::from(bits / 8));
+    let next = Keyed::new(false, spi_i, spi_r, &keys, 0)?;
+    let reply = vec![
+        Payload::Sa(vec![Proposal {
+            number,
+            protocol: PROTO_IKE,
+            spi: spi_r.to_vec(),
+            transforms: vec![
+                Transform::with_key_length(ENCR, crypto::ENCR_AES_GCM_16, bits),
+                Transform::new(PRF, crypto::PRF_HMAC_SHA2_256),
+                Transform::new(DH, group),
+            ],
+        }]),
+        Payload::Nonce(nr),
+        Payload::Ke { group, data: ours },
+    ];
+    Ok((reply, Some(Box::new(next))))
 }
 
 /// What a liveness tick gave: its events, or, once the peer stopped answering (or a
@@ -1396,9 +1573,8 @@ fn given_up(
 /// CHILD_SA (REKEY_SA naming the peer's inbound SPI, which is our outbound one) gets a new
 /// SA pair, its keys from SK_d and the exchange's nonces, its selectors those of the SA it
 /// replaces; with a KE payload (PFS) in a group of ours, a new Diffie-Hellman exchange
-/// too (RFC 7296 §2.17: g^ir before the nonces). Not offered yet: additional CHILD_SAs
-/// (NO_ADDITIONAL_SAS), and rekeys of the IKE SA (NO_ADDITIONAL_SAS too: the peer keeps it
-/// to its hard lifetime, or re-authenticates).
+/// too (RFC 7296 §2.17: g^ir before the nonces). Not offered: additional CHILD_SAs
+/// (NO_ADDITIONAL_SAS). Rekeys of the IKE SA go to [`rekey_ike`].
 fn rekey_child(
     payloads: &[Payload],
     config: &Config,
@@ -1624,9 +1800,9 @@ fn stateless_answer(request: &Header, kind: u16, data: Vec<u8>) -> Result<Vec<u8
 
 /// The responder's pick of an IKE proposal: (proposal number, key bits, the groups it
 /// offers that we take, ours first).
-fn pick_ike(config: &Config, offered: &[Proposal]) -> Option<(u8, u16, Vec<u16>)> {
+fn pick_ike(config: &Config, offered: &[Proposal], spi_len: usize) -> Option<(u8, u16, Vec<u16>)> {
     offered.iter().find_map(|p| {
-        if p.protocol != PROTO_IKE || !p.spi.is_empty() {
+        if p.protocol != PROTO_IKE || p.spi.len() != spi_len {
             return None;
         }
         let has = |kind: u8, id: u16| p.transforms.iter().any(|t| t.kind == kind && t.id == id);
@@ -1714,7 +1890,7 @@ impl Responder {
         let message = Message::decode(datagram)?;
         let (offered, (group, public), ni) = init_payloads(&message, "request")?;
         let ni = ni.to_vec();
-        let Some((number, bits, groups)) = pick_ike(&config, offered) else {
+        let Some((number, bits, groups)) = pick_ike(&config, offered, 0) else {
             return Ok(Accepted::Answer(stateless_answer(
                 &header,
                 notify::NO_PROPOSAL_CHOSEN,
@@ -1821,9 +1997,16 @@ impl Responder {
         Ok(Accepted::Sa(Box::new(responder), init_response))
     }
 
-    /// The IKE SA's SPIs (initiator's, responder's).
+    /// The IKE SA's SPIs (initiator's, responder's); after a rekey of the IKE SA, the
+    /// new one's.
     pub fn spis(&self) -> ([u8; 8], [u8; 8]) {
-        (self.spi_i, self.spi_r)
+        (self.keyed.spi_i, self.keyed.spi_r)
+    }
+
+    /// Whether a datagram with these SPIs is for this IKE SA (or the one a rekey
+    /// replaced, until it is deleted).
+    pub fn owns(&self, spi_i: [u8; 8], spi_r: [u8; 8]) -> bool {
+        spi_i == self.spi_i || self.keyed.owns(spi_i, spi_r)
     }
 
     /// Whether the IKE SA is established.
@@ -1863,6 +2046,15 @@ impl Responder {
     /// Handles a datagram from the initiator (non-ESP marker removed).
     pub fn handle(&mut self, datagram: &[u8], now: Instant) -> Result<Vec<Event>, IkeError> {
         let header = Header::decode(datagram)?;
+        if self.state == State::Established && header.exchange != exchange::IKE_SA_INIT {
+            let (events, closed) =
+                self.keyed
+                    .handle(datagram, &header, &mut self.child, &self.config, now)?;
+            if closed {
+                self.state = State::Closed;
+            }
+            return Ok(events);
+        }
         if header.spi_i != self.spi_i || !header.from_initiator() {
             return Err(IkeError::Protocol("not for this IKE SA".into()));
         }
@@ -1880,23 +2072,7 @@ impl Responder {
             return Ok(Vec::new());
         }
         if header.is_response() {
-            if self.state == State::Established {
-                self.keyed.on_response(datagram, &header)?;
-            }
             return Ok(Vec::new());
-        }
-        if self.state == State::Established {
-            let (events, closed) = self.keyed.established_request(
-                datagram,
-                &header,
-                &mut self.child,
-                &self.config,
-                &self.keys.sk_d,
-            )?;
-            if closed {
-                self.state = State::Closed;
-            }
-            return Ok(events);
         }
         if header.exchange != exchange::IKE_AUTH {
             return Err(IkeError::Protocol("expected the IKE_AUTH request".into()));
