@@ -1099,6 +1099,10 @@ fn digest(datagram: &[u8]) -> [u8; 32] {
     out
 }
 
+/// What a request of the peer once established gave: events, whether the IKE SA is gone,
+/// and the IKE SA that replaces this one (the peer rekeyed it).
+type Answered = (Vec<Event>, bool, Option<Box<Keyed>>);
+
 /// A request of the peer, as [`Keyed::request`] sorts it.
 enum Request {
     /// The one answered last, again: send this again.
@@ -1319,7 +1323,7 @@ impl Keyed {
         header: &Header,
         child: &mut Child,
         config: &Config,
-    ) -> Result<(Vec<Event>, bool, Option<Box<Keyed>>), IkeError> {
+    ) -> Result<Answered, IkeError> {
         let payloads = match self.request(datagram, header)? {
             Request::Again(bytes) => return Ok((vec![Event::Send(bytes)], false, None)),
             Request::Partial => return Ok((Vec::new(), false, None)),
