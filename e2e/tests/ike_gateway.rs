@@ -1,7 +1,8 @@
 //! The gateway runs IKEv2 itself (`[peers.esp.ike]`) with a real strongSwan charon
 //! (kernel-libipsec) across network namespaces: as initiator and as responder, its ESP
 //! keyed by the CHILD_SA; ping and TCP through it; charon's CHILD_SA rekeys while traffic
-//! runs both ways lose nothing; a killed charon is noticed (DPD) and its prefixes then
+//! runs both ways lose nothing, and so do its rekeys of the IKE SA; a CHILD_SA deleted
+//! alone makes the gateway start over; a killed charon is noticed (DPD) and its prefixes then
 //! have no tunnel: packets are dropped and counted, never sent in clear (capture); a
 //! restarted charon's new IKE SA replaces the old one; a wrong pre-shared key is refused.
 
@@ -156,6 +157,20 @@ fn the_gateway_initiates_ike_and_carries_traffic_through_strongswan_rekeys() {
         .expect("the ESP peer");
     assert_eq!(esp.outbound.spi, ike.child_sas[0].1, "{status:#?}");
     assert_eq!(esp.inbound.len(), 1, "old inbound SAs removed: {status:#?}");
+    pings_both_ways(s1, s2, &logs);
+
+    // charon deletes the CHILD_SA alone: an IKE SA without one carries nothing, so the
+    // gateway deletes it too and starts over; traffic flows again.
+    charon
+        .swanctl(&["--terminate", "--child", "net"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let ike = wait_ike(
+        &gw,
+        |k| k.established == 2 && k.state == "established",
+        Duration::from_secs(15),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    charon_has(&charon, &ike);
     pings_both_ways(s1, s2, &logs);
 
     // charon vanishes: liveness checks (every 2 s, then 5 transmissions) give it up, the

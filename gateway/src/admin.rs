@@ -33,6 +33,9 @@ pub struct Status {
     /// liveness. Their ESP SAs are in `peers` under the same name.
     #[serde(default)]
     pub ike: Vec<crate::ipsec::IkePeerStatus>,
+    /// IKE datagrams dropped before reaching an IKE SA.
+    #[serde(default)]
+    pub ike_drops: Option<crate::ipsec::IkeDrops>,
     pub peers: Vec<PeerStatus>,
     /// mTLS channels to the peers configured by identity.
     #[serde(default)]
@@ -521,6 +524,7 @@ mod tests {
             },
             esp_listen_port: None,
             ike: Vec::new(),
+            ike_drops: None,
             esp_drops: None,
             peers: vec![],
             channels: vec![],

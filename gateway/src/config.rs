@@ -640,6 +640,19 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
             }
             "esp" if p.esp.as_ref().is_some_and(|e| e.ike.is_some()) => {
                 let peer = ike_peer(i, p)?;
+                // IKE arrives by source address: one IKE peer per address.
+                if ike_peers
+                    .iter()
+                    .any(|q| q.endpoint.ip() == peer.endpoint.ip())
+                {
+                    return Err(ConfigError::new(
+                        format!("peers[{i}].endpoint"),
+                        format!(
+                            "another IKE peer has the address {}: one IKE peer per address",
+                            peer.endpoint.ip()
+                        ),
+                    ));
+                }
                 kinds.push((i, TunnelKind::Esp, peer.remote_prefixes.clone()));
                 ike_peers.push(peer);
             }
@@ -2080,6 +2093,7 @@ fn esp_peer(i: usize, raw: RawPeer) -> Result<EspPeerConfig, ConfigError> {
         name: raw.name,
         endpoint,
         allowed_prefixes,
+        local_prefixes: Vec::new(),
         esn,
         lifetimes,
         keying,
@@ -2287,9 +2301,10 @@ fn ike_peer(i: usize, raw: RawPeer) -> Result<crate::ipsec::IkePeerConfig, Confi
 const MIN_PSK_BYTES: usize = 16;
 /// Liveness checks of IKE peers, by default.
 const DEFAULT_DPD_SECONDS: u64 = 30;
-/// How long an IKE-keyed ESP SA may be used at most, by default: well past a
-/// peer's usual CHILD_SA rekey (strongSwan: one hour).
-const IKE_HARD_LIFETIME: Duration = Duration::from_secs(2 * 3600);
+/// How long an IKE-keyed ESP SA may be used at most, by default: past the
+/// CHILD_SA lifetimes peers use (strongSwan one hour, Cisco ASA eight, others
+/// up to a day). Near it with no rekey from the peer, the IKE SA starts over.
+const IKE_HARD_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// A non-empty list of distinct values out of `allowed`.
 fn check_choices(
@@ -3498,7 +3513,7 @@ mod tests {
             (p.remote_id.id_type, p.remote_id.data.clone()),
             (1, vec![192, 0, 2, 2])
         );
-        assert_eq!(p.lifetimes.hard.time, Duration::from_secs(7200));
+        assert_eq!(p.lifetimes.hard.time, Duration::from_secs(86_400));
         assert_eq!(
             cfg.interface.mtu, DEFAULT_MTU_WITH_ESP,
             "an ESP tunnel's MTU"
@@ -3567,12 +3582,14 @@ mod tests {
         ] {
             assert_eq!(field_of(block.clone()), field, "{block}");
         }
-        // Two peers claiming the same prefix.
+        // Two peers at one address (IKE is told apart by it), or claiming one prefix.
         let two = format!(
             "{}\n{}",
             ike_block(&psk.0, "", ""),
             ike_block(&psk.0, "", "")
         );
-        assert_eq!(field_of(two), "peers[1].allowed_prefixes");
+        assert_eq!(field_of(two.clone()), "peers[1].endpoint");
+        let other_address = two.replacen("192.0.2.2:4500", "192.0.2.3:4500", 1);
+        assert_eq!(field_of(other_address), "peers[1].allowed_prefixes");
     }
 }

@@ -11,7 +11,8 @@
 //! prefixes have no route: packets are dropped and counted, never sent in clear.
 
 use isthmus_ike::sa::{
-    Accepted, ChildSa, Config as IkeConfig, Event, IkeError, Initiator, Prefix, Responder,
+    cookie_answer, Accepted, ChildSa, Config as IkeConfig, Event, IkeError, Initiator, Prefix,
+    Responder,
 };
 use isthmus_ike::wire::{exchange, Header, Identification};
 use isthmus_tunnel::driver::ControlSender;
@@ -22,6 +23,7 @@ use isthmus_tunnel::IpPrefix;
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -171,7 +173,8 @@ pub struct IkePeerStatus {
 /// The gateway's IKE: a control thread and the status it publishes.
 pub struct IkeService {
     status: Arc<Mutex<Vec<IkePeerStatus>>>,
-    stray: Arc<std::sync::atomic::AtomicU64>,
+    stray: Arc<AtomicU64>,
+    core: Arc<EspCore>,
 }
 
 impl std::fmt::Debug for IkeService {
@@ -180,16 +183,42 @@ impl std::fmt::Debug for IkeService {
     }
 }
 
+/// Sends one IKE message (without the non-ESP marker) to an address.
+pub type SendFn = Arc<dyn Fn(SocketAddr, &[u8]) + Send + Sync>;
+
 /// IKE datagrams queued between the data path and the control thread.
 const INBOX: usize = 256;
 /// An initiator tries again this long after a failure, doubling up to
 /// [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(30);
+/// New IKE SAs a responder peer may have half-open (answered, not yet
+/// authenticated); a new one beyond evicts the oldest.
+const MAX_HALF_OPEN: usize = 4;
+/// From this many half-open IKE SAs on, a new IKE_SA_INIT must echo a COOKIE
+/// (RFC 7296 §2.6): a spoofed source never sees it, so costs us no key exchange.
+const COOKIE_AT: usize = 2;
+/// A half-open IKE SA is forgotten after this long.
+const HALF_OPEN_TTL: Duration = Duration::from_secs(20);
+/// The COOKIE secret changes this often.
+const COOKIE_SECRET_LIFE: Duration = Duration::from_secs(300);
+/// With no rekey from the peer, the IKE SA is started over when the ESP SA in
+/// use has had this share of its hard limits.
+const HARD_LIMIT_SHARE: f64 = 0.9;
+
+/// IKE datagrams dropped, for the status.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct IkeDrops {
+    /// From no IKE peer's address, or for no IKE SA of theirs, or unreadable.
+    pub stray: u64,
+    /// Not queued: the control thread was behind, or too many new exchanges waited.
+    pub overflow: u64,
+}
 
 impl IkeService {
-    /// Starts the control thread for `peers`; IKE on the ESP port goes to it
-    /// from now on. `esp_port` is this gateway's ESP port (NAT detection).
+    /// Starts the control thread for `peers`; IKE on the ESP port from their
+    /// addresses goes to it from now on. `esp_port` is this gateway's ESP port
+    /// (NAT detection).
     pub fn start(
         core: Arc<EspCore>,
         sender: ControlSender,
@@ -197,25 +226,32 @@ impl IkeService {
         esp_port: u16,
     ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(INBOX);
-        if !core.set_control_inbox(tx) {
+        let addresses = peers.iter().map(|p| p.endpoint.ip()).collect();
+        if !core.set_control_inbox(tx, addresses) {
             return Err(std::io::Error::other("IKE runs already on this ESP core"));
         }
-        let status = Arc::new(Mutex::new(Vec::new()));
-        let stray = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let mut control = Control {
-            peers: peers
-                .into_iter()
-                .map(|cfg| PeerRun::new(cfg, esp_port))
-                .collect(),
-            core,
-            sender,
-            status: status.clone(),
-            stray: stray.clone(),
-        };
+        let send: SendFn = Arc::new(move |to, bytes| sender.send(to, bytes));
+        let mut control = Control::new(core.clone(), send, peers, esp_port)?;
+        let (status, stray) = (control.status.clone(), control.stray.clone());
         std::thread::Builder::new()
             .name("ike".into())
-            .spawn(move || control.run(&rx))?;
-        Ok(Self { status, stray })
+            .spawn(move || {
+                let run =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| control.run(&rx)));
+                if let Err(panic) = run {
+                    let why = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    control.failed(&why);
+                }
+            })?;
+        Ok(Self {
+            status,
+            stray,
+            core,
+        })
     }
 
     pub fn status(&self) -> Vec<IkePeerStatus> {
@@ -225,9 +261,11 @@ impl IkeService {
             .clone()
     }
 
-    /// IKE datagrams from addresses of no IKE peer, or for no IKE SA of theirs.
-    pub fn stray(&self) -> u64 {
-        self.stray.load(std::sync::atomic::Ordering::Relaxed)
+    pub fn drops(&self) -> IkeDrops {
+        IkeDrops {
+            stray: self.stray.load(Ordering::Relaxed),
+            overflow: self.core.control_overflow(),
+        }
     }
 }
 
@@ -286,15 +324,28 @@ impl Sa {
             Sa::R(s) => s.heard(),
         }
     }
+    fn close(&mut self, why: &str) -> Vec<Event> {
+        match self {
+            Sa::I(s) => s.close(why),
+            Sa::R(s) => s.close(why),
+        }
+    }
 }
 
-/// Which IKE SA of a peer an event came from.
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// Which IKE SA of a peer something came from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Slot {
-    /// The one in force (or being set up).
+    /// The one in force (or being set up, as initiator).
     Current,
-    /// A new one the peer started while one was up (it restarted).
-    Fresh,
+    /// A half-open one the peer started (its initiator SPI): it becomes current
+    /// only once authenticated.
+    HalfOpen([u8; 8]),
+}
+
+struct HalfOpen {
+    sa: Sa,
+    from: SocketAddr,
+    since: Instant,
 }
 
 struct PeerRun {
@@ -304,7 +355,7 @@ struct PeerRun {
     /// Where the peer's IKE and ESP go (a responder learns the port).
     remote: SocketAddr,
     current: Option<Sa>,
-    fresh: Option<(Sa, SocketAddr)>,
+    half_open: Vec<HalfOpen>,
     esp: Option<Arc<EspPeer>>,
     /// CHILD_SAs in force, oldest first: (inbound SPI, outbound SPI).
     pairs: Vec<(u32, u32)>,
@@ -315,6 +366,8 @@ struct PeerRun {
     child_rekeys: u64,
     established: u64,
     last_error: Option<String>,
+    /// The IKE thread stopped (a bug): nothing is keyed any more.
+    failed: bool,
 }
 
 /// This gateway's address toward `to` (a routing lookup; nothing is sent).
@@ -371,7 +424,7 @@ impl PeerRun {
             remote: cfg.endpoint,
             cfg,
             current: None,
-            fresh: None,
+            half_open: Vec::new(),
             esp: None,
             pairs: Vec::new(),
             retry_at: Instant::now(),
@@ -381,6 +434,7 @@ impl PeerRun {
             child_rekeys: 0,
             established: 0,
             last_error: None,
+            failed: false,
         }
     }
 
@@ -407,21 +461,35 @@ impl PeerRun {
         }
     }
 
+    fn sa_mut(&mut self, slot: Slot) -> Option<(&mut Sa, SocketAddr)> {
+        match slot {
+            Slot::Current => {
+                let to = self.remote;
+                self.current.as_mut().map(|sa| (sa, to))
+            }
+            Slot::HalfOpen(spi) => self
+                .half_open
+                .iter_mut()
+                .find(|h| h.sa.spis().0 == spi)
+                .map(|h| (&mut h.sa, h.from)),
+        }
+    }
+
     fn next_timer(&self) -> Option<Instant> {
         let retry = (self.cfg.role == IkeRole::Initiator && self.current.is_none())
             .then_some(self.retry_at);
-        [
-            self.current.as_ref().and_then(Sa::next_timer),
-            self.fresh.as_ref().and_then(|(s, _)| s.next_timer()),
-            retry,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
+        self.current
+            .as_ref()
+            .and_then(Sa::next_timer)
+            .into_iter()
+            .chain(self.half_open.iter().map(|h| h.since + HALF_OPEN_TTL))
+            .chain(retry)
+            .min()
     }
 
     fn status(&self, now: Instant) -> IkePeerStatus {
         let state = match &self.current {
+            _ if self.failed => "failed",
             Some(sa) if sa.is_established() => "established",
             Some(_) => "connecting",
             None if self.cfg.role == IkeRole::Responder => "waiting",
@@ -458,17 +526,58 @@ impl PeerRun {
             last_error: self.last_error.clone(),
         }
     }
+
+    /// Whether the ESP SA in use has had most of its hard limits with no rekey
+    /// from the peer.
+    fn near_hard_limit(&self, now: Instant) -> bool {
+        let Some(esp) = &self.esp else {
+            return false;
+        };
+        let hard = &self.cfg.lifetimes.hard;
+        let out = esp.status(now).outbound;
+        out.age_secs >= hard.time.as_secs_f64() * HARD_LIMIT_SHARE
+            || out.last_seq as f64 >= hard.packets as f64 * HARD_LIMIT_SHARE
+    }
 }
 
 struct Control {
     peers: Vec<PeerRun>,
     core: Arc<EspCore>,
-    sender: ControlSender,
+    send: SendFn,
     status: Arc<Mutex<Vec<IkePeerStatus>>>,
-    stray: Arc<std::sync::atomic::AtomicU64>,
+    stray: Arc<AtomicU64>,
+    cookie_secret: [u8; 32],
+    cookie_since: Instant,
+}
+
+fn cookie_secret() -> std::io::Result<[u8; 32]> {
+    let mut secret = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| std::io::Error::other("no randomness for the COOKIE secret"))?;
+    Ok(secret)
 }
 
 impl Control {
+    fn new(
+        core: Arc<EspCore>,
+        send: SendFn,
+        peers: Vec<IkePeerConfig>,
+        esp_port: u16,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            peers: peers
+                .into_iter()
+                .map(|cfg| PeerRun::new(cfg, esp_port))
+                .collect(),
+            core,
+            send,
+            status: Arc::new(Mutex::new(Vec::new())),
+            stray: Arc::default(),
+            cookie_secret: cookie_secret()?,
+            cookie_since: Instant::now(),
+        })
+    }
+
     fn run(&mut self, inbox: &Receiver<ControlDatagram>) {
         loop {
             let now = Instant::now();
@@ -497,20 +606,42 @@ impl Control {
         }
     }
 
+    /// The thread stopped on a bug: no SA of ours stays keyed (fail closed), and the
+    /// status says so.
+    fn failed(&mut self, why: &str) {
+        tracing::error!(error = %why, "the IKE thread failed; IKE-keyed tunnels are down");
+        for p in &mut self.peers {
+            if let Some(esp) = p.esp.take() {
+                self.core.remove_peer(&esp);
+            }
+            p.pairs.clear();
+            p.failed = true;
+            p.last_error = Some(format!("the IKE thread failed: {why}"));
+        }
+        self.publish(Instant::now());
+    }
+
     fn publish(&self, now: Instant) {
         let doc = self.peers.iter().map(|p| p.status(now)).collect();
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = doc;
     }
 
     fn stray(&self, why: &str, from: SocketAddr) {
-        self.stray
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stray.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(%from, "IKE datagram dropped: {why}");
     }
 
     fn timers(&mut self, now: Instant) {
+        if now.saturating_duration_since(self.cookie_since) >= COOKIE_SECRET_LIFE {
+            if let Ok(secret) = cookie_secret() {
+                self.cookie_secret = secret;
+                self.cookie_since = now;
+            }
+        }
         for i in 0..self.peers.len() {
             let p = &mut self.peers[i];
+            p.half_open
+                .retain(|h| now.saturating_duration_since(h.since) < HALF_OPEN_TTL);
             if p.cfg.role == IkeRole::Initiator && p.current.is_none() && now >= p.retry_at {
                 let config = p.ike_config(p.cfg.endpoint);
                 match Initiator::start(config, now) {
@@ -518,7 +649,7 @@ impl Control {
                         tracing::info!(peer = %p.name(), endpoint = %p.cfg.endpoint, "IKE: initiating");
                         p.current = Some(Sa::I(Box::new(sa)));
                         p.remote = p.cfg.endpoint;
-                        self.sender.send(p.remote, &first);
+                        (self.send)(p.remote, &first);
                     }
                     Err(e) => {
                         p.last_error = Some(e.to_string());
@@ -526,14 +657,22 @@ impl Control {
                     }
                 }
             }
-            for slot in [Slot::Current, Slot::Fresh] {
-                let p = &mut self.peers[i];
-                let sa = match slot {
-                    Slot::Current => p.current.as_mut(),
-                    Slot::Fresh => p.fresh.as_mut().map(|(s, _)| s),
-                };
-                let Some(sa) = sa else { continue };
-                if sa.next_timer().is_some_and(|t| t <= now) {
+            if self.peers[i].near_hard_limit(now) {
+                self.close_current(
+                    i,
+                    "the ESP SA neared its hard limit with no rekey from the peer; starting over",
+                    now,
+                );
+            }
+            let p = &mut self.peers[i];
+            let due: Vec<Slot> = p
+                .current
+                .iter()
+                .filter(|sa| sa.next_timer().is_some_and(|t| t <= now))
+                .map(|_| Slot::Current)
+                .collect();
+            for slot in due {
+                if let Some((sa, _)) = self.peers[i].sa_mut(slot) {
                     let result = sa.on_timer(now);
                     self.outcome(i, slot, result, now);
                 }
@@ -552,53 +691,56 @@ impl Control {
         let Ok(header) = Header::decode(&d.bytes) else {
             return self.stray("no IKE header", d.from);
         };
-        let matches = |sa: &Sa| sa.owns(header.spi_i, header.spi_r);
-        let p = &mut self.peers[i];
-        let slot = if p.current.as_ref().is_some_and(matches) {
+        let p = &self.peers[i];
+        let owns = |sa: &Sa| sa.owns(header.spi_i, header.spi_r);
+        let slot = if p.current.as_ref().is_some_and(owns) {
             Slot::Current
-        } else if p.fresh.as_ref().is_some_and(|(s, _)| matches(s)) {
-            Slot::Fresh
+        } else if let Some(h) = p.half_open.iter().find(|h| owns(&h.sa)) {
+            Slot::HalfOpen(h.sa.spis().0)
         } else if p.cfg.role == IkeRole::Responder
             && header.exchange == exchange::IKE_SA_INIT
             && header.from_initiator()
             && !header.is_response()
             && header.spi_r == [0; 8]
         {
-            return self.accept(i, d);
+            return self.accept(i, d, now);
         } else {
             return self.stray("for no IKE SA of this peer", d.from);
         };
-        let p = &mut self.peers[i];
-        let sa = match slot {
-            Slot::Current => p.current.as_mut(),
-            Slot::Fresh => p.fresh.as_mut().map(|(s, _)| s),
-        };
-        if let Some(sa) = sa {
+        if let Some((sa, _)) = self.peers[i].sa_mut(slot) {
             let result = sa.handle(&d.bytes, now);
             self.outcome(i, slot, result, now);
         }
     }
 
-    /// A new IKE SA from a responder peer: it becomes current when there is
-    /// none up, or replaces the one up once established (the peer restarted).
-    fn accept(&mut self, i: usize, d: &ControlDatagram) {
+    /// A new IKE SA from a responder peer: half-open until authenticated (a spoofed
+    /// request can make one, never replace the SA in force). With a few half-open
+    /// already, the request must echo a COOKIE first.
+    fn accept(&mut self, i: usize, d: &ControlDatagram, now: Instant) {
+        if self.peers[i].half_open.len() >= COOKIE_AT {
+            match cookie_answer(&self.cookie_secret, d.from, &d.bytes) {
+                Ok(None) => {}
+                Ok(Some(ask)) => return (self.send)(d.from, &ask),
+                Err(_) => return self.stray("unreadable IKE_SA_INIT", d.from),
+            }
+        }
         let p = &mut self.peers[i];
         match Responder::accept(p.ike_config(d.from), &d.bytes) {
             Ok(Accepted::Sa(sa, answer)) => {
-                self.sender.send(d.from, &answer);
-                let p = &mut self.peers[i];
-                let up = p.current.as_ref().is_some_and(Sa::is_established);
-                if up {
-                    p.fresh = Some((Sa::R(sa), d.from));
-                } else {
-                    p.current = Some(Sa::R(sa));
-                    p.remote = d.from;
+                if p.half_open.len() >= MAX_HALF_OPEN {
+                    p.half_open.remove(0);
                 }
+                p.half_open.push(HalfOpen {
+                    sa: Sa::R(sa),
+                    from: d.from,
+                    since: now,
+                });
+                (self.send)(d.from, &answer);
             }
-            Ok(Accepted::Answer(bytes)) => self.sender.send(d.from, &bytes),
+            Ok(Accepted::Answer(bytes)) => (self.send)(d.from, &bytes),
             Err(e) => {
-                p.last_error = Some(format!("IKE_SA_INIT refused: {e}"));
-                tracing::info!(peer = %p.name(), error = %e, "IKE_SA_INIT refused");
+                tracing::debug!(peer = %p.name(), error = %e, "IKE_SA_INIT refused");
+                self.stray("IKE_SA_INIT refused", d.from);
             }
         }
     }
@@ -612,15 +754,11 @@ impl Control {
         now: Instant,
     ) {
         let p = &mut self.peers[i];
-        let (sa, to) = match slot {
-            Slot::Current => (p.current.as_ref(), p.remote),
-            Slot::Fresh => match &p.fresh {
-                Some((s, to)) => (Some(s), *to),
-                None => (None, p.remote),
-            },
+        let Some((sa, to)) = p.sa_mut(slot) else {
+            return;
         };
-        let closed = sa.is_some_and(Sa::is_closed);
-        let heard = sa.map_or(0, Sa::heard);
+        let closed = sa.is_closed();
+        let heard = sa.heard();
         if slot == Slot::Current && heard != p.heard.0 {
             p.heard = (heard, Some(now));
         }
@@ -632,47 +770,68 @@ impl Control {
             }
             Err(e) if closed => self.closed(i, slot, e.to_string(), now),
             Err(e) => {
-                self.stray
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stray.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = %p.name(), error = %e, "IKE datagram dropped");
             }
         }
-        let p = &mut self.peers[i];
-        let still = match slot {
-            Slot::Current => p.current.as_ref(),
-            Slot::Fresh => p.fresh.as_ref().map(|(s, _)| s),
-        };
-        if still.is_some_and(Sa::is_closed) {
+        if self.peers[i]
+            .sa_mut(slot)
+            .is_some_and(|(sa, _)| sa.is_closed())
+        {
             self.closed(i, slot, "closed".into(), now);
         }
     }
 
     fn event(&mut self, i: usize, slot: Slot, to: SocketAddr, event: Event, now: Instant) {
         match event {
-            Event::Send(bytes) => self.sender.send(to, &bytes),
-            Event::Established(child) => self.established(i, slot, to, &child, now),
-            Event::ChildRekeyed(child) => self.rekeyed(i, &child, now),
-            Event::ChildDeleted(spi) => self.child_deleted(i, spi),
+            Event::Send(bytes) => (self.send)(to, &bytes),
+            Event::Established(child) => self.established(i, slot, &child, now),
+            Event::ChildRekeyed(child) if slot == Slot::Current => self.rekeyed(i, &child, now),
+            Event::ChildDeleted(spi) if slot == Slot::Current => self.child_deleted(i, spi, now),
+            Event::ChildRekeyed(_) | Event::ChildDeleted(_) => {}
             Event::Closed(why) => self.closed(i, slot, why, now),
         }
     }
 
-    fn established(&mut self, i: usize, slot: Slot, to: SocketAddr, child: &ChildSa, now: Instant) {
+    /// Ends the IKE SA in force from our side (a delete for the peer): an initiator
+    /// starts over, a responder waits for the peer.
+    fn close_current(&mut self, i: usize, why: &str, now: Instant) {
         let p = &mut self.peers[i];
-        if slot == Slot::Fresh {
-            // The peer started over: its new IKE SA replaces the old one, whose
-            // state it has lost.
-            if let Some((sa, from)) = p.fresh.take() {
-                p.current = Some(sa);
-                p.remote = from;
+        let (to, name) = (p.remote, p.name());
+        let Some(sa) = p.current.as_mut() else {
+            return;
+        };
+        tracing::info!(peer = %name, reason = %why, "closing the IKE SA");
+        for event in sa.close(why) {
+            self.event(i, Slot::Current, to, event, now);
+        }
+    }
+
+    fn established(&mut self, i: usize, slot: Slot, child: &ChildSa, now: Instant) {
+        let p = &mut self.peers[i];
+        if let Slot::HalfOpen(spi) = slot {
+            // Authenticated: it replaces whatever was in force (the peer started
+            // over, its old state lost).
+            let Some(at) = p.half_open.iter().position(|h| h.sa.spis().0 == spi) else {
+                return;
+            };
+            let h = p.half_open.remove(at);
+            if p.current.as_ref().is_some_and(Sa::is_established) {
+                tracing::info!(peer = %p.name(), "IKE: the peer started a new IKE SA; it replaces ours");
             }
-            tracing::info!(peer = %p.name(), "IKE: the peer started a new IKE SA; the old one is gone");
+            p.current = Some(h.sa);
+            p.remote = h.from;
         }
         if let Some(old) = p.esp.take() {
             self.core.remove_peer(&old);
         }
         p.pairs.clear();
-        let p = &mut self.peers[i];
+        let to = p.remote;
+        let local_prefixes: Vec<IpPrefix> = child
+            .local_prefixes
+            .iter()
+            .filter_map(|x| IpPrefix::new_truncating(x.addr, x.len).ok())
+            .collect();
         let installed = sa_pair(child).and_then(|(cipher, pair)| {
             let allowed_prefixes = child
                 .remote_prefixes
@@ -686,6 +845,7 @@ impl Control {
                         name: p.cfg.name.clone(),
                         endpoint: to,
                         allowed_prefixes,
+                        local_prefixes: local_prefixes.clone(),
                         esn: child.esn,
                         lifetimes: p.cfg.lifetimes,
                         keying: Arc::new(PushedKeying::new(cipher, pair)),
@@ -710,13 +870,8 @@ impl Control {
                 p.last_error = None;
             }
             Err(e) => {
-                tracing::warn!(peer = %p.name(), error = %e, "CHILD_SA not installed; IKE SA dropped");
-                self.closed(
-                    i,
-                    Slot::Current,
-                    format!("CHILD_SA not installed: {e}"),
-                    now,
-                );
+                tracing::warn!(peer = %p.name(), error = %e, "CHILD_SA not installed");
+                self.close_current(i, &format!("CHILD_SA not installed: {e}"), now);
             }
         }
     }
@@ -747,23 +902,28 @@ impl Control {
                 p.child_rekeys += 1;
             }
             Err(e) => {
+                // The peer has the new pair and we cannot use it: start over rather
+                // than keep an IKE SA whose CHILD_SA goes nowhere.
                 tracing::warn!(peer = %p.name(), error = %e, "rekeyed CHILD_SA not installed");
-                p.last_error = Some(format!("rekeyed CHILD_SA not installed: {e}"));
+                self.close_current(i, &format!("rekeyed CHILD_SA not installed: {e}"), now);
             }
         }
     }
 
-    fn child_deleted(&mut self, i: usize, spi: u32) {
+    fn child_deleted(&mut self, i: usize, spi: u32, now: Instant) {
         let p = &mut self.peers[i];
         let Some(esp) = p.esp.clone() else {
             return;
         };
         if p.pairs.last().is_some_and(|(inbound, _)| *inbound == spi) {
-            // The pair in force is gone: no tunnel until the next CHILD_SA.
-            tracing::info!(peer = %p.name(), spi = format_args!("{spi:#010x}"), "the peer deleted the CHILD_SA in force");
+            // The pair in force is gone: no tunnel is left, and one IKE SA carries one
+            // CHILD_SA here, so it is started over (the peer is told).
             self.core.remove_peer(&esp);
             p.esp = None;
             p.pairs.clear();
+            if p.current.as_ref().is_some_and(|sa| !sa.is_closed()) {
+                self.close_current(i, "the peer deleted the CHILD_SA in force", now);
+            }
         } else {
             self.core.remove_inbound(&esp, spi);
             p.pairs.retain(|(inbound, _)| *inbound != spi);
@@ -772,8 +932,10 @@ impl Control {
 
     fn closed(&mut self, i: usize, slot: Slot, why: String, now: Instant) {
         let p = &mut self.peers[i];
-        if slot == Slot::Fresh {
-            if p.fresh.take().is_some() {
+        if let Slot::HalfOpen(spi) = slot {
+            let before = p.half_open.len();
+            p.half_open.retain(|h| h.sa.spis().0 != spi);
+            if p.half_open.len() < before {
                 tracing::info!(peer = %p.name(), reason = %why, "new IKE SA from the peer failed");
                 p.last_error = Some(why);
             }
@@ -793,10 +955,181 @@ impl Control {
         p.last_error = Some(why);
         p.retry_at = now + p.backoff;
         p.backoff = (p.backoff * 2).min(MAX_RETRY);
-        // A fresh IKE SA the peer started takes over.
-        if let Some((sa, from)) = p.fresh.take() {
-            p.current = Some(sa);
-            p.remote = from;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_ike::sa::notify;
+    use isthmus_ike::wire::Message;
+
+    const PSK: &str = "a-test-pre-shared-key-of-length";
+
+    fn fqdn(name: &str) -> Identification {
+        Identification {
+            id_type: ID_FQDN,
+            data: name.as_bytes().to_vec(),
         }
+    }
+
+    fn prefix(s: &str) -> IpPrefix {
+        s.parse().unwrap()
+    }
+
+    /// Site 1's gateway: its IKE peer, site 2, at 192.0.2.2.
+    fn peer_cfg(role: IkeRole) -> IkePeerConfig {
+        IkePeerConfig {
+            name: Some("site-2".into()),
+            endpoint: "192.0.2.2:4500".parse().unwrap(),
+            remote_prefixes: vec![prefix("100.64.2.0/24")],
+            local_prefixes: vec![prefix("100.64.1.0/24")],
+            role,
+            psk: Zeroizing::new(PSK.as_bytes().to_vec()),
+            psk_file: PathBuf::from("/dev/null"),
+            local_id: fqdn("gw1.test"),
+            remote_id: fqdn("gw2.test"),
+            groups: vec![19],
+            key_bits: vec![256],
+            dpd: None,
+            esn: true,
+            lifetimes: Lifetimes::default(),
+        }
+    }
+
+    /// Site 2's side, initiating toward site 1.
+    fn site2() -> IkeConfig {
+        IkeConfig {
+            local_id: fqdn("gw2.test"),
+            remote_id: fqdn("gw1.test"),
+            psk: Zeroizing::new(PSK.as_bytes().to_vec()),
+            groups: vec![19],
+            key_bits: vec![256],
+            local_prefixes: vec![to_prefix(&prefix("100.64.2.0/24"))],
+            remote_prefixes: vec![to_prefix(&prefix("100.64.1.0/24"))],
+            local: "192.0.2.2:4500".parse().unwrap(),
+            remote: "192.0.2.1:4500".parse().unwrap(),
+            esn: true,
+            dpd: None,
+        }
+    }
+
+    type Wire = Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+
+    fn control(role: IkeRole) -> (Control, Wire, Arc<EspCore>) {
+        let core = Arc::new(EspCore::new(Vec::new(), Instant::now()).unwrap());
+        let wire: Wire = Arc::default();
+        let w = wire.clone();
+        let send: SendFn = Arc::new(move |to, bytes| w.lock().unwrap().push((to, bytes.to_vec())));
+        let control = Control::new(core.clone(), send, vec![peer_cfg(role)], 4500).unwrap();
+        (control, wire, core)
+    }
+
+    fn sent(wire: &Wire) -> Vec<Vec<u8>> {
+        wire.lock().unwrap().drain(..).map(|(_, b)| b).collect()
+    }
+
+    fn sends(events: Vec<Event>) -> Vec<Vec<u8>> {
+        events
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::Send(b) => Some(b),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const PEER: &str = "192.0.2.2:4500";
+
+    fn from_peer(bytes: Vec<u8>) -> ControlDatagram {
+        ControlDatagram::new(PEER.parse().unwrap(), bytes)
+    }
+
+    /// Runs site 2's initiator against the control thread until it is up.
+    fn bring_up(c: &mut Control, wire: &Wire, mut sa: Initiator, first: Vec<u8>) -> bool {
+        let now = Instant::now();
+        let mut to_us = vec![first];
+        for _ in 0..6 {
+            for d in to_us.drain(..) {
+                c.datagram(&from_peer(d), now);
+            }
+            for answer in sent(wire) {
+                let Ok(events) = sa.handle(&answer, now) else {
+                    continue;
+                };
+                if events.iter().any(|e| matches!(e, Event::Established(_))) {
+                    return true;
+                }
+                to_us.extend(sends(events));
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn a_spoofed_ike_sa_init_does_not_displace_the_real_peers_exchange() {
+        let now = Instant::now();
+        let (mut c, wire, core) = control(IkeRole::Responder);
+        let (mut real, first) = Initiator::start(site2(), now).unwrap();
+        c.datagram(&from_peer(first), now);
+        let answer = sent(&wire).pop().expect("IKE_SA_INIT answered");
+        // Someone spoofing the peer's address starts another exchange.
+        let (_, spoofed) = Initiator::start(site2(), now).unwrap();
+        c.datagram(&from_peer(spoofed), now);
+        sent(&wire);
+        // The real peer goes on with IKE_AUTH, and gets its answer.
+        let auth = sends(real.handle(&answer, now).unwrap());
+        c.datagram(&from_peer(auth[0].clone()), now);
+        let response = sent(&wire).pop().expect("IKE_AUTH answered");
+        let events = real.handle(&response, now).unwrap();
+        assert!(events.iter().any(|e| matches!(e, Event::Established(_))));
+        c.publish(now);
+        let status = c.status.lock().unwrap()[0].clone();
+        assert_eq!(
+            (status.state.as_str(), status.established),
+            ("established", 1)
+        );
+        assert_eq!(core.peers().peers().len(), 1, "the CHILD_SA is keyed");
+    }
+
+    #[test]
+    fn a_flood_of_new_exchanges_gets_cookie_requests_not_key_exchanges() {
+        let now = Instant::now();
+        let (mut c, wire, core) = control(IkeRole::Responder);
+        let cookie_asked =
+            |bytes: &[u8]| Message::decode(bytes).is_ok_and(|m| m.notify(notify::COOKIE).is_some());
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            let (_, spoofed) = Initiator::start(site2(), now).unwrap();
+            c.datagram(&from_peer(spoofed), now);
+            answers.extend(sent(&wire));
+        }
+        // A few were taken half-open; every other one only got a COOKIE request.
+        assert_eq!(c.peers[0].half_open.len(), COOKIE_AT);
+        assert_eq!(
+            answers.iter().filter(|a| cookie_asked(a)).count(),
+            20 - COOKIE_AT
+        );
+        // The real peer echoes its cookie and gets in.
+        let (real, first) = Initiator::start(site2(), now).unwrap();
+        assert!(bring_up(&mut c, &wire, real, first));
+        assert_eq!(core.peers().peers().len(), 1);
+    }
+
+    #[test]
+    fn a_wrong_key_leaves_the_ike_sa_in_force() {
+        let now = Instant::now();
+        let (mut c, wire, core) = control(IkeRole::Responder);
+        let (real, first) = Initiator::start(site2(), now).unwrap();
+        assert!(bring_up(&mut c, &wire, real, first));
+        let mut wrong = site2();
+        wrong.psk = Zeroizing::new(b"another-key-entirely-000000".to_vec());
+        let (bad, first) = Initiator::start(wrong, now).unwrap();
+        assert!(!bring_up(&mut c, &wire, bad, first));
+        c.publish(now);
+        let status = c.status.lock().unwrap()[0].clone();
+        assert_eq!(status.state, "established");
+        assert!(status.last_error.is_some(), "{status:?}");
+        assert_eq!(core.peers().peers().len(), 1);
     }
 }

@@ -626,6 +626,7 @@ impl GatewayDevice {
                 .as_ref()
                 .map(IkeService::status)
                 .unwrap_or_default(),
+            ike_drops: self.ike.as_ref().map(IkeService::drops),
             peers,
             channels: self.mesh.as_ref().map(|m| m.status()).unwrap_or_default(),
             identity_reload: self.mesh.as_ref().map(|m| m.reload_status()),

@@ -1019,6 +1019,7 @@ impl MeshLinks {
                     name: cfg.name.clone(),
                     endpoint,
                     allowed_prefixes: cfg.allowed_prefixes.clone(),
+                    local_prefixes: Vec::new(),
                     esn: settings.esn,
                     lifetimes: settings.lifetimes,
                     keying: Arc::new(keying),

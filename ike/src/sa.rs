@@ -497,6 +497,25 @@ impl Initiator {
         self.state == State::Closed
     }
 
+    /// Ends the IKE SA from our side: once established, a delete for the peer (sent
+    /// once), then [`Event::ChildDeleted`] for each CHILD_SA and [`Event::Closed`].
+    pub fn close(&mut self, why: &str) -> Vec<Event> {
+        if self.state == State::Closed {
+            return Vec::new();
+        }
+        let mut events = Vec::new();
+        if self.state == State::Established {
+            if let Some(Ok(bytes)) = self.keyed.as_mut().map(Keyed::delete_request) {
+                events.push(Event::Send(bytes));
+            }
+        }
+        self.state = State::Closed;
+        self.in_flight = None;
+        events.extend(self.child.gone());
+        events.push(Event::Closed(why.to_string()));
+        events
+    }
+
     /// Authenticated messages from the peer since the IKE SA was keyed (its
     /// requests, and answers to ours such as liveness checks).
     pub fn heard(&self) -> u64 {
@@ -1394,6 +1413,24 @@ impl Keyed {
         Ok((events, closed, next))
     }
 
+    /// Our request deleting this IKE SA (sent once; the SA is gone either way).
+    fn delete_request(&mut self) -> Result<Vec<u8>, IkeError> {
+        let id = self.own_next_id;
+        self.own_next_id = id.wrapping_add(1);
+        self.in_flight = None;
+        self.dpd = None;
+        self.seal(
+            exchange::INFORMATIONAL,
+            false,
+            id,
+            &[Payload::Delete {
+                protocol: PROTO_IKE,
+                spi_size: 0,
+                spis: Vec::new(),
+            }],
+        )
+    }
+
     /// Whether a datagram with these SPIs belongs to this IKE SA or the one it replaced.
     fn owns(&self, spi_i: [u8; 8], spi_r: [u8; 8]) -> bool {
         (self.spi_i == spi_i && self.spi_r == spi_r)
@@ -2021,6 +2058,24 @@ impl Responder {
     /// Whether the IKE SA is gone (refused, given up or deleted).
     pub fn is_closed(&self) -> bool {
         self.state == State::Closed
+    }
+
+    /// Ends the IKE SA from our side: once established, a delete for the peer (sent
+    /// once), then [`Event::ChildDeleted`] for each CHILD_SA and [`Event::Closed`].
+    pub fn close(&mut self, why: &str) -> Vec<Event> {
+        if self.state == State::Closed {
+            return Vec::new();
+        }
+        let mut events = Vec::new();
+        if self.state == State::Established {
+            if let Ok(bytes) = self.keyed.delete_request() {
+                events.push(Event::Send(bytes));
+            }
+        }
+        self.state = State::Closed;
+        events.extend(self.child.gone());
+        events.push(Event::Closed(why.to_string()));
+        events
     }
 
     /// Authenticated messages from the initiator after IKE_SA_INIT (its requests,

@@ -508,3 +508,39 @@ fn both_ends_survive_mutated_and_random_datagrams() {
         let _ = initiator.handle(&random, now);
     }
 }
+
+#[test]
+fn closing_from_our_side_tells_the_peer() {
+    let now = Instant::now();
+    for initiator_closes in [true, false] {
+        let mut run = run(&[19], &[19], "k", "k");
+        let mut responder = run.responder.take().expect("responder");
+        assert!(run.i_child.is_some(), "established");
+        let closing = if initiator_closes {
+            run.initiator.close("no CHILD_SA")
+        } else {
+            responder.close("no CHILD_SA")
+        };
+        // Our side: the delete, our CHILD_SA gone, closed.
+        let delete = sends(&closing);
+        assert_eq!(delete.len(), 1);
+        assert!(closing.iter().any(|e| matches!(e, Event::ChildDeleted(_))));
+        assert!(matches!(closing.last(), Some(Event::Closed(why)) if why == "no CHILD_SA"));
+        // The peer takes the delete: its CHILD_SA and IKE SA go too.
+        let events = if initiator_closes {
+            responder.handle(&delete[0], now).unwrap()
+        } else {
+            run.initiator.handle(&delete[0], now).unwrap()
+        };
+        assert!(
+            events.iter().any(|e| matches!(e, Event::ChildDeleted(_))),
+            "{events:?}"
+        );
+        assert!(events.iter().any(|e| matches!(e, Event::Closed(_))));
+    }
+    // Closing twice does nothing more.
+    let mut run = run(&[19], &[19], "k", "k");
+    assert!(!run.initiator.close("x").is_empty());
+    assert!(run.initiator.close("x").is_empty());
+    assert!(run.initiator.is_closed());
+}

@@ -48,6 +48,7 @@ impl EspTarget {
             name: None,
             endpoint: "192.0.2.9:4500".parse().expect("literal"),
             allowed_prefixes: vec![prefix.parse().expect("literal")],
+            local_prefixes: Vec::new(),
             esn: true,
             lifetimes: Lifetimes::default(),
             keying: Arc::new(ManualKeying::new(

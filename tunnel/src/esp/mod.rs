@@ -30,6 +30,7 @@ use sa::{
 use serde::Serialize;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
@@ -46,6 +47,10 @@ pub struct EspPeerConfig {
     pub name: Option<String>,
     pub endpoint: SocketAddr,
     pub allowed_prefixes: Vec<IpPrefix>,
+    /// Our side's traffic selectors (IKE): decrypted packets to any other
+    /// destination are dropped (RFC 4301 §5.2). Empty: not checked (the
+    /// peer's routes decide, as for manual keys).
+    pub local_prefixes: Vec<IpPrefix>,
     pub esn: bool,
     pub lifetimes: Lifetimes,
     pub keying: Arc<dyn EspKeying>,
@@ -71,6 +76,32 @@ pub enum InstallError {
 pub struct ControlDatagram {
     pub from: SocketAddr,
     pub bytes: Vec<u8>,
+    /// A new exchange holds one of the [`MAX_QUEUED_INITS`] places until dropped.
+    _init: Option<InitSlot>,
+}
+
+impl ControlDatagram {
+    /// A datagram as the data path hands it over (for tests of the control plane).
+    pub fn new(from: SocketAddr, bytes: Vec<u8>) -> Self {
+        Self {
+            from,
+            bytes,
+            _init: None,
+        }
+    }
+}
+
+/// IKE_SA_INIT requests queued for the control plane at most.
+pub const MAX_QUEUED_INITS: usize = 32;
+
+/// One queued IKE_SA_INIT request's place; freed when its datagram is dropped.
+#[derive(Debug)]
+struct InitSlot(Arc<AtomicUsize>);
+
+impl Drop for InitSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Errors setting up ESP peers.
@@ -256,9 +287,26 @@ pub struct EspCore {
     /// Inbound SPI → peer, for every installed inbound SA.
     spis: RwLock<HashMap<u32, Arc<EspPeer>>>,
     pub counters: DeviceCounters,
-    /// IKE datagrams go here, when a key exchange runs.
-    control: std::sync::OnceLock<std::sync::mpsc::SyncSender<ControlDatagram>>,
-    control_overflow: std::sync::atomic::AtomicU64,
+    /// IKE datagrams go here, when a key exchange runs, from these addresses.
+    control: std::sync::OnceLock<(std::sync::mpsc::SyncSender<ControlDatagram>, Vec<IpAddr>)>,
+    control_overflow: AtomicU64,
+    /// IKE_SA_INIT requests queued for the control plane now.
+    control_inits: Arc<AtomicUsize>,
+}
+
+/// The destination of an inner packet whose version matched.
+fn inner_destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let b: [u8; 4] = packet.get(16..20)?.try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(b)))
+        }
+        Some(6) => {
+            let b: [u8; 16] = packet.get(24..40)?.try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
 }
 
 fn version_matches(next_header: u8, packet: &[u8]) -> Option<IpAddr> {
@@ -284,7 +332,8 @@ impl EspCore {
             spis: RwLock::new(HashMap::new()),
             counters: DeviceCounters::default(),
             control: std::sync::OnceLock::new(),
-            control_overflow: std::sync::atomic::AtomicU64::new(0),
+            control_overflow: AtomicU64::new(0),
+            control_inits: Arc::default(),
         };
         for (i, cfg) in configs.into_iter().enumerate() {
             core.add_peer_indexed(i, cfg, now)?;
@@ -567,9 +616,13 @@ impl EspCore {
             self.counters.dropped(DropReason::Malformed);
             return Inbound::Dropped(DropReason::Malformed);
         };
-        if set
-            .route(src)
-            .is_some_and(|owner| std::ptr::eq(&**owner, &*peer))
+        let local = &peer.config.local_prefixes;
+        let to_us = local.is_empty()
+            || inner_destination(packet).is_some_and(|dst| local.iter().any(|p| p.contains(dst)));
+        if to_us
+            && set
+                .route(src)
+                .is_some_and(|owner| std::ptr::eq(&**owner, &*peer))
         {
             Inbound::Tun {
                 offset: 0,
@@ -708,10 +761,17 @@ impl EspCore {
         true
     }
 
-    /// Where IKE datagrams arriving on the ESP port go ([`Self::receive`]).
-    /// Set once; returns false if one was set before.
-    pub fn set_control_inbox(&self, inbox: std::sync::mpsc::SyncSender<ControlDatagram>) -> bool {
-        self.control.set(inbox).is_ok()
+    /// Where IKE datagrams arriving on the ESP port go ([`Self::receive`]):
+    /// only those from `peers` (the addresses of the IKE peers), and at most
+    /// [`MAX_QUEUED_INITS`] IKE_SA_INIT requests queued at a time, so a flood of
+    /// new exchanges leaves room for the established ones. Set once; returns
+    /// false if one was set before.
+    pub fn set_control_inbox(
+        &self,
+        inbox: std::sync::mpsc::SyncSender<ControlDatagram>,
+        peers: Vec<IpAddr>,
+    ) -> bool {
+        self.control.set((inbox, peers)).is_ok()
     }
 
     /// Handles one datagram from the ESP port: IKE (non-ESP marker) goes to the
@@ -724,25 +784,43 @@ impl EspCore {
         out: &mut [u8],
         now: Instant,
     ) -> Inbound {
-        if let (Some([0, 0, 0, 0]), Some(inbox)) = (datagram.get(..4), self.control.get()) {
-            let bytes = datagram[4..].to_vec();
-            return match inbox.try_send(ControlDatagram { from, bytes }) {
-                Ok(()) => Inbound::Consumed,
-                Err(_) => {
-                    // The control plane is behind (or gone): IKE retransmits.
-                    self.control_overflow
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    Inbound::Consumed
+        if let (Some([0, 0, 0, 0]), Some((inbox, peers))) = (datagram.get(..4), self.control.get())
+        {
+            if !peers.contains(&from.ip()) {
+                return self.device_drop(DropReason::UnknownPeer);
+            }
+            let bytes = &datagram[4..];
+            // A new exchange (responder's SPI zero) takes one of a few places.
+            let init = match bytes.get(8..16) {
+                Some(spi_r) if spi_r == [0; 8] => {
+                    let queued = self.control_inits.fetch_add(1, Ordering::Relaxed);
+                    if queued >= MAX_QUEUED_INITS {
+                        self.control_inits.fetch_sub(1, Ordering::Relaxed);
+                        self.control_overflow.fetch_add(1, Ordering::Relaxed);
+                        return Inbound::Consumed;
+                    }
+                    Some(InitSlot(self.control_inits.clone()))
                 }
+                _ => None,
             };
+            let d = ControlDatagram {
+                from,
+                bytes: bytes.to_vec(),
+                _init: init,
+            };
+            if inbox.try_send(d).is_err() {
+                // The control plane is behind (or gone): IKE retransmits.
+                self.control_overflow.fetch_add(1, Ordering::Relaxed);
+            }
+            return Inbound::Consumed;
         }
         self.decapsulate(set, datagram, out, now)
     }
 
-    /// IKE datagrams dropped because the control inbox was full.
+    /// IKE datagrams dropped because the control inbox (or its room for new
+    /// exchanges) was full.
     pub fn control_overflow(&self) -> u64 {
-        self.control_overflow
-            .load(std::sync::atomic::Ordering::Relaxed)
+        self.control_overflow.load(Ordering::Relaxed)
     }
 
     fn device_drop(&self, reason: DropReason) -> Inbound {

@@ -37,6 +37,7 @@ fn pair(cipher: EspCipher, esn: bool, lifetimes: Lifetimes, now: Instant) -> Pai
         name: None,
         endpoint: endpoint.parse().unwrap(),
         allowed_prefixes: vec![prefix.parse().unwrap()],
+        local_prefixes: Vec::new(),
         esn,
         lifetimes,
         keying: Arc::new(ManualKeying::new(
@@ -228,6 +229,7 @@ fn an_sa_at_its_hard_limit_drops_instead_of_sending() {
             name: None,
             endpoint: "192.0.2.2:4500".parse().unwrap(),
             allowed_prefixes: vec!["100.64.2.0/24".parse().unwrap()],
+            local_prefixes: Vec::new(),
             esn: false,
             lifetimes: Lifetimes {
                 soft: limits,
@@ -271,6 +273,7 @@ fn conflicting_spis_and_reserved_spis_are_refused() {
         name: None,
         endpoint: "192.0.2.2:4500".parse().unwrap(),
         allowed_prefixes: vec![prefix.parse().unwrap()],
+        local_prefixes: Vec::new(),
         esn: true,
         lifetimes: Lifetimes::default(),
         keying: k,
@@ -417,6 +420,7 @@ fn pushed_pair(now: Instant) -> Pair {
         name: Some("ike".into()),
         endpoint: endpoint.parse().unwrap(),
         allowed_prefixes: vec![prefix.parse().unwrap()],
+        local_prefixes: Vec::new(),
         esn: true,
         lifetimes: Lifetimes::default(),
         keying: Arc::new(keying::PushedKeying::new(
@@ -555,7 +559,7 @@ fn ike_on_the_esp_port_goes_to_the_control_inbox() {
         Inbound::Dropped(DropReason::Malformed)
     ));
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    assert!(p.b.set_control_inbox(tx));
+    assert!(p.b.set_control_inbox(tx, vec![from.ip()]));
     assert!(matches!(
         p.b.receive(&p.b.peers(), from, &ike, &mut out, now),
         Inbound::Consumed
@@ -572,4 +576,82 @@ fn ike_on_the_esp_port_goes_to_the_control_inbox() {
         p.b.receive(&p.b.peers(), from, &wire, &mut out, now),
         Inbound::Tun { .. }
     ));
+}
+
+#[test]
+fn ike_from_other_addresses_and_floods_of_new_exchanges_are_not_queued() {
+    let now = Instant::now();
+    let p = pushed_pair(now);
+    let peer: SocketAddr = "192.0.2.2:4500".parse().unwrap();
+    let (tx, rx) = std::sync::mpsc::sync_channel(256);
+    assert!(p.b.set_control_inbox(tx, vec![peer.ip()]));
+    let mut out = vec![0u8; 64];
+    // IKE header after the marker: SPIi, SPIr (zero: a new exchange), the rest.
+    let ike = |spi_r: u8| {
+        let mut d = vec![0u8; 4 + 28];
+        d[4..12].copy_from_slice(&[7; 8]);
+        d[19] = spi_r;
+        d
+    };
+    let stranger: SocketAddr = "198.51.100.9:4500".parse().unwrap();
+    assert!(matches!(
+        p.b.receive(&p.b.peers(), stranger, &ike(0), &mut out, now),
+        Inbound::Dropped(DropReason::UnknownPeer)
+    ));
+    assert!(rx.try_recv().is_err(), "nothing queued from a stranger");
+    for _ in 0..MAX_QUEUED_INITS + 8 {
+        p.b.receive(&p.b.peers(), peer, &ike(0), &mut out, now);
+    }
+    assert_eq!(p.b.control_overflow(), 8);
+    // An established exchange's datagram still gets in.
+    p.b.receive(&p.b.peers(), peer, &ike(1), &mut out, now);
+    let queued: Vec<_> = rx.try_iter().collect();
+    assert_eq!(queued.len(), MAX_QUEUED_INITS + 1);
+    // Handled (dropped) requests free their places.
+    drop(queued);
+    p.b.receive(&p.b.peers(), peer, &ike(0), &mut out, now);
+    assert_eq!(p.b.control_overflow(), 8);
+    assert_eq!(rx.try_iter().count(), 1);
+}
+
+#[test]
+fn a_pushed_peer_may_only_send_to_our_side_of_its_selectors() {
+    let now = Instant::now();
+    let len = 16;
+    let (ab, ba) = (sa(0x1000_0001, 0xaa, len), sa(0x2000_0002, 0xbb, len));
+    let cfg = |out: &SaKeys, inb: &SaKeys, remote: &str, local: Vec<IpPrefix>| EspPeerConfig {
+        name: None,
+        endpoint: "192.0.2.9:4500".parse().unwrap(),
+        allowed_prefixes: vec![remote.parse().unwrap()],
+        local_prefixes: local,
+        esn: true,
+        lifetimes: Lifetimes::default(),
+        keying: Arc::new(keying::PushedKeying::new(
+            EspCipher::Aes128Gcm,
+            SaPair {
+                outbound: out.clone(),
+                inbound: inb.clone(),
+            },
+        )),
+    };
+    let a = EspCore::new(vec![cfg(&ab, &ba, "100.64.2.0/24", Vec::new())], now).unwrap();
+    let b = EspCore::new(
+        vec![cfg(
+            &ba,
+            &ab,
+            "100.64.1.0/24",
+            vec!["100.64.2.0/24".parse().unwrap()],
+        )],
+        now,
+    )
+    .unwrap();
+    let p = Pair { a, b };
+    assert_eq!(
+        open(&p.b, &seal(&p.a, &a_to_b(1), now).unwrap(), now),
+        Ok(Some(a_to_b(1)))
+    );
+    // Authentic, from an allowed source, but to an address outside our selectors.
+    let elsewhere = ipv4([100, 64, 1, 2], [10, 0, 0, 1], b"x");
+    let wire = seal(&p.a, &elsewhere, now).unwrap();
+    assert_eq!(open(&p.b, &wire, now), Err(DropReason::BadSource));
 }

@@ -543,6 +543,9 @@ fn render_table(s: &Status) -> String {
             d.malformed, d.unknown_peer
         );
     }
+    if let Some(d) = &s.ike_drops {
+        out += &format!("ike drops: stray={} overflow={}\n", d.stray, d.overflow);
+    }
     for k in &s.ike {
         out += &format!(
             "ike {} ({:?}, {} -> {}) {} with {}{}\n",
