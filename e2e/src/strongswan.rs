@@ -60,6 +60,21 @@ impl Charon {
         swanctl_conf: &str,
         level: u8,
     ) -> Result<Self> {
+        Self::start_with_files(run, ns, label, strongswan_extra, swanctl_conf, level, &[])
+    }
+
+    /// [`Charon::start_logging`] with `files` (paths relative to the configuration
+    /// directory, e.g. `swanctl/x509/me.pem`, and their contents) written before the
+    /// configuration is loaded.
+    pub fn start_with_files(
+        run: &Run,
+        ns: &str,
+        label: &str,
+        strongswan_extra: &str,
+        swanctl_conf: &str,
+        level: u8,
+        files: &[(&str, Vec<u8>)],
+    ) -> Result<Self> {
         if !available() {
             bail!("{CHARON} is missing: run scripts/setup.sh (strongswan-charon)");
         }
@@ -83,6 +98,12 @@ impl Charon {
             ),
         )?;
         std::fs::write(dir.join("swanctl/swanctl.conf"), swanctl_conf)?;
+        for (path, contents) in files {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = dir.join(path);
+            std::fs::write(&path, contents)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
         let script = format!(
             "mount --bind {d}/run /run && STRONGSWAN_CONF={d}/strongswan.conf exec {CHARON}"
         );
@@ -243,6 +264,7 @@ pub fn negotiate_child(local: &Site, remote: &Site, psk: &str) -> Result<ChildSa
         local_id: id(local),
         remote_id: id(remote),
         psk: psk.as_bytes().to_vec().into(),
+        certificates: None,
         groups: vec![31],
         key_bits: vec![256],
         local_prefixes: vec![prefix_of(&local.workload_prefix)?],
@@ -440,6 +462,7 @@ pub fn setup_once(
         local_id: id(local),
         remote_id: id(remote),
         psk: psk.as_bytes().to_vec().into(),
+        certificates: None,
         groups: vec![31],
         key_bits: vec![256],
         local_prefixes: vec![prefix_of(&local.workload_prefix)?],

@@ -70,6 +70,7 @@ fn config(groups: &[u16], psk: &str) -> Config {
         local_id: fqdn("gw1.test"),
         remote_id: fqdn("gw2.test"),
         psk: psk.as_bytes().to_vec().into(),
+        certificates: None,
         groups: groups.to_vec(),
         key_bits: vec![256, 128],
         local_prefixes: vec![prefix("100.64.1.0/24")],

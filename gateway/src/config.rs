@@ -249,6 +249,7 @@ struct RawEsp {
 #[serde(deny_unknown_fields)]
 struct RawIke {
     role: Option<String>,
+    auth: Option<String>,
     psk_file: Option<PathBuf>,
     local_id: Option<String>,
     remote_id: Option<String>,
@@ -608,6 +609,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
     let mut identity_peers = Vec::new();
     let mut sa_files = Vec::new();
     let mut ike_peers: Vec<crate::ipsec::IkePeerConfig> = Vec::new();
+    let mut ike_index = Vec::new();
     let mut kinds: Vec<(usize, TunnelKind, Vec<IpPrefix>)> = Vec::new();
     for (i, p) in raw.peers.into_iter().enumerate() {
         if p.spiffe_id.is_some() {
@@ -655,6 +657,7 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
                 }
                 kinds.push((i, TunnelKind::Esp, peer.remote_prefixes.clone()));
                 ike_peers.push(peer);
+                ike_index.push(i);
             }
             "esp" => {
                 sa_files.push(
@@ -700,6 +703,23 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
         }
         None => None,
     };
+    for (peer, &i) in ike_peers.iter_mut().zip(&ike_index) {
+        let Some(remote) = crate::ipsec::spiffe_of(&peer.remote_id) else {
+            continue;
+        };
+        let field = format!("peers[{i}].esp.ike.auth");
+        let Some(identity) = identity.as_ref() else {
+            return Err(ConfigError::new(
+                field,
+                "\"certificate\" needs the [identity] table: this gateway's certificate, key and trust bundle",
+            ));
+        };
+        let (certificates, dn) =
+            crate::ipsec::IkeCertificates::new(&identity.credentials, &identity.trust, remote)
+                .map_err(|m| ConfigError::new(field, m))?;
+        peer.certificates = Some(Arc::new(certificates));
+        peer.local_id = dn;
+    }
     let mesh = match raw.mesh {
         None => None,
         Some(raw_mesh) => {
@@ -2120,6 +2140,8 @@ fn ike_peer(i: usize, raw: RawPeer) -> Result<crate::ipsec::IkePeerConfig, Confi
         )
     })?;
     let endpoint = parse_endpoint(field("endpoint"), &endpoint)?;
+    // IKE is told apart by its source address, which arrives canonical.
+    let endpoint = SocketAddr::new(endpoint.ip().to_canonical(), endpoint.port());
     let remote_prefixes = parse_prefixes(i, &raw.allowed_prefixes)?;
     if remote_prefixes.is_empty() {
         return Err(ConfigError::new(
@@ -2174,32 +2196,37 @@ fn ike_peer(i: usize, raw: RawPeer) -> Result<crate::ipsec::IkePeerConfig, Confi
             ))
         }
     };
-    let psk_file = ike
-        .psk_file
-        .clone()
-        .ok_or_else(|| ConfigError::new(ike_field("psk_file"), "required (mode 0600)"))?;
-    let text =
-        read_secret_file(&psk_file).map_err(|m| ConfigError::new(ike_field("psk_file"), m))?;
-    let text = text.trim_end_matches(['\n', '\r']);
-    let psk = match text.strip_prefix("0x") {
-        Some(h) => zeroize::Zeroizing::new(hex::decode(h).map_err(|_| {
-            ConfigError::new(
-                ike_field("psk_file"),
-                format!("{}: starts with 0x but is not hex", psk_file.display()),
-            )
-        })?),
-        None => zeroize::Zeroizing::new(text.as_bytes().to_vec()),
+    let certificate = match ike.auth.as_deref().unwrap_or("psk") {
+        "psk" => false,
+        "certificate" => true,
+        other => {
+            return Err(ConfigError::new(
+                ike_field("auth"),
+                format!("`{}` is not psk or certificate", other.escape_debug()),
+            ))
+        }
     };
-    if psk.len() < MIN_PSK_BYTES {
-        return Err(ConfigError::new(
-            ike_field("psk_file"),
-            format!(
-                "{}: the key is {} bytes; at least {MIN_PSK_BYTES} (one captured exchange lets anyone test guesses offline)",
-                psk_file.display(),
-                psk.len()
+    let (psk, psk_file) = if certificate {
+        for (given, f, why) in [
+            (
+                ike.psk_file.is_some(),
+                "psk_file",
+                "not with auth = \"certificate\"",
             ),
-        ));
-    }
+            (
+                ike.local_id.is_some(),
+                "local_id",
+                "comes from the certificate (its subject DN) with auth = \"certificate\"",
+            ),
+        ] {
+            if given {
+                return Err(ConfigError::new(ike_field(f), why));
+            }
+        }
+        (zeroize::Zeroizing::new(Vec::new()), PathBuf::new())
+    } else {
+        ike_psk(i, ike)?
+    };
     let id = |f: &str, v: &Option<String>| {
         let v = v.as_deref().ok_or_else(|| {
             ConfigError::new(
@@ -2209,8 +2236,33 @@ fn ike_peer(i: usize, raw: RawPeer) -> Result<crate::ipsec::IkePeerConfig, Confi
         })?;
         parse_identity(v).map_err(|m| ConfigError::new(ike_field(f), m))
     };
-    let local_id = id("local_id", &ike.local_id)?;
-    let remote_id = id("remote_id", &ike.remote_id)?;
+    let (local_id, remote_id) = if certificate {
+        let remote = ike.remote_id.as_deref().ok_or_else(|| {
+            ConfigError::new(
+                ike_field("remote_id"),
+                "required: the peer's SPIFFE ID (spiffe://...), which its certificate must carry",
+            )
+        })?;
+        let remote = isthmus_identity::SpiffeId::parse(remote).map_err(|e| {
+            ConfigError::new(
+                ike_field("remote_id"),
+                format!("with auth = \"certificate\", a SPIFFE ID: {e}"),
+            )
+        })?;
+        // Our subject DN is filled in once [identity] is read.
+        (
+            isthmus_ike::wire::Identification {
+                id_type: 9,
+                data: Vec::new(),
+            },
+            crate::ipsec::spiffe_identity(&remote),
+        )
+    } else {
+        (
+            id("local_id", &ike.local_id)?,
+            id("remote_id", &ike.remote_id)?,
+        )
+    };
     let mut local_prefixes = Vec::new();
     for (j, text) in ike.local_prefixes.iter().enumerate() {
         local_prefixes.push(text.parse::<IpPrefix>().map_err(|e| {
@@ -2282,6 +2334,7 @@ fn ike_peer(i: usize, raw: RawPeer) -> Result<crate::ipsec::IkePeerConfig, Confi
         role,
         psk,
         psk_file,
+        certificates: None,
         local_id,
         remote_id,
         groups,
@@ -2295,6 +2348,39 @@ fn ike_peer(i: usize, raw: RawPeer) -> Result<crate::ipsec::IkePeerConfig, Confi
             grace,
         },
     })
+}
+
+/// The pre-shared key of an IKE peer: its file (mode 0600), `0x` for hex, at least
+/// [`MIN_PSK_BYTES`]; and the file's path.
+fn ike_psk(i: usize, ike: &RawIke) -> Result<(zeroize::Zeroizing<Vec<u8>>, PathBuf), ConfigError> {
+    let ike_field = |f: &str| format!("peers[{i}].esp.ike.{f}");
+    let psk_file = ike
+        .psk_file
+        .clone()
+        .ok_or_else(|| ConfigError::new(ike_field("psk_file"), "required (mode 0600)"))?;
+    let text =
+        read_secret_file(&psk_file).map_err(|m| ConfigError::new(ike_field("psk_file"), m))?;
+    let text = text.trim_end_matches(['\n', '\r']);
+    let psk = match text.strip_prefix("0x") {
+        Some(h) => zeroize::Zeroizing::new(hex::decode(h).map_err(|_| {
+            ConfigError::new(
+                ike_field("psk_file"),
+                format!("{}: starts with 0x but is not hex", psk_file.display()),
+            )
+        })?),
+        None => zeroize::Zeroizing::new(text.as_bytes().to_vec()),
+    };
+    if psk.len() < MIN_PSK_BYTES {
+        return Err(ConfigError::new(
+            ike_field("psk_file"),
+            format!(
+                "{}: the key is {} bytes; at least {MIN_PSK_BYTES} (one captured exchange lets anyone test guesses offline)",
+                psk_file.display(),
+                psk.len()
+            ),
+        ));
+    }
+    Ok((psk, psk_file))
 }
 
 /// Shortest pre-shared key accepted for IKE.

@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use x509_parser::prelude::FromDer as _;
 use zeroize::Zeroizing;
 
 /// Which end starts the IKE SA.
@@ -51,9 +52,14 @@ pub struct IkePeerConfig {
     /// This side's prefixes, offered as our traffic selectors.
     pub local_prefixes: Vec<IpPrefix>,
     pub role: IkeRole,
+    /// The pre-shared key (empty with certificates).
     pub psk: Zeroizing<Vec<u8>>,
     /// Where the pre-shared key came from (mode 0600).
     pub psk_file: PathBuf,
+    /// Certificate authentication with `[identity]` (`auth = "certificate"`):
+    /// `local_id` is then our certificate's subject DN, `remote_id` the peer's
+    /// SPIFFE ID.
+    pub certificates: Option<Arc<IkeCertificates>>,
     pub local_id: Identification,
     pub remote_id: Identification,
     /// Diffie-Hellman groups, most preferred first.
@@ -84,6 +90,156 @@ const ID_IPV4_ADDR: u8 = 1;
 const ID_FQDN: u8 = 2;
 const ID_RFC822_ADDR: u8 = 3;
 const ID_IPV6_ADDR: u8 = 5;
+const ID_DER_ASN1_DN: u8 = 9;
+/// Not sent (strongSwan's private URI type): how a peer's SPIFFE ID is kept.
+const ID_URI: u8 = 201;
+
+/// An identity that is a SPIFFE ID (certificate authentication).
+pub fn spiffe_identity(id: &isthmus_identity::SpiffeId) -> Identification {
+    Identification {
+        id_type: ID_URI,
+        data: id.to_string().into_bytes(),
+    }
+}
+
+/// The SPIFFE ID an identity made by [`spiffe_identity`] holds.
+pub fn spiffe_of(id: &Identification) -> Option<isthmus_identity::SpiffeId> {
+    if id.id_type != ID_URI {
+        return None;
+    }
+    isthmus_identity::SpiffeId::parse(std::str::from_utf8(&id.data).ok()?).ok()
+}
+
+/// Certificate authentication for IKE with this gateway's `[identity]`: our chain and
+/// key (ECDSA P-256, RFC 7427 signatures), the peer's chain judged by the mesh trust
+/// bundle and CRLs as the peer channel judges it, and then its SPIFFE ID (URI SAN) and
+/// the DN it claimed as its identity.
+pub struct IkeCertificates {
+    chain: Vec<Vec<u8>>,
+    key: ring::signature::EcdsaKeyPair,
+    verifier: isthmus_identity::ChainVerifier,
+    remote: isthmus_identity::SpiffeId,
+    authorities: Vec<u8>,
+}
+
+impl std::fmt::Debug for IkeCertificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IkeCertificates")
+            .field("chain", &self.chain.len())
+            .field("remote", &self.remote)
+            .finish_non_exhaustive()
+    }
+}
+
+/// DER AlgorithmIdentifier of ecdsa-with-SHA256 (RFC 5758), as RFC 7427 carries it.
+const ECDSA_WITH_SHA256: &[u8] = &[
+    0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+];
+
+impl IkeCertificates {
+    /// From this gateway's credentials and trust, for the peer `remote`; also our
+    /// identity (the leaf's subject DN).
+    pub fn new(
+        credentials: &isthmus_identity::LocalCredentials,
+        trust: &isthmus_identity::MeshTrust,
+        remote: isthmus_identity::SpiffeId,
+    ) -> Result<(Self, Identification), String> {
+        let chain: Vec<Vec<u8>> = credentials.chain.iter().map(|c| c.to_vec()).collect();
+        let leaf = chain
+            .first()
+            .ok_or("the certificate file holds no certificate")?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| format!("our certificate does not parse: {e}"))?;
+        let dn = Identification {
+            id_type: ID_DER_ASN1_DN,
+            data: cert.subject().as_raw().to_vec(),
+        };
+        let rustls_pki_types::PrivateKeyDer::Pkcs8(pkcs8) = &credentials.key else {
+            return Err("the private key is not PKCS#8 (IKE signs with ECDSA P-256)".into());
+        };
+        let key = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            pkcs8.secret_pkcs8_der(),
+            &ring::rand::SystemRandom::new(),
+        )
+        .map_err(|_| "the private key is not an ECDSA P-256 key (IKE signs with it)")?;
+        let verifier = isthmus_identity::ChainVerifier::new(trust).map_err(|e| e.to_string())?;
+        let mut authorities = Vec::new();
+        for root in &trust.roots {
+            let (_, c) = x509_parser::parse_x509_certificate(root)
+                .map_err(|e| format!("a trust bundle root does not parse: {e}"))?;
+            let spki = c.tbs_certificate.subject_pki.raw;
+            authorities.extend_from_slice(
+                ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, spki).as_ref(),
+            );
+        }
+        Ok((
+            Self {
+                chain,
+                key,
+                verifier,
+                remote,
+                authorities,
+            },
+            dn,
+        ))
+    }
+}
+
+impl isthmus_ike::sa::Certificates for IkeCertificates {
+    fn chain(&self) -> &[Vec<u8>] {
+        &self.chain
+    }
+
+    fn sign(&self, octets: &[u8]) -> Result<Vec<u8>, String> {
+        let signature = self
+            .key
+            .sign(&ring::rand::SystemRandom::new(), octets)
+            .map_err(|_| "signing failed".to_string())?;
+        let mut data = vec![ECDSA_WITH_SHA256.len() as u8];
+        data.extend_from_slice(ECDSA_WITH_SHA256);
+        data.extend_from_slice(signature.as_ref());
+        Ok(data)
+    }
+
+    fn verify(&self, chain: &[Vec<u8>], id: &Identification) -> Result<Vec<u8>, String> {
+        let presented = self
+            .verifier
+            .verify(chain, std::time::SystemTime::now())
+            .map_err(|e| e.to_string())?;
+        if presented != self.remote {
+            return Err(format!(
+                "the certificate is {presented}, not {}",
+                self.remote
+            ));
+        }
+        let leaf_der = chain.first().ok_or("no certificate")?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(leaf_der)
+            .map_err(|e| format!("the certificate does not parse: {e}"))?;
+        // The identity claimed is the certificate's subject, compared by value (an
+        // implementation may encode the same name with other string types).
+        if id.id_type != ID_DER_ASN1_DN {
+            return Err(format!(
+                "identity of type {}; a certificate's subject DN is expected",
+                id.id_type
+            ));
+        }
+        let claimed = x509_parser::x509::X509Name::from_der(&id.data)
+            .map(|(_, name)| name.to_string())
+            .map_err(|_| "the identity is not a DN".to_string())?;
+        if claimed != leaf.subject().to_string() {
+            return Err(format!(
+                "the identity {claimed:?} is not the certificate's subject {:?}",
+                leaf.subject().to_string()
+            ));
+        }
+        Ok(leaf.public_key().subject_public_key.data.to_vec())
+    }
+
+    fn authorities(&self) -> Vec<u8> {
+        self.authorities.clone()
+    }
+}
 
 /// An identity as written in the config: an IP address, `user@host` (RFC 822)
 /// or a host name (FQDN), as strongSwan reads `id = ...`.
@@ -132,9 +288,12 @@ pub fn display_id(id: &Identification) -> String {
             let b: [u8; 16] = id.data[..].try_into().unwrap_or_default();
             IpAddr::from(b).to_string()
         }
-        (ID_FQDN | ID_RFC822_ADDR, _) => {
+        (ID_FQDN | ID_RFC822_ADDR | ID_URI, _) => {
             String::from_utf8_lossy(&id.data).escape_debug().to_string()
         }
+        (ID_DER_ASN1_DN, _) => x509_parser::x509::X509Name::from_der(&id.data)
+            .map(|(_, name)| name.to_string())
+            .unwrap_or_else(|_| format!("DN {}", hex::encode(&id.data))),
         (t, _) => format!("type {t}: {}", hex::encode(&id.data)),
     }
 }
@@ -368,6 +527,9 @@ struct PeerRun {
     last_error: Option<String>,
     /// The IKE thread stopped (a bug): nothing is keyed any more.
     failed: bool,
+    /// When the peer's recent IKE_SA_INIT requests were taken up (whatever came of
+    /// them): from [`COOKIE_AT`] within [`HALF_OPEN_TTL`] on, a COOKIE is asked first.
+    attempts: Vec<Instant>,
 }
 
 /// This gateway's address toward `to` (a routing lookup; nothing is sent).
@@ -435,6 +597,7 @@ impl PeerRun {
             established: 0,
             last_error: None,
             failed: false,
+            attempts: Vec::new(),
         }
     }
 
@@ -450,6 +613,11 @@ impl PeerRun {
             local_id: self.cfg.local_id.clone(),
             remote_id: self.cfg.remote_id.clone(),
             psk: self.cfg.psk.clone(),
+            certificates: self
+                .cfg
+                .certificates
+                .clone()
+                .map(|c| c as Arc<dyn isthmus_ike::sa::Certificates>),
             groups: self.cfg.groups.clone(),
             key_bits: self.cfg.key_bits.clone(),
             local_prefixes: self.cfg.local_prefixes.iter().map(to_prefix).collect(),
@@ -530,13 +698,9 @@ impl PeerRun {
     /// Whether the ESP SA in use has had most of its hard limits with no rekey
     /// from the peer.
     fn near_hard_limit(&self, now: Instant) -> bool {
-        let Some(esp) = &self.esp else {
-            return false;
-        };
-        let hard = &self.cfg.lifetimes.hard;
-        let out = esp.status(now).outbound;
-        out.age_secs >= hard.time.as_secs_f64() * HARD_LIMIT_SHARE
-            || out.last_seq as f64 >= hard.packets as f64 * HARD_LIMIT_SHARE
+        self.esp
+            .as_ref()
+            .is_some_and(|esp| esp.nears_hard_limit(HARD_LIMIT_SHARE, now))
     }
 }
 
@@ -595,8 +759,9 @@ impl Control {
             match inbox.recv_timeout(wait) {
                 Ok(d) => {
                     self.datagram(&d, Instant::now());
-                    // Drain what else arrived before running timers again.
-                    while let Ok(d) = inbox.try_recv() {
+                    // What else arrived, up to a queue's worth: timers run in between
+                    // even while a flood keeps the queue full.
+                    for d in inbox.try_iter().take(INBOX) {
                         self.datagram(&d, Instant::now());
                     }
                 }
@@ -717,7 +882,12 @@ impl Control {
     /// request can make one, never replace the SA in force). With a few half-open
     /// already, the request must echo a COOKIE first.
     fn accept(&mut self, i: usize, d: &ControlDatagram, now: Instant) {
-        if self.peers[i].half_open.len() >= COOKIE_AT {
+        // Counted by requests taken up, not SAs made: a request whose key exchange
+        // fails (a bad KE) costs as much and leaves nothing half-open.
+        let p = &mut self.peers[i];
+        p.attempts
+            .retain(|t| now.saturating_duration_since(*t) < HALF_OPEN_TTL);
+        if p.attempts.len() >= COOKIE_AT {
             match cookie_answer(&self.cookie_secret, d.from, &d.bytes) {
                 Ok(None) => {}
                 Ok(Some(ask)) => return (self.send)(d.from, &ask),
@@ -725,6 +895,7 @@ impl Control {
             }
         }
         let p = &mut self.peers[i];
+        p.attempts.push(now);
         match Responder::accept(p.ike_config(d.from), &d.bytes) {
             Ok(Accepted::Sa(sa, answer)) => {
                 if p.half_open.len() >= MAX_HALF_OPEN {
@@ -827,12 +998,17 @@ impl Control {
         }
         p.pairs.clear();
         let to = p.remote;
-        let local_prefixes: Vec<IpPrefix> = child
-            .local_prefixes
-            .iter()
-            .filter_map(|x| IpPrefix::new_truncating(x.addr, x.len).ok())
-            .collect();
         let installed = sa_pair(child).and_then(|(cipher, pair)| {
+            // Our selectors bound where the peer may send: none would mean anywhere.
+            let local_prefixes = child
+                .local_prefixes
+                .iter()
+                .map(|x| IpPrefix::new_truncating(x.addr, x.len))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            if local_prefixes.is_empty() {
+                return Err("a CHILD_SA with no selectors of ours".into());
+            }
             let allowed_prefixes = child
                 .remote_prefixes
                 .iter()
@@ -845,7 +1021,7 @@ impl Control {
                         name: p.cfg.name.clone(),
                         endpoint: to,
                         allowed_prefixes,
-                        local_prefixes: local_prefixes.clone(),
+                        local_prefixes,
                         esn: child.esn,
                         lifetimes: p.cfg.lifetimes,
                         keying: Arc::new(PushedKeying::new(cipher, pair)),
@@ -987,6 +1163,7 @@ mod tests {
             role,
             psk: Zeroizing::new(PSK.as_bytes().to_vec()),
             psk_file: PathBuf::from("/dev/null"),
+            certificates: None,
             local_id: fqdn("gw1.test"),
             remote_id: fqdn("gw2.test"),
             groups: vec![19],
@@ -1003,6 +1180,7 @@ mod tests {
             local_id: fqdn("gw2.test"),
             remote_id: fqdn("gw1.test"),
             psk: Zeroizing::new(PSK.as_bytes().to_vec()),
+            certificates: None,
             groups: vec![19],
             key_bits: vec![256],
             local_prefixes: vec![to_prefix(&prefix("100.64.2.0/24"))],
@@ -1114,6 +1292,37 @@ mod tests {
         let (real, first) = Initiator::start(site2(), now).unwrap();
         assert!(bring_up(&mut c, &wire, real, first));
         assert_eq!(core.peers().peers().len(), 1);
+    }
+
+    #[test]
+    fn requests_with_bad_key_exchanges_also_get_cookie_requests() {
+        let now = Instant::now();
+        let (mut c, wire, _core) = control(IkeRole::Responder);
+        // Each makes us generate a key pair, then fails: no half-open SA is left.
+        let bad_ke = || {
+            let (_, first) = Initiator::start(site2(), now).unwrap();
+            let mut m = Message::decode(&first).unwrap();
+            for p in &mut m.payloads {
+                if let isthmus_ike::wire::Payload::Ke { data, .. } = p {
+                    data.iter_mut().for_each(|b| *b = 0xff);
+                }
+            }
+            m.encode().unwrap()
+        };
+        let mut cookies = 0;
+        for _ in 0..20 {
+            c.datagram(&from_peer(bad_ke()), now);
+            cookies += sent(&wire)
+                .iter()
+                .filter(|a| Message::decode(a).is_ok_and(|m| m.notify(notify::COOKIE).is_some()))
+                .count();
+        }
+        assert!(c.peers[0].half_open.is_empty());
+        assert_eq!(
+            cookies,
+            20 - COOKIE_AT,
+            "key exchanges were made for a flood"
+        );
     }
 
     #[test]

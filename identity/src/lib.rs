@@ -23,10 +23,11 @@ pub mod spiffe;
 pub mod svid;
 
 pub use channel::{
-    peer_id, should_dial, ChannelConfig, ChannelError, ChannelEvent, ChannelListener,
-    ChannelTiming, ControlMessage, EspCipher, EspKeyBlock, Established, LinkParams, ListenerHandle,
-    ListenerLimits, ListenerStats, LocalCredentials, LossReason, MeshTls, MeshTrust, PeerChannel,
-    PeerEndpoint, PeerLink, PeerPolicy, PeerSession, Refusal, Role, TunnelParams, WireguardKeys,
+    peer_id, should_dial, ChainVerifier, ChannelConfig, ChannelError, ChannelEvent,
+    ChannelListener, ChannelTiming, ControlMessage, EspCipher, EspKeyBlock, Established,
+    LinkParams, ListenerHandle, ListenerLimits, ListenerStats, LocalCredentials, LossReason,
+    MeshTls, MeshTrust, PeerChannel, PeerEndpoint, PeerLink, PeerPolicy, PeerSession, Refusal,
+    Role, TunnelParams, WireguardKeys,
 };
 pub use security_identity::{ClusterId, LocalId, SecurityIdentity, SecurityIdentityError};
 pub use spiffe::{ClusterName, GatewayId, GatewayName, SpiffeId, SpiffeIdError, TrustDomain};

@@ -546,6 +546,28 @@ pub fn verify_signature_auth(
         .map_err(|_| SignatureError::BadSignature)
 }
 
+/// AUTH method 9, ECDSA with SHA-256 on P-256 (RFC 4754): the signature is r | s.
+pub const AUTH_ECDSA_SHA256_P256: u8 = 9;
+
+/// Verifies the data of an AUTH payload of method 9 (RFC 4754: r and s, 32 bytes each)
+/// over `signed_octets` with a P-256 public key (`point`, uncompressed).
+pub fn verify_ecdsa_p256(
+    point: &[u8],
+    signed_octets: &[u8],
+    auth_data: &[u8],
+) -> Result<(), SignatureError> {
+    use ring::signature;
+    if point.len() != 65 {
+        return Err(SignatureError::UnsupportedAlgorithm);
+    }
+    if auth_data.len() != 64 {
+        return Err(SignatureError::Malformed);
+    }
+    signature::UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_FIXED, point)
+        .verify(signed_octets, auth_data)
+        .map_err(|_| SignatureError::BadSignature)
+}
+
 /// Compares two byte strings in constant time.
 pub fn equal(a: &[u8], b: &[u8]) -> bool {
     // Every byte is looked at, whatever the first difference (the lengths are public).

@@ -53,6 +53,8 @@ pub mod notify {
     pub const COOKIE: u16 = 16390;
     /// RFC 7383 fragmentation supported.
     pub const IKEV2_FRAGMENTATION_SUPPORTED: u16 = 16430;
+    /// RFC 7427 §4: the hash algorithms this end takes in digital signature AUTH.
+    pub const SIGNATURE_HASH_ALGORITHMS: u16 = 16431;
     /// The CHILD_SA a CREATE_CHILD_SA replaces (its SPI: the sender's inbound one).
     pub const REKEY_SA: u16 = 16393;
     /// The CHILD_SA named is not known.
@@ -201,8 +203,12 @@ pub struct Config {
     pub local_id: Identification,
     /// The identity the peer must present as IDr (also sent, as a hint).
     pub remote_id: Identification,
-    /// The pre-shared key.
+    /// The pre-shared key (unused when `certificates` is set).
     pub psk: Zeroizing<Vec<u8>>,
+    /// Authenticate with certificates (RFC 7427 signatures) instead of the key: this
+    /// end's chain and signer, and the judge of the peer's chain and identity.
+    /// `local_id` is then our certificate's subject DN.
+    pub certificates: Option<std::sync::Arc<dyn Certificates>>,
     /// Diffie-Hellman groups, most preferred first (19, 20, 31).
     pub groups: Vec<u16>,
     /// AES-GCM-16 key sizes in bits, most preferred first (256, 128).
@@ -249,11 +255,106 @@ impl std::fmt::Debug for Config {
             .field("local_id", &self.local_id)
             .field("remote_id", &self.remote_id)
             .field("psk", &"<redacted>")
+            .field("certificates", &self.certificates.is_some())
             .field("groups", &self.groups)
             .field("local_prefixes", &self.local_prefixes)
             .field("remote_prefixes", &self.remote_prefixes)
             .finish_non_exhaustive()
     }
+}
+
+/// Certificate authentication (RFC 7427 digital signatures): what this end holds and how
+/// it judges the peer's certificates. The PKI (chain, validity, revocation, names) stays
+/// with the caller; this crate carries the certificates and checks the signature.
+pub trait Certificates: Send + Sync {
+    /// Our chain, DER, leaf first (sent as CERT payloads).
+    fn chain(&self) -> &[Vec<u8>];
+    /// Signs `octets`: the AUTH data of method 14 (AlgorithmIdentifier length,
+    /// AlgorithmIdentifier, signature).
+    fn sign(&self, octets: &[u8]) -> Result<Vec<u8>, String>;
+    /// Judges the peer's chain (leaf first) and the identity it claims: on acceptance,
+    /// the leaf's public key (an uncompressed EC point).
+    fn verify(&self, chain: &[Vec<u8>], id: &Identification) -> Result<Vec<u8>, String>;
+    /// CERTREQ data: SHA-1 hashes of our trust anchors' SubjectPublicKeyInfo.
+    fn authorities(&self) -> Vec<u8>;
+}
+
+/// SIGNATURE_HASH_ALGORITHMS data: SHA2-256, SHA2-384, SHA2-512 (RFC 7427 §7).
+const SIGNATURE_HASHES: [u8; 6] = [0, 2, 0, 3, 0, 4];
+
+/// Certificate encoding: X.509 certificate, signature (RFC 7296 §3.6).
+const CERT_X509_SIGNATURE: u8 = 4;
+
+/// Our AUTH payload over `octets`, with our CERT payloads before it when we
+/// authenticate with certificates.
+fn our_auth(config: &Config, octets: &[u8]) -> Result<Vec<Payload>, IkeError> {
+    let Some(c) = &config.certificates else {
+        return Ok(vec![Payload::Auth {
+            method: crypto::AUTH_SHARED_KEY,
+            data: crypto::psk_auth(&config.psk, octets).to_vec(),
+        }]);
+    };
+    let mut out: Vec<Payload> = c
+        .chain()
+        .iter()
+        .map(|der| Payload::Cert {
+            encoding: CERT_X509_SIGNATURE,
+            data: der.clone(),
+        })
+        .collect();
+    let data = c.sign(octets).map_err(IkeError::Protocol)?;
+    out.push(Payload::Auth {
+        method: crypto::AUTH_DIGITAL_SIGNATURE,
+        data,
+    });
+    Ok(out)
+}
+
+/// Whether the peer proved the identity `id` over `octets`: with the pre-shared key
+/// and the configured identity, or with certificates its caller accepts and a
+/// signature by the leaf's key.
+fn peer_proved(
+    config: &Config,
+    payloads: &[Payload],
+    id: &Identification,
+    method: u8,
+    data: &[u8],
+    octets: &[u8],
+) -> Result<(), String> {
+    let Some(c) = &config.certificates else {
+        // Identity and key alike, with no short cut: a prober learns nothing of which
+        // failed.
+        let expected = crypto::psk_auth(&config.psk, octets);
+        let ok = (*id == config.remote_id)
+            & (method == crypto::AUTH_SHARED_KEY)
+            & crypto::equal(&expected, data);
+        return if ok {
+            Ok(())
+        } else {
+            Err("wrong pre-shared key or identity".into())
+        };
+    };
+    if method != crypto::AUTH_DIGITAL_SIGNATURE && method != crypto::AUTH_ECDSA_SHA256_P256 {
+        return Err(format!("AUTH method {method}, not a digital signature"));
+    }
+    let chain: Vec<Vec<u8>> = payloads
+        .iter()
+        .filter_map(|p| match p {
+            Payload::Cert {
+                encoding: CERT_X509_SIGNATURE,
+                data,
+            } => Some(data.clone()),
+            _ => None,
+        })
+        .collect();
+    if chain.is_empty() {
+        return Err("no certificate".into());
+    }
+    let point = c.verify(&chain, id)?;
+    if method == crypto::AUTH_ECDSA_SHA256_P256 {
+        return crypto::verify_ecdsa_p256(&point, octets, data).map_err(|e| e.to_string());
+    }
+    crypto::verify_signature_auth(&point, octets, data).map_err(|e| e.to_string())
 }
 
 /// A CHILD_SA's ESP parameters, as the data path takes them.
@@ -310,6 +411,10 @@ enum State {
     Closed,
 }
 
+/// Inner payload bytes per fragment: with the IKE, SKF, IV and ICV overhead and the
+/// UDP, IP and non-ESP marker ones, each fragment stays within a 1280-byte IP packet.
+pub const FRAGMENT_DATA: usize = 1100;
+
 /// First retransmission delay; doubled each time (RFC 7296 §2.1).
 pub const RETRANSMIT_BASE: Duration = Duration::from_millis(500);
 /// Transmissions of a request before giving up.
@@ -340,7 +445,8 @@ pub struct Initiator {
     /// Our next request's Message ID.
     next_id: u32,
     /// The request in flight: (bytes, sent at, transmissions).
-    in_flight: Option<(Vec<u8>, Instant, u32)>,
+    /// The request in flight (one datagram, or its fragments), when sent, transmissions.
+    in_flight: Option<(Vec<Vec<u8>>, Instant, u32)>,
     child: Child,
     /// An error the responder sent in clear to our IKE_SA_INIT (see `on_init_response`).
     refused_hint: Option<u16>,
@@ -467,7 +573,7 @@ impl Initiator {
             refused_hint: None,
         };
         let request = this.init_request()?;
-        this.in_flight = Some((request.clone(), now, 1));
+        this.in_flight = Some((vec![request.clone()], now, 1));
         Ok((this, request))
     }
 
@@ -566,6 +672,11 @@ impl Initiator {
             nat_hash(&self.spi_i, &[0; 8], self.config.remote),
         ));
         payloads.push(status(notify::IKEV2_FRAGMENTATION_SUPPORTED, Vec::new()));
+        // Signatures (method 14) with SHA2-256, -384 or -512 (RFC 7427 §4).
+        payloads.push(status(
+            notify::SIGNATURE_HASH_ALGORITHMS,
+            SIGNATURE_HASHES.to_vec(),
+        ));
         let message = Message {
             header: Header {
                 spi_i: self.spi_i,
@@ -632,7 +743,7 @@ impl Initiator {
         }
         *count += 1;
         *sent = now;
-        Ok(vec![Event::Send(bytes.clone())])
+        Ok(bytes.iter().cloned().map(Event::Send).collect())
     }
 
     /// When [`Initiator::on_timer`] next has something to do.
@@ -710,12 +821,17 @@ impl Initiator {
             self.key_bytes,
         );
         // The responder's requests start at Message ID 0.
-        self.keyed = Some(Keyed::new(true, self.spi_i, self.spi_r, &keys, 0)?);
+        let mut keyed = Keyed::new(true, self.spi_i, self.spi_r, &keys, 0)?;
+        // Large requests (certificates) go in fragments if the responder takes them.
+        keyed.fragments_ok = message
+            .notify(notify::IKEV2_FRAGMENTATION_SUPPORTED)
+            .is_some();
+        self.keyed = Some(keyed);
         self.keys = Some(keys);
         let request = self.auth_request()?;
         self.state = State::AuthSent;
         self.in_flight = Some((request.clone(), now, 1));
-        Ok(vec![Event::Send(request)])
+        Ok(request.into_iter().map(Event::Send).collect())
     }
 
     fn resend_init(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
@@ -729,7 +845,7 @@ impl Initiator {
             ));
         }
         let request = self.init_request()?;
-        self.in_flight = Some((request.clone(), now, 1));
+        self.in_flight = Some((vec![request.clone()], now, 1));
         Ok(vec![Event::Send(request)])
     }
 
@@ -802,21 +918,33 @@ impl Initiator {
             .ok_or_else(|| IkeError::Protocol("no keys yet".into()))
     }
 
-    fn auth_request(&mut self) -> Result<Vec<u8>, IkeError> {
+    fn auth_request(&mut self) -> Result<Vec<Vec<u8>>, IkeError> {
         let keys = self
             .keys
             .as_ref()
             .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
         let id = self.config.local_id.clone();
         let octets = crypto::signed_octets(&self.init_request, &self.nr, &keys.sk_pi, &id.body());
-        let auth = crypto::psk_auth(&self.config.psk, &octets);
-        let payloads = vec![
-            Payload::IdI(id),
-            Payload::IdR(self.config.remote_id.clone()),
-            Payload::Auth {
-                method: crypto::AUTH_SHARED_KEY,
-                data: auth.to_vec(),
-            },
+        let mut auth = our_auth(&self.config, &octets)?;
+        let mut payloads = vec![Payload::IdI(id)];
+        match &self.config.certificates {
+            // CERTs, then what we trust (CERTREQ), then AUTH.
+            Some(c) => {
+                let signed = auth.pop();
+                payloads.extend(auth);
+                payloads.push(Payload::CertReq {
+                    encoding: CERT_X509_SIGNATURE,
+                    data: c.authorities(),
+                });
+                payloads.extend(signed);
+            }
+            // The identity we expect, as a hint.
+            None => {
+                payloads.push(Payload::IdR(self.config.remote_id.clone()));
+                payloads.extend(auth);
+            }
+        }
+        payloads.extend([
             status(notify::INITIAL_CONTACT, Vec::new()),
             Payload::Sa(vec![self.esp_proposal()]),
             Payload::TsI(
@@ -833,10 +961,11 @@ impl Initiator {
                     .map(Prefix::selector)
                     .collect(),
             ),
-        ];
+        ]);
         let id = self.next_id;
         self.next_id += 1;
-        self.keyed()?.seal(exchange::IKE_AUTH, false, id, &payloads)
+        self.keyed()?
+            .seal_all(exchange::IKE_AUTH, false, id, &payloads)
     }
 
     fn on_auth_response(
@@ -880,25 +1009,23 @@ impl Initiator {
                 "IKE_AUTH response without IDr or AUTH".into(),
             ));
         };
-        if id_r != self.config.remote_id {
+        if self.config.certificates.is_none() && id_r != self.config.remote_id {
             return Err(IkeError::Protocol(format!(
                 "the responder presents identity type {} {:?}, not the configured one",
                 id_r.id_type,
                 String::from_utf8_lossy(&id_r.data)
             )));
         }
-        if method != crypto::AUTH_SHARED_KEY {
-            return Err(IkeError::Protocol(format!(
-                "the responder authenticates with method {method}, not a pre-shared key"
-            )));
-        }
         // The responder signs its IKE_SA_INIT response as it sent it.
         let first = self.init_response.clone();
         let octets = crypto::signed_octets(&first, &self.ni, &keys.sk_pr, &id_r.body());
-        if !crypto::equal(&crypto::psk_auth(&self.config.psk, &octets), &data) {
+        if let Err(why) = peer_proved(&self.config, &payloads, &id_r, method, &data, &octets) {
             self.state = State::Closed;
             self.in_flight = None;
-            return Err(IkeError::AuthenticationFailed);
+            return Err(match self.config.certificates {
+                None => IkeError::AuthenticationFailed,
+                Some(_) => IkeError::Protocol(format!("the responder did not authenticate: {why}")),
+            });
         }
         self.in_flight = None;
         // A CHILD_SA we cannot take leaves no IKE SA up either.
@@ -1093,7 +1220,7 @@ struct Keyed {
     fragments: Reassembly,
     /// The peer's next request's Message ID, and our response to the one before.
     peer_next_id: u32,
-    last_response: Option<(u32, Vec<u8>)>,
+    last_response: Option<(u32, Vec<Vec<u8>>)>,
     /// SHA-256 of the datagram that completed the request answered last: only it gets
     /// the response again, not any datagram that copies its header.
     last_request: Option<[u8; 32]>,
@@ -1105,6 +1232,8 @@ struct Keyed {
     dpd: Option<(Duration, Instant)>,
     /// Authenticated messages from the peer: requests opened, answers to ours.
     heard: u64,
+    /// The peer takes fragmented messages (IKEV2_FRAGMENTATION_SUPPORTED both ways).
+    fragments_ok: bool,
     /// Derives CHILD_SA keys and the next IKE SA's.
     sk_d: Zeroizing<Vec<u8>>,
     /// The IKE SA a rekey replaced (the peer's, RFC 7296 §2.18), kept to answer on it
@@ -1124,8 +1253,8 @@ type Answered = (Vec<Event>, bool, Option<Box<Keyed>>);
 
 /// A request of the peer, as [`Keyed::request`] sorts it.
 enum Request {
-    /// The one answered last, again: send this again.
-    Again(Vec<u8>),
+    /// The one answered last, again: send this again (its fragments, if it was).
+    Again(Vec<Vec<u8>>),
     /// A fragment of a message not whole yet.
     Partial,
     /// The next request, opened.
@@ -1160,6 +1289,7 @@ impl Keyed {
             in_flight: None,
             dpd: None,
             heard: 0,
+            fragments_ok: false,
             sk_d: Zeroizing::new(keys.sk_d.to_vec()),
             previous: None,
         })
@@ -1193,6 +1323,66 @@ impl Keyed {
         Ok(self
             .ours
             .seal(header, first, None, &inner, &[], self.iv.to_be_bytes())?)
+    }
+
+    /// Seals a message: in fragments (RFC 7383) when it is larger than
+    /// [`FRAGMENT_DATA`] and the peer takes fragments, else as one datagram.
+    fn seal_all(
+        &mut self,
+        exchange: u8,
+        response: bool,
+        message_id: u32,
+        payloads: &[Payload],
+    ) -> Result<Vec<Vec<u8>>, IkeError> {
+        let mut inner = Vec::new();
+        let first = wire::encode_payloads(payloads, &mut inner)?;
+        if !self.fragments_ok || inner.len() <= FRAGMENT_DATA {
+            return Ok(vec![self.seal(exchange, response, message_id, payloads)?]);
+        }
+        let chunks: Vec<&[u8]> = inner.chunks(FRAGMENT_DATA).collect();
+        let total = u16::try_from(chunks.len())
+            .map_err(|_| IkeError::Protocol("a message too large to fragment".into()))?;
+        let mut bits = if response { flags::RESPONSE } else { 0 };
+        if self.initiator {
+            bits |= flags::INITIATOR;
+        }
+        let header = Header {
+            spi_i: self.spi_i,
+            spi_r: self.spi_r,
+            next_payload: 0,
+            version: wire::IKE_VERSION,
+            exchange,
+            flags: bits,
+            message_id,
+            length: 0,
+        };
+        let mut out = Vec::with_capacity(chunks.len());
+        for (n, chunk) in (1u16..).zip(chunks) {
+            self.iv += 1;
+            // Only the first fragment names the first inner payload (RFC 7383 §2.5).
+            let first_inner = if n == 1 { first } else { 0 };
+            out.push(self.ours.seal(
+                header,
+                first_inner,
+                Some((n, total)),
+                chunk,
+                &[],
+                self.iv.to_be_bytes(),
+            )?);
+        }
+        Ok(out)
+    }
+
+    /// [`Keyed::respond`] for a response that may need fragments.
+    fn respond_all(
+        &mut self,
+        header: &Header,
+        payloads: &[Payload],
+    ) -> Result<Vec<Vec<u8>>, IkeError> {
+        let response = self.seal_all(header.exchange, true, header.message_id, payloads)?;
+        self.last_response = Some((header.message_id, response.clone()));
+        self.peer_next_id = self.peer_next_id.wrapping_add(1);
+        Ok(response)
     }
 
     /// Opens an encrypted message from the peer; fragments are collected until the
@@ -1328,7 +1518,7 @@ impl Keyed {
     /// Seals the response to the request `header` and keeps it for a retransmission.
     fn respond(&mut self, header: &Header, payloads: &[Payload]) -> Result<Vec<u8>, IkeError> {
         let response = self.seal(header.exchange, true, header.message_id, payloads)?;
-        self.last_response = Some((header.message_id, response.clone()));
+        self.last_response = Some((header.message_id, vec![response.clone()]));
         self.peer_next_id = self.peer_next_id.wrapping_add(1);
         Ok(response)
     }
@@ -1344,7 +1534,9 @@ impl Keyed {
         config: &Config,
     ) -> Result<Answered, IkeError> {
         let payloads = match self.request(datagram, header)? {
-            Request::Again(bytes) => return Ok((vec![Event::Send(bytes)], false, None)),
+            Request::Again(bytes) => {
+                return Ok((bytes.into_iter().map(Event::Send).collect(), false, None))
+            }
             Request::Partial => return Ok((Vec::new(), false, None)),
             Request::New(payloads) => payloads,
         };
@@ -1496,13 +1688,24 @@ impl Keyed {
             prev.on_response(datagram, header)?;
             return Ok((Vec::new(), false));
         }
-        let reply = match prev.request(datagram, header)? {
-            Request::Again(bytes) => return Ok((vec![Event::Send(bytes)], false)),
+        let (reply, deleted) = match prev.request(datagram, header)? {
+            Request::Again(bytes) => {
+                return Ok((bytes.into_iter().map(Event::Send).collect(), false))
+            }
             Request::Partial => return Ok((Vec::new(), false)),
-            Request::New(_) if header.exchange == exchange::INFORMATIONAL => Vec::new(),
-            Request::New(_) => vec![status(notify::TEMPORARY_FAILURE, Vec::new())],
+            Request::New(p) if header.exchange == exchange::INFORMATIONAL => {
+                let deleted = p.iter().any(
+                    |x| matches!(x, Payload::Delete { protocol, .. } if *protocol == PROTO_IKE),
+                );
+                (Vec::new(), deleted)
+            }
+            Request::New(_) => (vec![status(notify::TEMPORARY_FAILURE, Vec::new())], false),
         };
         let response = prev.respond(header, &reply)?;
+        if deleted {
+            // Gone at both ends now: its keys go too.
+            self.previous = None;
+        }
         Ok((vec![Event::Send(response)], false))
     }
 }
@@ -1997,11 +2200,24 @@ impl Responder {
             notify::NAT_DETECTION_DESTINATION_IP,
             nat_hash(&header.spi_i, &spi_r, config.remote),
         ));
+        // What we trust, so that the initiator sends its certificate.
+        if let Some(c) = &config.certificates {
+            payloads.push(Payload::CertReq {
+                encoding: CERT_X509_SIGNATURE,
+                data: c.authorities(),
+            });
+        }
         if message
             .notify(notify::IKEV2_FRAGMENTATION_SUPPORTED)
             .is_some()
         {
             payloads.push(status(notify::IKEV2_FRAGMENTATION_SUPPORTED, Vec::new()));
+        }
+        if message.notify(notify::SIGNATURE_HASH_ALGORITHMS).is_some() {
+            payloads.push(status(
+                notify::SIGNATURE_HASH_ALGORITHMS,
+                SIGNATURE_HASHES.to_vec(),
+            ));
         }
         let init_response = Message {
             header: Header {
@@ -2018,7 +2234,11 @@ impl Responder {
         }
         .encode()?;
         // The initiator's IKE_AUTH is its request 1.
-        let keyed = Keyed::new(false, header.spi_i, spi_r, &keys, 1)?;
+        let mut keyed = Keyed::new(false, header.spi_i, spi_r, &keys, 1)?;
+        // Both said they take fragments (we answer FRAG_SUP when the request had it).
+        keyed.fragments_ok = message
+            .notify(notify::IKEV2_FRAGMENTATION_SUPPORTED)
+            .is_some();
         let responder = Self {
             config,
             state: State::InitSent,
@@ -2137,7 +2357,7 @@ impl Responder {
             return Err(IkeError::Protocol("expected the IKE_AUTH request".into()));
         }
         let payloads = match self.keyed.request(datagram, &header)? {
-            Request::Again(bytes) => return Ok(vec![Event::Send(bytes)]),
+            Request::Again(bytes) => return Ok(bytes.into_iter().map(Event::Send).collect()),
             Request::Partial => return Ok(Vec::new()),
             Request::New(payloads) => payloads,
         };
@@ -2182,17 +2402,11 @@ impl Responder {
         // way, so a prober learns nothing of which identities are configured.
         let octets =
             crypto::signed_octets(&self.init_request, &self.nr, &self.keys.sk_pi, &id_i.body());
-        let expected = crypto::psk_auth(&self.config.psk, &octets);
-        let verified = (*id_i == self.config.remote_id)
-            & (method == crypto::AUTH_SHARED_KEY)
-            & crypto::equal(&expected, data);
-        if !verified {
+        if let Err(why) = peer_proved(&self.config, payloads, id_i, method, data, &octets) {
             return self.refuse(
                 header,
                 notify::AUTHENTICATION_FAILED,
-                "the initiator's identity or AUTH did not verify (wrong pre-shared key or \
-                 identity)"
-                    .into(),
+                format!("the initiator's identity or AUTH did not verify ({why})"),
             );
         }
         let id_r = self.config.local_id.clone();
@@ -2202,10 +2416,8 @@ impl Responder {
             &self.keys.sk_pr,
             &id_r.body(),
         );
-        let our_auth = Payload::Auth {
-            method: crypto::AUTH_SHARED_KEY,
-            data: crypto::psk_auth(&self.config.psk, &octets).to_vec(),
-        };
+        let mut answer_auth = vec![Payload::IdR(id_r)];
+        answer_auth.extend(our_auth(&self.config, &octets)?);
         let picked = offered.and_then(|o| pick_esp(&self.config, self.child.inbound_spi, o));
         let remote = ts_i.map(|t| narrow_to_ours(t, &self.config.remote_prefixes));
         let local = ts_r.map(|t| narrow_to_ours(t, &self.config.local_prefixes));
@@ -2219,10 +2431,8 @@ impl Responder {
         };
         if let Some((kind, why)) = failure {
             // Authenticated, but no CHILD_SA: say why, then close.
-            let response = self.keyed.respond(
-                header,
-                &[Payload::IdR(id_r), our_auth, status(kind, Vec::new())],
-            )?;
+            answer_auth.push(status(kind, Vec::new()));
+            let response = self.keyed.respond(header, &answer_auth)?;
             self.state = State::Closed;
             return Ok(vec![
                 Event::Send(response),
@@ -2234,14 +2444,13 @@ impl Responder {
         else {
             return Err(IkeError::Protocol("no CHILD_SA".into()));
         };
-        let reply = vec![
-            Payload::IdR(id_r),
-            our_auth,
+        let mut reply = answer_auth;
+        reply.extend([
             Payload::Sa(vec![answer]),
             Payload::TsI(remote.iter().map(Prefix::selector).collect()),
             Payload::TsR(local.iter().map(Prefix::selector).collect()),
-        ];
-        let response = self.keyed.respond(header, &reply)?;
+        ]);
+        let response = self.keyed.respond_all(header, &reply)?;
         let (i2r, r2i) = crypto::child_keymat(
             &self.keys.sk_d,
             None,
@@ -2255,17 +2464,16 @@ impl Responder {
         self.state = State::Established;
         // Our own requests (liveness checks) start at Message ID 0.
         self.keyed.established(now, 0, self.config.dpd);
-        Ok(vec![
-            Event::Send(response),
-            Event::Established(ChildSa {
-                inbound_spi: self.child.inbound_spi,
-                outbound_spi,
-                inbound_key: i2r,
-                outbound_key: r2i,
-                esn,
-                local_prefixes: local,
-                remote_prefixes: remote,
-            }),
-        ])
+        let mut events: Vec<Event> = response.into_iter().map(Event::Send).collect();
+        events.push(Event::Established(ChildSa {
+            inbound_spi: self.child.inbound_spi,
+            outbound_spi,
+            inbound_key: i2r,
+            outbound_key: r2i,
+            esn,
+            local_prefixes: local,
+            remote_prefixes: remote,
+        }));
+        Ok(events)
     }
 }

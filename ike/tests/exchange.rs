@@ -44,6 +44,7 @@ fn config(initiator: bool, groups: &[u16], psk: &str) -> Config {
         local_id,
         remote_id,
         psk: psk.as_bytes().to_vec().into(),
+        certificates: None,
         groups: groups.to_vec(),
         key_bits: vec![256, 128],
         local_prefixes: vec![lp],

@@ -86,7 +86,7 @@ pub use link::{EspCipher, LinkParams};
 pub use mtls::{peer_id, MeshTls, PeerPolicy};
 pub use session::{LossReason, PeerSession};
 pub use timing::{Backoff, ChannelTiming};
-pub use verify::{MeshTrust, Refusal, TrustError};
+pub use verify::{ChainVerifier, MeshTrust, Refusal, TrustError};
 
 use admission::Slot;
 use runtime::TaskDone;

@@ -594,6 +594,59 @@ impl ClientCertVerifier for PeerClientVerifier {
     }
 }
 
+/// Checks certificate chains presented outside TLS (IKEv2 CERT payloads) by the rules of
+/// the peer channel: a path to a root of the bundle, validity, CRLs over the whole chain,
+/// the server-authentication usage of gateway certificates, cluster CAs vouching only for
+/// their own cluster. Returns the leaf's SPIFFE ID.
+pub struct ChainVerifier {
+    core: TrustCore,
+}
+
+impl fmt::Debug for ChainVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChainVerifier")
+            .field("core", &self.core)
+            .finish()
+    }
+}
+
+impl ChainVerifier {
+    /// A verifier for `trust` (roots and CRLs as loaded now).
+    pub fn new(trust: &MeshTrust) -> Result<Self, TrustError> {
+        Ok(Self {
+            core: TrustCore::new(
+                trust,
+                rustls::crypto::ring::default_provider().signature_verification_algorithms,
+            )?,
+        })
+    }
+
+    /// Verifies `chain` (DER, leaf first) at `now`; the leaf's SPIFFE ID.
+    pub fn verify(
+        &self,
+        chain: &[Vec<u8>],
+        now: std::time::SystemTime,
+    ) -> Result<SpiffeId, Refusal> {
+        let Some((leaf, rest)) = chain.split_first() else {
+            return Err(Refusal::InvalidCertificate("no certificate".into()));
+        };
+        let leaf = CertificateDer::from(leaf.as_slice());
+        let intermediates: Vec<CertificateDer<'_>> = rest
+            .iter()
+            .map(|c| CertificateDer::from(c.as_slice()))
+            .collect();
+        let since = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| Refusal::InvalidCertificate("the clock is before 1970".into()))?;
+        self.core.verify_chain(
+            &leaf,
+            &intermediates,
+            UnixTime::since_unix_epoch(since),
+            KeyUsage::server_auth(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

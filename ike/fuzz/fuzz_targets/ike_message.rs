@@ -20,6 +20,7 @@ fn config() -> Config {
             data: b"gw1.test".to_vec(),
         },
         psk: b"fuzz".to_vec().into(),
+        certificates: None,
         groups: vec![31, 19],
         key_bits: vec![256, 128],
         local_prefixes: vec![prefix("100.64.2.0")],

@@ -226,6 +226,27 @@ impl EspPeer {
         tx.sa.generation
     }
 
+    /// Whether the SAs in use have had `share` (0 to 1) of their hard limits
+    /// (time, packets or bytes): the outbound one, or the newest inbound one.
+    /// For keys pushed by IKE, whose rekeys come from the peer.
+    pub fn nears_hard_limit(&self, share: f64, now: Instant) -> bool {
+        let hard = self.config.lifetimes.hard;
+        let scaled = sa::Limits {
+            time: hard.time.mul_f64(share),
+            packets: (hard.packets as f64 * share) as u64,
+            bytes: (hard.bytes as f64 * share) as u64,
+        };
+        if lock(&self.tx).sa.reached(&scaled, now) {
+            return true;
+        }
+        let rx = lock(&self.rx);
+        rx.sas
+            .iter()
+            .filter(|sa| sa.retire_at.is_none())
+            .max_by_key(|sa| sa.generation)
+            .is_some_and(|sa| sa.reached(&scaled, now))
+    }
+
     pub fn status(&self, now: Instant) -> EspPeerStatus {
         let tx = lock(&self.tx);
         let rx = lock(&self.rx);

@@ -655,3 +655,36 @@ fn a_pushed_peer_may_only_send_to_our_side_of_its_selectors() {
     let wire = seal(&p.a, &elsewhere, now).unwrap();
     assert_eq!(open(&p.b, &wire, now), Err(DropReason::BadSource));
 }
+
+#[test]
+fn pushed_keys_tell_when_they_near_their_hard_limits() {
+    let now = Instant::now();
+    let p = pushed_pair(now);
+    let (pa, pb) = (
+        p.a.peers().peers()[0].clone(),
+        p.b.peers().peers()[0].clone(),
+    );
+    assert!(!pa.nears_hard_limit(0.9, now));
+    // Time: 90 % of the hour is near.
+    let hard = Lifetimes::default().hard.time;
+    assert!(pa.nears_hard_limit(0.9, now + hard.mul_f64(0.91)));
+    // Bytes, out and in: the hard byte limit scaled down to what these packets carry.
+    let mut sent = 0u64;
+    for n in 0..200u32 {
+        let wire = seal(
+            &p.a,
+            &ipv4([100, 64, 1, 2], [100, 64, 2, 2], &vec![n as u8; 1000]),
+            now,
+        )
+        .unwrap();
+        sent += wire.len() as u64;
+        open(&p.b, &wire, now).unwrap();
+    }
+    let limit = Lifetimes::default().hard.bytes;
+    // With a share just below what was sent, both directions are near; twice it, neither.
+    let near = (sent as f64 * 0.9) / limit as f64;
+    assert!(pa.nears_hard_limit(near, now), "outbound bytes");
+    assert!(pb.nears_hard_limit(near, now), "inbound bytes");
+    let far = (sent as f64 * 2.0) / limit as f64;
+    assert!(!pa.nears_hard_limit(far, now) && !pb.nears_hard_limit(far, now));
+}
