@@ -250,3 +250,30 @@ fn strongswan_initiates_to_the_gateway_restarts_and_a_wrong_key_is_refused() {
         third.log()
     );
 }
+
+#[test]
+fn strongswan_starting_on_the_ike_port_moves_to_ours() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let gw = ike_gateway(&topo, s1, s2, "responder", PSK, 30).expect("gateway");
+    // charon as configured by default: IKE_SA_INIT to port 500, then NAT-T to 4500.
+    let conf = psk_conf(s2, s1, PSK).replace("local_port = 4500\n    remote_port = 4500\n    ", "");
+    assert!(!conf.contains("port"), "{conf}");
+    let charon = Charon::start(topo.run(), &s2.gw_ns, "g2", "", &conf).expect("charon");
+    let logs = || format!("{}\n{}", gw.logs(), charon.log());
+    charon
+        .swanctl(&["--initiate", "--child", "net", "--timeout", "10"])
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let ike = wait_ike(&gw, |k| k.state == "established", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert!(ike.ike_spis.is_some());
+    // It started on 500 and went on at our ESP port, where the tunnel runs.
+    let log = charon.log();
+    assert!(
+        log.contains("to 192.0.2.1[500]") && log.contains("to 192.0.2.1[4500]"),
+        "{}",
+        logs()
+    );
+    charon_has(&charon, &ike);
+    pings_both_ways(s1, s2, &logs);
+}

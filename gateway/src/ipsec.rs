@@ -345,6 +345,87 @@ impl std::fmt::Debug for IkeService {
 /// Sends one IKE message (without the non-ESP marker) to an address.
 pub type SendFn = Arc<dyn Fn(SocketAddr, &[u8]) + Send + Sync>;
 
+/// The IKE port, where peers start IKE_SA_INIT before moving to the ESP port.
+pub const IKE_PORT: u16 = 500;
+/// Datagrams taken from the IKE port per second at most (it only starts exchanges).
+const IKE_PORT_RATE: u32 = 50;
+
+/// Listens on the IKE port (UDP 500) for peers that start there: a thread hands their
+/// datagrams to the control thread (at most [`IKE_PORT_RATE`] a second, from IKE peers'
+/// addresses only); the answers leave from the same socket. `None` (said in the log)
+/// when the port is taken: peers must then start on the ESP port.
+fn ike_port(
+    inbox: std::sync::mpsc::SyncSender<ControlDatagram>,
+    peers: Vec<IpAddr>,
+) -> Option<SendFn> {
+    let bind = || -> std::io::Result<UdpSocket> {
+        let sock = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        sock.set_only_v6(false)?;
+        let any: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, IKE_PORT).into();
+        sock.bind(&any.into())?;
+        Ok(sock.into())
+    };
+    let (sock, v6) = match bind() {
+        Ok(s) => (s, true),
+        Err(_) => match UdpSocket::bind(("0.0.0.0", IKE_PORT)) {
+            Ok(s) => (s, false),
+            Err(e) => {
+                tracing::warn!(error = %e, "IKE port {IKE_PORT} unavailable: IKE peers must start on the ESP port");
+                return None;
+            }
+        },
+    };
+    let reader = sock.try_clone().ok()?;
+    let spawned = std::thread::Builder::new()
+        .name("ike-port".into())
+        .spawn(move || {
+            let mut buf = vec![0u8; 65536];
+            let mut window = (Instant::now(), 0u32);
+            loop {
+                let Ok((n, from)) = reader.recv_from(&mut buf) else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let from = SocketAddr::new(from.ip().to_canonical(), from.port());
+                if !peers.contains(&from.ip()) {
+                    continue;
+                }
+                let now = Instant::now();
+                if now.saturating_duration_since(window.0) >= Duration::from_secs(1) {
+                    window = (now, 0);
+                }
+                if window.1 >= IKE_PORT_RATE {
+                    continue;
+                }
+                window.1 += 1;
+                let d = ControlDatagram::on_ike_port(from, buf[..n].to_vec());
+                if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) = inbox.try_send(d) {
+                    return;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no IKE port thread");
+        return None;
+    }
+    tracing::info!(port = IKE_PORT, "IKE port listening");
+    Some(Arc::new(move |to: SocketAddr, bytes: &[u8]| {
+        let to = match (v6, to) {
+            (true, SocketAddr::V4(a)) => {
+                SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port())
+            }
+            _ => to,
+        };
+        if let Err(e) = sock.send_to(bytes, to) {
+            tracing::debug!(%to, error = %e, "IKE port send failed");
+        }
+    }))
+}
+
 /// IKE datagrams queued between the data path and the control thread.
 const INBOX: usize = 256;
 /// An initiator tries again this long after a failure, doubling up to
@@ -385,12 +466,13 @@ impl IkeService {
         esp_port: u16,
     ) -> std::io::Result<Self> {
         let (tx, rx) = sync_channel(INBOX);
-        let addresses = peers.iter().map(|p| p.endpoint.ip()).collect();
-        if !core.set_control_inbox(tx, addresses) {
+        let addresses: Vec<IpAddr> = peers.iter().map(|p| p.endpoint.ip()).collect();
+        if !core.set_control_inbox(tx.clone(), addresses.clone()) {
             return Err(std::io::Error::other("IKE runs already on this ESP core"));
         }
         let send: SendFn = Arc::new(move |to, bytes| sender.send(to, bytes));
         let mut control = Control::new(core.clone(), send, peers, esp_port)?;
+        control.send_ike_port = ike_port(tx, addresses);
         let (status, stray) = (control.status.clone(), control.stray.clone());
         std::thread::Builder::new()
             .name("ike".into())
@@ -505,6 +587,8 @@ struct HalfOpen {
     sa: Sa,
     from: SocketAddr,
     since: Instant,
+    /// Started on the IKE port: answered from it until the peer moves to ours.
+    via_ike_port: bool,
 }
 
 struct PeerRun {
@@ -708,6 +792,8 @@ struct Control {
     peers: Vec<PeerRun>,
     core: Arc<EspCore>,
     send: SendFn,
+    /// Sends from the IKE port (500), when it is ours.
+    send_ike_port: Option<SendFn>,
     status: Arc<Mutex<Vec<IkePeerStatus>>>,
     stray: Arc<AtomicU64>,
     cookie_secret: [u8; 32],
@@ -735,6 +821,7 @@ impl Control {
                 .collect(),
             core,
             send,
+            send_ike_port: None,
             status: Arc::new(Mutex::new(Vec::new())),
             stray: Arc::default(),
             cookie_secret: cookie_secret()?,
@@ -874,7 +961,28 @@ impl Control {
         };
         if let Some((sa, _)) = self.peers[i].sa_mut(slot) {
             let result = sa.handle(&d.bytes, now);
+            if let (Slot::HalfOpen(spi), Ok(_)) = (slot, &result) {
+                // A message of the exchange that opened: the peer is where it came from
+                // (it moves from the IKE port to ours after IKE_SA_INIT).
+                if let Some(h) = self.peers[i]
+                    .half_open
+                    .iter_mut()
+                    .find(|h| h.sa.spis().0 == spi)
+                {
+                    h.from = d.from;
+                    h.via_ike_port = d.via_ike_port;
+                }
+            }
             self.outcome(i, slot, result, now);
+        }
+    }
+
+    /// Sends `bytes` to `to` from the IKE port if `via_ike_port` (and it is ours), else
+    /// from the ESP port.
+    fn send_via(&self, via_ike_port: bool, to: SocketAddr, bytes: &[u8]) {
+        match (&self.send_ike_port, via_ike_port) {
+            (Some(send), true) => send(to, bytes),
+            _ => (self.send)(to, bytes),
         }
     }
 
@@ -890,7 +998,7 @@ impl Control {
         if p.attempts.len() >= COOKIE_AT {
             match cookie_answer(&self.cookie_secret, d.from, &d.bytes) {
                 Ok(None) => {}
-                Ok(Some(ask)) => return (self.send)(d.from, &ask),
+                Ok(Some(ask)) => return self.send_via(d.via_ike_port, d.from, &ask),
                 Err(_) => return self.stray("unreadable IKE_SA_INIT", d.from),
             }
         }
@@ -905,10 +1013,11 @@ impl Control {
                     sa: Sa::R(sa),
                     from: d.from,
                     since: now,
+                    via_ike_port: d.via_ike_port,
                 });
-                (self.send)(d.from, &answer);
+                self.send_via(d.via_ike_port, d.from, &answer);
             }
-            Ok(Accepted::Answer(bytes)) => (self.send)(d.from, &bytes),
+            Ok(Accepted::Answer(bytes)) => self.send_via(d.via_ike_port, d.from, &bytes),
             Err(e) => {
                 tracing::debug!(peer = %p.name(), error = %e, "IKE_SA_INIT refused");
                 self.stray("IKE_SA_INIT refused", d.from);
@@ -955,7 +1064,16 @@ impl Control {
 
     fn event(&mut self, i: usize, slot: Slot, to: SocketAddr, event: Event, now: Instant) {
         match event {
-            Event::Send(bytes) => (self.send)(to, &bytes),
+            Event::Send(bytes) => {
+                let via_ike_port = match slot {
+                    Slot::HalfOpen(spi) => self.peers[i]
+                        .half_open
+                        .iter()
+                        .any(|h| h.sa.spis().0 == spi && h.via_ike_port),
+                    Slot::Current => false,
+                };
+                self.send_via(via_ike_port, to, &bytes);
+            }
             Event::Established(child) => self.established(i, slot, &child, now),
             Event::ChildRekeyed(child) if slot == Slot::Current => self.rekeyed(i, &child, now),
             Event::ChildDeleted(spi) if slot == Slot::Current => self.child_deleted(i, spi, now),

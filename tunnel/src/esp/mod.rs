@@ -76,6 +76,8 @@ pub enum InstallError {
 pub struct ControlDatagram {
     pub from: SocketAddr,
     pub bytes: Vec<u8>,
+    /// It came to the IKE port (500, no marker), not the ESP port.
+    pub via_ike_port: bool,
     /// A new exchange holds one of the [`MAX_QUEUED_INITS`] places until dropped.
     _init: Option<InitSlot>,
 }
@@ -86,6 +88,18 @@ impl ControlDatagram {
         Self {
             from,
             bytes,
+            via_ike_port: false,
+            _init: None,
+        }
+    }
+
+    /// A datagram from the IKE port (500), where IKE starts before it moves to the
+    /// ESP port (RFC 3948, NAT traversal).
+    pub fn on_ike_port(from: SocketAddr, bytes: Vec<u8>) -> Self {
+        Self {
+            from,
+            bytes,
+            via_ike_port: true,
             _init: None,
         }
     }
@@ -827,6 +841,7 @@ impl EspCore {
             let d = ControlDatagram {
                 from,
                 bytes: bytes.to_vec(),
+                via_ike_port: false,
                 _init: init,
             };
             if inbox.try_send(d).is_err() {
