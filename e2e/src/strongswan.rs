@@ -376,14 +376,16 @@ pub fn charon_pair(topo: &Topology) -> Result<(Charon, Charon)> {
     Ok((initiator, responder))
 }
 
-/// Writes `psk` as a pre-shared-key file (mode 0600) in the run dir.
+/// Writes `psk` as a pre-shared-key file (mode 0600) in the run dir (again, for a
+/// restarted gateway).
 pub fn write_psk(run: &Run, name: &str, psk: &str) -> Result<PathBuf> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = run.path(name);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
         .open(&path)
         .with_context(|| format!("creating {}", path.display()))?;

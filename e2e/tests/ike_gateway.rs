@@ -277,3 +277,43 @@ fn strongswan_starting_on_the_ike_port_moves_to_ours() {
     charon_has(&charon, &ike);
     pings_both_ways(s1, s2, &logs);
 }
+
+#[test]
+fn a_restarted_gateway_replaces_its_old_ike_sa_at_strongswan() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let charon =
+        Charon::start(topo.run(), &s2.gw_ns, "g2", "", &psk_conf(s2, s1, PSK)).expect("charon");
+    let ike_sas = || {
+        let sas = charon.swanctl(&["--list-sas"]).expect("list-sas");
+        sas.lines().filter(|l| l.starts_with("lab: #")).count()
+    };
+    let mut first = ike_gateway(&topo, s1, s2, "initiator", PSK, 30).expect("gateway");
+    let before = wait_ike(
+        &first,
+        |k| k.state == "established",
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", first.logs(), charon.log()));
+    assert_eq!(ike_sas(), 1);
+    // The gateway goes away without a word (its state lost), then comes back: its
+    // IKE_AUTH carries INITIAL_CONTACT, so charon drops the IKE SA it still had.
+    first.process().signal(libc::SIGKILL);
+    let _ = first.stop();
+    let second = ike_gateway(&topo, s1, s2, "initiator", PSK, 30).expect("gateway again");
+    let logs = || format!("{}\n{}", second.logs(), charon.log());
+    let after = wait_ike(
+        &second,
+        |k| k.state == "established",
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert_ne!(before.ike_spis, after.ike_spis);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ike_sas() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ike_sas(), 1, "charon kept the old IKE SA\n{}", logs());
+    charon_has(&charon, &after);
+    pings_both_ways(s1, s2, &logs);
+}
