@@ -376,8 +376,11 @@ pub struct IkeStatus {
     pub ike_spis: Option<(String, String)>,
     /// CHILD_SAs in force, oldest first: (inbound SPI, outbound SPI), `0x…`.
     pub child_sas: Vec<(String, String)>,
-    /// CHILD_SA rekeys installed.
+    /// CHILD_SA rekeys installed (the peer's and the gateway's own).
     pub child_rekeys: u64,
+    /// Of those, the gateway's own.
+    #[serde(default)]
+    pub own_rekeys: u64,
     /// IKE SAs established since start.
     pub established: u64,
     /// Seconds since the peer was last heard (authenticated).

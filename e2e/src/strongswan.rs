@@ -432,10 +432,25 @@ pub fn ike_gateway(
     psk: &str,
     dpd_seconds: u64,
 ) -> Result<IsthmusGateway> {
+    ike_gateway_with(topo, local, remote, role, psk, dpd_seconds, &[])
+}
+
+/// [`ike_gateway`] with `extra` lines in `[peers.esp.ike]` (e.g. `rekey_seconds = 2`).
+pub fn ike_gateway_with(
+    topo: &Topology,
+    local: &Site,
+    remote: &Site,
+    role: &str,
+    psk: &str,
+    dpd_seconds: u64,
+    extra: &[&str],
+) -> Result<IsthmusGateway> {
     let psk_file = write_psk(topo.run(), &format!("gw{}-ike.psk", local.index), psk)?;
+    let mut peer = ike_peer(local, remote, role, &psk_file, dpd_seconds);
+    peer.esp_extra.extend(extra.iter().map(|l| l.to_string()));
     let esp = EspSettings {
         listen_port: Some(4500),
-        peers: vec![ike_peer(local, remote, role, &psk_file, dpd_seconds)],
+        peers: vec![peer],
     };
     IsthmusGateway::start_with_esp(
         topo.run(),

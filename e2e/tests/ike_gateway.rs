@@ -1,7 +1,8 @@
 //! The gateway runs IKEv2 itself (`[peers.esp.ike]`) with a real strongSwan charon
 //! (kernel-libipsec) across network namespaces: as initiator and as responder, its ESP
 //! keyed by the CHILD_SA; ping and TCP through it; charon's CHILD_SA rekeys while traffic
-//! runs both ways lose nothing, and so do its rekeys of the IKE SA; a CHILD_SA deleted
+//! runs both ways lose nothing, and so do its rekeys of the IKE SA and the gateway's own
+//! rekeys crossing charon's (collisions: the later one waits); a CHILD_SA deleted
 //! alone makes the gateway start over; a killed charon is noticed (DPD) and its prefixes then
 //! have no tunnel: packets are dropped and counted, never sent in clear (capture); a
 //! restarted charon's new IKE SA replaces the old one; a wrong pre-shared key is refused.
@@ -315,5 +316,91 @@ fn a_restarted_gateway_replaces_its_old_ike_sa_at_strongswan() {
     }
     assert_eq!(ike_sas(), 1, "charon kept the old IKE SA\n{}", logs());
     charon_has(&charon, &after);
+    pings_both_ways(s1, s2, &logs);
+}
+
+#[test]
+fn the_gateways_own_rekeys_and_collisions_with_strongswans_lose_nothing() {
+    let topo = Topology::two_sites(Underlay::V4).expect("topology");
+    let (s1, s2) = (topo.site(1), topo.site(2));
+    let charon =
+        Charon::start(topo.run(), &s2.gw_ns, "g2", "", &psk_conf(s2, s1, PSK)).expect("charon");
+    // The gateway rekeys its CHILD_SA once it is a second old (tries 2 s apart).
+    let gw = isthmus_e2e::strongswan::ike_gateway_with(
+        &topo,
+        s1,
+        s2,
+        "initiator",
+        PSK,
+        30,
+        &["rekey_seconds = 1"],
+    )
+    .expect("gateway");
+    let logs = || format!("{}\n{}", gw.logs(), charon.log());
+    wait_ike(&gw, |k| k.state == "established", Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    pings_both_ways(s1, s2, &logs);
+    // Of our CREATE_CHILD_SA requests (non-ESP marker, exchange 36, not a response),
+    // two of every three transmissions are lost: each of our rekeys is in flight for
+    // 1.5 s, and charon's rekeys (every 1.2-1.8 s, ours a second after each) cross it.
+    let table = [
+        "add table inet ikelab",
+        "add chain inet ikelab out { type filter hook output priority 0; }",
+        "add rule inet ikelab out udp dport 4500 @th,64,32 0 @th,240,8 36 \
+         @th,248,8 & 0x20 == 0 numgen inc mod 3 != 2 drop",
+    ];
+    for rule in table {
+        let args: Vec<&str> = rule.split_whitespace().collect();
+        isthmus_e2e::netns::exec(&s1.gw_ns, "nft", &args).expect("nft");
+    }
+    let flow = |from: &Site, to: &Site, port: u16| {
+        let (src, dst) = (from.wl_ns.clone(), to.wl_ns.clone());
+        let addr = SocketAddr::new(IpAddr::V4(to.workload_addr), port);
+        std::thread::spawn(move || udp_sequence(&src, &dst, addr, 13_000, 200, 1_000))
+    };
+    let (there, back) = (flow(s1, s2, 7201), flow(s2, s1, 7202));
+    // Meanwhile charon rekeys too, at moments that fall on ours now and then.
+    for n in 0..8u64 {
+        std::thread::sleep(Duration::from_millis(1200 + (n * 211) % 600));
+        let _ = charon.swanctl(&["--rekey", "--child", "net"]);
+    }
+    for (name, flow) in [("1 -> 2", there), ("2 -> 1", back)] {
+        let report = flow.join().expect("flow thread").expect("flow");
+        assert!(
+            report.missing().is_empty() && report.duplicated().is_empty(),
+            "{name}: {} of {} lost, {} duplicated across the rekeys\n{}",
+            report.missing().len(),
+            report.sent,
+            report.duplicated().len(),
+            logs()
+        );
+    }
+    let ike = wait_ike(
+        &gw,
+        |k| k.child_sas.len() == 1 && k.state == "established",
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    assert!(ike.own_rekeys >= 2, "{ike:#?}");
+    // Crossed rekeys: charon's was refused while ours was in flight, and it tried again.
+    assert!(
+        charon.log().contains("received TEMPORARY_FAILURE notify"),
+        "no rekeys crossed\n{}",
+        logs()
+    );
+    let log = charon.log();
+    eprintln!(
+        "own rekeys {}, charon's {}, charon's refused by us {}, charon answered {}",
+        ike.own_rekeys,
+        ike.child_rekeys - ike.own_rekeys,
+        log.matches("received TEMPORARY_FAILURE notify").count(),
+        log.matches("generating CREATE_CHILD_SA response").count()
+    );
+    assert!(
+        ike.child_rekeys > ike.own_rekeys,
+        "charon's rekeys too: {ike:#?}"
+    );
+    assert_eq!(ike.established, 1, "no start-over: {ike:#?}");
+    charon_has(&charon, &ike);
     pings_both_ways(s1, s2, &logs);
 }

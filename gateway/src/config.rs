@@ -258,6 +258,7 @@ struct RawIke {
     groups: Option<Vec<u16>>,
     key_bits: Option<Vec<u16>>,
     dpd_seconds: Option<u64>,
+    rekey_seconds: Option<u64>,
 }
 
 /// The manual-keying SA file of one ESP peer (mode 0600): generation 0 of
@@ -2326,6 +2327,19 @@ fn ike_peer(i: usize, raw: RawPeer) -> Result<crate::ipsec::IkePeerConfig, Confi
     let grace = esp
         .rekey_grace_seconds
         .map_or(defaults.grace, Duration::from_secs);
+    let rekey_after = match ike.rekey_seconds {
+        None => None,
+        Some(n) if n == 0 || n >= hard.time.as_secs() => {
+            return Err(ConfigError::new(
+                ike_field("rekey_seconds"),
+                format!(
+                    "{n} must be above 0 and below the hard lifetime ({} s)",
+                    hard.time.as_secs()
+                ),
+            ))
+        }
+        Some(n) => Some(Duration::from_secs(n)),
+    };
     Ok(IkePeerConfig {
         name: raw.name,
         endpoint,
@@ -2340,8 +2354,9 @@ fn ike_peer(i: usize, raw: RawPeer) -> Result<crate::ipsec::IkePeerConfig, Confi
         groups,
         key_bits,
         dpd,
+        rekey_after,
         esn,
-        // Soft limits are never used: nothing is derived (the peer rekeys).
+        // Soft limits are never used: nothing is derived (IKE rekeys).
         lifetimes: Lifetimes {
             soft: hard,
             hard,

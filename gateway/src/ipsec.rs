@@ -67,6 +67,9 @@ pub struct IkePeerConfig {
     /// AES-GCM-16 key sizes, most preferred first.
     pub key_bits: Vec<u16>,
     pub dpd: Option<Duration>,
+    /// Rekey the CHILD_SA ourselves when its SAs are this old (`rekey_seconds`);
+    /// without it, at [`REKEY_SHARE`] of the hard limits if the peer did not first.
+    pub rekey_after: Option<Duration>,
     pub esn: bool,
     /// The ESP SAs' hard limits (the peer's rekeys replace them before).
     pub lifetimes: Lifetimes,
@@ -315,8 +318,11 @@ pub struct IkePeerStatus {
     pub established_secs: Option<f64>,
     /// The CHILD_SAs in force, oldest first: (inbound SPI, outbound SPI).
     pub child_sas: Vec<(String, String)>,
-    /// CHILD_SA rekeys installed since start.
+    /// CHILD_SA rekeys installed since start (the peer's and ours).
     pub child_rekeys: u64,
+    /// Of those, the ones we started.
+    #[serde(default)]
+    pub own_rekeys: u64,
     /// IKE SAs established since start.
     pub established: u64,
     /// Seconds since the peer last sent an authenticated message (a request,
@@ -445,6 +451,12 @@ const COOKIE_SECRET_LIFE: Duration = Duration::from_secs(300);
 /// With no rekey from the peer, the IKE SA is started over when the ESP SA in
 /// use has had this share of its hard limits.
 const HARD_LIMIT_SHARE: f64 = 0.9;
+/// With no rekey from the peer, we rekey the CHILD_SA ourselves at this share of
+/// the hard limits (before [`HARD_LIMIT_SHARE`] starts over).
+pub const REKEY_SHARE: f64 = 0.8;
+/// Our own rekeys are tried at most this often (one refused in a collision is
+/// tried again).
+const REKEY_RETRY: Duration = Duration::from_secs(2);
 
 /// IKE datagrams dropped, for the status.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -571,6 +583,12 @@ impl Sa {
             Sa::R(s) => s.close(why),
         }
     }
+    fn rekey_child(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
+        match self {
+            Sa::I(s) => s.rekey_child(now),
+            Sa::R(s) => s.rekey_child(now),
+        }
+    }
 }
 
 /// Which IKE SA of a peer something came from.
@@ -607,6 +625,9 @@ struct PeerRun {
     established_at: Option<Instant>,
     heard: (u64, Option<Instant>),
     child_rekeys: u64,
+    own_rekeys: u64,
+    /// When we last tried a rekey of our own.
+    rekey_tried: Option<Instant>,
     established: u64,
     last_error: Option<String>,
     /// The IKE thread stopped (a bug): nothing is keyed any more.
@@ -678,6 +699,8 @@ impl PeerRun {
             established_at: None,
             heard: (0, None),
             child_rekeys: 0,
+            own_rekeys: 0,
+            rekey_tried: None,
             established: 0,
             last_error: None,
             failed: false,
@@ -768,6 +791,7 @@ impl PeerRun {
                 .map(|(i, o)| (format!("{i:#010x}"), format!("{o:#010x}")))
                 .collect(),
             child_rekeys: self.child_rekeys,
+            own_rekeys: self.own_rekeys,
             established: self.established,
             last_heard_secs: self
                 .heard
@@ -777,6 +801,26 @@ impl PeerRun {
             esp_hard_lifetime_secs: self.cfg.lifetimes.hard.time.as_secs(),
             last_error: self.last_error.clone(),
         }
+    }
+
+    /// Whether to rekey the CHILD_SA ourselves now: its SAs are `rekey_after` old, or
+    /// near their hard limits, and no try was made just before.
+    fn rekey_due(&self, now: Instant) -> bool {
+        let (Some(esp), Some(sa)) = (&self.esp, &self.current) else {
+            return false;
+        };
+        if !sa.is_established()
+            || self
+                .rekey_tried
+                .is_some_and(|t| now.saturating_duration_since(t) < REKEY_RETRY)
+        {
+            return false;
+        }
+        let aged = self
+            .cfg
+            .rekey_after
+            .is_some_and(|after| esp.status(now).outbound.age_secs >= after.as_secs_f64());
+        aged || esp.nears_hard_limit(REKEY_SHARE, now)
     }
 
     /// Whether the ESP SA in use has had most of its hard limits with no rekey
@@ -907,6 +951,13 @@ impl Control {
                         p.last_error = Some(e.to_string());
                         p.retry_at = now + MAX_RETRY;
                     }
+                }
+            }
+            if self.peers[i].rekey_due(now) {
+                self.peers[i].rekey_tried = Some(now);
+                if let Some(sa) = self.peers[i].current.as_mut() {
+                    let result = sa.rekey_child(now);
+                    self.outcome(i, Slot::Current, result, now);
                 }
             }
             if self.peers[i].near_hard_limit(now) {
@@ -1180,7 +1231,7 @@ impl Control {
                 return Err("a rekey to another cipher".into());
             }
             self.core
-                .install_pair(&esp, &pair, false, now)
+                .install_pair(&esp, &pair, child.rekeyed_by_us, now)
                 .map_err(|e| e.to_string())
         });
         match installed {
@@ -1190,10 +1241,14 @@ impl Control {
                     inbound_spi = format_args!("{:#010x}", child.inbound_spi),
                     outbound_spi = format_args!("{:#010x}", child.outbound_spi),
                     generation,
-                    "CHILD_SA rekeyed by the peer"
+                    "CHILD_SA rekeyed by {}",
+                    if child.rekeyed_by_us { "us" } else { "the peer" }
                 );
                 p.pairs.push((child.inbound_spi, child.outbound_spi));
                 p.child_rekeys += 1;
+                if child.rekeyed_by_us {
+                    p.own_rekeys += 1;
+                }
             }
             Err(e) => {
                 // The peer has the new pair and we cannot use it: start over rather
@@ -1287,6 +1342,7 @@ mod tests {
             groups: vec![19],
             key_bits: vec![256],
             dpd: None,
+            rekey_after: None,
             esn: true,
             lifetimes: Lifetimes::default(),
         }

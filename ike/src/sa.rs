@@ -279,6 +279,25 @@ pub trait Certificates: Send + Sync {
     fn authorities(&self) -> Vec<u8>;
 }
 
+/// Our ESP proposal for a CHILD_SA whose inbound SPI is `inbound_spi`.
+fn esp_proposal(config: &Config, inbound_spi: u32) -> Proposal {
+    let mut transforms: Vec<Transform> = config
+        .key_bits
+        .iter()
+        .map(|b| Transform::with_key_length(ENCR, crypto::ENCR_AES_GCM_16, *b))
+        .collect();
+    if config.esn {
+        transforms.push(Transform::new(ESN, 1));
+    }
+    transforms.push(Transform::new(ESN, 0));
+    Proposal {
+        number: 1,
+        protocol: PROTO_ESP,
+        spi: inbound_spi.to_be_bytes().to_vec(),
+        transforms,
+    }
+}
+
 /// SIGNATURE_HASH_ALGORITHMS data: SHA2-256, SHA2-384, SHA2-512 (RFC 7427 §7).
 const SIGNATURE_HASHES: [u8; 6] = [0, 2, 0, 3, 0, 4];
 
@@ -373,6 +392,9 @@ pub struct ChildSa {
     pub local_prefixes: Vec<Prefix>,
     /// The peer's side's prefixes.
     pub remote_prefixes: Vec<Prefix>,
+    /// A rekey of ours ([`Initiator::rekey_child`]): the peer has the new pair already,
+    /// so it may be used outbound at once.
+    pub rekeyed_by_us: bool,
 }
 
 impl std::fmt::Debug for ChildSa {
@@ -620,6 +642,21 @@ impl Initiator {
         events.extend(self.child.gone());
         events.push(Event::Closed(why.to_string()));
         events
+    }
+
+    /// Rekeys the CHILD_SA ourselves (RFC 7296 §1.3.3, no PFS): once the peer answers,
+    /// [`Event::ChildRekeyed`] (with `rekeyed_by_us`: use it outbound at once), then our
+    /// delete of the old pair, whose end gives [`Event::ChildDeleted`]. Nothing (try
+    /// later) while another request of ours or a rekey is under way; a refusal (the
+    /// peer rekeys at the same time) leaves the pair in force.
+    pub fn rekey_child(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
+        if self.state != State::Established {
+            return Ok(Vec::new());
+        }
+        let (Some(keyed), config) = (self.keyed.as_mut(), &self.config) else {
+            return Ok(Vec::new());
+        };
+        keyed.start_rekey(&mut self.child, config, now)
     }
 
     /// Authenticated messages from the peer since the IKE SA was keyed (its
@@ -894,22 +931,7 @@ impl Initiator {
     }
 
     fn esp_proposal(&self) -> Proposal {
-        let mut transforms: Vec<Transform> = self
-            .config
-            .key_bits
-            .iter()
-            .map(|b| Transform::with_key_length(ENCR, crypto::ENCR_AES_GCM_16, *b))
-            .collect();
-        if self.config.esn {
-            transforms.push(Transform::new(ESN, 1));
-        }
-        transforms.push(Transform::new(ESN, 0));
-        Proposal {
-            number: 1,
-            protocol: PROTO_ESP,
-            spi: self.child.inbound_spi.to_be_bytes().to_vec(),
-            transforms,
-        }
+        esp_proposal(&self.config, self.child.inbound_spi)
     }
 
     fn keyed(&mut self) -> Result<&mut Keyed, IkeError> {
@@ -1047,6 +1069,30 @@ impl Initiator {
     }
 
     fn child_from(&self, payloads: &[Payload]) -> Result<ChildSa, IkeError> {
+        let keys = self
+            .keys
+            .as_ref()
+            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
+        Self::chosen_child(
+            &self.config,
+            &keys.sk_d,
+            &self.ni,
+            &self.nr,
+            self.child.inbound_spi,
+            payloads,
+        )
+    }
+
+    /// The CHILD_SA a responder chose for our proposal (its SA and TS payloads): keys
+    /// from `sk_d` and the exchange's nonces, ours first (we initiated the exchange).
+    fn chosen_child(
+        config: &Config,
+        sk_d: &[u8],
+        ni: &[u8],
+        nr: &[u8],
+        inbound_spi: u32,
+        payloads: &[Payload],
+    ) -> Result<ChildSa, IkeError> {
         let mut sa = None;
         let mut ts_i = None;
         let mut ts_r = None;
@@ -1084,13 +1130,12 @@ impl Initiator {
         for t in &p.transforms {
             match t.kind {
                 ENCR if t.id == crypto::ENCR_AES_GCM_16
-                    && t.key_length()
-                        .is_some_and(|b| self.config.key_bits.contains(&b))
+                    && t.key_length().is_some_and(|b| config.key_bits.contains(&b))
                     && bits.is_none() =>
                 {
                     bits = t.key_length();
                 }
-                ESN if (t.id == 0 || (t.id == 1 && self.config.esn)) && esn.is_none() => {
+                ESN if (t.id == 0 || (t.id == 1 && config.esn)) && esn.is_none() => {
                     esn = Some(t.id == 1);
                 }
                 INTEG if t.id == 0 => {}
@@ -1141,22 +1186,18 @@ impl Initiator {
                 }
                 Ok(out)
             };
-        let local_prefixes = narrowed(&ts_i, &self.config.local_prefixes)?;
-        let remote_prefixes = narrowed(&ts_r, &self.config.remote_prefixes)?;
-        let keys = self
-            .keys
-            .as_ref()
-            .ok_or_else(|| IkeError::Protocol("no keys yet".into()))?;
-        let (i2r, r2i) =
-            crypto::child_keymat(&keys.sk_d, None, &self.ni, &self.nr, usize::from(bits / 8));
+        let local_prefixes = narrowed(&ts_i, &config.local_prefixes)?;
+        let remote_prefixes = narrowed(&ts_r, &config.remote_prefixes)?;
+        let (i2r, r2i) = crypto::child_keymat(sk_d, None, ni, nr, usize::from(bits / 8));
         Ok(ChildSa {
-            inbound_spi: self.child.inbound_spi,
+            inbound_spi,
             outbound_spi,
             inbound_key: r2i,
             outbound_key: i2r,
             esn,
             local_prefixes,
             remote_prefixes,
+            rekeyed_by_us: false,
         })
     }
 
@@ -1188,9 +1229,21 @@ struct Child {
     /// Its prefixes once up: ours, the peer's.
     local_prefixes: Vec<Prefix>,
     remote_prefixes: Vec<Prefix>,
-    /// The SPIs (inbound, outbound) of the CHILD_SA a rekey replaced, until the peer
-    /// deletes it.
+    /// The SPIs (inbound, outbound) of the CHILD_SA a rekey replaced, until it is
+    /// deleted (by the peer after its rekey, by us after ours).
     replaced: Option<(u32, u32)>,
+    /// Our own rekey in flight.
+    rekeying: Option<OwnRekey>,
+    /// The Message ID of our delete of the pair our rekey replaced, in flight.
+    deleting: Option<u32>,
+}
+
+/// A CHILD_SA rekey of ours in flight: its Message ID, our nonce, our new inbound SPI.
+#[derive(Debug, Clone, Default)]
+struct OwnRekey {
+    id: u32,
+    ni: Vec<u8>,
+    inbound_spi: u32,
 }
 
 impl Child {
@@ -1495,24 +1548,142 @@ impl Keyed {
 
     /// A response of the peer once established: the answer to our request in flight
     /// (authenticated by opening it) ends it; anything else is dropped.
-    fn on_response(&mut self, datagram: &[u8], header: &Header) -> Result<(), IkeError> {
+    fn on_response(
+        &mut self,
+        datagram: &[u8],
+        header: &Header,
+    ) -> Result<Option<Vec<Payload>>, IkeError> {
         if self
             .in_flight
             .as_ref()
             .is_some_and(|(id, ..)| *id == header.message_id)
         {
-            // A response is never fragmented here (it is empty). One that does not open
+            // A response is never fragmented here (it is small). One that does not open
             // is discarded (RFC 7296 §2.21.2): the Message ID is in clear, so anyone
             // could send it; the request stays in flight.
             let Ok(opened) = self.theirs.open(datagram) else {
-                return Ok(());
+                return Ok(None);
             };
-            if wire::decode_payloads(opened.first_inner, &opened.payloads).is_ok() {
+            if let Ok(payloads) = wire::decode_payloads(opened.first_inner, &opened.payloads) {
                 self.in_flight = None;
                 self.heard += 1;
+                return Ok(Some(payloads));
             }
         }
-        Ok(())
+        Ok(None)
+    }
+
+    /// Starts a rekey of the CHILD_SA (CREATE_CHILD_SA with REKEY_SA, no PFS): nothing
+    /// when another request of ours is in flight or a rekey is not finished.
+    fn start_rekey(
+        &mut self,
+        child: &mut Child,
+        config: &Config,
+        now: Instant,
+    ) -> Result<Vec<Event>, IkeError> {
+        if self.in_flight.is_some()
+            || child.outbound_spi.is_none()
+            || child.replaced.is_some()
+            || child.rekeying.is_some()
+            || child.deleting.is_some()
+        {
+            return Ok(Vec::new());
+        }
+        let rng = ring::rand::SystemRandom::new();
+        let inbound_spi = u32::from_be_bytes(random::<4>(&rng)?) | 0x0000_0100;
+        let ni = random::<32>(&rng)?.to_vec();
+        let payloads = vec![
+            Payload::Notify(wire::Notify {
+                protocol: PROTO_ESP,
+                spi: child.inbound_spi.to_be_bytes().to_vec(),
+                kind: notify::REKEY_SA,
+                data: Vec::new(),
+            }),
+            Payload::Sa(vec![esp_proposal(config, inbound_spi)]),
+            Payload::Nonce(ni.clone()),
+            Payload::TsI(child.local_prefixes.iter().map(Prefix::selector).collect()),
+            Payload::TsR(child.remote_prefixes.iter().map(Prefix::selector).collect()),
+        ];
+        let id = self.own_next_id;
+        let request = self.seal(exchange::CREATE_CHILD_SA, false, id, &payloads)?;
+        self.own_next_id = id.wrapping_add(1);
+        self.in_flight = Some((id, request.clone(), now, 1));
+        child.rekeying = Some(OwnRekey {
+            id,
+            ni,
+            inbound_spi,
+        });
+        Ok(vec![Event::Send(request)])
+    }
+
+    /// The peer's answer to a request of ours (`id`): our rekey's new pair (then our
+    /// delete of the old one), or our delete's end (the old pair goes).
+    fn on_own_answer(
+        &mut self,
+        id: u32,
+        payloads: &[Payload],
+        child: &mut Child,
+        config: &Config,
+        now: Instant,
+    ) -> Result<Vec<Event>, IkeError> {
+        if child.deleting == Some(id) {
+            child.deleting = None;
+            return Ok(child
+                .replaced
+                .take()
+                .map(|(inbound, _)| Event::ChildDeleted(inbound))
+                .into_iter()
+                .collect());
+        }
+        let Some(rekey) = child.rekeying.take_if(|r| r.id == id) else {
+            return Ok(Vec::new());
+        };
+        // Refused (a collision: TEMPORARY_FAILURE) or unreadable: the old pair stays,
+        // and a later try may do better.
+        let nr = payloads.iter().find_map(|p| match p {
+            Payload::Nonce(n) => Some(n.as_slice()),
+            _ => None,
+        });
+        let (None, Some(nr), Some(old_out)) = (first_error(payloads), nr, child.outbound_spi)
+        else {
+            return Ok(Vec::new());
+        };
+        if !(16..=256).contains(&nr.len()) {
+            return Ok(Vec::new());
+        }
+        let Ok(mut new) = Initiator::chosen_child(
+            config,
+            &self.sk_d,
+            &rekey.ni,
+            nr,
+            rekey.inbound_spi,
+            payloads,
+        ) else {
+            return Ok(Vec::new());
+        };
+        new.rekeyed_by_us = true;
+        let old_in = child.inbound_spi;
+        child.replaced = Some((old_in, old_out));
+        child.inbound_spi = new.inbound_spi;
+        child.outbound_spi = Some(new.outbound_spi);
+        child.local_prefixes = new.local_prefixes.clone();
+        child.remote_prefixes = new.remote_prefixes.clone();
+        // The replaced pair is ours to delete now.
+        let delete = self.seal(
+            exchange::INFORMATIONAL,
+            false,
+            self.own_next_id,
+            &[Payload::Delete {
+                protocol: PROTO_ESP,
+                spi_size: 4,
+                spis: vec![old_in.to_be_bytes().to_vec()],
+            }],
+        )?;
+        let delete_id = self.own_next_id;
+        self.own_next_id = delete_id.wrapping_add(1);
+        self.in_flight = Some((delete_id, delete.clone(), now, 1));
+        child.deleting = Some(delete_id);
+        Ok(vec![Event::ChildRekeyed(new), Event::Send(delete)])
     }
 
     /// Seals the response to the request `header` and keeps it for a retransmission.
@@ -1655,8 +1826,13 @@ impl Keyed {
             return Err(IkeError::Protocol("not for this IKE SA".into()));
         }
         if header.is_response() {
-            self.on_response(datagram, header)?;
-            return Ok((Vec::new(), false));
+            let events = match self.on_response(datagram, header)? {
+                Some(payloads) => {
+                    self.on_own_answer(header.message_id, &payloads, child, config, now)?
+                }
+                None => Vec::new(),
+            };
+            return Ok((events, false));
         }
         let (events, closed, next) = self.established_request(datagram, header, child, config)?;
         if let Some(mut next) = next {
@@ -1685,7 +1861,7 @@ impl Keyed {
             return Err(IkeError::Protocol("not for this IKE SA".into()));
         }
         if header.is_response() {
-            prev.on_response(datagram, header)?;
+            let _ = prev.on_response(datagram, header)?;
             return Ok((Vec::new(), false));
         }
         let (reply, deleted) = match prev.request(datagram, header)? {
@@ -1840,8 +2016,9 @@ fn rekey_child(
     if child.outbound_spi != Some(old) {
         return refuse(notify::CHILD_SA_NOT_FOUND);
     }
-    // One rekey at a time: the SA replaced last must be deleted first.
-    if child.replaced.is_some() {
+    // One rekey at a time: the SA replaced last must be deleted first, and while a
+    // rekey of ours is in flight, the peer's waits (it tries again later; ours goes on).
+    if child.replaced.is_some() || child.rekeying.is_some() {
         return refuse(notify::TEMPORARY_FAILURE);
     }
     let mut offered = None;
@@ -1915,6 +2092,7 @@ fn rekey_child(
             esn,
             local_prefixes: child.local_prefixes.clone(),
             remote_prefixes: child.remote_prefixes.clone(),
+            rekeyed_by_us: false,
         }),
     ))
 }
@@ -2298,6 +2476,14 @@ impl Responder {
         events
     }
 
+    /// Rekeys the CHILD_SA ourselves: see [`Initiator::rekey_child`].
+    pub fn rekey_child(&mut self, now: Instant) -> Result<Vec<Event>, IkeError> {
+        if self.state != State::Established {
+            return Ok(Vec::new());
+        }
+        self.keyed.start_rekey(&mut self.child, &self.config, now)
+    }
+
     /// Authenticated messages from the initiator after IKE_SA_INIT (its requests,
     /// and answers to ours such as liveness checks).
     pub fn heard(&self) -> u64 {
@@ -2473,6 +2659,7 @@ impl Responder {
             esn,
             local_prefixes: local,
             remote_prefixes: remote,
+            rekeyed_by_us: false,
         }));
         Ok(events)
     }

@@ -545,3 +545,89 @@ fn closing_from_our_side_tells_the_peer() {
     assert!(run.initiator.close("x").is_empty());
     assert!(run.initiator.is_closed());
 }
+
+fn rekeyed(events: &[Event]) -> Option<&ChildSa> {
+    events.iter().find_map(|e| match e {
+        Event::ChildRekeyed(c) => Some(c),
+        _ => None,
+    })
+}
+
+fn deleted(events: &[Event]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::ChildDeleted(spi) => Some(*spi),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn either_end_rekeys_the_child_sa_and_a_collision_leaves_one_rekey() {
+    let now = Instant::now();
+    let mut run = run(&[19], &[19], "k", "k");
+    let mut responder = run.responder.take().expect("responder");
+    let (mut i_old, mut r_old) = (
+        run.i_child.take().expect("CHILD_SA").inbound_spi,
+        run.r_child.take().expect("CHILD_SA").inbound_spi,
+    );
+    for initiator_rekeys in [true, false, true] {
+        // The rekeying end asks; the other answers with a new pair of its own.
+        let (asked, answered, done, gone, theirs_gone) = if initiator_rekeys {
+            let asked = run.initiator.rekey_child(now).unwrap();
+            let answered = responder.handle(&sends(&asked)[0], now).unwrap();
+            let done = run.initiator.handle(&sends(&answered)[0], now).unwrap();
+            let gone = responder.handle(&sends(&done)[0], now).unwrap();
+            let theirs = run.initiator.handle(&sends(&gone)[0], now).unwrap();
+            (asked, answered, done, gone, theirs)
+        } else {
+            let asked = responder.rekey_child(now).unwrap();
+            let answered = run.initiator.handle(&sends(&asked)[0], now).unwrap();
+            let done = responder.handle(&sends(&answered)[0], now).unwrap();
+            let gone = run.initiator.handle(&sends(&done)[0], now).unwrap();
+            let theirs = responder.handle(&sends(&gone)[0], now).unwrap();
+            (asked, answered, done, gone, theirs)
+        };
+        assert_eq!(sends(&asked).len(), 1);
+        let peer_new = rekeyed(&answered).expect("the peer's new pair");
+        let our_new = rekeyed(&done).expect("our new pair");
+        assert!(our_new.rekeyed_by_us && !peer_new.rekeyed_by_us);
+        assert_eq!(our_new.outbound_spi, peer_new.inbound_spi);
+        assert_eq!(our_new.inbound_spi, peer_new.outbound_spi);
+        assert_eq!(*our_new.outbound_key, *peer_new.inbound_key);
+        assert_eq!(*our_new.inbound_key, *peer_new.outbound_key);
+        // Our delete of the old pair: the peer drops its old inbound SA, we ours.
+        let (ours_old, peers_old) = if initiator_rekeys {
+            (i_old, r_old)
+        } else {
+            (r_old, i_old)
+        };
+        assert_eq!(deleted(&gone), vec![peers_old]);
+        assert_eq!(deleted(&theirs_gone), vec![ours_old]);
+        if initiator_rekeys {
+            (i_old, r_old) = (our_new.inbound_spi, peer_new.inbound_spi);
+        } else {
+            (i_old, r_old) = (peer_new.inbound_spi, our_new.inbound_spi);
+        }
+    }
+    // Both ends rekey at once: each refuses the other's (TEMPORARY_FAILURE), nothing
+    // changes, and a rekey after that goes through.
+    let from_i = sends(&run.initiator.rekey_child(now).unwrap());
+    let from_r = sends(&responder.rekey_child(now).unwrap());
+    let answer_r = responder.handle(&from_i[0], now).unwrap();
+    let answer_i = run.initiator.handle(&from_r[0], now).unwrap();
+    assert!(rekeyed(&answer_r).is_none() && rekeyed(&answer_i).is_none());
+    assert!(run
+        .initiator
+        .handle(&sends(&answer_r)[0], now)
+        .unwrap()
+        .is_empty());
+    assert!(responder
+        .handle(&sends(&answer_i)[0], now)
+        .unwrap()
+        .is_empty());
+    let asked = run.initiator.rekey_child(now).unwrap();
+    let answered = responder.handle(&sends(&asked)[0], now).unwrap();
+    assert!(rekeyed(&answered).is_some(), "a rekey after the collision");
+}
