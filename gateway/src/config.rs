@@ -3609,6 +3609,7 @@ mod tests {
             (vec![31, 19, 20], vec![256, 128])
         );
         assert_eq!(p.dpd, Some(Duration::from_secs(30)));
+        assert_eq!(p.rekey_after, None, "our rekeys only near the hard limits");
         assert_eq!(crate::ipsec::display_id(&p.local_id), "gw1.example");
         assert_eq!(
             (p.remote_id.id_type, p.remote_id.data.clone()),
@@ -3654,6 +3655,14 @@ mod tests {
             (
                 ike_block(&psk.0, "", "dpd_seconds = 100000"),
                 "peers[0].esp.ike.dpd_seconds",
+            ),
+            (
+                ike_block(&psk.0, "", "rekey_seconds = 0"),
+                "peers[0].esp.ike.rekey_seconds",
+            ),
+            (
+                ike_block(&psk.0, "hard_lifetime_seconds = 600", "rekey_seconds = 600"),
+                "peers[0].esp.ike.rekey_seconds",
             ),
             (
                 ike_block(&psk.0, "sa_file = \"/x\"", ""),
