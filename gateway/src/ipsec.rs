@@ -189,6 +189,20 @@ impl IkeCertificates {
     }
 }
 
+/// A DN's attributes, RDN by RDN, as (type, text): two encodings of one name (string
+/// types) compare equal, different structures do not. `None` (never equal) when a value
+/// is not text.
+fn dn_fields(name: &x509_parser::x509::X509Name<'_>) -> Option<Vec<Vec<(String, String)>>> {
+    name.iter_rdn()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|a| Some((a.attr_type().to_id_string(), a.as_str().ok()?.to_string())))
+                .collect::<Option<Vec<_>>>()
+        })
+        .collect::<Option<Vec<_>>>()
+        .filter(|rdns| !rdns.is_empty())
+}
+
 impl isthmus_ike::sa::Certificates for IkeCertificates {
     fn chain(&self) -> &[Vec<u8>] {
         &self.chain
@@ -227,12 +241,19 @@ impl isthmus_ike::sa::Certificates for IkeCertificates {
                 id.id_type
             ));
         }
-        let claimed = x509_parser::x509::X509Name::from_der(&id.data)
-            .map(|(_, name)| name.to_string())
+        let (rest, claimed) = x509_parser::x509::X509Name::from_der(&id.data)
             .map_err(|_| "the identity is not a DN".to_string())?;
-        if claimed != leaf.subject().to_string() {
+        if !rest.is_empty() {
+            return Err("the identity has bytes after its DN".into());
+        }
+        let same = matches!(
+            (dn_fields(&claimed), dn_fields(leaf.subject())),
+            (Some(a), Some(b)) if a == b
+        );
+        if id.data != leaf.subject().as_raw() && !same {
             return Err(format!(
-                "the identity {claimed:?} is not the certificate's subject {:?}",
+                "the identity {:?} is not the certificate's subject {:?}",
+                claimed.to_string(),
                 leaf.subject().to_string()
             ));
         }
@@ -1514,5 +1535,54 @@ mod tests {
         assert_eq!(status.state, "established");
         assert!(status.last_error.is_some(), "{status:?}");
         assert_eq!(core.peers().peers().len(), 1);
+    }
+}
+
+#[cfg(test)]
+mod dn_tests {
+    use super::*;
+
+    fn tlv(tag: u8, body: &[u8]) -> Vec<u8> {
+        assert!(body.len() < 128);
+        [&[tag, body.len() as u8][..], body].concat()
+    }
+
+    /// A DN of one RDN holding one attribute (OID 2.5.4.x, UTF8String).
+    fn one_rdn(attr: u8, value: &str) -> Vec<u8> {
+        let oid = tlv(0x06, &[0x55, 0x04, attr]);
+        let atv = tlv(0x30, &[oid, tlv(0x0c, value.as_bytes())].concat());
+        tlv(0x30, &tlv(0x31, &atv))
+    }
+
+    #[test]
+    fn a_claimed_dn_must_have_the_subjects_structure_not_just_its_text() {
+        let td = isthmus_identity::TrustDomain::new("dn.test").unwrap();
+        let root =
+            isthmus_certs::MeshRootCa::create(&td, isthmus_certs::Validity::days(2)).unwrap();
+        let cluster = root
+            .issue_cluster_ca(
+                &isthmus_identity::ClusterName::new("c").unwrap(),
+                isthmus_certs::Validity::days(1),
+            )
+            .unwrap();
+        let leaf = cluster
+            .issue_gateway(
+                &isthmus_identity::GatewayName::new("gw2").unwrap(),
+                isthmus_certs::Validity::days(1),
+            )
+            .unwrap();
+        let der = leaf.chain()[0].to_vec();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let subject = cert.subject();
+        let text = subject.to_string();
+        // "O=Isthmus mesh, CN=gw2..." as one RDN whose O value holds ", CN=...".
+        let (o, rest) = text.split_once(", ").unwrap();
+        let forged = one_rdn(10, &format!("{}, {rest}", o.trim_start_matches("O=")));
+        let (_, forged_name) = x509_parser::x509::X509Name::from_der(&forged).unwrap();
+        assert_eq!(forged_name.to_string(), text, "the same text");
+        assert_ne!(dn_fields(&forged_name), dn_fields(subject));
+        let (_, same) = x509_parser::x509::X509Name::from_der(subject.as_raw()).unwrap();
+        assert_eq!(dn_fields(&same), dn_fields(subject));
+        assert!(dn_fields(subject).is_some());
     }
 }

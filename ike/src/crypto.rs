@@ -577,6 +577,31 @@ pub fn equal(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn method_9_takes_r_and_s_of_p256_only() {
+        use ring::signature::{EcdsaKeyPair, KeyPair as _, ECDSA_P256_SHA256_FIXED_SIGNING};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        let point = key.public_key().as_ref().to_vec();
+        let sig = key.sign(&rng, b"octets").unwrap().as_ref().to_vec();
+        assert_eq!(sig.len(), 64);
+        assert_eq!(verify_ecdsa_p256(&point, b"octets", &sig), Ok(()));
+        assert_eq!(
+            verify_ecdsa_p256(&point, b"other octets", &sig),
+            Err(SignatureError::BadSignature)
+        );
+        assert_eq!(
+            verify_ecdsa_p256(&point, b"octets", &sig[..63]),
+            Err(SignatureError::Malformed)
+        );
+        assert_eq!(
+            verify_ecdsa_p256(&[4; 97], b"octets", &sig),
+            Err(SignatureError::UnsupportedAlgorithm)
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -298,8 +298,9 @@ fn esp_proposal(config: &Config, inbound_spi: u32) -> Proposal {
     }
 }
 
-/// SIGNATURE_HASH_ALGORITHMS data: SHA2-256, SHA2-384, SHA2-512 (RFC 7427 §7).
-const SIGNATURE_HASHES: [u8; 6] = [0, 2, 0, 3, 0, 4];
+/// SIGNATURE_HASH_ALGORITHMS data: SHA2-256 and SHA2-384 (RFC 7427 §7), the ones
+/// [`crypto::verify_signature_auth`] takes.
+const SIGNATURE_HASHES: [u8; 4] = [0, 2, 0, 3];
 
 /// Certificate encoding: X.509 certificate, signature (RFC 7296 §3.6).
 const CERT_X509_SIGNATURE: u8 = 4;
@@ -2618,12 +2619,12 @@ impl Responder {
         if let Some((kind, why)) = failure {
             // Authenticated, but no CHILD_SA: say why, then close.
             answer_auth.push(status(kind, Vec::new()));
-            let response = self.keyed.respond(header, &answer_auth)?;
+            // It holds our certificates: fragments, as the full answer would be.
+            let response = self.keyed.respond_all(header, &answer_auth)?;
             self.state = State::Closed;
-            return Ok(vec![
-                Event::Send(response),
-                Event::Closed(format!("no CHILD_SA: {why}")),
-            ]);
+            let mut events: Vec<Event> = response.into_iter().map(Event::Send).collect();
+            events.push(Event::Closed(format!("no CHILD_SA: {why}")));
+            return Ok(events);
         }
         let (Some((answer, outbound_spi, bits, esn)), Some(remote), Some(local)) =
             (picked, remote, local)

@@ -84,8 +84,14 @@ struct Run {
 }
 
 fn run(i_groups: &[u16], r_groups: &[u16], i_psk: &str, r_psk: &str) -> Run {
+    run_configs(config(true, i_groups, i_psk), &|| {
+        config(false, r_groups, r_psk)
+    })
+}
+
+fn run_configs(ic: Config, rc: &dyn Fn() -> Config) -> Run {
     let now = Instant::now();
-    let (initiator, first) = Initiator::start(config(true, i_groups, i_psk), now).unwrap();
+    let (initiator, first) = Initiator::start(ic, now).unwrap();
     let mut run = Run {
         datagrams: vec![(true, first.clone())],
         initiator,
@@ -100,7 +106,7 @@ fn run(i_groups: &[u16], r_groups: &[u16], i_psk: &str, r_psk: &str) -> Run {
         for d in to_responder.drain(..) {
             let events = match &mut run.responder {
                 Some(r) => r.handle(&d, now),
-                None => match Responder::accept(config(false, r_groups, r_psk), &d).unwrap() {
+                None => match Responder::accept(rc(), &d).unwrap() {
                     Accepted::Sa(r, answer) => {
                         run.responder = Some(r);
                         Ok(vec![Event::Send(answer)])
@@ -630,4 +636,110 @@ fn either_end_rekeys_the_child_sa_and_a_collision_leaves_one_rekey() {
     let asked = run.initiator.rekey_child(now).unwrap();
     let answered = responder.handle(&sends(&asked)[0], now).unwrap();
     assert!(rekeyed(&answered).is_some(), "a rekey after the collision");
+}
+
+/// Certificates for the in-memory tests: the "chain" is opaque bytes, the signing key a
+/// fresh P-256 key, and `verify` answers with the point it is told (the caller's PKI
+/// would find it in the leaf).
+struct TestCerts {
+    chain: Vec<Vec<u8>>,
+    key: ring::signature::EcdsaKeyPair,
+    peer_point: std::sync::Mutex<Vec<u8>>,
+}
+
+impl TestCerts {
+    fn new(chain: Vec<Vec<u8>>) -> Self {
+        use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+        let rng = ring::rand::SystemRandom::new();
+        let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+            .unwrap();
+        Self {
+            chain,
+            key,
+            peer_point: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    fn point(&self) -> Vec<u8> {
+        use ring::signature::KeyPair as _;
+        self.key.public_key().as_ref().to_vec()
+    }
+}
+
+impl isthmus_ike::sa::Certificates for TestCerts {
+    fn chain(&self) -> &[Vec<u8>] {
+        &self.chain
+    }
+    fn sign(&self, octets: &[u8]) -> Result<Vec<u8>, String> {
+        let sig = self
+            .key
+            .sign(&ring::rand::SystemRandom::new(), octets)
+            .map_err(|_| "sign".to_string())?;
+        let alg: &[u8] = &[
+            0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
+        ];
+        Ok([&[alg.len() as u8][..], alg, sig.as_ref()].concat())
+    }
+    fn verify(&self, chain: &[Vec<u8>], _id: &Identification) -> Result<Vec<u8>, String> {
+        if chain.is_empty() {
+            return Err("no chain".into());
+        }
+        Ok(self.peer_point.lock().unwrap().clone())
+    }
+    fn authorities(&self) -> Vec<u8> {
+        vec![0x11; 20]
+    }
+}
+
+/// Both ends with certificates of `chain_len` bytes each (two per end); the responder's
+/// PKI vouches for the initiator's signing key, or (`false`) for another key.
+fn cert_run(chain_len: usize, initiator_signs_with_its_key: bool) -> Run {
+    let fake_cert = vec![0x30; chain_len];
+    let i_certs = std::sync::Arc::new(TestCerts::new(vec![fake_cert.clone(), fake_cert.clone()]));
+    let r_certs = std::sync::Arc::new(TestCerts::new(vec![fake_cert.clone(), fake_cert]));
+    *i_certs.peer_point.lock().unwrap() = r_certs.point();
+    // The responder's PKI vouches for the initiator's key, or for someone else's.
+    let other = TestCerts::new(Vec::new());
+    *r_certs.peer_point.lock().unwrap() = if initiator_signs_with_its_key {
+        i_certs.point()
+    } else {
+        other.point()
+    };
+    let mut ic = config(true, &[19], "unused");
+    ic.certificates = Some(i_certs);
+    let rc = move || {
+        let mut c = config(false, &[19], "unused");
+        c.certificates = Some(r_certs.clone());
+        c
+    };
+    run_configs(ic, &rc)
+}
+
+#[test]
+fn certificates_authenticate_both_ways_and_a_signature_by_another_key_is_refused() {
+    let run = cert_run(200, true);
+    let (i, r) = (
+        run.i_child.expect("initiator up"),
+        run.r_child.expect("responder up"),
+    );
+    assert_eq!(*i.outbound_key, *r.inbound_key);
+    // A chain the PKI accepts, but AUTH signed with a key that is not its leaf's.
+    let run = cert_run(200, false);
+    assert!(run.r_child.is_none() && run.i_child.is_none());
+}
+
+#[test]
+fn large_ike_auth_messages_go_in_fragments_within_1280_bytes() {
+    // Two 900-byte "certificates" each way: IKE_AUTH request and response are ~2 KB.
+    let run = cert_run(900, true);
+    assert!(run.i_child.is_some() && run.r_child.is_some());
+    let auth: Vec<&(bool, Vec<u8>)> = run.datagrams.iter().skip(2).collect();
+    let (requests, responses) = (
+        auth.iter().filter(|(to_r, _)| *to_r).count(),
+        auth.iter().filter(|(to_r, _)| !*to_r).count(),
+    );
+    assert!(requests >= 2 && responses >= 2, "{requests} {responses}");
+    // Each leaves as a datagram of at most 1280 bytes with UDP, IP and the marker.
+    assert!(auth.iter().all(|(_, d)| d.len() + 4 + 8 + 20 <= 1280));
 }
