@@ -715,11 +715,15 @@ pub fn parse(text: &str) -> Result<GatewayConfig, ConfigError> {
                 "\"certificate\" needs the [identity] table: this gateway's certificate, key and trust bundle",
             ));
         };
-        let (certificates, dn) =
-            crate::ipsec::IkeCertificates::new(&identity.credentials, &identity.trust, remote)
-                .map_err(|m| ConfigError::new(field, m))?;
+        let certificates = crate::ipsec::IkeCertificates::new(
+            &identity.credentials,
+            &identity.trust,
+            remote,
+            Some(identity.files.clone()),
+        )
+        .map_err(|m| ConfigError::new(field, m))?;
+        peer.local_id = certificates.identity();
         peer.certificates = Some(Arc::new(certificates));
-        peer.local_id = dn;
     }
     let mesh = match raw.mesh {
         None => None,

@@ -118,17 +118,28 @@ pub fn spiffe_of(id: &Identification) -> Option<isthmus_identity::SpiffeId> {
 /// bundle and CRLs as the peer channel judges it, and then its SPIFFE ID (URI SAN) and
 /// the DN it claimed as its identity.
 pub struct IkeCertificates {
+    /// What is in force now; replaced when the `[identity]` files change.
+    state: std::sync::RwLock<Arc<CertState>>,
+    remote: isthmus_identity::SpiffeId,
+    /// Where it came from, and how the files looked then.
+    files: Option<(crate::config::IdentityFiles, Mutex<Vec<FileStamp>>)>,
+}
+
+/// Our chain and key, and the trust the peer's chain is judged by.
+struct CertState {
     chain: Vec<Vec<u8>>,
+    dn: Identification,
     key: ring::signature::EcdsaKeyPair,
     verifier: isthmus_identity::ChainVerifier,
-    remote: isthmus_identity::SpiffeId,
     authorities: Vec<u8>,
 }
+
+/// A file's path, size and modification time (or its absence).
+type FileStamp = (PathBuf, Option<(u64, std::time::SystemTime)>);
 
 impl std::fmt::Debug for IkeCertificates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IkeCertificates")
-            .field("chain", &self.chain.len())
             .field("remote", &self.remote)
             .finish_non_exhaustive()
     }
@@ -139,14 +150,11 @@ const ECDSA_WITH_SHA256: &[u8] = &[
     0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
 ];
 
-impl IkeCertificates {
-    /// From this gateway's credentials and trust, for the peer `remote`; also our
-    /// identity (the leaf's subject DN).
-    pub fn new(
+impl CertState {
+    fn new(
         credentials: &isthmus_identity::LocalCredentials,
         trust: &isthmus_identity::MeshTrust,
-        remote: isthmus_identity::SpiffeId,
-    ) -> Result<(Self, Identification), String> {
+    ) -> Result<Self, String> {
         let chain: Vec<Vec<u8>> = credentials.chain.iter().map(|c| c.to_vec()).collect();
         let leaf = chain
             .first()
@@ -176,16 +184,103 @@ impl IkeCertificates {
                 ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, spki).as_ref(),
             );
         }
-        Ok((
-            Self {
-                chain,
-                key,
-                verifier,
-                remote,
-                authorities,
-            },
+        Ok(Self {
+            chain,
             dn,
-        ))
+            key,
+            verifier,
+            authorities,
+        })
+    }
+}
+
+/// How the `[identity]` files look now (CRL directory entries included).
+fn stamps(files: &crate::config::IdentityFiles) -> Vec<FileStamp> {
+    let mut paths = vec![
+        files.certificate.clone(),
+        files.private_key.clone(),
+        files.trust_bundle.clone(),
+    ];
+    paths.extend(files.crls.iter().cloned());
+    if let Some(dir) = &files.crls_dir {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        entries.sort();
+        paths.push(dir.clone());
+        paths.extend(entries);
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            let meta = std::fs::metadata(&p)
+                .ok()
+                .and_then(|m| Some((m.len(), m.modified().ok()?)));
+            (p, meta)
+        })
+        .collect()
+}
+
+impl IkeCertificates {
+    /// From this gateway's credentials and trust, for the peer `remote`; `files`, when
+    /// given, are read again when they change ([`IkeCertificates::refresh`]).
+    pub fn new(
+        credentials: &isthmus_identity::LocalCredentials,
+        trust: &isthmus_identity::MeshTrust,
+        remote: isthmus_identity::SpiffeId,
+        files: Option<crate::config::IdentityFiles>,
+    ) -> Result<Self, String> {
+        let state = CertState::new(credentials, trust)?;
+        Ok(Self {
+            state: std::sync::RwLock::new(Arc::new(state)),
+            remote,
+            files: files.map(|f| {
+                let now = stamps(&f);
+                (f, Mutex::new(now))
+            }),
+        })
+    }
+
+    fn current(&self) -> Arc<CertState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Our identity now: our certificate's subject DN.
+    pub fn identity(&self) -> Identification {
+        self.current().dn.clone()
+    }
+
+    /// Reads the `[identity]` files again if they changed (a new CRL, a renewed
+    /// certificate, a rotated trust bundle): new exchanges use them. Files that do
+    /// not load leave what is in force (said in the log). Returns whether it changed.
+    pub fn refresh(&self) -> bool {
+        let Some((files, seen)) = &self.files else {
+            return false;
+        };
+        let now = stamps(files);
+        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        if *seen == now {
+            return false;
+        }
+        *seen = now;
+        let loaded = files
+            .load_trust()
+            .map_err(|e| e.to_string())
+            .and_then(|trust| {
+                let credentials = files.load_credentials().map_err(|e| e.to_string())?;
+                CertState::new(&credentials, &trust)
+            });
+        match loaded {
+            Ok(state) => {
+                *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(state);
+                tracing::info!(remote = %self.remote, "IKE: certificates and trust read again");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "IKE: [identity] files changed but do not load; keeping those in force");
+                false
+            }
+        }
     }
 }
 
@@ -204,12 +299,13 @@ fn dn_fields(name: &x509_parser::x509::X509Name<'_>) -> Option<Vec<Vec<(String, 
 }
 
 impl isthmus_ike::sa::Certificates for IkeCertificates {
-    fn chain(&self) -> &[Vec<u8>] {
-        &self.chain
+    fn chain(&self) -> Vec<Vec<u8>> {
+        self.current().chain.clone()
     }
 
     fn sign(&self, octets: &[u8]) -> Result<Vec<u8>, String> {
         let signature = self
+            .current()
             .key
             .sign(&ring::rand::SystemRandom::new(), octets)
             .map_err(|_| "signing failed".to_string())?;
@@ -221,6 +317,7 @@ impl isthmus_ike::sa::Certificates for IkeCertificates {
 
     fn verify(&self, chain: &[Vec<u8>], id: &Identification) -> Result<Vec<u8>, String> {
         let presented = self
+            .current()
             .verifier
             .verify(chain, std::time::SystemTime::now())
             .map_err(|e| e.to_string())?;
@@ -261,7 +358,7 @@ impl isthmus_ike::sa::Certificates for IkeCertificates {
     }
 
     fn authorities(&self) -> Vec<u8> {
-        self.authorities.clone()
+        self.current().authorities.clone()
     }
 }
 
@@ -738,7 +835,10 @@ impl PeerRun {
 
     fn ike_config(&self, remote: SocketAddr) -> IkeConfig {
         IkeConfig {
-            local_id: self.cfg.local_id.clone(),
+            local_id: match &self.cfg.certificates {
+                Some(c) => c.identity(),
+                None => self.cfg.local_id.clone(),
+            },
             remote_id: self.cfg.remote_id.clone(),
             psk: self.cfg.psk.clone(),
             certificates: self
@@ -863,7 +963,12 @@ struct Control {
     stray: Arc<AtomicU64>,
     cookie_secret: [u8; 32],
     cookie_since: Instant,
+    /// When the `[identity]` files were last looked at.
+    files_checked: Instant,
 }
+
+/// How often certificate peers' `[identity]` files are looked at for changes.
+const FILES_CHECK: Duration = Duration::from_secs(1);
 
 fn cookie_secret() -> std::io::Result<[u8; 32]> {
     let mut secret = [0u8; 32];
@@ -891,6 +996,7 @@ impl Control {
             stray: Arc::default(),
             cookie_secret: cookie_secret()?,
             cookie_since: Instant::now(),
+            files_checked: Instant::now(),
         })
     }
 
@@ -953,6 +1059,14 @@ impl Control {
             if let Ok(secret) = cookie_secret() {
                 self.cookie_secret = secret;
                 self.cookie_since = now;
+            }
+        }
+        if now.saturating_duration_since(self.files_checked) >= FILES_CHECK {
+            self.files_checked = now;
+            for p in &self.peers {
+                if let Some(c) = &p.cfg.certificates {
+                    c.refresh();
+                }
             }
         }
         for i in 0..self.peers.len() {

@@ -268,7 +268,7 @@ impl std::fmt::Debug for Config {
 /// with the caller; this crate carries the certificates and checks the signature.
 pub trait Certificates: Send + Sync {
     /// Our chain, DER, leaf first (sent as CERT payloads).
-    fn chain(&self) -> &[Vec<u8>];
+    fn chain(&self) -> Vec<Vec<u8>>;
     /// Signs `octets`: the AUTH data of method 14 (AlgorithmIdentifier length,
     /// AlgorithmIdentifier, signature).
     fn sign(&self, octets: &[u8]) -> Result<Vec<u8>, String>;
@@ -316,10 +316,10 @@ fn our_auth(config: &Config, octets: &[u8]) -> Result<Vec<Payload>, IkeError> {
     };
     let mut out: Vec<Payload> = c
         .chain()
-        .iter()
-        .map(|der| Payload::Cert {
+        .into_iter()
+        .map(|data| Payload::Cert {
             encoding: CERT_X509_SIGNATURE,
-            data: der.clone(),
+            data,
         })
         .collect();
     let data = c.sign(octets).map_err(IkeError::Protocol)?;

@@ -668,8 +668,8 @@ impl TestCerts {
 }
 
 impl isthmus_ike::sa::Certificates for TestCerts {
-    fn chain(&self) -> &[Vec<u8>] {
-        &self.chain
+    fn chain(&self) -> Vec<Vec<u8>> {
+        self.chain.clone()
     }
     fn sign(&self, octets: &[u8]) -> Result<Vec<u8>, String> {
         let sig = self
