@@ -474,6 +474,31 @@ pub const IKE_PORT: u16 = 500;
 /// Datagrams taken from the IKE port per second at most (it only starts exchanges).
 const IKE_PORT_RATE: u32 = 50;
 
+/// Whether the IKE port lets a datagram by: one echoing a valid COOKIE always (a
+/// spoofed source never sees one), others while fewer than [`IKE_PORT_RATE`] got by in
+/// the current second (`window`: its start and count).
+fn ike_port_admits(
+    bytes: &[u8],
+    from: SocketAddr,
+    secret: &[u8; 32],
+    window: &mut (Instant, u32),
+    now: Instant,
+) -> bool {
+    let has_cookie = isthmus_ike::wire::Message::decode(bytes)
+        .is_ok_and(|m| m.notify(isthmus_ike::sa::notify::COOKIE).is_some());
+    if has_cookie && matches!(cookie_answer(secret, from, bytes), Ok(None)) {
+        return true;
+    }
+    if now.saturating_duration_since(window.0) >= Duration::from_secs(1) {
+        *window = (now, 0);
+    }
+    if window.1 >= IKE_PORT_RATE {
+        return false;
+    }
+    window.1 += 1;
+    true
+}
+
 /// Listens on the IKE port (UDP 500) for peers that start there: a thread hands their
 /// datagrams to the control thread (at most [`IKE_PORT_RATE`] a second, from IKE peers'
 /// addresses only); the answers leave from the same socket. `None` (said in the log)
@@ -481,6 +506,7 @@ const IKE_PORT_RATE: u32 = 50;
 fn ike_port(
     inbox: std::sync::mpsc::SyncSender<ControlDatagram>,
     peers: Vec<IpAddr>,
+    cookie_secret: Arc<Mutex<[u8; 32]>>,
 ) -> Option<SendFn> {
     let bind = || -> std::io::Result<UdpSocket> {
         let sock = socket2::Socket::new(
@@ -518,14 +544,10 @@ fn ike_port(
                 if !peers.contains(&from.ip()) {
                     continue;
                 }
-                let now = Instant::now();
-                if now.saturating_duration_since(window.0) >= Duration::from_secs(1) {
-                    window = (now, 0);
-                }
-                if window.1 >= IKE_PORT_RATE {
+                let secret = *cookie_secret.lock().unwrap_or_else(|e| e.into_inner());
+                if !ike_port_admits(&buf[..n], from, &secret, &mut window, Instant::now()) {
                     continue;
                 }
-                window.1 += 1;
                 let d = ControlDatagram::on_ike_port(from, buf[..n].to_vec());
                 if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) = inbox.try_send(d) {
                     return;
@@ -602,7 +624,7 @@ impl IkeService {
         }
         let send: SendFn = Arc::new(move |to, bytes| sender.send(to, bytes));
         let mut control = Control::new(core.clone(), send, peers, esp_port)?;
-        control.send_ike_port = ike_port(tx, addresses);
+        control.send_ike_port = ike_port(tx, addresses, control.cookie_secret.clone());
         let (status, stray) = (control.status.clone(), control.stray.clone());
         std::thread::Builder::new()
             .name("ike".into())
@@ -961,7 +983,8 @@ struct Control {
     send_ike_port: Option<SendFn>,
     status: Arc<Mutex<Vec<IkePeerStatus>>>,
     stray: Arc<AtomicU64>,
-    cookie_secret: [u8; 32],
+    /// Shared with the IKE port's thread, which lets requests with a valid COOKIE by.
+    cookie_secret: Arc<Mutex<[u8; 32]>>,
     cookie_since: Instant,
     /// When the `[identity]` files were last looked at.
     files_checked: Instant,
@@ -994,7 +1017,7 @@ impl Control {
             send_ike_port: None,
             status: Arc::new(Mutex::new(Vec::new())),
             stray: Arc::default(),
-            cookie_secret: cookie_secret()?,
+            cookie_secret: Arc::new(Mutex::new(cookie_secret()?)),
             cookie_since: Instant::now(),
             files_checked: Instant::now(),
         })
@@ -1057,7 +1080,7 @@ impl Control {
     fn timers(&mut self, now: Instant) {
         if now.saturating_duration_since(self.cookie_since) >= COOKIE_SECRET_LIFE {
             if let Ok(secret) = cookie_secret() {
-                self.cookie_secret = secret;
+                *self.cookie_secret.lock().unwrap_or_else(|e| e.into_inner()) = secret;
                 self.cookie_since = now;
             }
         }
@@ -1182,7 +1205,8 @@ impl Control {
         p.attempts
             .retain(|t| now.saturating_duration_since(*t) < HALF_OPEN_TTL);
         if p.attempts.len() >= COOKIE_AT {
-            match cookie_answer(&self.cookie_secret, d.from, &d.bytes) {
+            let secret = *self.cookie_secret.lock().unwrap_or_else(|e| e.into_inner());
+            match cookie_answer(&secret, d.from, &d.bytes) {
                 Ok(None) => {}
                 Ok(Some(ask)) => return self.send_via(d.via_ike_port, d.from, &ask),
                 Err(_) => return self.stray("unreadable IKE_SA_INIT", d.from),
@@ -1698,5 +1722,82 @@ mod dn_tests {
         let (_, same) = x509_parser::x509::X509Name::from_der(subject.as_raw()).unwrap();
         assert_eq!(dn_fields(&same), dn_fields(subject));
         assert!(dn_fields(subject).is_some());
+    }
+}
+
+#[cfg(test)]
+mod ike_port_tests {
+    use super::*;
+    use isthmus_ike::wire::Message;
+
+    #[test]
+    fn a_flood_on_the_ike_port_does_not_keep_out_a_request_with_its_cookie() {
+        let now = Instant::now();
+        let secret = [7u8; 32];
+        let peer: SocketAddr = "192.0.2.2:500".parse().unwrap();
+        let config = || IkeConfig {
+            local_id: Identification {
+                id_type: ID_FQDN,
+                data: b"gw2.test".to_vec(),
+            },
+            remote_id: Identification {
+                id_type: ID_FQDN,
+                data: b"gw1.test".to_vec(),
+            },
+            psk: Zeroizing::new(b"a-test-pre-shared-key-of-length".to_vec()),
+            certificates: None,
+            groups: vec![19],
+            key_bits: vec![256],
+            local_prefixes: vec![to_prefix(&"100.64.2.0/24".parse().unwrap())],
+            remote_prefixes: vec![to_prefix(&"100.64.1.0/24".parse().unwrap())],
+            local: peer,
+            remote: "192.0.2.1:500".parse().unwrap(),
+            esn: true,
+            dpd: None,
+        };
+        let mut window = (now, 0);
+        let mut admitted = 0;
+        for _ in 0..200 {
+            let (_, spoofed) = Initiator::start(config(), now).unwrap();
+            admitted += usize::from(ike_port_admits(&spoofed, peer, &secret, &mut window, now));
+        }
+        assert_eq!(
+            admitted, IKE_PORT_RATE as usize,
+            "the rest of the flood waits"
+        );
+        // The real peer was asked for a cookie and echoes it: it gets by all the same.
+        let (mut real, first) = Initiator::start(config(), now).unwrap();
+        assert!(!ike_port_admits(&first, peer, &secret, &mut window, now));
+        let ask = cookie_answer(&secret, peer, &first)
+            .unwrap()
+            .expect("a COOKIE asked");
+        let again = real.handle(&ask, now).unwrap();
+        let Some(Event::Send(with_cookie)) = again.into_iter().next() else {
+            panic!("no retry with the cookie");
+        };
+        assert!(Message::decode(&with_cookie).is_ok());
+        assert!(ike_port_admits(
+            &with_cookie,
+            peer,
+            &secret,
+            &mut window,
+            now
+        ));
+        // A cookie made with another secret does not.
+        let (mut other, first) = Initiator::start(config(), now).unwrap();
+        let ask = cookie_answer(&[9u8; 32], peer, &first)
+            .unwrap()
+            .expect("asked");
+        let again = other.handle(&ask, now).unwrap();
+        let Some(Event::Send(bad_cookie)) = again.into_iter().next() else {
+            panic!("no retry with the cookie");
+        };
+        assert!(!ike_port_admits(
+            &bad_cookie,
+            peer,
+            &secret,
+            &mut window,
+            now
+        ));
     }
 }
