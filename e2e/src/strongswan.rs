@@ -252,15 +252,15 @@ fn prefix_of(text: &str) -> Result<Prefix> {
     })
 }
 
-/// Brings up an IKE SA and its CHILD_SA from site `local` (Isthmus's initiator, on the
-/// gateway's port 4500) to charon at site `remote` configured with [`psk_conf`]; the
-/// socket is closed when this returns.
-pub fn negotiate_child(local: &Site, remote: &Site, psk: &str) -> Result<ChildSa> {
+/// The IKE configuration of Isthmus's initiator at site `local` toward site `remote` as
+/// [`psk_conf`] configures charon there: identities `gw<i>.test`, Curve25519,
+/// AES-256-GCM, no ESN, no DPD, port 4500 both ends.
+fn psk_config(local: &Site, remote: &Site, psk: &str) -> Result<Config> {
     let id = |site: &Site| Identification {
         id_type: 2,
         data: format!("gw{}.test", site.index).into_bytes(),
     };
-    let config = Config {
+    Ok(Config {
         local_id: id(local),
         remote_id: id(remote),
         psk: psk.as_bytes().to_vec().into(),
@@ -273,7 +273,48 @@ pub fn negotiate_child(local: &Site, remote: &Site, psk: &str) -> Result<ChildSa
         remote: remote.endpoint(4500),
         esn: false,
         dpd: None,
-    };
+    })
+}
+
+/// Waits until the gateway's (only) IKE peer satisfies `want`; the last status seen
+/// otherwise.
+pub fn wait_ike(
+    gw: &IsthmusGateway,
+    want: impl Fn(&crate::IkeStatus) -> bool,
+    timeout: Duration,
+) -> Result<crate::IkeStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = gw.status()?.ike.into_iter().next();
+        if let Some(k) = last.as_ref().filter(|k| want(k)) {
+            return Ok(k.clone());
+        }
+        if Instant::now() > deadline {
+            bail!("IKE status never as wanted: {last:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Sends `count` sequence-numbered datagrams (200 bytes, `rate` a second) from site
+/// `from`'s workload to site `to`'s on `port`, in a thread.
+pub fn udp_flow(
+    from: &Site,
+    to: &Site,
+    port: u16,
+    count: u32,
+    rate: u32,
+) -> std::thread::JoinHandle<Result<crate::traffic::SequenceReport>> {
+    let (src, dst) = (from.wl_ns.clone(), to.wl_ns.clone());
+    let addr = std::net::SocketAddr::new(std::net::IpAddr::V4(to.workload_addr), port);
+    std::thread::spawn(move || crate::traffic::udp_sequence(&src, &dst, addr, count, 200, rate))
+}
+
+/// Brings up an IKE SA and its CHILD_SA from site `local` (Isthmus's initiator, on the
+/// gateway's port 4500) to charon at site `remote` configured with [`psk_conf`]; the
+/// socket is closed when this returns.
+pub fn negotiate_child(local: &Site, remote: &Site, psk: &str) -> Result<ChildSa> {
+    let config = psk_config(local, remote, psk)?;
     let to = remote.endpoint(4500);
     let from = local.endpoint(4500);
     crate::netns::run_in(&local.gw_ns, move || {
@@ -471,24 +512,7 @@ pub fn setup_once(
     psk: &str,
     timeout: Duration,
 ) -> Result<Duration> {
-    let id = |site: &Site| Identification {
-        id_type: 2,
-        data: format!("gw{}.test", site.index).into_bytes(),
-    };
-    let config = Config {
-        local_id: id(local),
-        remote_id: id(remote),
-        psk: psk.as_bytes().to_vec().into(),
-        certificates: None,
-        groups: vec![31],
-        key_bits: vec![256],
-        local_prefixes: vec![prefix_of(&local.workload_prefix)?],
-        remote_prefixes: vec![prefix_of(&remote.workload_prefix)?],
-        local: local.endpoint(4500),
-        remote: remote.endpoint(4500),
-        esn: false,
-        dpd: None,
-    };
+    let config = psk_config(local, remote, psk)?;
     let to = remote.endpoint(4500);
     let send = |bytes: &[u8]| -> Result<()> {
         let mut d = vec![0u8; 4];

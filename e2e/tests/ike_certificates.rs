@@ -7,16 +7,14 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use base64::Engine as _;
 use isthmus_certs::{ClusterCa, IssuedCertificate, MeshRootCa, Validity};
-use isthmus_e2e::strongswan::Charon;
+use isthmus_e2e::strongswan::{wait_ike, Charon};
 use isthmus_e2e::traffic::wait_for_ping;
-use isthmus_e2e::{
-    EspPeerConfig, EspSettings, IkeStatus, IsthmusGateway, KeyPair, Site, Topology, Underlay,
-};
+use isthmus_e2e::{EspPeerConfig, EspSettings, IsthmusGateway, KeyPair, Site, Topology, Underlay};
 use isthmus_identity::{ClusterName, GatewayName, TrustDomain};
 
 struct Pki {
@@ -167,24 +165,6 @@ fn start_gateway(
 
 fn crl_dir(topo: &Topology) -> PathBuf {
     topo.run().path("crls")
-}
-
-fn wait_ike(
-    gw: &IsthmusGateway,
-    want: impl Fn(&IkeStatus) -> bool,
-    timeout: Duration,
-) -> Result<IkeStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = gw.status()?.ike.into_iter().next();
-        if let Some(k) = last.as_ref().filter(|k| want(k)) {
-            return Ok(k.clone());
-        }
-        if Instant::now() > deadline {
-            bail!("IKE status never as wanted: {last:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn pings_both_ways(s1: &Site, s2: &Site, logs: &dyn Fn() -> String) {

@@ -7,35 +7,15 @@
 //! have no tunnel: packets are dropped and counted, never sent in clear (capture); a
 //! restarted charon's new IKE SA replaces the old one; a wrong pre-shared key is refused.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
 use isthmus_e2e::capture::Capture;
-use isthmus_e2e::strongswan::{ike_gateway, psk_conf, Charon};
-use isthmus_e2e::traffic::{self, transfer_between, udp_sequence, wait_for_ping};
-use isthmus_e2e::{IkeStatus, IsthmusGateway, Site, Topology, Underlay};
+use isthmus_e2e::strongswan::{ike_gateway, psk_conf, udp_flow, wait_ike, Charon};
+use isthmus_e2e::traffic::{self, transfer_between, wait_for_ping};
+use isthmus_e2e::{IkeStatus, Site, Topology, Underlay};
 
 const PSK: &str = "gw-e2e-psk-7c3e9a1f5b2d4c6e8a0b1d3f5e7c9a2b";
-
-/// Waits until the gateway's (only) IKE peer satisfies `want`.
-fn wait_ike(
-    gw: &IsthmusGateway,
-    want: impl Fn(&IkeStatus) -> bool,
-    timeout: Duration,
-) -> Result<IkeStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let last = gw.status()?.ike.into_iter().next();
-        if let Some(k) = last.as_ref().filter(|k| want(k)) {
-            return Ok(k.clone());
-        }
-        if Instant::now() > deadline {
-            bail!("IKE status never as wanted: {last:#?}");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn spi(text: &str) -> u32 {
     u32::from_str_radix(text.trim_start_matches("0x"), 16).expect("an SPI")
@@ -50,6 +30,25 @@ fn charon_has(charon: &Charon, ike: &IkeStatus) {
             && sas.contains(&format!("out {:08x},", spi(ours_in))),
         "charon does not list our CHILD_SA {ours_in}/{ours_out}:\n{sas}"
     );
+}
+
+/// Both flows (1 -> 2, 2 -> 1) arrived whole: each datagram once.
+fn nothing_lost(
+    there: std::thread::JoinHandle<anyhow::Result<isthmus_e2e::traffic::SequenceReport>>,
+    back: std::thread::JoinHandle<anyhow::Result<isthmus_e2e::traffic::SequenceReport>>,
+    logs: &dyn Fn() -> String,
+) {
+    for (name, flow) in [("1 -> 2", there), ("2 -> 1", back)] {
+        let report = flow.join().expect("flow thread").expect("flow");
+        assert!(
+            report.missing().is_empty() && report.duplicated().is_empty(),
+            "{name}: {} of {} lost, {} duplicated across the rekeys\n{}",
+            report.missing().len(),
+            report.sent,
+            report.duplicated().len(),
+            logs()
+        );
+    }
 }
 
 fn pings_both_ways(s1: &Site, s2: &Site, logs: &dyn Fn() -> String) {
@@ -105,12 +104,10 @@ fn the_gateway_initiates_ike_and_carries_traffic_through_strongswan_rekeys() {
 
     // charon rekeys the CHILD_SA and the IKE SA, twice each, while datagrams flow both
     // ways; the CHILD_SA's second rekey runs on the rekeyed IKE SA.
-    let flow = |from: &Site, to: &Site, port: u16| {
-        let (src, dst) = (from.wl_ns.clone(), to.wl_ns.clone());
-        let addr = SocketAddr::new(IpAddr::V4(to.workload_addr), port);
-        std::thread::spawn(move || udp_sequence(&src, &dst, addr, 6_000, 200, 1_500))
-    };
-    let (there, back) = (flow(s1, s2, 7101), flow(s2, s1, 7102));
+    let (there, back) = (
+        udp_flow(s1, s2, 7101, 6_000, 1_500),
+        udp_flow(s2, s1, 7102, 6_000, 1_500),
+    );
     std::thread::sleep(Duration::from_millis(500));
     for what in [["--child", "net"], ["--ike", "lab"]].repeat(2) {
         charon
@@ -118,17 +115,7 @@ fn the_gateway_initiates_ike_and_carries_traffic_through_strongswan_rekeys() {
             .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
         std::thread::sleep(Duration::from_secs(1));
     }
-    for (name, flow) in [("1 -> 2", there), ("2 -> 1", back)] {
-        let report = flow.join().expect("flow thread").expect("flow");
-        assert!(
-            report.missing().is_empty() && report.duplicated().is_empty(),
-            "{name}: {} of {} lost, {} duplicated across the rekeys\n{}",
-            report.missing().len(),
-            report.sent,
-            report.duplicated().len(),
-            logs()
-        );
-    }
+    nothing_lost(there, back, &logs);
     // The old pairs were deleted by charon; ours sends on the newest.
     let ike = wait_ike(
         &gw,
@@ -353,28 +340,16 @@ fn the_gateways_own_rekeys_and_collisions_with_strongswans_lose_nothing() {
         let args: Vec<&str> = rule.split_whitespace().collect();
         isthmus_e2e::netns::exec(&s1.gw_ns, "nft", &args).expect("nft");
     }
-    let flow = |from: &Site, to: &Site, port: u16| {
-        let (src, dst) = (from.wl_ns.clone(), to.wl_ns.clone());
-        let addr = SocketAddr::new(IpAddr::V4(to.workload_addr), port);
-        std::thread::spawn(move || udp_sequence(&src, &dst, addr, 13_000, 200, 1_000))
-    };
-    let (there, back) = (flow(s1, s2, 7201), flow(s2, s1, 7202));
+    let (there, back) = (
+        udp_flow(s1, s2, 7201, 13_000, 1_000),
+        udp_flow(s2, s1, 7202, 13_000, 1_000),
+    );
     // Meanwhile charon rekeys too, at moments that fall on ours now and then.
     for n in 0..8u64 {
         std::thread::sleep(Duration::from_millis(1200 + (n * 211) % 600));
         let _ = charon.swanctl(&["--rekey", "--child", "net"]);
     }
-    for (name, flow) in [("1 -> 2", there), ("2 -> 1", back)] {
-        let report = flow.join().expect("flow thread").expect("flow");
-        assert!(
-            report.missing().is_empty() && report.duplicated().is_empty(),
-            "{name}: {} of {} lost, {} duplicated across the rekeys\n{}",
-            report.missing().len(),
-            report.sent,
-            report.duplicated().len(),
-            logs()
-        );
-    }
+    nothing_lost(there, back, &logs);
     let ike = wait_ike(
         &gw,
         |k| k.child_sas.len() == 1 && k.state == "established",

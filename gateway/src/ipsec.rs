@@ -1169,10 +1169,12 @@ impl Control {
             return self.stray("for no IKE SA of this peer", d.from);
         };
         if let Some((sa, _)) = self.peers[i].sa_mut(slot) {
+            let heard = sa.heard();
             let result = sa.handle(&d.bytes, now);
-            if let (Slot::HalfOpen(spi), Ok(_)) = (slot, &result) {
-                // A message of the exchange that opened: the peer is where it came from
-                // (it moves from the IKE port to ours after IKE_SA_INIT).
+            let authentic = sa.heard() != heard;
+            if let (Slot::HalfOpen(spi), Ok(_), true) = (slot, &result, authentic) {
+                // An authenticated message of the exchange that opened: the peer is where
+                // it came from (it moves from the IKE port to ours after IKE_SA_INIT).
                 if let Some(h) = self.peers[i]
                     .half_open
                     .iter_mut()
@@ -1656,6 +1658,20 @@ mod tests {
             20 - COOKIE_AT,
             "key exchanges were made for a flood"
         );
+    }
+
+    #[test]
+    fn an_unauthenticated_replay_does_not_move_a_half_open_ike_sa() {
+        let now = Instant::now();
+        let (mut c, wire, _core) = control(IkeRole::Responder);
+        let (_, first) = Initiator::start(site2(), now).unwrap();
+        c.datagram(&from_peer(first.clone()), now);
+        sent(&wire);
+        // The same request again, from another port of the peer's address, to port 500.
+        let elsewhere: SocketAddr = "192.0.2.2:9999".parse().unwrap();
+        c.datagram(&ControlDatagram::on_ike_port(elsewhere, first), now);
+        let h = &c.peers[0].half_open[0];
+        assert_eq!((h.from, h.via_ike_port), (PEER.parse().unwrap(), false));
     }
 
     #[test]
